@@ -1,0 +1,211 @@
+//! The local agent: spawns worker processes, watches them, signals them and reports their
+//! exits. Each worker leads its own process group, so stopping it stops whatever it started,
+//! and it dies with the driver (PR_SET_PDEATHSIG) even if the driver is killed with SIGKILL.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitKind {
+    fn from_status(status: ExitStatus) -> Self {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitKind::Code(code),
+            (None, Some(sig)) => ExitKind::Signal(sig),
+            (None, None) => ExitKind::Code(-1),
+        }
+    }
+
+    pub fn success(self) -> bool {
+        self == ExitKind::Code(0)
+    }
+}
+
+impl std::fmt::Display for ExitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitKind::Code(code) => write!(f, "exit code {code}"),
+            ExitKind::Signal(sig) => write!(f, "signal {} ({})", sig, signal_name(*sig)),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGILL => "SIGILL",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "signal",
+    }
+}
+
+/// One worker to start.
+#[derive(Debug, Clone)]
+pub struct WorkerLaunch {
+    pub rank: usize,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// stdout and stderr both go here.
+    pub log_path: PathBuf,
+}
+
+/// A worker process ended.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerExit {
+    pub rank: usize,
+    pub kind: ExitKind,
+}
+
+/// The processes of the current attempt on this node.
+pub struct Agent {
+    /// Process-group ids of workers that have not been reaped.
+    live: BTreeMap<usize, i32>,
+    exits: mpsc::UnboundedSender<WorkerExit>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot create the log file {}: {source}", path.display())]
+    Log { path: PathBuf, source: std::io::Error },
+    #[error("cannot start `{program}` for rank {rank}: {source}")]
+    Exec { program: String, rank: usize, source: std::io::Error },
+}
+
+impl Agent {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<WorkerExit>) {
+        let (exits, rx) = mpsc::unbounded_channel();
+        (Self { live: BTreeMap::new(), exits }, rx)
+    }
+
+    /// Starts one worker; its exit arrives on the channel returned by [`Agent::new`].
+    pub fn spawn(&mut self, launch: WorkerLaunch) -> Result<u32, SpawnError> {
+        let log = std::fs::File::create(&launch.log_path)
+            .map_err(|source| SpawnError::Log { path: launch.log_path.clone(), source })?;
+        let log_err = log.try_clone().map_err(|source| SpawnError::Log { path: launch.log_path.clone(), source })?;
+        let (program, args) = launch.command.split_first().ok_or_else(|| SpawnError::Exec {
+            program: String::new(),
+            rank: launch.rank,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
+        })?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err))
+            .process_group(0)
+            .kill_on_drop(false);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
+            program: program.clone(),
+            rank: launch.rank,
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        self.live.insert(launch.rank, pid as i32);
+        let (exits, rank) = (self.exits.clone(), launch.rank);
+        tokio::spawn(async move {
+            let kind = match child.wait().await {
+                Ok(status) => ExitKind::from_status(status),
+                Err(_) => ExitKind::Code(-1),
+            };
+            let _ = exits.send(WorkerExit { rank, kind });
+        });
+        Ok(pid)
+    }
+
+    /// Marks a worker reaped (call on each exit event before signalling others).
+    pub fn reaped(&mut self, rank: usize) {
+        if let Some(pgid) = self.live.remove(&rank) {
+            // Whatever the worker left running in its group goes with it.
+            signal_group(pgid, libc::SIGKILL);
+        }
+    }
+
+    pub fn live_ranks(&self) -> Vec<usize> {
+        self.live.keys().copied().collect()
+    }
+
+    /// Sends `signal` to every live worker's process group.
+    pub fn signal_all(&self, signal: i32) {
+        for pgid in self.live.values() {
+            signal_group(*pgid, signal);
+        }
+    }
+
+    /// Stops every live worker: SIGTERM, up to `grace` to exit, then SIGKILL. Exits seen while
+    /// waiting are returned so the caller can still report them.
+    pub async fn stop_all(&mut self, grace: Duration, exits: &mut mpsc::UnboundedReceiver<WorkerExit>) -> Vec<WorkerExit> {
+        let mut seen = Vec::new();
+        if self.live.is_empty() {
+            return seen;
+        }
+        self.signal_all(libc::SIGTERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.live.is_empty() {
+            match tokio::time::timeout_at(deadline, exits.recv()).await {
+                Ok(Some(exit)) => {
+                    self.reaped(exit.rank);
+                    seen.push(exit);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if !self.live.is_empty() {
+            self.signal_all(libc::SIGKILL);
+            while !self.live.is_empty() {
+                match tokio::time::timeout(Duration::from_secs(5), exits.recv()).await {
+                    Ok(Some(exit)) => {
+                        self.reaped(exit.rank);
+                        seen.push(exit);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        seen
+    }
+}
+
+fn signal_group(pgid: i32, signal: i32) {
+    if pgid > 0 {
+        // SAFETY: plain syscall; ESRCH (group already gone) is fine.
+        unsafe {
+            libc::killpg(pgid, signal);
+        }
+    }
+}
+
+/// The last `lines` lines of a log file (empty if it cannot be read).
+pub fn log_tail(path: &std::path::Path, lines: usize) -> Vec<String> {
+    let Ok(text) = std::fs::read(path) else { return Vec::new() };
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].iter().map(|s| s.to_string()).collect()
+}

@@ -1,0 +1,59 @@
+//! The one-screen root-cause summary of a failed attempt.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// The rank whose failure ended the attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct RankFailure {
+    pub rank: usize,
+    /// "exit code 1" or "signal 9 (SIGKILL)".
+    pub exit: String,
+    /// The structured error the worker reported, if it could.
+    pub error: Option<String>,
+    pub backtrace: Option<String>,
+    pub log_path: PathBuf,
+    pub log_tail: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureSummary {
+    pub job: String,
+    pub attempt: u32,
+    pub root_cause: String,
+    pub failed: Option<RankFailure>,
+    /// Other workers and how they ended when rtrain stopped them.
+    pub stopped: Vec<String>,
+}
+
+impl FailureSummary {
+    pub fn new(job: &str, attempt: u32, root_cause: String) -> Self {
+        Self { job: job.into(), attempt, root_cause, failed: None, stopped: Vec::new() }
+    }
+}
+
+impl fmt::Display for FailureSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "job {} failed in attempt {}", self.job, self.attempt)?;
+        writeln!(f, "  root cause: {}", self.root_cause)?;
+        if let Some(r) = &self.failed {
+            if let Some(error) = &r.error {
+                writeln!(f, "  error: {error}")?;
+            }
+            if !r.log_tail.is_empty() {
+                writeln!(f, "  last lines of {}:", r.log_path.display())?;
+                for line in &r.log_tail {
+                    writeln!(f, "    | {line}")?;
+                }
+            } else {
+                writeln!(f, "  log: {} (empty)", r.log_path.display())?;
+            }
+        }
+        if !self.stopped.is_empty() {
+            writeln!(f, "  stopped by rtrain: {}", self.stopped.join(", "))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! The run directory `<run_dir>/<name>/`: effective config, per-attempt logs, metrics.jsonl
+//! and summary.json.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rtrain_trainer::config::JobConfig;
+use rtrain_trainer::proto::StepMetrics;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error(
+        "{} already holds a run (metrics.jsonl); pass --fresh to start over (the old run is kept \
+         beside it as {}), or choose another job.name", path.display(), moved_to.display()
+    )]
+    Exists { path: PathBuf, moved_to: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
+    move |source| RunDirError::Io { path: path.to_path_buf(), source }
+}
+
+/// An opened run directory.
+pub struct RunDir {
+    pub path: PathBuf,
+    metrics: BufWriter<File>,
+}
+
+impl RunDir {
+    /// Creates the run directory and writes the effective config. An earlier run there is
+    /// refused, or with `fresh` moved aside (never deleted).
+    pub fn create(path: &Path, config: &JobConfig, fresh: bool) -> Result<Self, RunDirError> {
+        if path.join("metrics.jsonl").exists() {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let moved_to = path.with_file_name(format!("{name}.prev-{stamp}"));
+            if !fresh {
+                return Err(RunDirError::Exists { path: path.to_path_buf(), moved_to });
+            }
+            std::fs::rename(path, &moved_to).map_err(io(path))?;
+        }
+        std::fs::create_dir_all(path).map_err(io(path))?;
+        let config_path = path.join("config.toml");
+        let text = toml::to_string(config).map_err(|e| RunDirError::Io {
+            path: config_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&config_path, text).map_err(io(&config_path))?;
+        let metrics_path = path.join("metrics.jsonl");
+        let metrics = BufWriter::new(File::create(&metrics_path).map_err(io(&metrics_path))?);
+        Ok(Self { path: path.to_path_buf(), metrics })
+    }
+
+    /// The effective config the workers read.
+    pub fn config_path(&self) -> PathBuf {
+        self.path.join("config.toml")
+    }
+
+    /// `logs/attempt-N/`, created on demand.
+    pub fn attempt_logs(&self, attempt: u32) -> Result<PathBuf, RunDirError> {
+        let dir = self.path.join("logs").join(format!("attempt-{attempt}"));
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(dir)
+    }
+
+    /// Appends one step to metrics.jsonl; flushed so a crash loses nothing already reported.
+    pub fn record_step(&mut self, m: &StepMetrics, attempt: u32) -> Result<(), RunDirError> {
+        let line = MetricsLine {
+            step: m.step,
+            loss: m.loss,
+            lr: m.lr,
+            tokens_per_s: m.tokens_per_s,
+            time: m.time,
+            grad_norm: m.grad_norm,
+            step_time_s: m.step_time_s,
+            attempt,
+        };
+        let path = self.path.join("metrics.jsonl");
+        let text = serde_json::to_string(&line).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
+        writeln!(self.metrics, "{text}").and_then(|_| self.metrics.flush()).map_err(io(&path))
+    }
+
+    pub fn write_summary(&self, summary: &impl Serialize) -> Result<(), RunDirError> {
+        let path = self.path.join("summary.json");
+        let tmp = self.path.join("summary.json.tmp");
+        let text = serde_json::to_string_pretty(summary).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
+        std::fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+}
+
+#[derive(Serialize)]
+struct MetricsLine {
+    step: u64,
+    loss: f64,
+    lr: f64,
+    tokens_per_s: f64,
+    /// Unix seconds when the optimizer step finished.
+    time: f64,
+    grad_norm: f64,
+    step_time_s: f64,
+    attempt: u32,
+}

@@ -1,0 +1,117 @@
+//! Gang placement: all ranks of a group get their resources, or none do. A pure function, so
+//! every case is unit-tested without processes.
+
+/// What one node offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeResources {
+    pub cpus: usize,
+    pub gpus: usize,
+}
+
+impl NodeResources {
+    /// This machine: online CPU cores and visible CUDA devices.
+    pub fn local() -> Self {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
+        Self { cpus, gpus }
+    }
+}
+
+/// What a gang asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GangRequest {
+    pub workers: usize,
+    pub cpus_per_worker: usize,
+    pub gpus_per_worker: usize,
+}
+
+/// Where one rank runs and what it may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankPlacement {
+    pub rank: usize,
+    pub local_rank: usize,
+    /// Threads for intra-op parallelism (OMP_NUM_THREADS): the node's cores shared evenly.
+    pub threads: usize,
+    /// CUDA device indices, sorted; LOCAL_RANK indexes them.
+    pub gpus: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error(
+        "the gang needs {needed} CPU cores ({workers} workers × {per_worker} train.cpus_per_worker) \
+         but this machine has {available}; lower train.workers or train.cpus_per_worker"
+    )]
+    NotEnoughCpus { needed: usize, available: usize, workers: usize, per_worker: usize },
+    #[error(
+        "the gang needs {needed} GPUs ({workers} workers × {per_worker}) but {available} are visible; \
+         lower train.workers, or use train.device = \"cpu\""
+    )]
+    NotEnoughGpus { needed: usize, available: usize, workers: usize, per_worker: usize },
+}
+
+/// Places every rank of `request` on `node`, or explains what is missing.
+pub fn place_gang(request: GangRequest, node: NodeResources) -> Result<Vec<RankPlacement>, ScheduleError> {
+    let GangRequest { workers, cpus_per_worker, gpus_per_worker } = request;
+    let cpus_needed = workers * cpus_per_worker;
+    if cpus_needed > node.cpus {
+        return Err(ScheduleError::NotEnoughCpus {
+            needed: cpus_needed,
+            available: node.cpus,
+            workers,
+            per_worker: cpus_per_worker,
+        });
+    }
+    let gpus_needed = workers * gpus_per_worker;
+    if gpus_needed > node.gpus {
+        return Err(ScheduleError::NotEnoughGpus {
+            needed: gpus_needed,
+            available: node.gpus,
+            workers,
+            per_worker: gpus_per_worker,
+        });
+    }
+    let threads = (node.cpus / workers.max(1)).max(1);
+    Ok((0..workers)
+        .map(|rank| RankPlacement {
+            rank,
+            local_rank: rank,
+            threads,
+            gpus: (rank * gpus_per_worker..(rank + 1) * gpus_per_worker).collect(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(workers: usize, cpus: usize, gpus: usize) -> GangRequest {
+        GangRequest { workers, cpus_per_worker: cpus, gpus_per_worker: gpus }
+    }
+
+    #[test]
+    fn places_all_ranks_and_shares_cores() {
+        let p = place_gang(req(2, 1, 0), NodeResources { cpus: 8, gpus: 0 }).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[1].local_rank, 1);
+        assert_eq!(p[0].threads, 4);
+        assert!(p[0].gpus.is_empty());
+    }
+
+    #[test]
+    fn gpus_are_handed_out_one_range_per_rank() {
+        let p = place_gang(req(2, 1, 2), NodeResources { cpus: 8, gpus: 4 }).unwrap();
+        assert_eq!(p[0].gpus, vec![0, 1]);
+        assert_eq!(p[1].gpus, vec![2, 3]);
+    }
+
+    #[test]
+    fn all_or_nothing_with_a_reason() {
+        let e = place_gang(req(4, 1, 0), NodeResources { cpus: 2, gpus: 0 }).unwrap_err();
+        assert_eq!(e, ScheduleError::NotEnoughCpus { needed: 4, available: 2, workers: 4, per_worker: 1 });
+        assert!(e.to_string().contains("train.workers"));
+        let e = place_gang(req(2, 1, 1), NodeResources { cpus: 8, gpus: 1 }).unwrap_err();
+        assert!(matches!(e, ScheduleError::NotEnoughGpus { needed: 2, available: 1, .. }));
+    }
+}

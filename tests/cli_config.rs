@@ -1,0 +1,91 @@
+//! `rtrain validate` on every shipped config, and clear errors for bad ones.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn shipped_configs() -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut found = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("configs/").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_shipped_config_validates() {
+    let configs = shipped_configs();
+    assert!(configs.len() >= 4, "expected the shipped configs, found {configs:?}");
+    for path in configs {
+        let out = run(&["validate", path.to_str().unwrap()], LIMIT);
+        assert!(out.status.success(), "{}: {}", path.display(), stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("global batch"));
+    }
+}
+
+#[test]
+fn set_overrides_reach_the_resolved_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.toml", "[train]\nworkers = 2\nmicro_batch = 4");
+    let out = run(&["validate", cfg.to_str().unwrap(), "--set", "train.workers=3", "--set", "train.grad_accum=2"], LIMIT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("3 workers × micro_batch 4 × grad_accum 2 = global batch 24"), "{stdout}");
+}
+
+#[test]
+fn bad_configs_fail_with_one_message_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("[train]\nwokers = 2", &[], &["train.wokers", "unknown field", "workers"]),
+        ("[train]\nworkers = \"two\"", &[], &["train.workers", "invalid type"]),
+        ("[train]\nsteps = 0", &[], &["train.steps", "at least 1"]),
+        ("[train]\nlr = -1.0", &[], &["train.lr", "positive"]),
+        ("[train]\ndevice = \"gpu\"", &[], &["train.device", "\"cuda\""]),
+        ("", &["train.workers=zero"], &["train.workers"]),
+        ("", &["train.workers"], &["--set train.workers", "key.path=value"]),
+        ("[train\nworkers = 2", &[], &["job.toml"]),
+    ];
+    for (text, sets, expected) in cases {
+        let cfg = write_config(dir.path(), "job.toml", text);
+        let mut args = vec!["launch", cfg.to_str().unwrap()];
+        for s in *sets {
+            args.extend(["--set", s]);
+        }
+        let out = run(&args, LIMIT);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{text:?} {sets:?}: {err}");
+        assert!(err.contains("job.toml") || err.contains("--set"), "{err}");
+        for needle in *expected {
+            assert!(err.contains(needle), "{text:?}: expected `{needle}` in: {err}");
+        }
+        assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    }
+    let out = run(&["validate", "/nonexistent/job.toml"], LIMIT);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/nonexistent/job.toml"));
+}
+
+#[test]
+fn an_impossible_gang_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.toml", &tiny_gpt("big", dir.path(), 1, 1, 1));
+    let out = run(&["launch", cfg.to_str().unwrap(), "--set", "train.workers=4096"], LIMIT);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("4096 CPU cores") && err.contains("train.workers"), "{err}");
+    assert!(!dir.path().join("big").join("logs").exists(), "no worker may have been started");
+}

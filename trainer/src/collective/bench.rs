@@ -1,0 +1,145 @@
+//! All-reduce benchmark on loopback and the memcpy ceiling it is compared with
+//! (`rtrain bench allreduce`; `bench/allreduce_gloo.py` is the PyTorch gloo reference).
+//!
+//! Bandwidths follow nccl-tests: `algbw = size / time`, `busbw = algbw * 2 (n - 1) / n`, the
+//! bytes each rank's link carries in a ring all-reduce, comparable across rank counts.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{CollectiveError, ReduceOp, TcpCollective};
+
+/// Timing of one message size.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AllReduceResult {
+    pub backend: &'static str,
+    pub algorithm: &'static str,
+    pub ranks: usize,
+    pub size_bytes: usize,
+    /// Median over the timed iterations of the slowest rank's time.
+    pub time_s: f64,
+    pub algbw_gbps: f64,
+    pub busbw_gbps: f64,
+}
+
+const WARMUP_ITERS: usize = 2;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Times `iters` f32 sum all-reduces per size (after a warm-up) with `ranks` TCP ranks as threads
+/// on 127.0.0.1. Sizes are rounded down to whole f32 elements.
+pub fn allreduce_bench(ranks: usize, sizes_bytes: &[usize], iters: usize) -> Result<Vec<AllReduceResult>, CollectiveError> {
+    let iters = iters.max(1);
+    let group = TcpCollective::loopback_group(ranks.max(1), CONNECT_TIMEOUT)?;
+    // per_rank[r][s][i]: rank r's time for iteration i of size s.
+    let per_rank: Vec<Vec<Vec<f64>>> = std::thread::scope(|scope| {
+        let joins: Vec<_> = group
+            .into_iter()
+            .map(|mut comm| scope.spawn(move || time_rank(&mut comm, sizes_bytes, iters)))
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect::<Result<_, _>>()
+    })?;
+    let n = ranks.max(1) as f64;
+    Ok(sizes_bytes
+        .iter()
+        .enumerate()
+        .map(|(s, &size)| {
+            let slowest: Vec<f64> = (0..iters)
+                .map(|i| per_rank.iter().map(|r| r[s][i]).fold(0.0, f64::max))
+                .collect();
+            let time_s = median(slowest);
+            let algbw = size as f64 / time_s / 1e9;
+            AllReduceResult {
+                backend: "tcp",
+                algorithm: "ring",
+                ranks: ranks.max(1),
+                size_bytes: size,
+                time_s,
+                algbw_gbps: algbw,
+                busbw_gbps: algbw * 2.0 * (n - 1.0) / n,
+            }
+        })
+        .collect())
+}
+
+fn time_rank(comm: &mut TcpCollective, sizes_bytes: &[usize], iters: usize) -> Result<Vec<Vec<f64>>, CollectiveError> {
+    let mut out = Vec::with_capacity(sizes_bytes.len());
+    for &size in sizes_bytes {
+        // Values grow by the rank count each iteration and may reach inf, which costs the same.
+        let mut data = vec![1.0f32; size / 4];
+        for _ in 0..WARMUP_ITERS {
+            comm.all_reduce_f32(&mut data, ReduceOp::Sum)?;
+        }
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let start = Instant::now();
+            comm.all_reduce_f32(&mut data, ReduceOp::Sum)?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        out.push(times);
+    }
+    Ok(out)
+}
+
+/// Single-thread `copy_from_slice` bandwidth in GB/s (1e9 bytes/s), best of several copies of
+/// `bytes`. Counts each byte once (bytes copied per second, not read + write traffic, which would
+/// double it), the same way busbw counts each byte a rank delivers once: a loopback TCP transfer
+/// copies every byte at least twice (into and out of the kernel), so this is a hard ceiling.
+pub fn memcpy_bandwidth_gbps(bytes: usize) -> f64 {
+    let bytes = bytes.max(1);
+    let src = vec![1u8; bytes];
+    // Written once first, so page faults are not timed.
+    let mut dst = vec![0u8; bytes];
+    dst.copy_from_slice(&src);
+    let best = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&mut dst);
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    bytes as f64 / best.max(1e-9) / 1e9
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_reports_consistent_bandwidths() {
+        let results = allreduce_bench(2, &[4096, 1 << 20], 3).unwrap();
+        assert_eq!(results.len(), 2);
+        for r in &results {
+            assert!(r.time_s > 0.0);
+            let algbw = r.size_bytes as f64 / r.time_s / 1e9;
+            assert!((r.algbw_gbps - algbw).abs() < 1e-9 * algbw.max(1.0));
+            assert!((r.busbw_gbps - r.algbw_gbps).abs() < 1e-9 * algbw.max(1.0), "2 ranks: busbw == algbw");
+        }
+        assert!(memcpy_bandwidth_gbps(1 << 20) > 0.0);
+    }
+
+    /// The figures quoted in the design targets: `cargo test -p rtrain-trainer --release
+    /// collective::bench -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement, not a check"]
+    fn measure_64_mib_two_ranks() {
+        let size = 64 << 20;
+        let results = allreduce_bench(2, &[size], 10).unwrap();
+        let memcpy = memcpy_bandwidth_gbps(size);
+        for r in &results {
+            println!("{}", serde_json::to_string(r).unwrap());
+            println!("busbw / memcpy = {:.1}%", 100.0 * r.busbw_gbps / memcpy);
+        }
+        println!("memcpy {memcpy:.2} GB/s");
+    }
+}

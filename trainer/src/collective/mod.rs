@@ -1,0 +1,58 @@
+//! Collective communication between the ranks of a trainer gang.
+//!
+//! Every operation has a timeout; a peer that stops answering turns into a
+//! [`CollectiveError::Timeout`] that the worker reports, never an endless wait.
+
+use std::time::Duration;
+
+use tch::Tensor;
+
+pub mod bench;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+#[cfg(not(feature = "nccl"))]
+#[path = "nccl_stub.rs"]
+pub mod nccl;
+mod ring_schedule;
+mod ring_transfer;
+pub mod tcp;
+mod tcp_rendezvous;
+
+pub use nccl::NcclCollective;
+pub use tcp::TcpCollective;
+pub use tcp_rendezvous::TcpRendezvousPoint;
+
+/// How `all_reduce` combines the ranks' tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// Sum divided by the world size.
+    Avg,
+}
+
+/// Errors of a collective operation.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("{op} timed out after {after:?} waiting for rank {peer}")]
+    Timeout { op: &'static str, peer: usize, after: Duration },
+    #[error("{op}: connection to rank {peer} failed: {source}")]
+    Io { op: &'static str, peer: usize, #[source] source: std::io::Error },
+    #[error("{op}: unsupported tensor: {reason}")]
+    Unsupported { op: &'static str, reason: String },
+    #[error("backend {backend} is not available: {reason}")]
+    Unavailable { backend: &'static str, reason: String },
+}
+
+/// A communicator over a fixed group of ranks. It has one owner (the training thread).
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Reduces `tensor` across all ranks in place; every rank ends with the result.
+    fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError>;
+    /// Copies `root`'s `tensor` into every other rank's `tensor`.
+    fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
+    /// Returns every rank's `input`, indexed by rank.
+    fn all_gather(&mut self, input: &Tensor) -> Result<Vec<Tensor>, CollectiveError>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<(), CollectiveError>;
+}

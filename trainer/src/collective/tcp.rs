@@ -1,0 +1,292 @@
+//! `tcp`: CPU tensors over TCP, one ring per communicator; works across hosts.
+//!
+//! All-reduce is the bandwidth-optimal ring of Gloo and NCCL: reduce-scatter then all-gather,
+//! `2 (n - 1) / n` of the buffer sent per rank, pipelined in segments so that receiving,
+//! reducing and sending overlap. It works on the tensor's own memory: only one segment at a
+//! time is staged in a scratch buffer.
+//!
+//! Run two ranks on one machine:
+//! ```no_run
+//! # use std::time::Duration;
+//! # use rtrain_trainer::collective::{ReduceOp, TcpCollective};
+//! let points = [TcpCollective::bind("127.0.0.1")?, TcpCollective::bind("127.0.0.1")?];
+//! let peers: Vec<String> = points.iter().map(|p| p.addr().to_string()).collect();
+//! // ... each rank, in its own thread or process:
+//! # let [point, _] = points;
+//! let mut comm = point.connect(0, &peers, Duration::from_secs(30))?;
+//! let mut grads = vec![1.0f32; 1024];
+//! comm.all_reduce_f32(&mut grads, ReduceOp::Avg)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::io;
+use std::time::Duration;
+
+use tch::{Device, Kind, Tensor};
+
+use super::ring_schedule::{self, Elem, Schedule};
+use super::ring_transfer::{self, OpContext, OpHeader, OpKind, RingLinks};
+use super::tcp_rendezvous::{self, TcpRendezvousPoint, set_timeouts};
+use super::{Collective, CollectiveError, ReduceOp};
+
+/// Segment size of the pipeline: large enough to amortise a syscall, small enough that a
+/// received segment is still in cache when it is reduced.
+pub const DEFAULT_SEGMENT_BYTES: usize = 256 * 1024;
+
+/// A ring communicator over TCP for CPU tensors. One owner; every read and write has a timeout.
+#[derive(Debug)]
+pub struct TcpCollective {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// The timeout the sockets currently carry; re-applied lazily after `set_timeout`.
+    socket_timeout: Duration,
+    segment_bytes: usize,
+    /// `None` when the world is one rank.
+    links: Option<RingLinks>,
+    scratch: Vec<u64>,
+    /// Number of operations started; every rank counts the same calls, the header checks it.
+    seq: u64,
+    /// Set by the first failed operation: the ring is shut down and must be rebuilt.
+    broken: Option<String>,
+}
+
+impl TcpCollective {
+    /// Binds a listener on `host` (port 0); publish [`TcpRendezvousPoint::addr`], then
+    /// [`TcpRendezvousPoint::connect`] once every rank's address is known.
+    pub fn bind(host: &str) -> io::Result<TcpRendezvousPoint> {
+        tcp_rendezvous::bind(host)
+    }
+
+    /// `world` connected ranks on 127.0.0.1, indexed by rank, for in-process tests and benchmarks.
+    pub fn loopback_group(world: usize, timeout: Duration) -> Result<Vec<TcpCollective>, CollectiveError> {
+        let points = (0..world)
+            .map(|_| Self::bind("127.0.0.1"))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| CollectiveError::Io { op: "bind", peer: 0, source: e })?;
+        let peers: Vec<String> = points.iter().map(|p| p.addr().to_string()).collect();
+        std::thread::scope(|scope| {
+            let joins: Vec<_> = points
+                .into_iter()
+                .enumerate()
+                .map(|(rank, point)| {
+                    let peers = &peers;
+                    scope.spawn(move || point.connect(rank, peers, timeout))
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect()
+        })
+    }
+
+    pub(crate) fn from_links(rank: usize, world: usize, links: Option<RingLinks>, timeout: Duration) -> Self {
+        TcpCollective {
+            rank,
+            world,
+            timeout,
+            socket_timeout: timeout,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            links,
+            scratch: Vec::new(),
+            seq: 0,
+            broken: None,
+        }
+    }
+
+    /// The limit on each blocking read or write of an operation.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Changes the per-read/per-write timeout; takes effect at the next operation.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout.max(Duration::from_millis(1));
+    }
+
+    /// Changes the pipeline segment size (rounded down to whole elements, at least one).
+    /// Every rank must use the same value.
+    pub fn set_segment_bytes(&mut self, bytes: usize) {
+        self.segment_bytes = bytes.max(8);
+    }
+
+    /// Sums (or averages) `data` across ranks in place; every rank ends with identical bits.
+    pub fn all_reduce_f32(&mut self, data: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError> {
+        // SAFETY: any f32 slice is a valid, aligned byte slice of four times the length.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), size_of_val(data)) };
+        self.all_reduce_bytes(bytes, Elem::F32, op)
+    }
+
+    /// [`Self::all_reduce_f32`] for f64.
+    pub fn all_reduce_f64(&mut self, data: &mut [f64], op: ReduceOp) -> Result<(), CollectiveError> {
+        // SAFETY: any f64 slice is a valid, aligned byte slice of eight times the length.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), size_of_val(data)) };
+        self.all_reduce_bytes(bytes, Elem::F64, op)
+    }
+
+    /// Copies `root`'s `data` into every rank's `data` (same length on every rank).
+    pub fn broadcast_bytes(&mut self, data: &mut [u8], root: usize) -> Result<(), CollectiveError> {
+        self.check_root("broadcast", root)?;
+        let (rank, world, segment) = (self.rank, self.world, self.segment_bytes);
+        let schedule = ring_schedule::broadcast(rank, world, root, data.len(), segment);
+        self.run("broadcast", OpKind::Broadcast, root as u32, data, &schedule)
+    }
+
+    /// Gathers every rank's `input` into `output`, rank `r`'s at `output[r * len..(r + 1) * len]`.
+    pub fn all_gather_bytes(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), CollectiveError> {
+        let len = input.len();
+        if output.len() != len * self.world {
+            return Err(CollectiveError::Unsupported {
+                op: "all_gather",
+                reason: format!("output holds {} bytes, expected {} ranks x {len}", output.len(), self.world),
+            });
+        }
+        output[self.rank * len..(self.rank + 1) * len].copy_from_slice(input);
+        let schedule = ring_schedule::all_gather(self.rank, self.world, len, self.segment_bytes);
+        self.run("all_gather", OpKind::AllGather, 0, output, &schedule)
+    }
+
+    fn all_reduce_bytes(&mut self, bytes: &mut [u8], elem: Elem, op: ReduceOp) -> Result<(), CollectiveError> {
+        let divisor = match op {
+            ReduceOp::Sum => None,
+            ReduceOp::Avg => Some(self.world as f64),
+        };
+        let len = bytes.len() / elem.size();
+        let schedule = ring_schedule::all_reduce(self.rank, self.world, len, elem, self.segment_bytes, divisor);
+        let arg = (elem as u32) << 8 | op as u32;
+        self.run("all_reduce", OpKind::AllReduce, arg, bytes, &schedule)
+    }
+
+    fn check_root(&self, op: &'static str, root: usize) -> Result<(), CollectiveError> {
+        if root < self.world {
+            return Ok(());
+        }
+        Err(CollectiveError::Unsupported { op, reason: format!("root {root} is outside a world of {}", self.world) })
+    }
+
+    fn run(
+        &mut self,
+        op: &'static str,
+        kind: OpKind,
+        arg: u32,
+        buf: &mut [u8],
+        schedule: &Schedule,
+    ) -> Result<(), CollectiveError> {
+        self.seq += 1;
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
+        if let Some(reason) = &self.broken {
+            return Err(CollectiveError::Io {
+                op,
+                peer: links.next_rank,
+                source: io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    format!("the ring was shut down by an earlier error: {reason}"),
+                ),
+            });
+        }
+        if self.socket_timeout != self.timeout {
+            for (stream, peer) in [(&links.next, links.next_rank), (&links.prev, links.prev_rank)] {
+                set_timeouts(stream, self.timeout).map_err(|source| CollectiveError::Io { op, peer, source })?;
+            }
+            self.socket_timeout = self.timeout;
+        }
+        let header = OpHeader { kind, arg, bytes: buf.len() as u64, seq: self.seq };
+        let ctx = OpContext { op, timeout: self.timeout };
+        let result = ring_transfer::run(links, buf, schedule, header, &mut self.scratch, ctx);
+        if let Err(e) = &result {
+            tracing::warn!(rank = self.rank, op, error = %e, "tcp collective failed; the ring is shut down");
+            self.broken = Some(e.to_string());
+        }
+        result
+    }
+}
+
+impl Collective for TcpCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError> {
+        let elem = match tensor.f_kind() {
+            Ok(Kind::Float) => Elem::F32,
+            Ok(Kind::Double) => Elem::F64,
+            other => {
+                return Err(CollectiveError::Unsupported {
+                    op: "all_reduce",
+                    reason: format!("the tcp backend reduces f32 and f64 tensors, got {other:?}"),
+                });
+            }
+        };
+        // SAFETY: `tensor` is borrowed mutably for the whole call.
+        let bytes = unsafe { cpu_bytes_mut("all_reduce", tensor) }?;
+        self.all_reduce_bytes(bytes, elem, op)
+    }
+
+    fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        // SAFETY: `tensor` is borrowed mutably for the whole call.
+        let bytes = unsafe { cpu_bytes_mut("broadcast", tensor) }?;
+        self.broadcast_bytes(bytes, root)
+    }
+
+    fn all_gather(&mut self, input: &Tensor) -> Result<Vec<Tensor>, CollectiveError> {
+        let torch_err = |e: tch::TchError| CollectiveError::Unsupported { op: "all_gather", reason: e.to_string() };
+        let input = input.f_contiguous().map_err(torch_err)?;
+        let kind = input.f_kind().map_err(torch_err)?;
+        let mut gathered = Tensor::f_empty([(self.world * input.numel()) as i64], (kind, Device::Cpu)).map_err(torch_err)?;
+        {
+            let mut source = input.shallow_clone();
+            // SAFETY: `source` aliases `input`, which nothing writes during the call; `gathered`
+            // is a fresh tensor owned here.
+            let (input_bytes, output_bytes) =
+                unsafe { (cpu_bytes_mut("all_gather", &mut source)?, cpu_bytes_mut("all_gather", &mut gathered)?) };
+            self.all_gather_bytes(input_bytes, output_bytes)?;
+        }
+        let mut shape = vec![self.world as i64];
+        shape.extend(input.size());
+        gathered.f_view(shape.as_slice()).and_then(|t| t.f_unbind(0)).map_err(torch_err)
+    }
+
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        // A one-byte all-gather: rank r finishes after hearing (via n - 1 hops) from every rank.
+        let mut slots = vec![0u8; self.world];
+        let schedule = ring_schedule::all_gather(self.rank, self.world, 1, self.segment_bytes);
+        self.run("barrier", OpKind::Barrier, 0, &mut slots, &schedule)
+    }
+}
+
+/// The bytes of a contiguous, dense CPU tensor.
+///
+/// # Safety
+/// The caller must hold the only access to the tensor's storage while the slice lives.
+unsafe fn cpu_bytes_mut<'a>(op: &'static str, tensor: &'a mut Tensor) -> Result<&'a mut [u8], CollectiveError> {
+    let unsupported = |reason: String| CollectiveError::Unsupported { op, reason };
+    if !tensor.defined() || tensor.is_sparse() || tensor.is_mkldnn() {
+        return Err(unsupported("the tcp backend needs a defined, dense tensor".into()));
+    }
+    match tensor.device() {
+        Device::Cpu => {}
+        other => {
+            return Err(unsupported(format!(
+                "the tensor is on {other:?}; the tcp backend moves CPU tensors (use nccl for CUDA)"
+            )));
+        }
+    }
+    if !tensor.is_contiguous() {
+        return Err(unsupported("the tensor is not contiguous; pass tensor.contiguous()".into()));
+    }
+    let kind = tensor.f_kind().map_err(|e| unsupported(e.to_string()))?;
+    let len = tensor.numel() * kind.elt_size_in_bytes();
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: a defined, contiguous CPU tensor owns `numel * element size` bytes from data_ptr;
+    // exclusivity is the caller's contract.
+    Ok(unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr().cast::<u8>(), len) })
+}

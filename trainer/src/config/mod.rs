@@ -1,0 +1,106 @@
+//! Job configuration: the TOML schema ([`JobConfig`]), `--set` overrides, and the resolved
+//! [`JobSpec`]. Errors name the file, the dotted key path and what would be valid.
+
+mod error;
+mod overrides;
+mod resolve;
+mod schema;
+
+use std::path::{Path, PathBuf};
+
+pub use error::ConfigError;
+pub use overrides::apply_override;
+pub use resolve::{BackendKind, DataSpec, DeviceKind, JobSpec, ModelSpec, OptimSpec, resolve};
+pub use schema::{DataSection, JobConfig, JobSection, ModelSection, RendezvousSection, TrainSection};
+
+/// A config file read, overridden, typed and resolved.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub config: JobConfig,
+    pub spec: JobSpec,
+}
+
+/// Reads `path`, applies `overrides` (`key.path=value`) in order, and resolves the result.
+pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    for spec in overrides {
+        apply_override(&mut table, spec)?;
+    }
+    let config = from_table(table, path)?;
+    let spec = resolve(&config, path)?;
+    Ok(LoadedConfig { path: path.to_path_buf(), config, spec })
+}
+
+/// Types a parsed table, reporting the dotted path of the first offending key.
+pub fn from_table(table: toml::Table, path: &Path) -> Result<JobConfig, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.into_inner().to_string();
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: if key == "." { "(top level)".into() } else { key },
+            message: message.trim_end().to_string(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, overrides: &[&str]) -> Result<LoadedConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, text).unwrap();
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        load(&path, &overrides)
+    }
+
+    #[test]
+    fn derived_numbers_are_computed_once() {
+        let c = load_str("[train]\nworkers = 2\nmicro_batch = 4\ngrad_accum = 3\n[model]\nn_ctx = 64", &[]).unwrap();
+        assert_eq!(c.spec.global_batch, 24);
+        assert_eq!(c.spec.tokens_per_step, 24 * 64);
+        assert_eq!(c.spec.backend, BackendKind::Tcp);
+        assert_eq!(c.spec.run_path, Path::new("runs/run"));
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let c = load_str("[train]\nworkers = 2", &["train.workers=4", "job.name=x"]).unwrap();
+        assert_eq!(c.spec.workers, 4);
+        assert_eq!(c.spec.name, "x");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let e = load_str("[train]\nwokers = 2", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.wokers") && e.contains("workers"), "{e}");
+        let e = load_str("[train]\nworkers = \"two\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.workers") && e.contains("invalid type"), "{e}");
+        let e = load_str("[train]\nworkers = 0", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.workers: must be at least 1"), "{e}");
+        let e = load_str("[train]\ndevice = \"tpu\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.device") && e.contains("\"cuda\""), "{e}");
+        let e = load_str("[train]\nbackend = \"nccl\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.backend") && e.contains("tcp"), "{e}");
+        let e = load_str("[model]\nn_head = 3", &[]).unwrap_err().to_string();
+        assert!(e.contains("model.n_embd"), "{e}");
+        let e = load_str("[train\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("job.toml"), "{e}");
+        let e = load_str("", &["train.workers=abc"]).unwrap_err().to_string();
+        assert!(e.contains("train.workers"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_reported_with_its_path() {
+        let e = load(Path::new("/nonexistent/job.toml"), &[]).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/job.toml") && e.contains("cannot read"), "{e}");
+    }
+}

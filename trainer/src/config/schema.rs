@@ -1,0 +1,138 @@
+//! The TOML schema as written by users: lenient types with defaults, unknown keys refused.
+//! [`super::resolve`] turns it into the strict [`super::JobSpec`] the code uses.
+
+use serde::{Deserialize, Serialize};
+
+/// A job config file (`rtrain launch FILE`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    #[serde(default)]
+    pub job: JobSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub model: ModelSection,
+    #[serde(default)]
+    pub data: DataSection,
+    #[serde(default)]
+    pub rendezvous: RendezvousSection,
+    /// Free-form settings handed to custom training loops (like Ray Train's `train_loop_config`).
+    #[serde(default)]
+    pub user: toml::Table,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobSection {
+    /// Run name: output goes to `<run_dir>/<name>/`.
+    pub name: String,
+    pub run_dir: String,
+    pub seed: u64,
+    /// Command each worker runs; empty means the built-in `rtrain worker`.
+    /// Relative paths here and elsewhere in the config are relative to the launch directory.
+    pub entrypoint: Vec<String>,
+}
+
+impl Default for JobSection {
+    fn default() -> Self {
+        Self { name: "run".into(), run_dir: "runs".into(), seed: 0, entrypoint: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub workers: u64,
+    pub steps: u64,
+    pub micro_batch: u64,
+    pub grad_accum: u64,
+    pub lr: f64,
+    /// Floor of the cosine schedule; defaults to lr / 10.
+    pub min_lr: Option<f64>,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Global gradient-norm clip; 0 disables clipping.
+    pub grad_clip: f64,
+    pub device: String,
+    pub backend: String,
+    /// CPU cores reserved per worker by the gang scheduler.
+    pub cpus_per_worker: u64,
+    /// Seconds any collective may wait for a peer before the attempt fails.
+    pub collective_timeout_s: f64,
+    /// DDP all-reduce bucket size in MiB.
+    pub bucket_mb: f64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            steps: 100,
+            micro_batch: 16,
+            grad_accum: 1,
+            lr: 3e-4,
+            min_lr: None,
+            warmup_steps: 10,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+            device: "cpu".into(),
+            backend: "auto".into(),
+            cpus_per_worker: 1,
+            collective_timeout_s: 120.0,
+            bucket_mb: 25.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    pub kind: String,
+    pub n_layer: i64,
+    pub n_head: i64,
+    pub n_embd: i64,
+    /// Context length in tokens.
+    pub n_ctx: i64,
+    pub vocab_size: i64,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self { kind: "gpt".into(), n_layer: 4, n_head: 4, n_embd: 256, n_ctx: 128, vocab_size: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// `synthetic` (generated from the seed) or a path to a text file, read as bytes.
+    pub source: String,
+    /// Size of the generated corpus in bytes.
+    pub synthetic_bytes: u64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self { source: "synthetic".into(), synthetic_bytes: 4 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RendezvousSection {
+    /// Seconds to wait for the whole gang to register before the attempt fails.
+    pub timeout_s: f64,
+    /// Seconds between worker heartbeats.
+    pub heartbeat_s: f64,
+}
+
+impl Default for RendezvousSection {
+    fn default() -> Self {
+        Self { timeout_s: 60.0, heartbeat_s: 1.0 }
+    }
+}

@@ -1,0 +1,15 @@
+//! The worker side of rtrain: the job config, the control-plane client, collectives, the DDP
+//! engine, models and the [`TrainLoop`] trait that built-in and custom training loops implement.
+
+pub mod collective;
+pub mod config;
+pub mod data;
+pub mod ddp;
+pub mod lm;
+pub mod model;
+pub mod optim;
+pub mod proto;
+pub mod runtime;
+pub mod train_loop;
+
+pub use train_loop::{StepOutput, TrainContext, TrainError, TrainLoop};

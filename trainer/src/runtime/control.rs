@@ -1,0 +1,159 @@
+//! The worker's side of the control plane: rendezvous, heartbeats, step metrics and failure
+//! reports. RPCs run on a small background runtime so the training thread never waits on them,
+//! except for rendezvous, which is a synchronisation point by nature.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::proto::coordinator_client::CoordinatorClient;
+use crate::proto::{FailureReport, HeartbeatRequest, RegisterRequest, StepMetrics, TokenInterceptor, WorkerId};
+
+use super::WorkerEnv;
+
+type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// How long a worker keeps going without reaching its coordinator before it exits: the
+/// launcher is gone and nobody would collect its results.
+const COORDINATOR_LOST_AFTER: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot start the control-plane runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    #[error("coordinator address `{addr}` is invalid: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("rendezvous refused: {0}")]
+    Refused(String),
+}
+
+/// Connection to the job's coordinator, owned by the worker's main thread.
+pub struct ControlPlane {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    id: WorkerId,
+    step: Arc<AtomicU64>,
+    metrics: Option<mpsc::UnboundedSender<StepMetrics>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    pub fn connect(env: &WorkerEnv) -> Result<Self, ControlError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("rtrain-control")
+            .enable_all()
+            .build()?;
+        let bad_addr = |reason: String| ControlError::Address { addr: env.coordinator.clone(), reason };
+        let endpoint = Channel::from_shared(format!("http://{}", env.coordinator))
+            .map_err(|e| bad_addr(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let interceptor = TokenInterceptor::new(&env.token).map_err(|e| bad_addr(e.to_string()))?;
+        // Lazy: the first RPC connects, and a dropped connection is re-established.
+        let channel = {
+            let _guard = runtime.enter();
+            endpoint.connect_lazy()
+        };
+        let client = CoordinatorClient::with_interceptor(channel, interceptor);
+        let id = WorkerId { role: env.role.clone(), rank: env.rank as u32, attempt: env.attempt };
+        Ok(Self { runtime, client, id, step: Arc::new(AtomicU64::new(0)), metrics: None, metrics_task: None })
+    }
+
+    /// Registers this rank's collective address; returns every rank's address once the whole
+    /// gang has registered (sync point).
+    pub fn rendezvous(
+        &mut self,
+        collective_addr: &str,
+        timeout: Duration,
+        heartbeat_every: Duration,
+    ) -> Result<Vec<String>, ControlError> {
+        let request = RegisterRequest { id: Some(self.id.clone()), collective_addr: collective_addr.to_string() };
+        let mut client = self.client.clone();
+        let reply = self.runtime.block_on(async move {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let attempt = tokio::time::timeout(remaining, client.register(request.clone())).await;
+                let Ok(result) = attempt else {
+                    return Err(ControlError::Refused(format!("the gang did not complete within {timeout:?}")));
+                };
+                match result {
+                    Ok(reply) => return Ok(reply.into_inner()),
+                    // The coordinator is up before workers start, but tolerate a slow accept.
+                    Err(status) if status.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(status) => return Err(ControlError::Refused(status.message().to_string())),
+                }
+            }
+        })?;
+        self.start_background(heartbeat_every);
+        Ok(reply.peers)
+    }
+
+    fn start_background(&mut self, heartbeat_every: Duration) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<StepMetrics>();
+        self.metrics = Some(tx);
+        let mut client = self.client.clone();
+        self.metrics_task = Some(self.runtime.spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if let Err(status) = client.report_step(m).await {
+                    tracing::warn!(error = %status.message(), "step metrics not delivered");
+                }
+            }
+        }));
+        let (mut client, id, step) = (self.client.clone(), self.id.clone(), self.step.clone());
+        self.runtime.spawn(async move {
+            let mut last_ok = Instant::now();
+            loop {
+                tokio::time::sleep(heartbeat_every).await;
+                let beat = HeartbeatRequest { id: Some(id.clone()), step: step.load(Ordering::Relaxed) };
+                match client.heartbeat(beat).await {
+                    Ok(_) => last_ok = Instant::now(),
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                        tracing::error!(reason = %status.message(), "coordinator retired this attempt; exiting");
+                        std::process::exit(3);
+                    }
+                    Err(status) if last_ok.elapsed() > COORDINATOR_LOST_AFTER => {
+                        tracing::error!(error = %status.message(), "coordinator unreachable; exiting");
+                        std::process::exit(3);
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
+    /// Records progress for heartbeats and, on rank 0, sends the step's metrics (non-blocking).
+    pub fn step_done(&self, metrics: StepMetrics) {
+        self.step.store(metrics.step, Ordering::Relaxed);
+        if self.id.rank == 0 {
+            if let Some(tx) = &self.metrics {
+                let _ = tx.send(StepMetrics { id: Some(self.id.clone()), ..metrics });
+            }
+        }
+    }
+
+    /// Sends a structured error to the coordinator; best effort, bounded in time.
+    pub fn report_failure(&self, message: &str, backtrace: &str) {
+        let report = FailureReport { id: Some(self.id.clone()), message: message.into(), backtrace: backtrace.into() };
+        let mut client = self.client.clone();
+        let _ = self.runtime.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(2), client.report_failure(report)).await
+        });
+    }
+
+    /// Delivers the metrics still queued (bounded in time), then stops the background tasks.
+    pub fn finish(mut self) {
+        self.metrics = None;
+        if let Some(task) = self.metrics_task.take() {
+            let _ = self.runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+        }
+        self.runtime.shutdown_timeout(Duration::from_millis(100));
+    }
+}

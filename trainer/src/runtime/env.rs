@@ -1,0 +1,70 @@
+//! The environment the launcher gives each worker (the torchrun contract plus rtrain's own).
+
+use std::path::PathBuf;
+
+/// Names of the variables rtrain sets besides torchrun's.
+pub mod vars {
+    pub const COORDINATOR: &str = "RTRAIN_COORDINATOR";
+    pub const JOB_TOKEN: &str = "RTRAIN_JOB_TOKEN";
+    pub const ROLE: &str = "RTRAIN_ROLE";
+    pub const ATTEMPT: &str = "RTRAIN_ATTEMPT";
+    /// The effective config of the run (`<run>/config.toml`).
+    pub const CONFIG: &str = "RTRAIN_CONFIG";
+}
+
+/// Why a process is not a correctly started rtrain worker.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message} (workers are started by `rtrain launch`, which sets it)")]
+pub struct EnvError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+/// This worker's identity and where to reach the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerEnv {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world_size: usize,
+    pub role: String,
+    pub attempt: u32,
+    pub coordinator: String,
+    pub token: String,
+    pub config: PathBuf,
+}
+
+impl WorkerEnv {
+    /// True when this process was started by the launcher as a worker.
+    pub fn is_worker_process() -> bool {
+        std::env::var_os(vars::JOB_TOKEN).is_some() && std::env::var_os(vars::ROLE).is_some()
+    }
+
+    pub fn from_env() -> Result<Self, EnvError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads the variables through `get`, so tests need not touch the process environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
+        let text = |var: &'static str| {
+            get(var).ok_or_else(|| EnvError { var, message: "is not set".into() })
+        };
+        let number = |var: &'static str| -> Result<u64, EnvError> {
+            let raw = text(var)?;
+            raw.parse().map_err(|_| EnvError { var, message: format!("`{raw}` is not a number") })
+        };
+        let env = WorkerEnv {
+            rank: number("RANK")? as usize,
+            local_rank: number("LOCAL_RANK")? as usize,
+            world_size: number("WORLD_SIZE")? as usize,
+            role: text(vars::ROLE)?,
+            attempt: number(vars::ATTEMPT)? as u32,
+            coordinator: text(vars::COORDINATOR)?,
+            token: text(vars::JOB_TOKEN)?,
+            config: PathBuf::from(text(vars::CONFIG)?),
+        };
+        if env.rank >= env.world_size {
+            return Err(EnvError { var: "RANK", message: format!("{} is not below WORLD_SIZE {}", env.rank, env.world_size) });
+        }
+        Ok(env)
+    }
+}

@@ -1,0 +1,9 @@
+//! The worker runtime: environment contract, control-plane client and the step driver.
+
+mod control;
+mod env;
+mod worker;
+
+pub use control::{ControlError, ControlPlane};
+pub use env::{EnvError, WorkerEnv, vars};
+pub use worker::{EXIT_BAD_START, EXIT_TRAIN_FAILED, run_worker, unix_now};
