@@ -50,7 +50,7 @@ fn set_overrides_reach_the_resolved_config() {
 fn bad_configs_fail_with_one_message_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&str, &[&str], &[&str])] = &[
-        ("[train]\nwokers = 2", &[], &["train.wokers", "unknown field", "workers"]),
+        ("[train]\nwokers = 2", &[], &["job.toml: train", "unknown field `wokers`", "`workers`"]),
         ("[train]\nworkers = \"two\"", &[], &["train.workers", "invalid type"]),
         ("[train]\nsteps = 0", &[], &["train.steps", "at least 1"]),
         ("[train]\nlr = -1.0", &[], &["train.lr", "positive"]),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rtrain_trainer::config::{DeviceKind, LoadedConfig};
+use rtrain_trainer::proto::{FailureReport, StepMetrics};
 use rtrain_trainer::runtime::{unix_now, vars};
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
@@ -15,7 +16,7 @@ use crate::coordinator::{CoordinatorEvent, start_coordinator};
 use crate::failure::{FailureSummary, RankFailure};
 use crate::progress::RunProgress;
 use crate::run_dir::{RunDir, RunDirError};
-use crate::scheduler::{GangRequest, NodeResources, RankPlacement, place_gang, ScheduleError};
+use crate::scheduler::{GangRequest, NodeResources, RankPlacement, ScheduleError, place_gang};
 
 /// Time workers get to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -162,12 +163,12 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     let mut sigterm = signal(SignalKind::terminate()).map_err(LaunchError::Coordinator)?;
     let rendezvous_deadline = tokio::time::Instant::now() + spec.rendezvous_timeout;
     let mut gang_complete = !reports;
-    let mut reported: Vec<(u32, String, String)> = Vec::new();
+    let mut reported: Vec<FailureReport> = Vec::new();
     let mut last_step: Option<(u64, f64, f64)> = None; // (step, loss, time)
     let mut first_step: Option<(u64, f64)> = None; // (step, time)
     let mut finished = 0usize;
 
-    let outcome = loop {
+    let ending = loop {
         tokio::select! {
             Some(event) = events.recv() => match event {
                 CoordinatorEvent::Registered { rank } => tracing::debug!(rank, "registered"),
@@ -183,62 +184,70 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
                         startup.first_step_s = Some(phase_start.elapsed().as_secs_f64());
                         startup.launch_to_first_step_s = Some(opts.started.elapsed().as_secs_f64());
                     }
-                    last_step = Some((m.step, m.loss, m.time));
-                    progress.on_step(&m);
-                    if let Err(e) = run.record_step(&m, attempt) {
-                        progress.println(&format!("warning: {e}"));
-                    }
+                    record_step(&mut run, &progress, &m, attempt, &mut last_step);
                 }
-                CoordinatorEvent::Failure(report) => {
-                    let rank = report.id.as_ref().map(|id| id.rank).unwrap_or(0);
-                    reported.push((rank, report.message, report.backtrace));
-                }
+                CoordinatorEvent::Failure(report) => reported.push(report),
             },
             Some(exit) = exits.recv() => {
                 agent.reaped(exit.rank);
                 if exit.kind.success() {
                     finished += 1;
                     if finished == spec.workers {
-                        break Outcome::Finished;
+                        break Ending::Finished;
                     }
                     continue;
                 }
                 let stopped = agent.stop_all(STOP_GRACE, &mut exits).await;
-                // Reports sent just before the exit may still be queued.
-                while let Ok(CoordinatorEvent::Failure(r)) = events.try_recv() {
-                    reported.push((r.id.as_ref().map(|id| id.rank).unwrap_or(0), r.message, r.backtrace));
-                }
-                break Outcome::Failed(failure_summary(&spec.name, attempt, exit, &stopped, &reported, &logs));
+                break Ending::WorkerFailed { first: exit, stopped };
             },
             _ = tokio::time::sleep_until(rendezvous_deadline), if !gang_complete => {
                 let missing = coordinator.missing_ranks();
                 let stopped = agent.stop_all(STOP_GRACE, &mut exits).await;
-                let mut summary = FailureSummary::new(&spec.name, attempt, format!(
-                    "rendezvous timed out after {:.0} s: rank(s) {:?} never registered (see rendezvous.timeout_s)",
-                    spec.rendezvous_timeout.as_secs_f64(), missing));
-                summary.stopped = stopped.iter().map(|e| format!("{ROLE}:{} {}", e.rank, e.kind)).collect();
-                break Outcome::Failed(summary);
+                break Ending::RendezvousTimeout { missing, stopped };
             },
             _ = sigint.recv() => {
                 progress.println("interrupted: stopping workers");
                 agent.stop_all(STOP_GRACE, &mut exits).await;
-                break Outcome::Interrupted { signal: libc::SIGINT };
+                break Ending::Interrupted { signal: libc::SIGINT };
             },
             _ = sigterm.recv() => {
                 progress.println("terminated: stopping workers");
                 agent.stop_all(STOP_GRACE, &mut exits).await;
-                break Outcome::Interrupted { signal: libc::SIGTERM };
+                break Ending::Interrupted { signal: libc::SIGTERM };
             },
         }
     };
-    // Steps reported right before the workers exited.
+    // Steps and error reports sent right before the workers exited.
     while let Ok(event) = events.try_recv() {
-        if let CoordinatorEvent::Step(m) = event {
-            last_step = Some((m.step, m.loss, m.time));
-            progress.on_step(&m);
-            let _ = run.record_step(&m, attempt);
+        match event {
+            CoordinatorEvent::Step(m) => {
+                first_step.get_or_insert((m.step, m.time));
+                record_step(&mut run, &progress, &m, attempt, &mut last_step);
+            }
+            CoordinatorEvent::Failure(report) => reported.push(report),
+            _ => {}
         }
     }
+    let outcome = match ending {
+        Ending::Finished => Outcome::Finished,
+        Ending::Interrupted { signal } => Outcome::Interrupted { signal },
+        Ending::WorkerFailed { first, stopped } => {
+            Outcome::Failed(failure_summary(&spec.name, attempt, first, &stopped, &reported, &logs))
+        }
+        Ending::RendezvousTimeout { missing, stopped } => {
+            let mut summary = FailureSummary::new(
+                &spec.name,
+                attempt,
+                format!(
+                    "rendezvous timed out after {:.0} s: rank(s) {:?} never registered (see rendezvous.timeout_s)",
+                    spec.rendezvous_timeout.as_secs_f64(),
+                    missing
+                ),
+            );
+            summary.stopped = stopped.iter().map(|e| format!("{ROLE}:{} {}", e.rank, e.kind)).collect();
+            Outcome::Failed(summary)
+        }
+    };
     progress.finish();
     coordinator.shutdown();
 
@@ -278,22 +287,38 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     Ok(LaunchReport { outcome, summary, run_path: run.path.clone() })
 }
 
+/// How the supervision loop ended, before the outputs are written.
+enum Ending {
+    Finished,
+    Interrupted { signal: i32 },
+    WorkerFailed { first: WorkerExit, stopped: Vec<WorkerExit> },
+    RendezvousTimeout { missing: Vec<u32>, stopped: Vec<WorkerExit> },
+}
+
+fn record_step(run: &mut RunDir, progress: &RunProgress, m: &StepMetrics, attempt: u32, last: &mut Option<(u64, f64, f64)>) {
+    *last = Some((m.step, m.loss, m.time));
+    progress.on_step(m);
+    if let Err(e) = run.record_step(m, attempt) {
+        progress.println(&format!("warning: {e}"));
+    }
+}
+
 fn failure_summary(
     job: &str,
     attempt: u32,
     first: WorkerExit,
     stopped: &[WorkerExit],
-    reported: &[(u32, String, String)],
+    reported: &[FailureReport],
     logs: &std::path::Path,
 ) -> FailureSummary {
     let log_path = logs.join(format!("{ROLE}-{}.log", first.rank));
-    let error = reported.iter().find(|(rank, ..)| *rank as usize == first.rank);
+    let error = reported.iter().find(|r| r.id.as_ref().is_some_and(|id| id.rank as usize == first.rank));
     let mut summary = FailureSummary::new(job, attempt, format!("{ROLE}:{} {}", first.rank, describe(first.kind)));
     summary.failed = Some(RankFailure {
         rank: first.rank,
         exit: first.kind.to_string(),
-        error: error.map(|e| e.1.clone()),
-        backtrace: error.map(|e| e.2.clone()).filter(|b| !b.is_empty()),
+        error: error.map(|e| e.message.clone()),
+        backtrace: error.map(|e| e.backtrace.clone()).filter(|b| !b.is_empty()),
         log_path: log_path.clone(),
         log_tail: log_tail(&log_path, 15),
     });

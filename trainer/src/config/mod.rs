@@ -81,7 +81,7 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_the_fix() {
         let e = load_str("[train]\nwokers = 2", &[]).unwrap_err().to_string();
-        assert!(e.contains("train.wokers") && e.contains("workers"), "{e}");
+        assert!(e.contains("job.toml: train") && e.contains("`wokers`") && e.contains("`workers`"), "{e}");
         let e = load_str("[train]\nworkers = \"two\"", &[]).unwrap_err().to_string();
         assert!(e.contains("train.workers") && e.contains("invalid type"), "{e}");
         let e = load_str("[train]\nworkers = 0", &[]).unwrap_err().to_string();
