@@ -223,7 +223,7 @@ fn run_threaded(
         if let Err(panic) = sender.join() {
             std::panic::resume_unwind(panic);
         }
-        Ok(())
+        Ok::<(), CollectiveError>(())
     })?;
     match progress.first_error.into_inner().unwrap_or_else(PoisonError::into_inner) {
         Some(e) => Err(e),

@@ -154,7 +154,7 @@ impl TcpCollective {
         };
         let len = bytes.len() / elem.size();
         let schedule = ring_schedule::all_reduce(self.rank, self.world, len, elem, self.segment_bytes, divisor);
-        let arg = (elem as u32) << 8 | op as u32;
+        let arg = ((elem as u32) << 8) | op as u32;
         self.run("all_reduce", OpKind::AllReduce, arg, bytes, &schedule)
     }
 
