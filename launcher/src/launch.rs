@@ -252,7 +252,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     coordinator.shutdown();
 
     let tokens_per_s = match (first_step, last_step) {
-        (Some((s0, t0)), Some((s1, t1))) if s1 > s0 && t1 > t0 => {
+        (Some((s0, t0)), Some((s1, _, t1))) if s1 > s0 && t1 > t0 => {
             Some((s1 - s0) as f64 * spec.tokens_per_step as f64 / (t1 - t0))
         }
         _ => None,

@@ -9,11 +9,11 @@ use tch::{Device, Tensor, nn};
 fn store() -> (nn::VarStore, FlatParams) {
     let vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
-    root.var_copy(
+    let _ = root.var_copy(
         "m",
         &Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.0, 0.25, -0.75]).view([2, 3]),
     );
-    root.var_copy("b", &Tensor::from_slice(&[1.0f32, -2.0, 0.1, 0.0]));
+    let _ = root.var_copy("b", &Tensor::from_slice(&[1.0f32, -2.0, 0.1, 0.0]));
     let flat = FlatParams::new(&vs);
     (vs, flat)
 }

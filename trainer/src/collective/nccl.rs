@@ -304,7 +304,7 @@ fn exchange_id(
     let mut tensor = Tensor::from_slice(&payload);
     bootstrap.broadcast(&mut tensor, 0)?;
     tensor
-        .f_copy_data(&mut payload, payload.len())
+        .f_copy_data(&mut payload, NCCL_ID_BYTES + 1)
         .map_err(|e| CollectiveError::Unsupported { op: "nccl init", reason: e.to_string() })?;
     if payload[0] != 1 {
         return Ok(None);

@@ -36,7 +36,7 @@ where
             return ExitCode::from(EXIT_BAD_START);
         }
     };
-    init_logging(&env);
+    init_logging();
     // Every log line of this process carries role:rank.
     let _span = tracing::info_span!("worker", id = %format!("{}:{}", env.role, env.rank)).entered();
     let mut control = match ControlPlane::connect(&env) {
@@ -145,7 +145,7 @@ pub fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-fn init_logging(env: &WorkerEnv) {
+fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RTRAIN_LOG").unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
