@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use super::{ConfigError, JobConfig};
 
+/// Warm-up length when the config names none (shortened to train.steps for shorter runs).
+const DEFAULT_WARMUP_STEPS: u64 = 10;
+
 /// Where tensors live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -123,9 +126,9 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     if !(min_lr.is_finite() && (0.0..=lr).contains(&min_lr)) {
         return Err(bad("train.min_lr", format!("must be between 0 and train.lr ({lr}), got {min_lr}")));
     }
-    if train.warmup_steps > steps {
-        return Err(bad("train.warmup_steps", format!("must be at most train.steps ({steps}), got {}", train.warmup_steps)));
-    }
+    // A warm-up longer than the run is allowed (a short trial run of a long config); the
+    // schedule then never reaches its decay phase.
+    let warmup_steps = train.warmup_steps.unwrap_or(DEFAULT_WARMUP_STEPS.min(steps));
     for (key, v) in [("train.beta1", train.beta1), ("train.beta2", train.beta2)] {
         if !(0.0..1.0).contains(&v) {
             return Err(bad(key, format!("must be in [0, 1), got {v}")));
@@ -207,7 +210,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         optim: OptimSpec {
             lr,
             min_lr,
-            warmup_steps: train.warmup_steps,
+            warmup_steps,
             weight_decay: train.weight_decay,
             beta1: train.beta1,
             beta2: train.beta2,

@@ -50,7 +50,8 @@ pub struct TrainSection {
     pub lr: f64,
     /// Floor of the cosine schedule; defaults to lr / 10.
     pub min_lr: Option<f64>,
-    pub warmup_steps: u64,
+    /// Linear warm-up length; defaults to 10 steps (or train.steps when shorter).
+    pub warmup_steps: Option<u64>,
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -75,7 +76,7 @@ impl Default for TrainSection {
             grad_accum: 1,
             lr: 3e-4,
             min_lr: None,
-            warmup_steps: 10,
+            warmup_steps: None,
             weight_decay: 0.1,
             beta1: 0.9,
             beta2: 0.95,
