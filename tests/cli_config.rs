@@ -51,7 +51,10 @@ fn bad_configs_fail_with_one_message_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&str, &[&str], &[&str])] = &[
         ("[train]\nwokers = 2", &[], &["job.toml: train", "unknown field `wokers`", "`workers`"]),
-        ("[train]\nworkers = \"two\"", &[], &["train.workers", "invalid type"]),
+        ("[train]\nworkers = \"two\"", &[], &["train.workers", "an integer, or a table like { min = 1, max = 4 }"]),
+        ("[train]\nsteps = \"two\"", &[], &["train.steps", "invalid type"]),
+        ("[train]\nworkers = { min = 3, max = 2 }", &[], &["train.workers.max", "at least train.workers.min (3)"]),
+        ("[checkpoint]\nmode = \"lowest\"", &[], &["checkpoint.mode", "\"min\" or \"max\""]),
         ("[train]\nsteps = 0", &[], &["train.steps", "at least 1"]),
         ("[train]\nlr = -1.0", &[], &["train.lr", "positive"]),
         ("[train]\ndevice = \"gpu\"", &[], &["train.device", "\"cuda\""]),

@@ -51,10 +51,13 @@ fn two_workers_train_and_write_metrics_summary_and_logs() {
     }
     assert!(run_path.join("config.toml").exists());
 
-    // A second launch into the same run refuses to overwrite it; --fresh keeps the old one aside.
-    let again = run(&["launch", cfg.to_str().unwrap(), "--set", "train.steps=1"], LIMIT);
-    assert_eq!(again.status.code(), Some(1));
-    assert!(stderr(&again).contains("--fresh"), "{}", stderr(&again));
+    // The run ends with a checkpoint of its final step, and a second launch of the same run
+    // resumes from it: nothing is left to run. --fresh starts over and keeps the old run aside.
+    assert!(run_path.join("checkpoints/step-000012/MANIFEST.json").exists());
+    let again = run(&["launch", cfg.to_str().unwrap()], LIMIT);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stderr(&again).contains("already complete at step 12"), "{}", stderr(&again));
+    assert_eq!(metrics(&run_path).len(), 12);
     let fresh = run(&["launch", cfg.to_str().unwrap(), "--set", "train.steps=1", "--fresh"], LIMIT);
     assert!(fresh.status.success(), "{}", stderr(&fresh));
     assert_eq!(metrics(&run_path).len(), 1);

@@ -48,7 +48,7 @@ fn killed_worker_stops_the_gang_with_a_root_cause() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = long_job(dir.path(), "killed");
     let run_path = dir.path().join("killed");
-    let guard = spawn(&["launch", cfg.to_str().unwrap()]);
+    let guard = spawn(&["launch", cfg.to_str().unwrap(), "--set", "fault.max_restarts=0"]);
     assert!(wait_until(LIMIT, || metrics(&run_path).len() >= 2), "training never started");
     let workers = processes_with_env(&config_env(&run_path));
     assert_eq!(workers.len(), 2);
@@ -68,6 +68,7 @@ fn killed_worker_stops_the_gang_with_a_root_cause() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("root cause: trainer:1 was killed by signal 9 (SIGKILL)"), "{err}");
     assert!(err.contains("trainer-1.log"), "{err}");
+    assert!(err.contains("no restart left: 0 of fault.max_restarts = 0 used"), "{err}");
     assert!(processes_with_env(&config_env(&run_path)).is_empty(), "orphaned workers");
     let s = summary(&run_path);
     assert_eq!(s["status"], "failed");

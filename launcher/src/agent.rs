@@ -153,6 +153,13 @@ impl Agent {
     }
 
     /// Sends `signal` to every live worker's process group.
+    /// SIGKILLs one worker's process group (a hung worker: SIGTERM would wait for nothing).
+    pub fn kill(&self, rank: usize) {
+        if let Some(pgid) = self.live.get(&rank) {
+            signal_group(*pgid, libc::SIGKILL);
+        }
+    }
+
     pub fn signal_all(&self, signal: i32) {
         for pgid in self.live.values() {
             signal_group(*pgid, signal);
@@ -167,6 +174,8 @@ impl Agent {
             return seen;
         }
         self.signal_all(libc::SIGTERM);
+        // A stopped (SIGSTOP) worker acts on SIGTERM only once continued.
+        self.signal_all(libc::SIGCONT);
         let deadline = tokio::time::Instant::now() + grace;
         while !self.live.is_empty() {
             match tokio::time::timeout_at(deadline, exits.recv()).await {

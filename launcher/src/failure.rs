@@ -26,11 +26,15 @@ pub struct FailureSummary {
     pub failed: Option<RankFailure>,
     /// Other workers and how they ended when rtrain stopped them.
     pub stopped: Vec<String>,
+    /// Causes of the earlier attempts of this launch, oldest first.
+    pub previous_attempts: Vec<String>,
+    /// Why no restart followed, when a restart budget was spent.
+    pub budget: Option<String>,
 }
 
 impl FailureSummary {
     pub fn new(job: &str, attempt: u32, root_cause: String) -> Self {
-        Self { job: job.into(), attempt, root_cause, failed: None, stopped: Vec::new() }
+        Self { job: job.into(), attempt, root_cause, failed: None, stopped: Vec::new(), previous_attempts: Vec::new(), budget: None }
     }
 }
 
@@ -53,6 +57,15 @@ impl fmt::Display for FailureSummary {
         }
         if !self.stopped.is_empty() {
             writeln!(f, "  stopped by rtrain: {}", self.stopped.join(", "))?;
+        }
+        if !self.previous_attempts.is_empty() {
+            writeln!(f, "  earlier attempts:")?;
+            for line in &self.previous_attempts {
+                writeln!(f, "    {line}")?;
+            }
+        }
+        if let Some(budget) = &self.budget {
+            writeln!(f, "  {budget}")?;
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub struct RunProgress {
     bar: ProgressBar,
     total: u64,
     interactive: bool,
+    restarts: std::sync::atomic::AtomicU32,
 }
 
 impl RunProgress {
@@ -28,7 +29,7 @@ impl RunProgress {
         } else {
             bar.set_draw_target(ProgressDrawTarget::hidden());
         }
-        Self { bar, total: total_steps, interactive }
+        Self { bar, total: total_steps, interactive, restarts: Default::default() }
     }
 
     /// Shows the phase the launch is in (scheduling, rendezvous, training, ...).
@@ -36,9 +37,26 @@ impl RunProgress {
         self.bar.set_prefix(phase.to_string());
     }
 
+    /// Shows which attempt is running and how many restarts came before it.
+    pub fn set_attempt(&self, attempt: u32, restarts: u32) {
+        if restarts > 0 {
+            self.println(&format!("attempt {attempt} starting ({restarts} restart{} so far)", if restarts == 1 { "" } else { "s" }));
+        }
+        self.restarts.store(restarts, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Moves the bar to `step` (a resumed run).
+    pub fn set_position(&self, step: u64) {
+        self.bar.set_position(step);
+    }
+
     pub fn on_step(&self, m: &StepMetrics) {
         self.bar.set_position(m.step);
-        let message = format!("loss {:.4} | {} tok/s", m.loss, human(m.tokens_per_s));
+        let restarts = self.restarts.load(std::sync::atomic::Ordering::Relaxed);
+        let mut message = format!("loss {:.4} | {} tok/s", m.loss, human(m.tokens_per_s));
+        if restarts > 0 {
+            message.push_str(&format!(" | attempt {} ({restarts} restarts)", m.id.as_ref().map_or(0, |id| id.attempt)));
+        }
         self.bar.set_message(message.clone());
         let every = (self.total / 10).max(1);
         if !self.interactive && (m.step % every == 0 || m.step == self.total) {

@@ -12,8 +12,8 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {
     #[error(
-        "{} already holds a run (metrics.jsonl); pass --fresh to start over (the old run is kept \
-         beside it as {}), or choose another job.name", path.display(), moved_to.display()
+        "{} already holds a run without checkpoints to resume from; pass --fresh to start over \
+         (the old run is kept beside it as {}), or choose another job.name", path.display(), moved_to.display()
     )]
     Exists { path: PathBuf, moved_to: PathBuf },
     #[error("{}: {source}", path.display())]
@@ -31,10 +31,15 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates the run directory and writes the effective config. An earlier run there is
-    /// refused, or with `fresh` moved aside (never deleted).
-    pub fn create(path: &Path, config: &JobConfig, fresh: bool) -> Result<Self, RunDirError> {
-        if path.join("metrics.jsonl").exists() {
+    /// Opens the run directory and writes the effective config. An earlier run there with
+    /// checkpoints is continued (metrics are appended); one without is refused. With `fresh`
+    /// an earlier run is moved aside (never deleted) and this one starts over.
+    pub fn open(path: &Path, config: &JobConfig, fresh: bool) -> Result<Self, RunDirError> {
+        let has_checkpoints = !rtrain_trainer::checkpoint::list(path)
+            .map_err(|e| RunDirError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?
+            .is_empty();
+        let continuing = has_checkpoints && !fresh;
+        if !continuing && (path.join("metrics.jsonl").exists() || has_checkpoints) {
             let stamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -54,8 +59,20 @@ impl RunDir {
         })?;
         std::fs::write(&config_path, text).map_err(io(&config_path))?;
         let metrics_path = path.join("metrics.jsonl");
-        let metrics = BufWriter::new(File::create(&metrics_path).map_err(io(&metrics_path))?);
-        Ok(Self { path: path.to_path_buf(), metrics })
+        let metrics = File::options().create(true).append(true).open(&metrics_path).map_err(io(&metrics_path))?;
+        Ok(Self { path: path.to_path_buf(), metrics: BufWriter::new(metrics) })
+    }
+
+    /// The number the next attempt gets: attempts continue across launches of the same run, so
+    /// earlier attempts' logs are kept.
+    pub fn next_attempt(&self) -> u32 {
+        let Ok(entries) = std::fs::read_dir(self.path.join("logs")) else { return 0 };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("attempt-")?.parse::<u32>().ok())
+            .map(|n| n + 1)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The effective config the workers read.
@@ -71,7 +88,7 @@ impl RunDir {
     }
 
     /// Appends one step to metrics.jsonl; flushed so a crash loses nothing already reported.
-    pub fn record_step(&mut self, m: &StepMetrics, attempt: u32) -> Result<(), RunDirError> {
+    pub fn record_step(&mut self, m: &StepMetrics, attempt: u32, restarts: u32) -> Result<(), RunDirError> {
         let line = MetricsLine {
             step: m.step,
             loss: m.loss,
@@ -81,6 +98,8 @@ impl RunDir {
             grad_norm: m.grad_norm,
             step_time_s: m.step_time_s,
             attempt,
+            restarts,
+            checkpoint_stall_s: m.checkpoint_stall_s,
         };
         let path = self.path.join("metrics.jsonl");
         let text = serde_json::to_string(&line).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
@@ -107,4 +126,9 @@ struct MetricsLine {
     grad_norm: f64,
     step_time_s: f64,
     attempt: u32,
+    /// Restarts of this launch so far.
+    restarts: u32,
+    /// Set on steps that saved a checkpoint: the step loop's stall for the save, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint_stall_s: Option<f64>,
 }

@@ -82,9 +82,34 @@ pub fn place_gang(request: GangRequest, node: NodeResources) -> Result<Vec<RankP
         .collect())
 }
 
+/// The gang size to start with: `max` workers if they fit on `node`, else as many as fit, but
+/// never fewer than `min` (then the error says what `min` workers would need).
+pub fn elastic_size(min: usize, max: usize, cpus_per_worker: usize, gpus_per_worker: usize, node: NodeResources) -> Result<usize, ScheduleError> {
+    let by_cpus = node.cpus / cpus_per_worker.max(1);
+    let by_gpus = if gpus_per_worker == 0 { usize::MAX } else { node.gpus / gpus_per_worker };
+    let fits = by_cpus.min(by_gpus).min(max);
+    if fits >= min {
+        return Ok(fits);
+    }
+    // Not even `min` fit: let place_gang name the missing resource.
+    place_gang(GangRequest { workers: min, cpus_per_worker, gpus_per_worker }, node).map(|p| p.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn elastic_gangs_take_what_fits_within_bounds() {
+        let node = |cpus, gpus| NodeResources { cpus, gpus };
+        assert_eq!(elastic_size(1, 4, 1, 0, node(8, 0)), Ok(4));
+        assert_eq!(elastic_size(1, 4, 1, 0, node(3, 0)), Ok(3));
+        assert_eq!(elastic_size(1, 4, 2, 0, node(3, 0)), Ok(1));
+        assert_eq!(elastic_size(2, 8, 1, 1, node(16, 3)), Ok(3));
+        let e = elastic_size(2, 4, 1, 0, node(1, 0)).unwrap_err();
+        assert_eq!(e, ScheduleError::NotEnoughCpus { needed: 2, available: 1, workers: 2, per_worker: 1 });
+        assert_eq!(elastic_size(4, 4, 1, 0, node(8, 0)), Ok(4));
+    }
 
     fn req(workers: usize, cpus: usize, gpus: usize) -> GangRequest {
         GangRequest { workers, cpus_per_worker: cpus, gpus_per_worker: gpus }

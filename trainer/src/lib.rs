@@ -1,6 +1,7 @@
 //! The worker side of rtrain: the job config, the control-plane client, collectives, the DDP
 //! engine, models and the [`TrainLoop`] trait that built-in and custom training loops implement.
 
+pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod data;
@@ -12,4 +13,4 @@ pub mod proto;
 pub mod runtime;
 pub mod train_loop;
 
-pub use train_loop::{StepOutput, TrainContext, TrainError, TrainLoop};
+pub use train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};

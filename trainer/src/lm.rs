@@ -1,16 +1,18 @@
 //! The built-in trainer: a GPT-style byte-level language model trained with DDP, AdamW,
 //! warm-up + cosine LR and global gradient clipping. It is a [`TrainLoop`] like any user's.
 
+use std::collections::HashMap;
+
 use tch::nn::VarStore;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::collective::ReduceOp;
 use crate::config::{DataSpec, JobSpec};
 use crate::data::{BatchPlan, ByteCorpus};
 use crate::ddp::Ddp;
 use crate::model::{Gpt, GptConfig};
-use crate::optim::{AdamW, AdamWConfig, LrSchedule};
-use crate::train_loop::{StepOutput, TrainContext, TrainError, TrainLoop};
+use crate::optim::{AdamW, AdamWConfig, FlatEntry, LrSchedule};
+use crate::train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
 
 pub struct LmTrainer {
     // Owns the variables the model and the flat buffers view.
@@ -62,17 +64,25 @@ fn load_corpus(spec: &JobSpec) -> Result<ByteCorpus, TrainError> {
 impl TrainLoop for LmTrainer {
     fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError> {
         let spec = &ctx.spec;
-        let (micro, accum) = (spec.micro_batch, spec.grad_accum);
+        let (micro, accum, global) = (spec.micro_batch, spec.grad_accum, spec.global_batch);
+        let world = ctx.world_size;
         let lr = self.schedule.lr_at(step);
         let mut loss_sum = 0.0;
         for m in 0..accum {
-            // Micro-batch m of rank r holds global samples [(m·W + r)·micro, +micro): any
-            // (workers, grad_accum) split with the same global batch sees the same samples.
-            let start = (m * ctx.world_size + ctx.rank) * micro;
-            let (inputs, targets) = self.plan.micro_batch(&self.corpus, step, start..start + micro);
+            // Micro-batch m of rank r holds global samples [(m·W + r)·micro, +micro), cut at the
+            // global batch: any (workers, grad_accum) split of the same global batch sees the
+            // same samples. Each micro-batch's mean loss is weighted by its share of the global
+            // batch (times W, undone by the averaging all-reduce), so uneven splits are exact.
+            let start = ((m * world + ctx.rank) * micro).min(global);
+            let end = (start + micro).min(global);
+            if start == end {
+                continue;
+            }
+            let weight = ((end - start) * world) as f64 / global as f64;
+            let (inputs, targets) = self.plan.micro_batch(&self.corpus, step, start..end);
             let loss = self.model.loss(&inputs.to_device(ctx.device), &targets.to_device(ctx.device));
-            (&loss / accum as f64).f_backward()?;
-            loss_sum += loss.f_double_value(&[])?;
+            (&loss * weight).f_backward()?;
+            loss_sum += loss.f_double_value(&[])? * weight;
         }
         self.ddp.sync_grads(ctx.collective.as_mut())?;
         let params = self.ddp.params_mut();
@@ -84,7 +94,7 @@ impl TrainLoop for LmTrainer {
         self.optimizer.step(params, lr);
         params.zero_grads();
 
-        let mut loss = Tensor::from_slice(&[loss_sum / accum as f64]).to_kind(Kind::Float).to_device(ctx.device);
+        let mut loss = Tensor::from_slice(&[loss_sum]).to_kind(Kind::Float).to_device(ctx.device);
         ctx.collective.all_reduce(&mut loss, ReduceOp::Avg)?;
         Ok(StepOutput {
             loss: loss.f_double_value(&[0])?,
@@ -92,5 +102,69 @@ impl TrainLoop for LmTrainer {
             tokens: spec.tokens_per_step,
             grad_norm: Some(grad_norm),
         })
+    }
+
+    /// Parameters under their Hugging Face GPT-2 names; AdamW moments as `exp_avg.<name>` and
+    /// `exp_avg_sq.<name>`. One copy of each flat buffer, then views of the copies.
+    fn state(&self) -> Result<Option<LoopState>, TrainError> {
+        let flat = self.ddp.params();
+        let snapshot = |buf: &Tensor| -> Result<Tensor, TrainError> { Ok(buf.f_to_device(Device::Cpu)?.f_detach_copy()?) };
+        let (params, exp_avg, exp_avg_sq) =
+            (snapshot(flat.params())?, snapshot(self.optimizer.exp_avg())?, snapshot(self.optimizer.exp_avg_sq())?);
+        let mut state = LoopState { extra: serde_json::json!({ "optimizer_step": self.optimizer.step_count() }), ..Default::default() };
+        for entry in flat.entries() {
+            state.model.push((entry.name.clone(), flat.view(&params, entry)));
+            state.optimizer.push((format!("exp_avg.{}", entry.name), flat.view(&exp_avg, entry)));
+            state.optimizer.push((format!("exp_avg_sq.{}", entry.name), flat.view(&exp_avg_sq, entry)));
+        }
+        Ok(Some(state))
+    }
+
+    fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
+        let flat = self.ddp.params();
+        let model: HashMap<String, Tensor> = state.model.into_iter().collect();
+        let optimizer: HashMap<String, Tensor> = state.optimizer.into_iter().collect();
+        check_names("model.safetensors", flat.entries(), &model, "")?;
+        check_names("optimizer.safetensors", flat.entries(), &optimizer, "exp_avg.")?;
+        check_names("optimizer.safetensors", flat.entries(), &optimizer, "exp_avg_sq.")?;
+        let device = flat.params().device();
+        let flatten = |map: &HashMap<String, Tensor>, prefix: &str| -> Result<Tensor, TrainError> {
+            let parts: Vec<Tensor> = flat.entries().iter().map(|e| map[&format!("{prefix}{}", e.name)].reshape([-1])).collect();
+            Ok(Tensor::f_cat(&parts, 0)?.f_to_kind(Kind::Float)?.f_to_device(device)?)
+        };
+        let (params, exp_avg, exp_avg_sq) = (flatten(&model, "")?, flatten(&optimizer, "exp_avg.")?, flatten(&optimizer, "exp_avg_sq.")?);
+        let mut target = flat.params().shallow_clone();
+        tch::no_grad(|| target.f_copy_(&params))?;
+        let optimizer_step = state.extra.get("optimizer_step").and_then(|v| v.as_u64()).ok_or_else(|| {
+            TrainError::other("trainer_state.json: extra.optimizer_step is missing (not a checkpoint of the built-in trainer)")
+        })?;
+        self.optimizer.restore(optimizer_step, &exp_avg, &exp_avg_sq);
+        Ok(())
+    }
+}
+
+/// Refuses a checkpoint whose tensors are not exactly the model's: names every missing,
+/// unexpected or differently shaped tensor.
+fn check_names(file: &str, entries: &[FlatEntry], tensors: &HashMap<String, Tensor>, prefix: &str) -> Result<(), TrainError> {
+    let mut problems = Vec::new();
+    for e in entries {
+        let name = format!("{prefix}{}", e.name);
+        match tensors.get(&name) {
+            None => problems.push(format!("missing {name}")),
+            Some(t) if t.size() != e.shape => problems.push(format!("{name} has shape {:?}, the model {:?}", t.size(), e.shape)),
+            Some(_) => {}
+        }
+    }
+    let known: std::collections::HashSet<String> = entries.iter().map(|e| format!("{prefix}{}", e.name)).collect();
+    if prefix.is_empty() {
+        let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !known.contains(*k)).collect();
+        unexpected.sort();
+        problems.extend(unexpected.into_iter().map(|k| format!("unexpected {k}")));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        problems.sort();
+        Err(TrainError::other(format!("the checkpoint's {file} does not match the model: {}", problems.join("; "))))
     }
 }

@@ -1,7 +1,7 @@
 //! The library surface for training loops: the runtime owns processes, rendezvous, the
 //! collective, the step counter and metrics; a [`TrainLoop`] owns the model and one step.
 
-use tch::Device;
+use tch::{Device, Tensor};
 
 use crate::collective::{Collective, CollectiveError};
 use crate::config::JobSpec;
@@ -53,9 +53,38 @@ impl TrainError {
     }
 }
 
+/// What a training loop checkpoints: named tensors (detached copies on the CPU, so the step loop
+/// may go on while they are written) and any state of its own as JSON.
+#[derive(Debug, Default)]
+pub struct LoopState {
+    /// Model parameters, under the names the model's weights use (Hugging Face names where an
+    /// architecture has them); saved as `model.safetensors`.
+    pub model: Vec<(String, Tensor)>,
+    /// Optimizer state; saved as `optimizer.safetensors`.
+    pub optimizer: Vec<(String, Tensor)>,
+    pub extra: serde_json::Value,
+}
+
 /// A data-parallel training loop. Every rank runs one instance; `step` is called for
-/// `step = 0 .. spec.steps` and must take part in the same collectives on every rank.
+/// `step = first .. spec.steps` (`first` is 0, or the step a checkpoint was taken at) and must
+/// take part in the same collectives on every rank.
+///
+/// The data a step uses should depend only on the step number (and the seed), as the built-in
+/// trainer's does: that makes a resumed run, even with a different number of ranks, see the
+/// same batches as an uninterrupted one.
 pub trait TrainLoop {
     /// Runs one optimizer step (including gradient accumulation and synchronisation).
     fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError>;
+
+    /// The state to checkpoint, or `None` if this loop does not checkpoint (the default).
+    /// Called on rank 0 between steps; the time it takes is the step loop's stall per save.
+    fn state(&self) -> Result<Option<LoopState>, TrainError> {
+        Ok(None)
+    }
+
+    /// Restores a state returned by [`TrainLoop::state`] (on every rank, before the first step).
+    fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
+        let _ = state;
+        Err(TrainError::other("this training loop cannot resume from a checkpoint (it does not implement TrainLoop::restore)"))
+    }
 }

@@ -127,19 +127,4 @@ mod tests {
         }
         assert!(memcpy_bandwidth_gbps(1 << 20) > 0.0);
     }
-
-    /// The figures quoted in the design targets: `cargo test -p rtrain-trainer --release
-    /// collective::bench -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "measurement, not a check"]
-    fn measure_64_mib_two_ranks() {
-        let size = 64 << 20;
-        let results = allreduce_bench(2, &[size], 10).unwrap();
-        let memcpy = memcpy_bandwidth_gbps(size);
-        for r in &results {
-            println!("{}", serde_json::to_string(r).unwrap());
-            println!("busbw / memcpy = {:.1}%", 100.0 * r.busbw_gbps / memcpy);
-        }
-        println!("memcpy {memcpy:.2} GB/s");
-    }
 }

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 
 pub use error::ConfigError;
 pub use overrides::apply_override;
-pub use resolve::{BackendKind, DataSpec, DeviceKind, JobSpec, ModelSpec, OptimSpec, resolve};
-pub use schema::{DataSection, JobConfig, JobSection, ModelSection, RendezvousSection, TrainSection};
+pub use resolve::{BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, resolve};
+pub use schema::{
+    CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, ModelSection, RendezvousSection, TrainSection, Workers,
+};
 
 /// A config file read, overridden, typed and resolved.
 #[derive(Debug, Clone)]
@@ -83,7 +85,9 @@ mod tests {
         let e = load_str("[train]\nwokers = 2", &[]).unwrap_err().to_string();
         assert!(e.contains("job.toml: train") && e.contains("`wokers`") && e.contains("`workers`"), "{e}");
         let e = load_str("[train]\nworkers = \"two\"", &[]).unwrap_err().to_string();
-        assert!(e.contains("train.workers") && e.contains("invalid type"), "{e}");
+        assert!(e.contains("train.workers") && e.contains("an integer, or a table"), "{e}");
+        let e = load_str("[train]\nsteps = \"two\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.steps") && e.contains("invalid type"), "{e}");
         let e = load_str("[train]\nworkers = 0", &[]).unwrap_err().to_string();
         assert!(e.contains("train.workers: must be at least 1"), "{e}");
         let e = load_str("[train]\ndevice = \"tpu\"", &[]).unwrap_err().to_string();

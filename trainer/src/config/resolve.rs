@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{ConfigError, JobConfig};
+use super::{ConfigError, JobConfig, Workers};
+use crate::checkpoint::MetricOrder;
 
 /// Warm-up length when the config names none (shortened to train.steps for shorter runs).
 const DEFAULT_WARMUP_STEPS: u64 = 10;
@@ -49,7 +50,7 @@ pub struct OptimSpec {
     pub grad_clip: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelSpec {
     pub n_layer: i64,
     pub n_head: i64,
@@ -67,11 +68,16 @@ pub struct JobSpec {
     pub seed: u64,
     /// The worker command; `None` runs the built-in worker.
     pub entrypoint: Option<Vec<String>>,
+    /// Gang size: the fixed size, or the largest of an elastic gang.
     pub workers: usize,
+    /// Smallest gang an elastic job runs with (equal to `workers` for a fixed gang).
+    pub min_workers: usize,
     pub steps: u64,
     pub micro_batch: usize,
+    /// Micro-batches per optimizer step on each rank (recomputed by [`JobSpec::with_world`]).
     pub grad_accum: usize,
-    /// Sequences per optimizer step over all workers: workers × micro_batch × grad_accum.
+    /// Sequences per optimizer step over all workers: workers × micro_batch × grad_accum, kept
+    /// whatever the size of the gang that runs it.
     pub global_batch: usize,
     /// Tokens per optimizer step over all workers: global_batch × n_ctx.
     pub tokens_per_step: usize,
@@ -85,7 +91,56 @@ pub struct JobSpec {
     pub data: DataSpec,
     pub rendezvous_timeout: Duration,
     pub heartbeat_interval: Duration,
+    pub checkpoint: CheckpointSpec,
+    pub fault: FaultSpec,
     pub user: toml::Table,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckpointSpec {
+    /// Steps between saves; 0 saves only the final step.
+    pub every: u64,
+    pub keep_last: usize,
+    pub keep_best: usize,
+    pub order: MetricOrder,
+    pub async_save: bool,
+}
+
+impl CheckpointSpec {
+    /// Whether the state after `completed` optimizer steps is saved.
+    pub fn due(&self, completed: u64, total: u64) -> bool {
+        completed == total || (self.every > 0 && completed % self.every == 0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FaultSpec {
+    pub max_restarts: u32,
+    pub max_user_restarts: u32,
+    pub heartbeat_timeout: Duration,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl FaultSpec {
+    /// Delay before restart number `restart` (1-based): backoff × 2^(restart - 1), capped.
+    pub fn backoff_before(&self, restart: u32) -> Duration {
+        let factor = 2f64.powi(restart.saturating_sub(1).min(30) as i32);
+        self.backoff.mul_f64(factor).min(self.max_backoff)
+    }
+}
+
+impl JobSpec {
+    /// The job as a gang of `world_size` ranks runs it: the global batch kept, gradient
+    /// accumulation recomputed (rounded up; the last micro-batches of some ranks then hold
+    /// fewer samples, and the loss is weighted by sample count, so the step is the same).
+    pub fn with_world(mut self, world_size: usize, global_batch: usize) -> Self {
+        let per_pass = world_size.max(1) * self.micro_batch;
+        self.grad_accum = global_batch.div_ceil(per_pass);
+        self.global_batch = global_batch;
+        self.tokens_per_step = global_batch * self.model.n_ctx as usize;
+        self
+    }
 }
 
 /// Checks `cfg` (read from `path`) and derives the job's numbers.
@@ -117,7 +172,20 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         return Err(bad("job.entrypoint", "the program name is empty".into()));
     }
 
-    let workers = positive("train.workers", train.workers)? as usize;
+    let (min_workers, workers) = match train.workers {
+        Workers::Fixed(n) => {
+            let n = positive("train.workers", n)? as usize;
+            (n, n)
+        }
+        Workers::Elastic { min, max } => {
+            let min = positive("train.workers.min", min)? as usize;
+            let max = positive("train.workers.max", max)? as usize;
+            if max < min {
+                return Err(bad("train.workers.max", format!("must be at least train.workers.min ({min}), got {max}")));
+            }
+            (min, max)
+        }
+    };
     let steps = positive("train.steps", train.steps)?;
     let micro_batch = positive("train.micro_batch", train.micro_batch)? as usize;
     let grad_accum = positive("train.grad_accum", train.grad_accum)? as usize;
@@ -195,6 +263,41 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     let rendezvous_timeout = Duration::from_secs_f64(positive_f("rendezvous.timeout_s", rendezvous.timeout_s)?);
     let heartbeat_interval = Duration::from_secs_f64(positive_f("rendezvous.heartbeat_s", rendezvous.heartbeat_s)?);
 
+    let ck = &cfg.checkpoint;
+    if ck.metric != "loss" {
+        return Err(bad("checkpoint.metric", format!("`{}` is not a metric; use \"loss\"", ck.metric)));
+    }
+    let order = match ck.mode.as_str() {
+        "min" => MetricOrder::Min,
+        "max" => MetricOrder::Max,
+        other => return Err(bad("checkpoint.mode", format!("`{other}` is not an order; use \"min\" or \"max\""))),
+    };
+    let checkpoint = CheckpointSpec {
+        every: ck.every,
+        keep_last: positive("checkpoint.keep_last", ck.keep_last)? as usize,
+        keep_best: ck.keep_best as usize,
+        order,
+        async_save: ck.async_save,
+    };
+    let f = &cfg.fault;
+    let backoff_s = f.backoff_s;
+    if !(backoff_s.is_finite() && backoff_s >= 0.0) {
+        return Err(bad("fault.backoff_s", format!("must be zero or positive, got {backoff_s}")));
+    }
+    let fault = FaultSpec {
+        max_restarts: f.max_restarts.min(u32::MAX as u64) as u32,
+        max_user_restarts: f.max_user_restarts.min(u32::MAX as u64) as u32,
+        heartbeat_timeout: Duration::from_secs_f64(positive_f("fault.heartbeat_timeout_s", f.heartbeat_timeout_s)?),
+        backoff: Duration::from_secs_f64(backoff_s),
+        max_backoff: Duration::from_secs_f64(positive_f("fault.max_backoff_s", f.max_backoff_s)?),
+    };
+    if fault.heartbeat_timeout <= heartbeat_interval {
+        return Err(bad(
+            "fault.heartbeat_timeout_s",
+            format!("must be longer than rendezvous.heartbeat_s ({}), got {}", rendezvous.heartbeat_s, f.heartbeat_timeout_s),
+        ));
+    }
+
     let global_batch = workers * micro_batch * grad_accum;
     Ok(JobSpec {
         name: job.name.clone(),
@@ -202,6 +305,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         seed: job.seed,
         entrypoint,
         workers,
+        min_workers,
         steps,
         micro_batch,
         grad_accum,
@@ -231,6 +335,8 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         data: data_spec,
         rendezvous_timeout,
         heartbeat_interval,
+        checkpoint,
+        fault,
         user: cfg.user.clone(),
     })
 }

@@ -17,6 +17,10 @@ pub struct JobConfig {
     pub data: DataSection,
     #[serde(default)]
     pub rendezvous: RendezvousSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub fault: FaultSection,
     /// Free-form settings handed to custom training loops (like Ray Train's `train_loop_config`).
     #[serde(default)]
     pub user: toml::Table,
@@ -43,7 +47,8 @@ impl Default for JobSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
-    pub workers: u64,
+    /// A fixed gang size, or `{ min = 1, max = 4 }` for an elastic one.
+    pub workers: Workers,
     pub steps: u64,
     pub micro_batch: u64,
     pub grad_accum: u64,
@@ -70,7 +75,7 @@ pub struct TrainSection {
 impl Default for TrainSection {
     fn default() -> Self {
         Self {
-            workers: 1,
+            workers: Workers::Fixed(1),
             steps: 100,
             micro_batch: 16,
             grad_accum: 1,
@@ -135,5 +140,62 @@ pub struct RendezvousSection {
 impl Default for RendezvousSection {
     fn default() -> Self {
         Self { timeout_s: 60.0, heartbeat_s: 1.0 }
+    }
+}
+
+/// `train.workers`: `4`, or `{ min = 1, max = 4 }`. An elastic gang starts with as many workers
+/// as can be placed (at least `min`) and keeps the global batch of `max` workers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged, expecting = "an integer, or a table like { min = 1, max = 4 }")]
+pub enum Workers {
+    Fixed(u64),
+    Elastic { min: u64, max: u64 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Save every this many optimizer steps; 0 saves only the final step.
+    pub every: u64,
+    /// Newest checkpoints kept.
+    pub keep_last: u64,
+    /// Best checkpoints kept by `metric`, besides the newest ones.
+    pub keep_best: u64,
+    /// What `keep_best` ranks by: the step's `loss`.
+    pub metric: String,
+    /// `min` or `max`: which end of `metric` is best.
+    pub mode: String,
+    /// Copy the tensors in memory and write in the background (the step loop stalls only for
+    /// the copy); `false` writes before the next step.
+    #[serde(rename = "async")]
+    pub async_save: bool,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self { every: 100, keep_last: 3, keep_best: 0, metric: "loss".into(), mode: "min".into(), async_save: true }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultSection {
+    /// Restarts allowed after infrastructure failures: a worker killed by a signal, a hung
+    /// worker, a lost peer.
+    pub max_restarts: u64,
+    /// Restarts allowed after failures of the training code itself: an error or a panic, a
+    /// non-zero exit.
+    pub max_user_restarts: u64,
+    /// A worker that sends no heartbeat for this many seconds is declared hung and restarted.
+    pub heartbeat_timeout_s: f64,
+    /// Delay before the first restart; doubled for each further one.
+    pub backoff_s: f64,
+    /// Longest delay between restarts.
+    pub max_backoff_s: f64,
+}
+
+impl Default for FaultSection {
+    fn default() -> Self {
+        Self { max_restarts: 3, max_user_restarts: 0, heartbeat_timeout_s: 30.0, backoff_s: 0.25, max_backoff_s: 30.0 }
     }
 }

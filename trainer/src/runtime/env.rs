@@ -10,6 +10,12 @@ pub mod vars {
     pub const ATTEMPT: &str = "RTRAIN_ATTEMPT";
     /// The effective config of the run (`<run>/config.toml`).
     pub const CONFIG: &str = "RTRAIN_CONFIG";
+    /// The run directory (checkpoints are written under it).
+    pub const RUN_DIR: &str = "RTRAIN_RUN_DIR";
+    /// Sequences per optimizer step to keep, whatever the gang size of this attempt.
+    pub const GLOBAL_BATCH: &str = "RTRAIN_GLOBAL_BATCH";
+    /// A verified checkpoint directory to resume from; unset for a fresh start.
+    pub const RESUME_FROM: &str = "RTRAIN_RESUME_FROM";
 }
 
 /// Why a process is not a correctly started rtrain worker.
@@ -31,6 +37,9 @@ pub struct WorkerEnv {
     pub coordinator: String,
     pub token: String,
     pub config: PathBuf,
+    pub run_dir: Option<PathBuf>,
+    pub global_batch: Option<usize>,
+    pub resume_from: Option<PathBuf>,
 }
 
 impl WorkerEnv {
@@ -61,6 +70,12 @@ impl WorkerEnv {
             coordinator: text(vars::COORDINATOR)?,
             token: text(vars::JOB_TOKEN)?,
             config: PathBuf::from(text(vars::CONFIG)?),
+            run_dir: get(vars::RUN_DIR).map(PathBuf::from),
+            global_batch: match get(vars::GLOBAL_BATCH) {
+                Some(_) => Some(number(vars::GLOBAL_BATCH)? as usize),
+                None => None,
+            },
+            resume_from: get(vars::RESUME_FROM).filter(|p| !p.is_empty()).map(PathBuf::from),
         };
         if env.rank >= env.world_size {
             return Err(EnvError { var: "RANK", message: format!("{} is not below WORLD_SIZE {}", env.rank, env.world_size) });

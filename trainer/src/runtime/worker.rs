@@ -3,17 +3,20 @@
 //! coordinator as a structured error before the process exits non-zero.
 
 use std::panic::AssertUnwindSafe;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tch::Device;
 
+use crate::checkpoint::{self, Snapshot, TrainerState};
 use crate::collective::{Collective, NcclCollective, TcpCollective};
-use crate::config::{self, BackendKind, DeviceKind};
+use crate::config::{self, BackendKind, DeviceKind, ModelSpec};
 use crate::proto::StepMetrics;
-use crate::train_loop::{TrainContext, TrainError, TrainLoop};
+use crate::train_loop::{LoopState, TrainContext, TrainError, TrainLoop};
 
+use super::checkpointer::Checkpointer;
 use super::{ControlPlane, WorkerEnv};
 
 /// Exit code of a worker whose training loop failed.
@@ -54,12 +57,12 @@ where
         tracing::error!(panic = %info, "worker panicked");
     }));
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| train(&env, &mut control, build)));
-    let (message, backtrace) = match outcome {
+    let (message, backtrace, collective) = match outcome {
         Ok(Ok(())) => {
             control.finish();
             return ExitCode::SUCCESS;
         }
-        Ok(Err(e)) => (e.to_string(), String::new()),
+        Ok(Err(e)) => (e.to_string(), String::new(), matches!(e, TrainError::Collective(_))),
         Err(payload) => {
             let text = payload
                 .downcast_ref::<String>()
@@ -67,11 +70,11 @@ where
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "panic with a non-text payload".into());
             let trace = PANIC_BACKTRACE.lock().ok().and_then(|mut s| s.take()).unwrap_or_default();
-            (format!("panic: {text}"), trace)
+            (format!("panic: {text}"), trace, false)
         }
     };
     tracing::error!(error = %message, "training failed");
-    control.report_failure(&message, &backtrace);
+    control.report_failure(&message, &backtrace, collective);
     ExitCode::from(EXIT_TRAIN_FAILED)
 }
 
@@ -82,14 +85,17 @@ where
 {
     let loaded = config::load(&env.config, &[]).map_err(|e| TrainError::other(e.to_string()))?;
     let spec = loaded.spec;
-    if env.world_size != spec.workers {
+    if !(spec.min_workers..=spec.workers).contains(&env.world_size) {
         return Err(TrainError::other(format!(
-            "WORLD_SIZE {} differs from train.workers {} in {}",
+            "WORLD_SIZE {} is outside train.workers ({}..={}) in {}",
             env.world_size,
+            spec.min_workers,
             spec.workers,
             env.config.display()
         )));
     }
+    let global_batch = env.global_batch.unwrap_or(spec.global_batch);
+    let spec = spec.with_world(env.world_size, global_batch);
     let threads = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     tch::set_num_threads(threads);
     tch::manual_seed(spec.seed as i64);
@@ -107,7 +113,14 @@ where
         }
         _ => (Device::Cpu, Box::new(bootstrap)),
     };
-    tracing::info!(rank = env.rank, world_size = env.world_size, attempt = env.attempt, backend = spec.backend.name(), "joined the gang");
+    tracing::info!(
+        rank = env.rank,
+        world_size = env.world_size,
+        grad_accum = spec.grad_accum,
+        attempt = env.attempt,
+        backend = spec.backend.name(),
+        "joined the gang"
+    );
 
     let steps = spec.steps;
     let mut ctx = TrainContext {
@@ -120,24 +133,93 @@ where
         collective,
     };
     let mut train_loop = build(&mut ctx)?;
-    for step in 0..steps {
+    let first = match &env.resume_from {
+        Some(path) => resume(path, &mut train_loop, &ctx)?,
+        None => 0,
+    };
+    let config_text = std::fs::read_to_string(&env.config).map_err(|e| TrainError::other(format!("{}: {e}", env.config.display())))?;
+    let config_digest = checkpoint::sha256_hex(config_text.as_bytes());
+    let run_dir = env.run_dir.clone().unwrap_or_else(|| ctx.spec.run_path.clone());
+    let mut checkpointer = (env.rank == 0).then(|| Checkpointer::new(&run_dir, config_text, ctx.spec.checkpoint));
+
+    for step in first..steps {
         let started = Instant::now();
         let out = train_loop.step(&mut ctx, step)?;
         let step_time = started.elapsed().as_secs_f64();
+        let completed = step + 1;
+        let mut stall = None;
+        if let Some(ck) = checkpointer.as_mut().filter(|_| ctx.spec.checkpoint.due(completed, steps)) {
+            let saving = Instant::now();
+            if let Some(state) = train_loop.state()? {
+                let spec = &ctx.spec;
+                let trainer_state = TrainerState {
+                    step: completed,
+                    world_size: ctx.world_size,
+                    global_batch: spec.global_batch,
+                    grad_accum: spec.grad_accum,
+                    micro_batch: spec.micro_batch,
+                    seed: spec.seed,
+                    data_cursor: completed,
+                    lr: out.lr,
+                    metric: Some(out.loss),
+                    config_digest: config_digest.clone(),
+                    model: model_keys(&spec.model),
+                    extra: state.extra,
+                };
+                ck.save(Snapshot { model: state.model, optimizer: state.optimizer, state: trainer_state })
+                    .map_err(|e| TrainError::other(format!("checkpoint: {e}")))?;
+                stall = Some(saving.elapsed().as_secs_f64());
+            }
+        }
         control.step_done(StepMetrics {
             id: None,
-            step: step + 1,
+            step: completed,
             loss: out.loss,
             lr: out.lr,
             tokens_per_s: out.tokens as f64 / step_time.max(1e-9),
             time: unix_now(),
             grad_norm: out.grad_norm.unwrap_or(f64::NAN),
             step_time_s: step_time,
+            attempt: env.attempt,
+            checkpoint_stall_s: stall,
         });
+    }
+    if let Some(ck) = checkpointer.as_mut() {
+        ck.finish().map_err(|e| TrainError::other(format!("final checkpoint: {e}")))?;
     }
     // Every rank leaves together, so no peer sees a closed socket mid-collective.
     ctx.collective.barrier()?;
     Ok(())
+}
+
+/// Loads a verified checkpoint into `train_loop`; returns the step to continue from.
+fn resume<L: TrainLoop>(path: &Path, train_loop: &mut L, ctx: &TrainContext) -> Result<u64, TrainError> {
+    let snapshot = checkpoint::read(path).map_err(|e| TrainError::other(format!("resume: {e}")))?;
+    let want = model_keys(&ctx.spec.model);
+    let mismatched: Vec<String> = want
+        .iter()
+        .filter(|(k, v)| snapshot.state.model.get(*k) != Some(*v))
+        .map(|(k, v)| format!("model.{k} = {v} (checkpoint: {})", snapshot.state.model.get(k).map_or("missing".into(), |c| c.to_string())))
+        .collect();
+    if !mismatched.is_empty() {
+        return Err(TrainError::other(format!(
+            "{} was saved with a different model architecture: {}",
+            path.display(),
+            mismatched.join(", ")
+        )));
+    }
+    let step = snapshot.state.step;
+    train_loop.restore(LoopState { model: snapshot.model, optimizer: snapshot.optimizer, extra: snapshot.state.extra })?;
+    tracing::info!(checkpoint = %path.display(), step, "resumed");
+    Ok(step)
+}
+
+/// The model architecture keyed like the `[model]` config section.
+pub fn model_keys(model: &ModelSpec) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(model) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    }
 }
 
 /// Seconds since the Unix epoch, as a float.
