@@ -11,6 +11,7 @@ use rtrain_trainer::runtime::{WorkerEnv, run_worker};
 use rtrain_trainer::train_loop::{TrainContext, TrainError, TrainLoop};
 
 use crate::bench::{self, BenchCommand};
+use crate::ckpt::{self, CkptCommand};
 use crate::launch::{LaunchOptions, Outcome, WorkerProgram, launch};
 
 /// Exit code for a config or usage error.
@@ -34,6 +35,9 @@ enum Command {
     /// Measure a part of the system against its ceiling.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// List, inspect or verify the checkpoints of a run.
+    #[command(subcommand)]
+    Ckpt(CkptCommand),
     /// Run as a built-in worker (started by `rtrain launch`, not by hand).
     #[command(hide = true)]
     Worker,
@@ -71,6 +75,7 @@ pub fn main() -> ExitCode {
             launch_command(&args, started, program)
         }
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Ckpt(cmd) => ckpt::run(cmd),
         Command::Worker => run_worker(LmTrainer::new),
     }
 }

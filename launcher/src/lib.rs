@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod ckpt;
 pub mod cli;
 pub mod coordinator;
 pub mod failure;
