@@ -25,7 +25,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// After a first worker failure, how long to wait for the others' exits before choosing the
 /// root cause: a rank killed by a signal takes its peers down with it within milliseconds, and
 /// the killed rank, not a peer that lost its connection, is the cause.
-const SETTLE: Duration = Duration::from_millis(200);
+const SETTLE: Duration = Duration::from_millis(50);
 /// How often heartbeats are checked for hung workers.
 const HEALTH_TICK: Duration = Duration::from_millis(250);
 const ROLE: &str = "trainer";
@@ -254,6 +254,8 @@ impl Launch<'_> {
         let mut attempt = self.run.next_attempt();
         let mut workers = spec.workers;
         let mut global_batch = spec.global_batch;
+        // Consecutive failed attempts that did not complete a step.
+        let mut streak = 0u32;
         loop {
             self.progress.set_phase("scheduling");
             let resume = self.pick_checkpoint()?;
@@ -335,7 +337,9 @@ impl Launch<'_> {
                 return Ok((Outcome::Failed(summary), workers, global_batch));
             }
             *used += 1;
-            let delay = f.backoff_before(self.restarts.total());
+            // Back off exponentially over consecutive failures; an attempt that trained resets it.
+            streak = if self.progressed.attempt_first.is_some() { 1 } else { streak + 1 };
+            let delay = f.backoff_before(streak);
             self.progress.println(&format!(
                 "attempt {attempt} failed: {}; restarting in {:.2} s (restart {} of {key} = {budget})",
                 summary.root_cause,
@@ -505,7 +509,8 @@ impl Launch<'_> {
                     // Let the rest of a cascade arrive, then stop whoever is left.
                     let mut failed = vec![exit];
                     let settle = tokio::time::Instant::now() + SETTLE;
-                    while let Ok(Some(other)) = tokio::time::timeout_at(settle, exits.recv()).await {
+                    while !agent.live_ranks().is_empty() {
+                        let Ok(Some(other)) = tokio::time::timeout_at(settle, exits.recv()).await else { break };
                         agent.reaped(other.rank);
                         if !other.kind.success() {
                             failed.push(other);

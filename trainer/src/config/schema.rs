@@ -188,7 +188,8 @@ pub struct FaultSection {
     pub max_user_restarts: u64,
     /// A worker that sends no heartbeat for this many seconds is declared hung and restarted.
     pub heartbeat_timeout_s: f64,
-    /// Delay before the first restart; doubled for each further one.
+    /// Delay before a restart, doubled for each further failure in a row of attempts that did
+    /// not complete a step (an attempt that trains resets it).
     pub backoff_s: f64,
     /// Longest delay between restarts.
     pub max_backoff_s: f64,
