@@ -434,3 +434,33 @@ fn training_code_failures_have_their_own_restart_budget() {
     let log = std::fs::read_to_string(dir.path().join("flaky/logs/attempt-1/trainer-0.log")).unwrap();
     assert!(log.contains("attempt 1"), "workers see the restart count: {log}");
 }
+
+#[test]
+fn a_failing_checkpoint_write_is_reported_and_damages_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job("full", dir.path(), "2", 6, "");
+    let run_path = dir.path().join("full");
+    launch_ok(&cfg, &[]);
+    let before: Vec<String> = [2u64, 4, 6].iter().map(|s| file_sha(&run_path, *s, "model.safetensors")).collect();
+
+    // Continue to step 10 with files limited to 700 KiB: the model file (~470 KiB) fits, the
+    // optimizer file (~940 KiB) does not, so every save fails half-way, like a full disk.
+    let out = std::process::Command::new("bash")
+        .args(["-c", "ulimit -f 700 && exec \"$0\" \"$@\"", RTRAIN, "launch", cfg.to_str().unwrap(), "--set", "train.steps=10"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("final checkpoint") && err.contains("optimizer.safetensors") && err.contains("File too large"), "{err}");
+    let log = std::fs::read_to_string(run_path.join("logs/attempt-1/trainer-0.log")).unwrap();
+    assert!(log.contains("checkpoint not saved; the previous checkpoints are intact, training goes on"), "{log}");
+    assert_eq!(last_step(&run_path), 10, "training went on after the failed save of step 8");
+
+    let verify = run(&["ckpt", "verify", run_path.to_str().unwrap()], LIMIT);
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{text}");
+    let after: Vec<String> = [2u64, 4, 6].iter().map(|s| file_sha(&run_path, *s, "model.safetensors")).collect();
+    assert_eq!(before, after);
+    let names: Vec<String> = std::fs::read_dir(run_path.join("checkpoints")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.contains("000008") || n.contains("000010") || n.starts_with(".tmp")), "{names:?}");
+}

@@ -40,6 +40,12 @@ where
         }
     };
     init_logging();
+    // A file-size limit (RLIMIT_FSIZE) then fails a checkpoint write with an error, reported and
+    // survived like a full disk, instead of killing the process.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // Every log line of this process carries role:rank.
     let _span = tracing::info_span!("worker", id = %format!("{}:{}", env.role, env.rank)).entered();
     let mut control = match ControlPlane::connect(&env) {
