@@ -65,6 +65,8 @@ pub struct WorkerLaunch {
     pub env: Vec<(String, String)>,
     /// stdout and stderr both go here.
     pub log_path: PathBuf,
+    /// CPU cores the worker is pinned to; empty leaves it to the OS scheduler.
+    pub cpus: Vec<usize>,
 }
 
 /// A worker process ended.
@@ -113,10 +115,19 @@ impl Agent {
             .stderr(Stdio::from(log_err))
             .process_group(0)
             .kill_on_drop(false);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // SAFETY: the CPU set is built before the fork; prctl and sched_setaffinity are
+        // async-signal-safe syscalls, and nothing else runs between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for cpu in &launch.cpus {
+                libc::CPU_SET(*cpu, &mut set);
+            }
+            let pin = !launch.cpus.is_empty();
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if pin && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

@@ -448,12 +448,14 @@ impl Launch<'_> {
             resume: resume.map(Path::to_path_buf),
             device: spec.device,
         };
+        let allowed = allowed_cpus();
         for p in placement {
             let launch = WorkerLaunch {
                 rank: p.rank,
                 command: command.clone(),
                 env: worker_env(&common, p, placement),
                 log_path: logs.join(format!("{ROLE}-{}.log", p.rank)),
+                cpus: if spec.device == DeviceKind::Cpu { pinned_cpus(p, &allowed) } else { Vec::new() },
             };
             if let Err(e) = agent.spawn(launch) {
                 agent.stop_all(STOP_GRACE, &mut exits).await;
@@ -736,6 +738,25 @@ fn worker_env(c: &WorkerCommon, p: &RankPlacement, all: &[RankPlacement]) -> Vec
         env.push(("CUDA_VISIBLE_DEVICES".into(), list.join(",")));
     }
     env
+}
+
+/// The CPU cores this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it, CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|cpu| libc::CPU_ISSET(*cpu, &set)).collect()
+    }
+}
+
+/// A CPU worker's own cores: rank r takes the r-th run of `threads` allowed cores, so ranks do
+/// not migrate onto each other's caches. No pinning when the cores do not go round.
+fn pinned_cpus(p: &RankPlacement, allowed: &[usize]) -> Vec<usize> {
+    let start = p.local_rank * p.threads;
+    allowed.get(start..start + p.threads).map(<[usize]>::to_vec).unwrap_or_default()
 }
 
 /// A random 128-bit token, hex-encoded.

@@ -77,6 +77,21 @@ impl AdamW {
         let step_size = lr / bias_correction1;
 
         let grad = params.grads();
+        if let Some(mut bufs) = cpu_f32_buffers([params.params(), grad, &self.exp_avg, &self.exp_avg_sq]) {
+            let [p, g, m, v] = &mut bufs;
+            let update = FusedUpdate {
+                decay: 1.0 - (lr * weight_decay) as f32,
+                decay_numel: params.decay_numel() as usize,
+                one_minus_beta1: (1.0 - beta1) as f32,
+                beta2: beta2 as f32,
+                one_minus_beta2: (1.0 - beta2) as f32,
+                bias_correction2_sqrt: bias_correction2_sqrt as f32,
+                eps: eps as f32,
+                neg_step_size: -step_size as f32,
+            };
+            update.apply(p, g, m, v);
+            return;
+        }
         // A second handle to the flat buffer: in-place ops need `&mut`, the storage is shared.
         let mut p = params.params().shallow_clone();
         tch::no_grad(|| {
@@ -137,4 +152,51 @@ impl AdamW {
         });
         self.step = step;
     }
+}
+
+/// One AdamW step for CPU f32 buffers in a single pass over memory, with the arithmetic of the
+/// tensor path above (and of torch's `_single_tensor_adam`): `lerp` for the first moment,
+/// `mul` then `addcmul` for the second, `sqrt / bc2_sqrt + eps`, then `addcdiv`. The tensor path
+/// reads and writes the buffers about ten times; this reads each once.
+struct FusedUpdate {
+    decay: f32,
+    decay_numel: usize,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    bias_correction2_sqrt: f32,
+    eps: f32,
+    neg_step_size: f32,
+}
+
+impl FusedUpdate {
+    fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let decayed = self.decay_numel.min(p.len());
+        for x in &mut p[..decayed] {
+            *x *= self.decay;
+        }
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            // torch's lerp(start, end, w) for w < 0.5: start + w * (end - start).
+            *m += self.one_minus_beta1 * (g - *m);
+            *v = *v * self.beta2 + self.one_minus_beta2 * (g * g);
+            let denom = v.sqrt() / self.bias_correction2_sqrt + self.eps;
+            *p += self.neg_step_size * (*m / denom);
+        }
+    }
+}
+
+/// Mutable f32 views of same-length, contiguous CPU f32 tensors, or `None` (then the caller uses
+/// tensor ops: other devices and dtypes).
+fn cpu_f32_buffers<'a>(tensors: [&'a Tensor; 4]) -> Option<[&'a mut [f32]; 4]> {
+    let n = tensors[0].numel();
+    let ok = tensors.iter().all(|t| {
+        t.device() == tch::Device::Cpu && t.kind() == tch::Kind::Float && t.is_contiguous() && t.numel() == n
+    });
+    if !ok {
+        return None;
+    }
+    // SAFETY: each tensor is a distinct, contiguous CPU f32 buffer of n elements (the flat
+    // parameters, gradients and the two moments never alias), alive as long as the borrows;
+    // nothing else reads or writes them while `AdamW::step` runs.
+    Some(tensors.map(|t| unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) }))
 }
