@@ -6,6 +6,7 @@ pub mod collective;
 pub mod config;
 pub mod data;
 pub mod ddp;
+pub mod hf;
 pub mod lm;
 pub mod model;
 pub mod optim;

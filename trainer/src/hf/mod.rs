@@ -1,0 +1,137 @@
+//! Hugging Face model folders (`config.json`, `*.safetensors`, `tokenizer.json`): the Llama
+//! family (Llama, Qwen2) and GPT-2, loaded with transformers' tensor names and saved back in the
+//! same layout, so a model trained by rtrain opens in transformers.
+
+pub mod config;
+pub mod llama;
+pub mod weights;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+pub use config::{Gpt2Config, HfConfig, LlamaConfig, RopeScaling};
+pub use llama::{LayerKv, Llama};
+
+use crate::model::Gpt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HfError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Weights { path: PathBuf, message: String },
+}
+
+/// The network of a loaded model.
+#[derive(Debug)]
+pub enum Network {
+    Llama(Llama),
+    /// GPT-2 on the built-in GPT: Hugging Face's `Conv1D` weights (`[in, out]`) are transposed
+    /// on load and save.
+    Gpt2(Gpt),
+}
+
+/// A model folder loaded for inference or training.
+pub struct HfModel {
+    /// Owns the variables the network uses.
+    pub vs: VarStore,
+    pub network: Network,
+    pub config: HfConfig,
+    /// `config.json` as read, written back on save.
+    pub raw_config: serde_json::Value,
+}
+
+impl std::fmt::Debug for HfModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfModel").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// GPT-2 weights stored transposed by Hugging Face (`Conv1D`).
+fn is_conv1d(name: &str) -> bool {
+    name.ends_with(".weight") && ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"].iter().any(|m| name.contains(m))
+}
+
+impl HfModel {
+    /// Loads `dir` onto `device` (weights converted to f32).
+    pub fn load(dir: &Path, device: Device) -> Result<Self, HfError> {
+        let (config, raw_config) = HfConfig::load(dir)?;
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let network = match &config {
+            HfConfig::Llama(c) => Network::Llama(Llama::new(&root, c)),
+            HfConfig::Gpt2(c) => Network::Gpt2(c.gpt.init(&root)),
+        };
+        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        let mut tensors = weights::read_dir_tensors(dir)?;
+        let ignore: fn(&str) -> bool = match &config {
+            HfConfig::Llama(c) => {
+                if c.tie_word_embeddings {
+                    |n| n.ends_with("rotary_emb.inv_freq") || n == "lm_head.weight"
+                } else {
+                    |n| n.ends_with("rotary_emb.inv_freq")
+                }
+            }
+            HfConfig::Gpt2(_) => {
+                // Checkpoints name GPT-2 tensors with or without the `transformer.` prefix.
+                tensors = tensors
+                    .into_iter()
+                    .map(|(name, t)| {
+                        let name = if name.starts_with("transformer.") || name == "lm_head.weight" { name } else { format!("transformer.{name}") };
+                        let t = if is_conv1d(&name) { t.tr().contiguous() } else { t };
+                        (name, t)
+                    })
+                    .collect();
+                |n| n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias") || n == "lm_head.weight"
+            }
+        };
+        weights::assign(dir, &vars, tensors, ignore)?;
+        Ok(Self { vs, network, config, raw_config })
+    }
+
+    /// Saves config.json and the weights (`kind`: f32 or bf16) with transformers' names, in one
+    /// file or in shards of at most `max_shard_bytes`.
+    pub fn save(&self, dir: &Path, kind: Kind, max_shard_bytes: usize) -> Result<(), HfError> {
+        let mut tensors: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        if matches!(self.network, Network::Gpt2(_)) {
+            for (name, t) in tensors.iter_mut() {
+                if is_conv1d(name) {
+                    *t = t.tr().contiguous();
+                }
+            }
+        }
+        weights::write_dir_tensors(dir, &tensors, kind, max_shard_bytes)?;
+        let mut config = self.raw_config.clone();
+        if let Some(obj) = config.as_object_mut() {
+            let dtype = if kind == Kind::BFloat16 { "bfloat16" } else { "float32" };
+            // transformers 5 writes `dtype`, 4.x `torch_dtype`; keep whichever the folder used.
+            let key = if obj.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+            obj.insert(key.into(), dtype.into());
+        }
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&config).map_err(|e| HfError::Config { path: path.clone(), message: e.to_string() })?;
+        std::fs::write(&path, text + "\n").map_err(|source| HfError::Io { path, source })
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Logits `[B, T, vocab]` for token ids `[B, T]` (no padding, positions from 0).
+    pub fn logits(&self, ids: &Tensor) -> Tensor {
+        match &self.network {
+            Network::Llama(m) => {
+                let (b, t) = (ids.size()[0], ids.size()[1]);
+                let positions = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0).expand([b, t], false);
+                m.forward(ids, &positions, None, None)
+            }
+            Network::Gpt2(m) => m.forward(ids),
+        }
+    }
+}
