@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod llama;
+pub mod tokenizer;
 pub mod weights;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use config::{Gpt2Config, HfConfig, LlamaConfig, RopeScaling};
 pub use llama::{LayerKv, Llama};
+pub use tokenizer::{ChatMessage, Tokenizer};
 
 use crate::model::Gpt;
 
