@@ -3,6 +3,7 @@
 //! same layout, so a model trained by rtrain opens in transformers.
 
 pub mod config;
+pub mod generate;
 pub mod llama;
 pub mod tokenizer;
 pub mod weights;
@@ -14,6 +15,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 pub use config::{Gpt2Config, HfConfig, LlamaConfig, RopeScaling};
+pub use generate::{FinishReason, Generation, SamplingParams, generate, score};
 pub use llama::{LayerKv, Llama};
 pub use tokenizer::{ChatMessage, Tokenizer};
 

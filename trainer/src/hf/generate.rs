@@ -1,0 +1,293 @@
+//! Batched generation with a KV cache: greedy (temperature 0) or sampling with temperature,
+//! top-k and top-p, stopping at stop tokens, stop strings or a length limit; seeded and
+//! reproducible. Each sequence comes back with its tokens, text, per-token log-probabilities and
+//! why it finished.
+//!
+//! Prompts of different lengths are left-padded into one batch; padded positions are masked out
+//! of attention and rotary positions count real tokens only, so a prompt generates the same
+//! tokens alone or in a batch (up to float rounding). Sampling runs on the host in f64 from each
+//! row's logits, with one random stream per sequence.
+
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use super::{HfError, HfModel, LayerKv, Network, Tokenizer};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    pub temperature: f64,
+    /// Keep the k likeliest tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of likeliest tokens whose probability reaches p; 1 keeps all.
+    pub top_p: f64,
+    pub seed: u64,
+    /// Tokens that end a sequence (kept in its output), besides the tokenizer's EOS ids.
+    pub stop_token_ids: Vec<u32>,
+    /// Texts that end a sequence; the text is cut before them.
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { max_new_tokens: 64, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0, stop_token_ids: Vec::new(), stop_strings: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_new_tokens`, or the model's longest context.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Generation {
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// log p(token) under the model (softmax of the raw logits, before temperature, top-k or
+    /// top-p), per generated token.
+    pub logprobs: Vec<f64>,
+    pub finish_reason: FinishReason,
+}
+
+/// Generates one continuation per prompt (token ids), all prompts in one batch.
+pub fn generate(model: &HfModel, tokenizer: &Tokenizer, prompts: &[Vec<u32>], params: &SamplingParams) -> Result<Vec<Generation>, HfError> {
+    if prompts.iter().any(|p| p.is_empty()) {
+        return Err(HfError::Config { path: "prompt".into(), message: "a prompt must hold at least one token".into() });
+    }
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let limit = model.config.max_positions() as usize;
+    if max_len >= limit {
+        return Err(HfError::Config {
+            path: "prompt".into(),
+            message: format!("{max_len} tokens leave no room in the model's {limit} positions"),
+        });
+    }
+    let budget = params.max_new_tokens.min(limit - max_len);
+    let mut stop_ids = tokenizer.stop_ids.clone();
+    stop_ids.extend(&params.stop_token_ids);
+    let mut rows: Vec<Row> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, _)| Row { rng: SplitMix::new(params.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)), ..Row::default() })
+        .collect();
+    tch::no_grad(|| match &model.network {
+        Network::Llama(m) => decode_llama(model, m, prompts, budget, params, tokenizer, &stop_ids, &mut rows),
+        Network::Gpt2(_) => decode_recompute(model, prompts, budget, params, tokenizer, &stop_ids, &mut rows),
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Generation {
+            token_ids: r.tokens,
+            text: r.text,
+            logprobs: r.logprobs,
+            finish_reason: r.finish.unwrap_or(FinishReason::Length),
+        })
+        .collect())
+}
+
+#[derive(Default)]
+struct Row {
+    tokens: Vec<u32>,
+    logprobs: Vec<f64>,
+    text: String,
+    finish: Option<FinishReason>,
+    rng: SplitMix,
+}
+
+impl Row {
+    /// Picks the next token from `logits`, records it, and checks the stop conditions.
+    fn push(&mut self, logits: &[f32], params: &SamplingParams, tokenizer: &Tokenizer, stop_ids: &[u32]) -> Result<(), HfError> {
+        let (token, logprob) = pick(logits, params, &mut self.rng);
+        self.tokens.push(token);
+        self.logprobs.push(logprob);
+        self.text = tokenizer.decode(&self.tokens, true)?;
+        if stop_ids.contains(&token) {
+            self.finish = Some(FinishReason::Stop);
+        } else if let Some(at) = params.stop_strings.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+            self.text.truncate(at);
+            self.finish = Some(FinishReason::Stop);
+        }
+        Ok(())
+    }
+}
+
+/// Llama family: one prefill of the left-padded batch, then one token per step from the cache.
+#[allow(clippy::too_many_arguments)]
+fn decode_llama(
+    model: &HfModel,
+    net: &super::Llama,
+    prompts: &[Vec<u32>],
+    budget: usize,
+    params: &SamplingParams,
+    tokenizer: &Tokenizer,
+    stop_ids: &[u32],
+    rows: &mut [Row],
+) -> Result<(), HfError> {
+    let device = model.device();
+    let (b, p) = (prompts.len() as i64, prompts.iter().map(Vec::len).max().unwrap_or(0) as i64);
+    let mut ids = vec![0i64; (b * p) as usize];
+    let mut mask = vec![false; (b * p) as usize];
+    for (r, prompt) in prompts.iter().enumerate() {
+        let offset = p as usize - prompt.len();
+        for (j, &t) in prompt.iter().enumerate() {
+            ids[r * p as usize + offset + j] = i64::from(t);
+            mask[r * p as usize + offset + j] = true;
+        }
+    }
+    let ids = Tensor::from_slice(&ids).view([b, p]).to_device(device);
+    // Which positions of each row hold tokens: [B, S], grown by one column per step.
+    let mut present = Tensor::from_slice(&mask).view([b, p]).to_device(device);
+    let positions = (present.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
+    let causal = Tensor::ones([p, p], (Kind::Bool, device)).tril(0);
+    // A padded query may see itself, so no attention row is empty (its output is never used).
+    let eye = Tensor::eye(p, (Kind::Bool, device));
+    let attn = (causal.unsqueeze(0).logical_and(&present.unsqueeze(1))).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
+    let mut cache: Vec<LayerKv> = (0..net.config().num_hidden_layers).map(|_| LayerKv::default()).collect();
+    let logits = net.forward(&ids, &positions, Some(&attn), Some(&mut cache));
+    let mut last = logits.select(1, p - 1);
+    let mut next_pos = positions.select(1, p - 1) + 1;
+    for step in 0..budget {
+        let host = rows_to_host(&last)?;
+        let mut next = Vec::with_capacity(rows.len());
+        for (row, l) in rows.iter_mut().zip(&host) {
+            if row.finish.is_none() {
+                row.push(l, params, tokenizer, stop_ids)?;
+            }
+            next.push(i64::from(*row.tokens.last().unwrap_or(&0)));
+        }
+        if rows.iter().all(|r| r.finish.is_some()) || step + 1 == budget {
+            break;
+        }
+        let ids = Tensor::from_slice(&next).view([b, 1]).to_device(device);
+        present = Tensor::cat(&[present, Tensor::ones([b, 1], (Kind::Bool, device))], 1);
+        let attn = present.view([b, 1, 1, -1]);
+        let logits = net.forward(&ids, &next_pos.view([b, 1]), Some(&attn), Some(&mut cache));
+        last = logits.select(1, 0);
+        next_pos = next_pos + 1;
+    }
+    Ok(())
+}
+
+/// Models without a cache here (GPT-2): each prompt on its own, the whole sequence recomputed
+/// per token.
+#[allow(clippy::too_many_arguments)]
+fn decode_recompute(
+    model: &HfModel,
+    prompts: &[Vec<u32>],
+    budget: usize,
+    params: &SamplingParams,
+    tokenizer: &Tokenizer,
+    stop_ids: &[u32],
+    rows: &mut [Row],
+) -> Result<(), HfError> {
+    for (prompt, row) in prompts.iter().zip(rows.iter_mut()) {
+        let mut seq: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+        for _ in 0..budget {
+            let ids = Tensor::from_slice(&seq).view([1, -1]).to_device(model.device());
+            let logits = model.logits(&ids);
+            let host = rows_to_host(&logits.select(1, seq.len() as i64 - 1))?;
+            row.push(&host[0], params, tokenizer, stop_ids)?;
+            if row.finish.is_some() {
+                break;
+            }
+            seq.push(i64::from(*row.tokens.last().unwrap_or(&0)));
+        }
+    }
+    Ok(())
+}
+
+fn rows_to_host(logits: &Tensor) -> Result<Vec<Vec<f32>>, HfError> {
+    let logits = logits.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+    let (b, v) = (logits.size()[0] as usize, logits.size()[1] as usize);
+    let flat = Vec::<f32>::try_from(logits.view([-1]))
+        .map_err(|e| HfError::Config { path: "logits".into(), message: e.to_string() })?;
+    Ok((0..b).map(|r| flat[r * v..(r + 1) * v].to_vec()).collect())
+}
+
+/// The next token and its log-probability under the raw logits.
+fn pick(logits: &[f32], params: &SamplingParams, rng: &mut SplitMix) -> (u32, f64) {
+    let log_probs = log_softmax(logits.iter().map(|&x| f64::from(x)));
+    if params.temperature <= 0.0 {
+        // The first of equal maxima, as torch.argmax picks.
+        let best = logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
+        return (best as u32, log_probs[best]);
+    }
+    let mut candidates: Vec<(usize, f64)> = logits.iter().map(|&x| f64::from(x) / params.temperature).enumerate().collect();
+    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if params.top_k > 0 {
+        candidates.truncate(params.top_k);
+    }
+    let probs = log_softmax(candidates.iter().map(|c| c.1)).into_iter().map(f64::exp).collect::<Vec<_>>();
+    let mut keep = probs.len();
+    if params.top_p < 1.0 {
+        let mut total = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            total += p;
+            if total >= params.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    let mass: f64 = probs[..keep].iter().sum();
+    let mut u = rng.next_f64() * mass;
+    let mut chosen = keep - 1;
+    for (i, p) in probs[..keep].iter().enumerate() {
+        if u < *p {
+            chosen = i;
+            break;
+        }
+        u -= p;
+    }
+    let token = candidates[chosen].0;
+    (token as u32, log_probs[token])
+}
+
+fn log_softmax(xs: impl Iterator<Item = f64> + Clone) -> Vec<f64> {
+    let max = xs.clone().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = xs.clone().map(|x| (x - max).exp()).sum();
+    let log_sum = max + sum.ln();
+    xs.map(|x| x - log_sum).collect()
+}
+
+/// splitmix64: a small seeded generator, one per sequence.
+#[derive(Debug, Clone, Default)]
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Per-token log-probabilities of `ids` under the model: entry t is log p(ids[t] | ids[..t]),
+/// `None` for the first token.
+pub fn score(model: &HfModel, ids: &[u32]) -> Result<Vec<Option<f64>>, HfError> {
+    let input = Tensor::from_slice(&ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()).view([1, -1]).to_device(model.device());
+    let logits = tch::no_grad(|| model.logits(&input).select(0, 0));
+    let rows = rows_to_host(&logits)?;
+    let mut out = vec![None];
+    for t in 1..ids.len() {
+        let lp = log_softmax(rows[t - 1].iter().map(|&x| f64::from(x)));
+        out.push(Some(lp[ids[t] as usize]));
+    }
+    Ok(out)
+}
