@@ -12,6 +12,7 @@ use rtrain_trainer::train_loop::{TrainContext, TrainError, TrainLoop};
 
 use crate::bench::{self, BenchCommand};
 use crate::ckpt::{self, CkptCommand};
+use crate::infer::{self, GenerateArgs, ScoreArgs};
 use crate::launch::{LaunchOptions, Outcome, WorkerProgram, launch};
 
 /// Exit code for a config or usage error.
@@ -35,6 +36,10 @@ enum Command {
     /// Measure a part of the system against its ceiling.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Generate text from a Hugging Face model folder (temperature 0 = greedy).
+    Generate(GenerateArgs),
+    /// Per-token log-probabilities of a text under a Hugging Face model folder.
+    Score(ScoreArgs),
     /// List, inspect or verify the checkpoints of a run.
     #[command(subcommand)]
     Ckpt(CkptCommand),
@@ -76,6 +81,8 @@ pub fn main() -> ExitCode {
         }
         Command::Bench(cmd) => bench::run(cmd),
         Command::Ckpt(cmd) => ckpt::run(cmd),
+        Command::Generate(args) => infer::generate_command(&args),
+        Command::Score(args) => infer::score_command(&args),
         Command::Worker => run_worker(LmTrainer::new),
     }
 }

@@ -8,6 +8,7 @@ pub mod ckpt;
 pub mod cli;
 pub mod coordinator;
 pub mod failure;
+pub mod infer;
 pub mod launch;
 pub mod progress;
 pub mod run_dir;

@@ -1,0 +1,152 @@
+//! `rtrain generate` and `rtrain score`: a Hugging Face model folder on the CPU (or a GPU), for
+//! users and for checks.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use rtrain_trainer::hf::{ChatMessage, HfModel, SamplingParams, Tokenizer, generate, score};
+use tch::Device;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A model folder: config.json, *.safetensors, tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences to sample for the prompt (one batch).
+    #[arg(long, default_value_t = 1)]
+    pub num_samples: usize,
+    /// A text that ends a sequence (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// One JSON object per sequence: token_ids, text, logprobs, finish_reason.
+    #[arg(long)]
+    pub json: bool,
+    /// Run on this CUDA device instead of the CPU.
+    #[arg(long)]
+    pub cuda: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub text: String,
+    /// One JSON object per token: token_id, token, logprob (null for the first).
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub cuda: Option<usize>,
+}
+
+fn device(cuda: Option<usize>) -> Device {
+    cuda.map_or(Device::Cpu, Device::Cuda)
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(crate::cli::EXIT_FAILED)
+}
+
+pub fn generate_command(args: &GenerateArgs) -> ExitCode {
+    if args.num_samples == 0 || !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 || args.temperature < 0.0 {
+        eprintln!("error: --num-samples must be at least 1, --top-p in (0, 1], --temperature at least 0");
+        return ExitCode::from(crate::cli::EXIT_CONFIG);
+    }
+    let (model, tokenizer) = match load(&args.model, args.cuda) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let text = if args.chat {
+        let messages = [ChatMessage { role: "user".into(), content: args.prompt.clone() }];
+        match tokenizer.apply_chat_template(&messages, true) {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        }
+    } else {
+        args.prompt.clone()
+    };
+    // A chat template writes its own special tokens; plain text gets the tokenizer's (a BOS).
+    let prompt = match tokenizer.encode(&text, !args.chat) {
+        Ok(ids) => ids,
+        Err(e) => return fail(e),
+    };
+    let params = SamplingParams {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop_token_ids: Vec::new(),
+        stop_strings: args.stop.clone(),
+    };
+    let prompts = vec![prompt; args.num_samples];
+    let outputs = match generate(&model, &tokenizer, &prompts, &params) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    for (i, g) in outputs.iter().enumerate() {
+        if args.json {
+            println!("{}", serde_json::to_string(g).unwrap_or_default());
+        } else {
+            if outputs.len() > 1 {
+                println!("--- sample {i} ({} tokens, {:?})", g.token_ids.len(), g.finish_reason);
+            }
+            println!("{}{}", if args.chat { "" } else { args.prompt.as_str() }, g.text);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn score_command(args: &ScoreArgs) -> ExitCode {
+    let (model, tokenizer) = match load(&args.model, args.cuda) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let ids = match tokenizer.encode(&args.text, true) {
+        Ok(ids) => ids,
+        Err(e) => return fail(e),
+    };
+    let scores = match score(&model, &ids) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let mut total = 0.0;
+    for (id, lp) in ids.iter().zip(&scores) {
+        let token = tokenizer.token_text(*id);
+        total += lp.unwrap_or(0.0);
+        if args.json {
+            println!("{}", serde_json::json!({ "token_id": id, "token": token, "logprob": lp }));
+        } else {
+            println!("{id:>8}  {:>10}  {token:?}", lp.map_or("-".to_string(), |l| format!("{l:.4}")));
+        }
+    }
+    if !args.json {
+        println!("total log-prob {total:.4} over {} predicted tokens", ids.len().saturating_sub(1));
+    }
+    ExitCode::SUCCESS
+}
+
+fn load(dir: &std::path::Path, cuda: Option<usize>) -> Result<(HfModel, Tokenizer), ExitCode> {
+    let model = HfModel::load(dir, device(cuda)).map_err(fail)?;
+    let tokenizer = Tokenizer::from_dir(dir).map_err(fail)?;
+    Ok((model, tokenizer))
+}

@@ -1,0 +1,66 @@
+//! `rtrain generate` and `rtrain score` as a user runs them, on the tiny transformers fixtures.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn model(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("trainer/tests/fixtures/hf").join(name)
+}
+
+fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+}
+
+#[test]
+fn generate_prints_one_object_per_sequence() {
+    let m = model("llama_tiny");
+    let args = ["generate", "--model", m.to_str().unwrap(), "--prompt", "The quick brown fox", "--max-new-tokens", "8"];
+    let greedy = run(&[&args[..], &["--temperature", "0", "--json"]].concat(), LIMIT);
+    assert!(greedy.status.success(), "{}", stderr(&greedy));
+    let g = json_lines(&greedy);
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0]["token_ids"].as_array().unwrap().len(), 8);
+    assert_eq!(g[0]["logprobs"].as_array().unwrap().len(), 8);
+    assert!(g[0]["logprobs"].as_array().unwrap().iter().all(|l| l.as_f64().unwrap() <= 0.0));
+    assert_eq!(g[0]["finish_reason"], "length");
+    assert!(g[0]["text"].is_string());
+
+    let sampled = |seed: &str| {
+        let out = run(&[&args[..], &["--temperature", "1.0", "--top-k", "50", "--top-p", "0.9", "--num-samples", "3", "--seed", seed, "--json"]].concat(), LIMIT);
+        assert!(out.status.success(), "{}", stderr(&out));
+        json_lines(&out)
+    };
+    let (a, b) = (sampled("5"), sampled("5"));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, b, "seeded sampling is reproducible");
+
+    let chat = run(&[&args[..], &["--temperature", "0", "--chat"]].concat(), LIMIT);
+    assert!(chat.status.success(), "{}", stderr(&chat));
+}
+
+#[test]
+fn score_prints_one_object_per_token() {
+    let m = model("qwen2_tiny");
+    let out = run(&["score", "--model", m.to_str().unwrap(), "--text", "Hello world! It's a test", "--json"], LIMIT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tokens = json_lines(&out);
+    assert!(tokens.len() > 5);
+    assert!(tokens[0]["logprob"].is_null());
+    assert_eq!(tokens[0]["token"], "H");
+    assert!(tokens[1..].iter().all(|t| t["logprob"].as_f64().is_some_and(|l| l <= 0.0) && t["token_id"].is_u64()));
+}
+
+#[test]
+fn a_bad_model_folder_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["generate", "--model", dir.path().to_str().unwrap(), "--prompt", "x"], LIMIT);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("config.json") && !err.contains("panicked"), "{err}");
+}
