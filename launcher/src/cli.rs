@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use rtrain_trainer::config::{self, LoadedConfig};
-use rtrain_trainer::lm::LmTrainer;
+use rtrain_trainer::builtin::BuiltIn;
 use rtrain_trainer::runtime::{WorkerEnv, run_worker};
 use rtrain_trainer::train_loop::{TrainContext, TrainError, TrainLoop};
 
@@ -83,7 +83,7 @@ pub fn main() -> ExitCode {
         Command::Ckpt(cmd) => ckpt::run(cmd),
         Command::Generate(args) => infer::generate_command(&args),
         Command::Score(args) => infer::score_command(&args),
-        Command::Worker => run_worker(LmTrainer::new),
+        Command::Worker => run_worker(BuiltIn::new),
     }
 }
 

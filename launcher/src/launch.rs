@@ -113,8 +113,8 @@ pub struct RunSummary {
     pub final_step: u64,
     pub final_loss: Option<f64>,
     pub wall_time_s: f64,
-    /// Steady-state throughput of the last attempt: tokens of its steps after the first over
-    /// the time between its first and last step.
+    /// Steady-state throughput of the last attempt: the tokens its workers reported for the
+    /// steps after its first, over the time between its first and last step.
     pub tokens_per_s: Option<f64>,
     pub first_step_done_unix: Option<f64>,
     /// Workers of the last attempt.
@@ -139,7 +139,8 @@ struct Progressed {
     first_step_done_unix: Option<f64>,
     /// First step (step, time) of the current attempt, for its throughput.
     attempt_first: Option<(u64, f64)>,
-    tokens_per_step: usize,
+    /// Tokens the workers reported for the steps of the current attempt after its first.
+    attempt_tokens: f64,
 }
 
 /// Restarts used, per budget.
@@ -215,7 +216,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
 
     let tokens_per_s = match (progressed.attempt_first, progressed.last_step) {
         (Some((s0, t0)), Some((s1, _, t1))) if s1 > s0 && t1 > t0 => {
-            Some((s1 - s0) as f64 * progressed.tokens_per_step as f64 / (t1 - t0))
+            Some(progressed.attempt_tokens / (t1 - t0))
         }
         _ => None,
     };
@@ -475,7 +476,7 @@ impl Launch<'_> {
         let mut finished = 0usize;
         let mut health = tokio::time::interval(HEALTH_TICK);
         self.progressed.attempt_first = None;
-        self.progressed.tokens_per_step = global_batch * spec.model.n_ctx as usize;
+        self.progressed.attempt_tokens = 0.0;
 
         let ending = loop {
             tokio::select! {
@@ -613,6 +614,9 @@ impl Launch<'_> {
         let p = &mut self.progressed;
         p.last_step = Some((m.step, m.loss, m.time));
         p.first_step_done_unix.get_or_insert(m.time);
+        if p.attempt_first.is_some() {
+            p.attempt_tokens += m.tokens_per_s * m.step_time_s;
+        }
         if p.attempt_first.is_none() {
             p.attempt_first = Some((m.step, m.time));
             if let (Some(since), Some(record)) = (self.recovering_since.take(), self.attempts.iter_mut().rev().nth(1)) {

@@ -1,17 +1,20 @@
 //! The worker side of rtrain: the job config, the control-plane client, collectives, the DDP
 //! engine, models and the [`TrainLoop`] trait that built-in and custom training loops implement.
 
+pub mod builtin;
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod data;
 pub mod ddp;
+pub mod dp_optim;
 pub mod hf;
 pub mod lm;
 pub mod model;
 pub mod optim;
 pub mod proto;
 pub mod runtime;
+pub mod sft;
 pub mod train_loop;
 
 pub use train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};

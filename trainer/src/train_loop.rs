@@ -15,6 +15,8 @@ pub struct TrainContext {
     pub attempt: u32,
     pub device: Device,
     pub spec: JobSpec,
+    /// The run directory (`<job.run_dir>/<job.name>`), for outputs of the loop's own.
+    pub run_dir: std::path::PathBuf,
     pub collective: Box<dyn Collective>,
 }
 
@@ -80,6 +82,13 @@ pub trait TrainLoop {
     /// Called on rank 0 between steps; the time it takes is the step loop's stall per save.
     fn state(&self) -> Result<Option<LoopState>, TrainError> {
         Ok(None)
+    }
+
+    /// Called on every rank after the last step (before the final barrier): a place to write
+    /// outputs such as an exported model. Does nothing by default.
+    fn finish(&mut self, ctx: &mut TrainContext) -> Result<(), TrainError> {
+        let _ = ctx;
+        Ok(())
     }
 
     /// Restores a state returned by [`TrainLoop::state`] (on every rank, before the first step).

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::ConfigError;
 pub use overrides::apply_override;
-pub use resolve::{BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, resolve};
+pub use resolve::{BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, TrainerKind, resolve};
 pub use schema::{
     CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, ModelSection, RendezvousSection, TrainSection, Workers,
 };

@@ -38,6 +38,15 @@ pub enum DataSpec {
     File(PathBuf),
 }
 
+/// Which built-in training loop runs (when the job has no entrypoint of its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrainerKind {
+    /// The byte-level GPT, from scratch.
+    Lm,
+    /// Supervised fine-tuning of a Hugging Face model folder on JSONL examples.
+    Sft { model: PathBuf, max_len: usize },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptimSpec {
     pub lr: f64,
@@ -68,6 +77,7 @@ pub struct JobSpec {
     pub seed: u64,
     /// The worker command; `None` runs the built-in worker.
     pub entrypoint: Option<Vec<String>>,
+    pub trainer: TrainerKind,
     /// Gang size: the fixed size, or the largest of an elastic gang.
     pub workers: usize,
     /// Smallest gang an elastic job runs with (equal to `workers` for a fixed gang).
@@ -227,28 +237,47 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     let collective_timeout = Duration::from_secs_f64(positive_f("train.collective_timeout_s", train.collective_timeout_s)?);
     let bucket_bytes = (positive_f("train.bucket_mb", train.bucket_mb)? * (1 << 20) as f64) as usize;
 
-    if model.kind != "gpt" {
-        return Err(bad("model.kind", format!("`{}` is not a built-in model; the built-in trainer supports \"gpt\"", model.kind)));
-    }
-    for (key, v) in [
-        ("model.n_layer", model.n_layer),
-        ("model.n_head", model.n_head),
-        ("model.n_embd", model.n_embd),
-        ("model.n_ctx", model.n_ctx),
-        ("model.vocab_size", model.vocab_size),
-    ] {
-        if v < 1 {
-            return Err(bad(key, format!("must be at least 1, got {v}")));
+    let trainer = match (train.trainer.as_str(), model.kind.as_str()) {
+        ("lm", "gpt") => TrainerKind::Lm,
+        ("sft", "hf") => {
+            if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
+                return Err(bad("model.path", format!("`{}` is not a model folder (no config.json there)", model.path)));
+            }
+            let max_len = positive("data.max_len", data.max_len)? as usize;
+            TrainerKind::Sft { model: PathBuf::from(&model.path), max_len }
+        }
+        ("lm", other) => {
+            return Err(bad("model.kind", format!("`{other}` cannot be trained by train.trainer = \"lm\"; use \"gpt\"")));
+        }
+        ("sft", other) => {
+            return Err(bad("model.kind", format!("`{other}` cannot be fine-tuned; train.trainer = \"sft\" needs \"hf\" with model.path")));
+        }
+        (other, _) => return Err(bad("train.trainer", format!("`{other}` is not a built-in trainer; use \"lm\" or \"sft\""))),
+    };
+    if trainer == TrainerKind::Lm {
+        for (key, v) in [
+            ("model.n_layer", model.n_layer),
+            ("model.n_head", model.n_head),
+            ("model.n_embd", model.n_embd),
+            ("model.n_ctx", model.n_ctx),
+            ("model.vocab_size", model.vocab_size),
+        ] {
+            if v < 1 {
+                return Err(bad(key, format!("must be at least 1, got {v}")));
+            }
+        }
+        if model.n_embd % model.n_head != 0 {
+            return Err(bad("model.n_embd", format!("must be a multiple of model.n_head ({}), got {}", model.n_head, model.n_embd)));
         }
     }
-    if model.n_embd % model.n_head != 0 {
-        return Err(bad("model.n_embd", format!("must be a multiple of model.n_head ({}), got {}", model.n_head, model.n_embd)));
-    }
-    if model.vocab_size > 256 {
+    if trainer == TrainerKind::Lm && model.vocab_size > 256 {
         return Err(bad("model.vocab_size", format!("the byte-level trainer needs at most 256, got {}", model.vocab_size)));
     }
     let data_spec = match data.source.as_str() {
         "" => return Err(bad("data.source", "use \"synthetic\" or a path to a text file".into())),
+        "synthetic" if matches!(trainer, TrainerKind::Sft { .. }) => {
+            return Err(bad("data.source", "fine-tuning reads a JSONL file of {\"prompt\", \"response\"} or {\"messages\"} lines; name it here".into()));
+        }
         "synthetic" => {
             let needed = model.n_ctx as u64 + 2;
             if data.synthetic_bytes < needed {
@@ -257,6 +286,12 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             DataSpec::Synthetic { bytes: data.synthetic_bytes as usize }
         }
         file => DataSpec::File(PathBuf::from(file)),
+    };
+
+    // Token slots per sequence: the context of the built-in GPT, the cut of fine-tuning examples.
+    let seq_len = match &trainer {
+        TrainerKind::Lm => model.n_ctx,
+        TrainerKind::Sft { max_len, .. } => *max_len as i64,
     };
 
     let rendezvous = &cfg.rendezvous;
@@ -304,13 +339,14 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         run_path: Path::new(&job.run_dir).join(&job.name),
         seed: job.seed,
         entrypoint,
+        trainer,
         workers,
         min_workers,
         steps,
         micro_batch,
         grad_accum,
         global_batch,
-        tokens_per_step: global_batch * model.n_ctx as usize,
+        tokens_per_step: global_batch * seq_len as usize,
         optim: OptimSpec {
             lr,
             min_lr,
@@ -329,7 +365,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             n_layer: model.n_layer,
             n_head: model.n_head,
             n_embd: model.n_embd,
-            n_ctx: model.n_ctx,
+            n_ctx: seq_len,
             vocab_size: model.vocab_size,
         },
         data: data_spec,

@@ -47,6 +47,9 @@ impl Default for JobSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
+    /// The built-in training loop: `lm` (language modelling on bytes) or `sft` (supervised
+    /// fine-tuning of a Hugging Face model on prompt/response data).
+    pub trainer: String,
     /// A fixed gang size, or `{ min = 1, max = 4 }` for an elastic one.
     pub workers: Workers,
     pub steps: u64,
@@ -75,6 +78,7 @@ pub struct TrainSection {
 impl Default for TrainSection {
     fn default() -> Self {
         Self {
+            trainer: "lm".into(),
             workers: Workers::Fixed(1),
             steps: 100,
             micro_batch: 16,
@@ -98,7 +102,11 @@ impl Default for TrainSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
+    /// `gpt`: the built-in byte-level GPT, trained from scratch with the sizes below; `hf`: a
+    /// Hugging Face model folder (`path`), for fine-tuning.
     pub kind: String,
+    /// The model folder of `kind = "hf"` (config.json, *.safetensors, tokenizer.json).
+    pub path: String,
     pub n_layer: i64,
     pub n_head: i64,
     pub n_embd: i64,
@@ -109,22 +117,25 @@ pub struct ModelSection {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { kind: "gpt".into(), n_layer: 4, n_head: 4, n_embd: 256, n_ctx: 128, vocab_size: 256 }
+        Self { kind: "gpt".into(), path: String::new(), n_layer: 4, n_head: 4, n_embd: 256, n_ctx: 128, vocab_size: 256 }
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
-    /// `synthetic` (generated from the seed) or a path to a text file, read as bytes.
+    /// Language modelling: `synthetic` (generated from the seed) or a text file, read as bytes.
+    /// Supervised fine-tuning: a JSONL file of `{"prompt", "response"}` or `{"messages"}` lines.
     pub source: String,
     /// Size of the generated corpus in bytes.
     pub synthetic_bytes: u64,
+    /// Supervised fine-tuning: examples are cut to this many tokens.
+    pub max_len: u64,
 }
 
 impl Default for DataSection {
     fn default() -> Self {
-        Self { source: "synthetic".into(), synthetic_bytes: 4 << 20 }
+        Self { source: "synthetic".into(), synthetic_bytes: 4 << 20, max_len: 256 }
     }
 }
 

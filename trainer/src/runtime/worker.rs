@@ -129,6 +129,7 @@ where
     );
 
     let steps = spec.steps;
+    let run_dir = env.run_dir.clone().unwrap_or_else(|| spec.run_path.clone());
     let mut ctx = TrainContext {
         rank: env.rank,
         local_rank: env.local_rank,
@@ -136,6 +137,7 @@ where
         attempt: env.attempt,
         device,
         spec,
+        run_dir: run_dir.clone(),
         collective,
     };
     let mut train_loop = build(&mut ctx)?;
@@ -145,7 +147,6 @@ where
     };
     let config_text = std::fs::read_to_string(&env.config).map_err(|e| TrainError::other(format!("{}: {e}", env.config.display())))?;
     let config_digest = checkpoint::sha256_hex(config_text.as_bytes());
-    let run_dir = env.run_dir.clone().unwrap_or_else(|| ctx.spec.run_path.clone());
     let mut checkpointer = (env.rank == 0).then(|| Checkpointer::new(&run_dir, config_text, ctx.spec.checkpoint));
 
     for step in first..steps {
@@ -193,6 +194,7 @@ where
     if let Some(ck) = checkpointer.as_mut() {
         ck.finish().map_err(|e| TrainError::other(format!("final checkpoint: {e}")))?;
     }
+    train_loop.finish(&mut ctx)?;
     // Every rank leaves together, so no peer sees a closed socket mid-collective.
     ctx.collective.barrier()?;
     Ok(())

@@ -1,0 +1,275 @@
+//! Supervised fine-tuning of a Hugging Face model folder on JSONL examples, with the loss on
+//! response tokens only, through the same DDP, optimizer and checkpoints as every built-in
+//! trainer. At the end rank 0 exports the model as a Hugging Face folder, `<run>/model/`.
+//!
+//! Each line is `{"prompt": ..., "response": ...}` or `{"messages": [{"role", "content"}, ...]}`
+//! (the assistant messages are trained). With a chat template, prompt/response pairs become a
+//! user and an assistant message; without one, the prompt is encoded as text (with the
+//! tokenizer's BOS) and the response follows, ended by EOS.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tch::{Kind, Reduction, Tensor};
+
+use crate::collective::ReduceOp;
+use crate::dp_optim::DpOptimizer;
+use crate::hf::{ChatMessage, HfModel, Tokenizer};
+use crate::train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
+
+/// Label of a token that is not trained (cross-entropy's ignore index).
+const IGNORE: i64 = -100;
+
+/// One tokenized example: its ids and which of them are trained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SftExample {
+    pub ids: Vec<i64>,
+    pub trained: Vec<bool>,
+}
+
+impl SftExample {
+    /// Tokens whose prediction is trained (targets are the ids shifted by one).
+    fn trained_targets(&self) -> usize {
+        self.trained.iter().skip(1).filter(|t| **t).count()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Pair { prompt: String, response: String },
+    Chat { messages: Vec<ChatMessage> },
+}
+
+/// Reads and tokenizes a JSONL file; examples are cut to `max_len` tokens, and ones left with
+/// nothing to train are dropped (the count is logged).
+pub fn load_examples(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Result<Vec<SftExample>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::other(format!("data.source: {}: {e}", path.display())))?;
+    let mut examples = Vec::new();
+    let mut dropped = 0;
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("data.source: {}:{}", path.display(), n + 1);
+        let parsed: Line = serde_json::from_str(line).map_err(|e| {
+            TrainError::other(format!("{}: {e}; expected {{\"prompt\", \"response\"}} or {{\"messages\": [{{\"role\", \"content\"}}]}}", at()))
+        })?;
+        let mut ex = tokenize(parsed, tokenizer).map_err(|e| TrainError::other(format!("{}: {e}", at())))?;
+        ex.ids.truncate(max_len);
+        ex.trained.truncate(max_len);
+        if ex.trained_targets() == 0 {
+            dropped += 1;
+            continue;
+        }
+        examples.push(ex);
+    }
+    if dropped > 0 {
+        tracing::warn!(dropped, max_len, "examples with no response tokens within data.max_len were dropped");
+    }
+    if examples.is_empty() {
+        return Err(TrainError::other(format!("data.source: {} holds no example with response tokens", path.display())));
+    }
+    Ok(examples)
+}
+
+fn tokenize(line: Line, tok: &Tokenizer) -> Result<SftExample, String> {
+    let mut ex = SftExample { ids: Vec::new(), trained: Vec::new() };
+    let mut push = |ids: Vec<u32>, trained: bool| {
+        ex.trained.extend(std::iter::repeat_n(trained, ids.len()));
+        ex.ids.extend(ids.into_iter().map(i64::from));
+    };
+    let messages = match line {
+        Line::Pair { prompt, response } if !tok.has_chat_template() => {
+            push(tok.encode(&prompt, true).map_err(|e| e.to_string())?, false);
+            push(tok.encode(&response, false).map_err(|e| e.to_string())?, true);
+            if let Some(eos) = &tok.eos {
+                push(vec![eos.id], true);
+            }
+            return Ok(ex);
+        }
+        Line::Pair { prompt, response } => {
+            vec![ChatMessage { role: "user".into(), content: prompt }, ChatMessage { role: "assistant".into(), content: response }]
+        }
+        Line::Chat { messages } => messages,
+    };
+    // Render growing prefixes: the text each assistant message adds is trained, the rest not.
+    let render = |upto: usize, generation_prompt: bool| tok.apply_chat_template(&messages[..upto], generation_prompt).map_err(|e| e.to_string());
+    let mut done = String::new();
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let prompt = render(i, true)?;
+        let full = render(i + 1, false)?;
+        let (Some(new_prompt), Some(answer)) = (prompt.strip_prefix(done.as_str()), full.strip_prefix(prompt.as_str())) else {
+            return Err("the chat template does not render conversations as growing prefixes".into());
+        };
+        push(tok.encode(new_prompt, false).map_err(|e| e.to_string())?, false);
+        push(tok.encode(answer, false).map_err(|e| e.to_string())?, true);
+        done = full;
+    }
+    if ex.ids.is_empty() {
+        return Err("no assistant message to train on".into());
+    }
+    Ok(ex)
+}
+
+pub struct SftTrainer {
+    model: HfModel,
+    tokenizer_dir: PathBuf,
+    optim: DpOptimizer,
+    examples: Vec<SftExample>,
+    pad: i64,
+    /// The example order of the current epoch.
+    order: (u64, Vec<u64>),
+}
+
+impl SftTrainer {
+    pub fn new(ctx: &mut TrainContext, model_dir: &Path, max_len: usize) -> Result<Self, TrainError> {
+        let model = HfModel::load(model_dir, ctx.device).map_err(|e| TrainError::other(format!("model.path: {e}")))?;
+        let tokenizer = Tokenizer::from_dir(model_dir).map_err(|e| TrainError::other(format!("model.path: {e}")))?;
+        let limit = model.config.max_positions() as usize;
+        if max_len > limit {
+            return Err(TrainError::other(format!("data.max_len {max_len} exceeds the model's {limit} positions")));
+        }
+        let source = match &ctx.spec.data {
+            crate::config::DataSpec::File(path) => path.clone(),
+            crate::config::DataSpec::Synthetic { .. } => return Err(TrainError::other("data.source: fine-tuning needs a JSONL file")),
+        };
+        let examples = load_examples(&source, &tokenizer, max_len)?;
+        tracing::info!(examples = examples.len(), source = %source.display(), "fine-tuning data");
+        let pad = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |s| i64::from(s.id));
+        let optim = DpOptimizer::new(&model.vs, ctx)?;
+        Ok(Self { model, tokenizer_dir: model_dir.to_path_buf(), optim, examples, pad, order: (u64::MAX, Vec::new()) })
+    }
+
+    /// Example of global sample `sample` of step `step`: the examples in a seeded order,
+    /// reshuffled every epoch, so a step's batch depends on (seed, step) alone.
+    fn example(&mut self, seed: u64, step: u64, global: usize, sample: usize) -> SftExample {
+        let n = self.examples.len() as u64;
+        let position = step * global as u64 + sample as u64;
+        let (epoch, within) = (position / n, position % n);
+        if self.order.0 != epoch {
+            self.order = (epoch, permutation(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15), n));
+        }
+        self.examples[self.order.1[within as usize] as usize].clone()
+    }
+
+    /// Inputs and targets `[n, T-1]` of a micro-batch, right-padded.
+    fn batch(&self, examples: &[SftExample]) -> (Tensor, Tensor) {
+        let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(2).max(2);
+        let mut inputs = vec![self.pad; examples.len() * (t - 1)];
+        let mut targets = vec![IGNORE; examples.len() * (t - 1)];
+        for (r, e) in examples.iter().enumerate() {
+            for j in 0..e.ids.len() - 1 {
+                inputs[r * (t - 1) + j] = e.ids[j];
+                if e.trained[j + 1] {
+                    targets[r * (t - 1) + j] = e.ids[j + 1];
+                }
+            }
+        }
+        let shape = [examples.len() as i64, t as i64 - 1];
+        (Tensor::from_slice(&inputs).view(shape), Tensor::from_slice(&targets).view(shape))
+    }
+}
+
+/// A seeded permutation of `0..n` (Fisher–Yates).
+fn permutation(seed: u64, n: u64) -> Vec<u64> {
+    let mut order: Vec<u64> = (0..n).collect();
+    let mut state = seed;
+    for k in (1..n as usize).rev() {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        order.swap(k, (z % (k as u64 + 1)) as usize);
+    }
+    order
+}
+
+impl TrainLoop for SftTrainer {
+    fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError> {
+        let spec = &ctx.spec;
+        let (micro, accum, global, world) = (spec.micro_batch, spec.grad_accum, spec.global_batch, ctx.world_size);
+        let lr = self.optim.lr_at(step);
+        // The loss is the mean over every trained token of the global batch: each rank divides
+        // its token-summed loss by that count (times W, undone by the averaging all-reduce).
+        let seed = spec.seed;
+        let all: Vec<SftExample> = (0..global).map(|s| self.example(seed, step, global, s)).collect();
+        let tokens: usize = all.iter().map(|e| e.trained_targets()).sum();
+        let scale = world as f64 / tokens as f64;
+        let mut loss_sum = 0.0;
+        let mut seen = 0usize;
+        for m in 0..accum {
+            let start = ((m * world + ctx.rank) * micro).min(global);
+            let end = (start + micro).min(global);
+            if start == end {
+                continue;
+            }
+            let (inputs, targets) = self.batch(&all[start..end]);
+            seen += all[start..end].iter().map(|e| e.ids.len()).sum::<usize>();
+            let logits = self.model.logits(&inputs.to_device(ctx.device));
+            let vocab = logits.size()[2];
+            let summed = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss(
+                &targets.to_device(ctx.device).view([-1]),
+                None::<Tensor>,
+                Reduction::Sum,
+                IGNORE,
+                0.0,
+            );
+            (&summed * scale).f_backward()?;
+            loss_sum += summed.f_double_value(&[])? * scale;
+        }
+        let grad_norm = self.optim.step(ctx, lr)?;
+        let mut reduced = Tensor::from_slice(&[loss_sum as f32, seen as f32]).to_device(ctx.device);
+        ctx.collective.all_reduce(&mut reduced, ReduceOp::Sum)?;
+        let reduced = Vec::<f32>::try_from(reduced.to_device(tch::Device::Cpu)).map_err(TrainError::Torch)?;
+        Ok(StepOutput {
+            loss: f64::from(reduced[0]) / world as f64,
+            lr,
+            // Real tokens of the step (padding excluded).
+            tokens: reduced[1] as usize,
+            grad_norm: Some(grad_norm),
+        })
+    }
+
+    fn state(&self) -> Result<Option<LoopState>, TrainError> {
+        self.optim.state().map(Some)
+    }
+
+    fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
+        self.optim.restore(state)
+    }
+
+    /// Rank 0 exports the fine-tuned model and its tokenizer as a Hugging Face folder.
+    fn finish(&mut self, ctx: &mut TrainContext) -> Result<(), TrainError> {
+        if ctx.rank != 0 {
+            return Ok(());
+        }
+        let out = ctx.run_dir.join("model");
+        self.model.save(&out, Kind::Float, 2 << 30).map_err(|e| TrainError::other(format!("export: {e}")))?;
+        for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"] {
+            let src = self.tokenizer_dir.join(file);
+            if src.exists() {
+                std::fs::copy(&src, out.join(file)).map_err(|e| TrainError::other(format!("export: {}: {e}", src.display())))?;
+            }
+        }
+        tracing::info!(model = %out.display(), "fine-tuned model exported");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::permutation;
+
+    #[test]
+    fn permutations_cover_every_index_once() {
+        for seed in [0, 1, 99] {
+            let mut seen = permutation(seed, 17);
+            seen.sort_unstable();
+            assert_eq!(seen, (0..17).collect::<Vec<_>>());
+        }
+        assert_ne!(permutation(1, 17), (0..17).collect::<Vec<_>>());
+        assert_eq!(permutation(1, 17), permutation(1, 17));
+    }
+}
