@@ -27,6 +27,24 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Greedy generation tokens/s on a Hugging Face model folder for batches of random prompts,
+    /// every sequence run to its full length (compare with bench/hf_generate.py).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// Batch sizes, comma-separated.
+        #[arg(long, default_value = "1,32", value_delimiter = ',')]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 16)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Timed runs per batch size (after one warm-up); the best is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Kill a worker of a running job (kill -9) several times; report kill → training running
     /// again (first optimizer step done by the new attempt), against the 2 s target, and the
     /// async checkpoint stall against one step's time (target 5%).
@@ -48,6 +66,15 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
     match cmd {
+        BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, json } => {
+            match generate_bench(&model, &batch, prompt_len, new_tokens, repeats.max(1), json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: generation benchmark: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         BenchCommand::Recovery { config, kills, steps_between, json } => match recovery(config, kills, steps_between, json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -245,4 +272,43 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     s[s.len() / 2]
+}
+
+fn generate_bench(model_dir: &Path, batches: &[usize], prompt_len: usize, new_tokens: usize, repeats: usize, json: bool) -> Result<(), String> {
+    use rtrain_trainer::hf::{HfModel, SamplingParams, Tokenizer, generate};
+    let model = HfModel::load(model_dir, tch::Device::Cpu).map_err(|e| e.to_string())?;
+    let mut tokenizer = Tokenizer::from_dir(model_dir).map_err(|e| e.to_string())?;
+    // Every sequence runs to its full length, as the transformers side forces with min_new_tokens.
+    tokenizer.stop_ids.clear();
+    let params = SamplingParams { max_new_tokens: new_tokens, temperature: 0.0, ..SamplingParams::default() };
+    let mut state = 0x5eed_u64;
+    for &batch in batches {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|_| {
+                (0..prompt_len)
+                    .map(|_| {
+                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((state >> 33) % 256) as u32
+                    })
+                    .collect()
+            })
+            .collect();
+        generate(&model, &tokenizer, &prompts, &params).map_err(|e| e.to_string())?; // warm-up
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats {
+            let t0 = Instant::now();
+            let out = generate(&model, &tokenizer, &prompts, &params).map_err(|e| e.to_string())?;
+            best = best.min(t0.elapsed().as_secs_f64());
+            if out.iter().any(|g| g.token_ids.len() != new_tokens) {
+                return Err("a sequence ended early".into());
+            }
+        }
+        let tokens_per_s = (batch * new_tokens) as f64 / best;
+        if json {
+            println!("{}", serde_json::json!({ "framework": "rtrain", "batch": batch, "new_tokens": new_tokens, "time_s": best, "tokens_per_s": tokens_per_s, "threads": tch::get_num_threads() }));
+        } else {
+            println!("batch {batch:>3}: {tokens_per_s:>9.1} generated tokens/s ({new_tokens} new tokens in {best:.3} s)");
+        }
+    }
+    Ok(())
 }

@@ -79,15 +79,14 @@ pub fn generate(model: &HfModel, tokenizer: &Tokenizer, prompts: &[Vec<u32>], pa
         Network::Llama(m) => decode_llama(model, m, prompts, budget, params, tokenizer, &stop_ids, &mut rows),
         Network::Gpt2(_) => decode_recompute(model, prompts, budget, params, tokenizer, &stop_ids, &mut rows),
     })?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Generation {
-            token_ids: r.tokens,
-            text: r.text,
-            logprobs: r.logprobs,
-            finish_reason: r.finish.unwrap_or(FinishReason::Length),
+    rows.into_iter()
+        .map(|r| {
+            // A stop string already cut the text; otherwise it is the decoded tokens.
+            let cut = r.finish == Some(FinishReason::Stop) && !stop_ids.contains(r.tokens.last().unwrap_or(&u32::MAX));
+            let text = if cut { r.text } else { tokenizer.decode(&r.tokens, true)? };
+            Ok(Generation { token_ids: r.tokens, text, logprobs: r.logprobs, finish_reason: r.finish.unwrap_or(FinishReason::Length) })
         })
-        .collect())
+        .collect()
 }
 
 #[derive(Default)]
@@ -105,12 +104,14 @@ impl Row {
         let (token, logprob) = pick(logits, params, &mut self.rng);
         self.tokens.push(token);
         self.logprobs.push(logprob);
-        self.text = tokenizer.decode(&self.tokens, true)?;
         if stop_ids.contains(&token) {
             self.finish = Some(FinishReason::Stop);
-        } else if let Some(at) = params.stop_strings.iter().filter_map(|s| self.text.find(s.as_str())).min() {
-            self.text.truncate(at);
-            self.finish = Some(FinishReason::Stop);
+        } else if !params.stop_strings.is_empty() {
+            let text = tokenizer.decode(&self.tokens, true)?;
+            if let Some(at) = params.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+                self.text = text[..at].to_string();
+                self.finish = Some(FinishReason::Stop);
+            }
         }
         Ok(())
     }
@@ -147,7 +148,8 @@ fn decode_llama(
     // A padded query may see itself, so no attention row is empty (its output is never used).
     let eye = Tensor::eye(p, (Kind::Bool, device));
     let attn = (causal.unsqueeze(0).logical_and(&present.unsqueeze(1))).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
-    let mut cache: Vec<LayerKv> = (0..net.config().num_hidden_layers).map(|_| LayerKv::default()).collect();
+    let capacity = p + budget as i64;
+    let mut cache: Vec<LayerKv> = (0..net.config().num_hidden_layers).map(|_| LayerKv::with_capacity(capacity)).collect();
     let logits = net.forward(&ids, &positions, Some(&attn), Some(&mut cache));
     let mut last = logits.select(1, p - 1);
     let mut next_pos = positions.select(1, p - 1) + 1;

@@ -8,9 +8,46 @@ use tch::{Kind, Tensor};
 
 use super::config::{LlamaConfig, RopeScaling};
 
-/// Keys and values of one layer for the positions seen so far: `[B, kv_heads, S, head_dim]`.
+/// Keys and values of one layer for the positions seen so far, in buffers
+/// `[B, kv_heads, capacity, head_dim]` allocated once, so a decoding step copies only its own
+/// keys and values.
 #[derive(Debug, Default)]
-pub struct LayerKv(Option<(Tensor, Tensor)>);
+pub struct LayerKv {
+    buffers: Option<(Tensor, Tensor)>,
+    len: i64,
+    capacity: i64,
+}
+
+impl LayerKv {
+    /// A cache for sequences of up to `capacity` positions (it grows if they get longer).
+    pub fn with_capacity(capacity: i64) -> Self {
+        Self { buffers: None, len: 0, capacity }
+    }
+
+    /// Appends `k` and `v` (`[B, kv_heads, T, head_dim]`); returns views of everything cached.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let t = k.size()[2];
+        let needed = self.len + t;
+        if self.buffers.is_none() || needed > self.capacity {
+            let capacity = needed.max(self.capacity).max(2 * self.len);
+            let mut shape = k.size();
+            shape[2] = capacity;
+            let options = (k.kind(), k.device());
+            let (nk, nv) = (Tensor::zeros(shape.as_slice(), options), Tensor::zeros(shape.as_slice(), options));
+            if let Some((ok, ov)) = &self.buffers {
+                nk.narrow(2, 0, self.len).copy_(&ok.narrow(2, 0, self.len));
+                nv.narrow(2, 0, self.len).copy_(&ov.narrow(2, 0, self.len));
+            }
+            self.buffers = Some((nk, nv));
+            self.capacity = capacity;
+        }
+        let (bk, bv) = self.buffers.as_ref().expect("allocated above");
+        bk.narrow(2, self.len, t).copy_(k);
+        bv.narrow(2, self.len, t).copy_(v);
+        self.len = needed;
+        (bk.narrow(2, 0, needed), bv.narrow(2, 0, needed))
+    }
+}
 
 #[derive(Debug)]
 struct Attention {
@@ -133,20 +170,14 @@ impl Llama {
         let mut k = apply_rope(&split(a.k_proj.forward(x), kv_heads), cos, sin);
         let mut v = split(a.v_proj.forward(x), kv_heads);
         if let Some(cache) = cache {
-            if let Some((pk, pv)) = cache.0.take() {
-                k = Tensor::cat(&[pk, k], 2);
-                v = Tensor::cat(&[pv, v], 2);
-            }
-            cache.0 = Some((k.shallow_clone(), v.shallow_clone()));
+            (k, v) = cache.append(&k, &v);
         }
-        let rep = heads / kv_heads;
-        if rep > 1 {
-            k = k.repeat_interleave_self_int(rep, 1, None);
-            v = v.repeat_interleave_self_int(rep, 1, None);
-        }
+        // Grouped-query attention: SDPA maps query head h to key/value head h / (heads / kv_heads),
+        // as transformers' repeat_kv does, without copying the keys and values.
+        let gqa = heads != kv_heads;
         let y = match mask {
-            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false),
-            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false),
+            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa),
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa),
         };
         a.o_proj.forward(&y.transpose(1, 2).contiguous().view([b, t, heads * d]))
     }
