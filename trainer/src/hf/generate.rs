@@ -3,7 +3,7 @@
 //! reproducible. Each sequence comes back with its tokens, text, per-token log-probabilities and
 //! why it finished.
 //!
-//! Prompts of different lengths are left-padded into one batch; padded positions are masked out
+//! Llama-family and GPT-2 models alike. Prompts of different lengths are left-padded into one batch; padded positions are masked out
 //! of attention and rotary positions count real tokens only, so a prompt generates the same
 //! tokens alone or in a batch (up to float rounding). Sampling runs on the host in f64 from each
 //! row's logits, with one random stream per sequence.
@@ -11,7 +11,7 @@
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use super::{HfError, HfModel, LayerKv, Network, Tokenizer};
+use super::{HfError, HfModel, LayerKv, Tokenizer};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -75,10 +75,7 @@ pub fn generate(model: &HfModel, tokenizer: &Tokenizer, prompts: &[Vec<u32>], pa
         .enumerate()
         .map(|(i, _)| Row { rng: SplitMix::new(params.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)), ..Row::default() })
         .collect();
-    tch::no_grad(|| match &model.network {
-        Network::Llama(m) => decode_llama(model, m, prompts, budget, params, tokenizer, &stop_ids, &mut rows),
-        Network::Gpt2(_) => decode_recompute(model, prompts, budget, params, tokenizer, &stop_ids, &mut rows),
-    })?;
+    tch::no_grad(|| decode(model, prompts, budget, params, tokenizer, &stop_ids, &mut rows))?;
     rows.into_iter()
         .map(|r| {
             // A stop string already cut the text; otherwise it is the decoded tokens.
@@ -117,11 +114,9 @@ impl Row {
     }
 }
 
-/// Llama family: one prefill of the left-padded batch, then one token per step from the cache.
-#[allow(clippy::too_many_arguments)]
-fn decode_llama(
+/// One prefill of the left-padded batch, then one token per step from the cache.
+fn decode(
     model: &HfModel,
-    net: &super::Llama,
     prompts: &[Vec<u32>],
     budget: usize,
     params: &SamplingParams,
@@ -149,8 +144,8 @@ fn decode_llama(
     let eye = Tensor::eye(p, (Kind::Bool, device));
     let attn = (causal.unsqueeze(0).logical_and(&present.unsqueeze(1))).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
     let capacity = p + budget as i64;
-    let mut cache: Vec<LayerKv> = (0..net.config().num_hidden_layers).map(|_| LayerKv::with_capacity(capacity)).collect();
-    let logits = net.forward(&ids, &positions, Some(&attn), Some(&mut cache));
+    let mut cache: Vec<LayerKv> = (0..model.num_layers()).map(|_| LayerKv::with_capacity(capacity)).collect();
+    let logits = model.forward_cached(&ids, &positions, &attn, &mut cache);
     let mut last = logits.select(1, p - 1);
     let mut next_pos = positions.select(1, p - 1) + 1;
     for step in 0..budget {
@@ -168,37 +163,9 @@ fn decode_llama(
         let ids = Tensor::from_slice(&next).view([b, 1]).to_device(device);
         present = Tensor::cat(&[present, Tensor::ones([b, 1], (Kind::Bool, device))], 1);
         let attn = present.view([b, 1, 1, -1]);
-        let logits = net.forward(&ids, &next_pos.view([b, 1]), Some(&attn), Some(&mut cache));
+        let logits = model.forward_cached(&ids, &next_pos.view([b, 1]), &attn, &mut cache);
         last = logits.select(1, 0);
         next_pos = next_pos + 1;
-    }
-    Ok(())
-}
-
-/// Models without a cache here (GPT-2): each prompt on its own, the whole sequence recomputed
-/// per token.
-#[allow(clippy::too_many_arguments)]
-fn decode_recompute(
-    model: &HfModel,
-    prompts: &[Vec<u32>],
-    budget: usize,
-    params: &SamplingParams,
-    tokenizer: &Tokenizer,
-    stop_ids: &[u32],
-    rows: &mut [Row],
-) -> Result<(), HfError> {
-    for (prompt, row) in prompts.iter().zip(rows.iter_mut()) {
-        let mut seq: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
-        for _ in 0..budget {
-            let ids = Tensor::from_slice(&seq).view([1, -1]).to_device(model.device());
-            let logits = model.logits(&ids);
-            let host = rows_to_host(&logits.select(1, seq.len() as i64 - 1))?;
-            row.push(&host[0], params, tokenizer, stop_ids)?;
-            if row.finish.is_some() {
-                break;
-            }
-            seq.push(i64::from(*row.tokens.last().unwrap_or(&0)));
-        }
     }
     Ok(())
 }

@@ -127,6 +127,23 @@ impl HfModel {
         self.vs.device()
     }
 
+    /// Transformer layers (one cache entry each).
+    pub fn num_layers(&self) -> i64 {
+        match &self.network {
+            Network::Llama(m) => m.config().num_hidden_layers,
+            Network::Gpt2(m) => m.config().n_layer,
+        }
+    }
+
+    /// Logits `[B, T, vocab]` for `ids` at `positions` (`[B, T]`), attending as `mask`
+    /// (`[B, 1, T, S]`) over the positions kept in `cache` and these.
+    pub fn forward_cached(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: &mut [LayerKv]) -> Tensor {
+        match &self.network {
+            Network::Llama(m) => m.forward(ids, positions, Some(mask), Some(cache)),
+            Network::Gpt2(m) => m.forward_at(ids, positions, Some(mask), Some(cache)),
+        }
+    }
+
     /// Logits `[B, T, vocab]` for token ids `[B, T]` (no padding, positions from 0).
     pub fn logits(&self, ids: &Tensor) -> Tensor {
         match &self.network {

@@ -12,6 +12,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Reduction, Tensor};
 
 use super::ModelError;
+use super::LayerKv;
 use super::gpt_block::{Block, INIT_STD, gpt2_layer_norm};
 
 /// The shape of a GPT model; `n_embd` must be divisible by `n_head`.
@@ -131,11 +132,18 @@ impl Gpt {
             ),
         };
         let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
+        self.forward_at(idx, &pos, None, None)
+    }
+
+    /// Logits for `idx` `[B, T]` at `positions` (`[T]` or `[B, T]`), attending as `mask`
+    /// (`[B, 1, T, S]`, true = may attend; plainly causal without it) over the positions kept
+    /// in `cache` (one per block) and these.
+    pub fn forward_at(&self, idx: &Tensor, positions: &Tensor, mask: Option<&Tensor>, mut cache: Option<&mut [LayerKv]>) -> Tensor {
         let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false);
-        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false);
+        let pos_emb = Tensor::embedding(&self.wpe, positions, -1, false, false);
         let mut x = tok_emb + pos_emb;
-        for block in &self.blocks {
-            x = block.forward(&x);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, mask, cache.as_deref_mut().map(|c| &mut c[i]));
         }
         let x = self.ln_f.forward(&x);
         x.linear(&self.wte, None::<Tensor>)

@@ -4,6 +4,7 @@
 use tch::Tensor;
 use tch::nn::{self, Module};
 
+use super::LayerKv;
 use super::gpt::GptConfig;
 
 /// Standard deviation of GPT-2's normal initialisation for weights and embeddings.
@@ -48,23 +49,22 @@ impl CausalSelfAttention {
         }
     }
 
-    /// `[B, T, C]` -> `[B, T, C]`; position t attends to positions 0..=t only.
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// `[B, T, C]` -> `[B, T, C]`. Without `mask`, position t attends to positions 0..=t only;
+    /// with it (`[B, 1, T, S]`, true = may attend), to what it allows among the cached positions
+    /// and these, whose keys and values `cache` then keeps.
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerKv>) -> Tensor {
         let (b, t, c) = dims3(x);
         let hs = c / self.n_head;
         let heads = |z: &Tensor| z.view([b, t, self.n_head, hs]).transpose(1, 2);
         let qkv = self.c_attn.forward(x).split(c, 2);
-        let (q, k, v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            true,
-            None,
-            false,
-        );
+        let (q, mut k, mut v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
+        if let Some(cache) = cache {
+            (k, v) = cache.append(&k, &v);
+        }
+        let y = match mask {
+            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false),
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false),
+        };
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
         self.c_proj.forward(&y)
     }
@@ -112,8 +112,8 @@ impl Block {
         }
     }
 
-    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x));
+    pub(super) fn forward(&self, x: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerKv>) -> Tensor {
+        let x = x + self.attn.forward(&self.ln_1.forward(x), mask, cache);
         let h = self.mlp.forward(&self.ln_2.forward(&x));
         x + h
     }

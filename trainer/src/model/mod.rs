@@ -2,8 +2,10 @@
 
 pub mod gpt;
 mod gpt_block;
+mod kv_cache;
 
 pub use gpt::{Gpt, GptConfig};
+pub use kv_cache::LayerKv;
 
 /// A model config that cannot be built.
 #[derive(Debug, thiserror::Error)]
