@@ -3,16 +3,17 @@
 //! A custom training loop on the rtrain runtime: data-parallel linear regression. The same
 //! binary is the launcher (started by hand) and every worker (started by the launcher); the
 //! runtime hands each rank its collective, and the loop uses the library's DDP engine.
-//! Settings under `[user]` in the config reach the loop through `ctx.spec.user`.
+//! Settings under `[user]` in the config reach the loop through `ctx.spec.user`. `state` and
+//! `restore` make the loop checkpointable: rtrain saves, resumes and restarts it like its own.
 
 use std::process::ExitCode;
 
 use rtrain_launcher::run_with_loop;
 use rtrain_trainer::collective::ReduceOp;
 use rtrain_trainer::ddp::Ddp;
-use rtrain_trainer::{StepOutput, TrainContext, TrainError, TrainLoop};
+use rtrain_trainer::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
 use tch::nn::{self, Module, VarStore};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 struct LinearRegression {
     _vs: VarStore,
@@ -68,6 +69,24 @@ impl TrainLoop for LinearRegression {
             tokens: ctx.spec.global_batch,
             grad_norm: None,
         })
+    }
+
+    /// The weights under their variable names (plain SGD keeps no optimizer state).
+    fn state(&self) -> Result<Option<LoopState>, TrainError> {
+        let flat = self.ddp.params();
+        let copy = flat.params().f_to_device(Device::Cpu)?.f_detach_copy()?;
+        let model = flat.entries().iter().map(|e| (e.name.clone(), flat.view(&copy, e))).collect();
+        Ok(Some(LoopState { model, ..Default::default() }))
+    }
+
+    fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
+        let flat = self.ddp.params();
+        for (name, saved) in state.model {
+            let entry = flat.entries().iter().find(|e| e.name == name).ok_or_else(|| TrainError::other(format!("unexpected tensor {name}")))?;
+            let mut target = flat.view(flat.params(), entry);
+            tch::no_grad(|| target.f_copy_(&saved))?;
+        }
+        Ok(())
     }
 }
 

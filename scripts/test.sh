@@ -7,5 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup-libtorch.sh
+# Test binaries find libtorch through their rpath; doctests are linked into a temporary folder,
+# where only the library path helps.
+export LD_LIBRARY_PATH="$PWD/.libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Two test threads: each end-to-end test runs several worker processes on CI's two cores.
 cargo test --workspace --features rtrain-trainer/nccl -- --test-threads 2

@@ -36,4 +36,17 @@ fn custom_loop_example_trains_through_the_launcher() {
     let first = steps[0]["loss"].as_f64().unwrap();
     let last = steps[59]["loss"].as_f64().unwrap();
     assert!(last < 0.05 * first, "regression converges: {first} -> {last}");
+    // The loop is checkpointable: the run ends with a checkpoint of its final step, and a
+    // second launch of the same run resumes from it with nothing left to do.
+    assert!(dir.path().join("custom_loop/checkpoints/step-000060/model.safetensors").exists());
+    let again = Command::new(&exe)
+        .arg(&config)
+        .args(["--set", &format!("job.run_dir={}", dir.path().display()), "--set", "train.steps=60"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(Guard(Some(again)), Duration::from_secs(120));
+    assert!(out.status.success() && stderr(&out).contains("already complete at step 60"), "{}", stderr(&out));
 }
