@@ -150,7 +150,7 @@ fn interrupted_and_resumed_run_is_bit_identical() {
     // From the newest checkpoint at the interruption (the write in flight then, if any, was
     // torn and skipped).
     let resumed = s["attempts"][0]["resumed_from_step"].as_u64().expect("resumed");
-    assert!(resumed >= 2 && resumed % 2 == 0 && resumed <= stopped_at, "{s}");
+    assert!(resumed >= 2 && resumed.is_multiple_of(2) && resumed <= stopped_at, "{s}");
     // Async saves report their stall; the last line is the final step, which always saves.
     let m = metrics(&run_path);
     assert!(m.last().unwrap()["checkpoint_stall_s"].as_f64().is_some_and(|t| t >= 0.0));

@@ -59,7 +59,7 @@ impl RunProgress {
         }
         self.bar.set_message(message.clone());
         let every = (self.total / 10).max(1);
-        if !self.interactive && (m.step % every == 0 || m.step == self.total) {
+        if !self.interactive && (m.step.is_multiple_of(every) || m.step == self.total) {
             eprintln!("step {}/{} {message} lr {:.3e}", m.step, self.total, m.lr);
         }
     }

@@ -86,7 +86,7 @@ pub fn place_gang(request: GangRequest, node: NodeResources) -> Result<Vec<RankP
 /// never fewer than `min` (then the error says what `min` workers would need).
 pub fn elastic_size(min: usize, max: usize, cpus_per_worker: usize, gpus_per_worker: usize, node: NodeResources) -> Result<usize, ScheduleError> {
     let by_cpus = node.cpus / cpus_per_worker.max(1);
-    let by_gpus = if gpus_per_worker == 0 { usize::MAX } else { node.gpus / gpus_per_worker };
+    let by_gpus = node.gpus.checked_div(gpus_per_worker).unwrap_or(usize::MAX);
     let fits = by_cpus.min(by_gpus).min(max);
     if fits >= min {
         return Ok(fits);

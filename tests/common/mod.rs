@@ -123,10 +123,10 @@ pub fn processes_with_env(needle: &str) -> Vec<u32> {
         if state.split_whitespace().nth(2) == Some("Z") {
             continue;
         }
-        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
-            if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
-                found.push(pid);
-            }
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ"))
+            && env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes())
+        {
+            found.push(pid);
         }
     }
     found

@@ -119,7 +119,7 @@ pub struct CheckpointSpec {
 impl CheckpointSpec {
     /// Whether the state after `completed` optimizer steps is saved.
     pub fn due(&self, completed: u64, total: u64) -> bool {
-        completed == total || (self.every > 0 && completed % self.every == 0)
+        completed == total || (self.every > 0 && completed.is_multiple_of(self.every))
     }
 }
 

@@ -165,7 +165,7 @@ fn decode(
         let attn = present.view([b, 1, 1, -1]);
         let logits = model.forward_cached(&ids, &next_pos.view([b, 1]), &attn, &mut cache);
         last = logits.select(1, 0);
-        next_pos = next_pos + 1;
+        let _ = next_pos.g_add_scalar_(1);
     }
     Ok(())
 }

@@ -22,20 +22,23 @@ impl LayerKv {
     pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let t = k.size()[2];
         let needed = self.len + t;
-        if self.buffers.is_none() || needed > self.capacity {
-            let capacity = needed.max(self.capacity).max(2 * self.len);
-            let mut shape = k.size();
-            shape[2] = capacity;
-            let options = (k.kind(), k.device());
-            let (nk, nv) = (Tensor::zeros(shape.as_slice(), options), Tensor::zeros(shape.as_slice(), options));
-            if let Some((ok, ov)) = &self.buffers {
-                nk.narrow(2, 0, self.len).copy_(&ok.narrow(2, 0, self.len));
-                nv.narrow(2, 0, self.len).copy_(&ov.narrow(2, 0, self.len));
+        let buffers = match self.buffers.take() {
+            Some(b) if needed <= self.capacity => b,
+            old => {
+                let capacity = needed.max(self.capacity).max(2 * self.len);
+                let mut shape = k.size();
+                shape[2] = capacity;
+                let options = (k.kind(), k.device());
+                let (nk, nv) = (Tensor::zeros(shape.as_slice(), options), Tensor::zeros(shape.as_slice(), options));
+                if let Some((ok, ov)) = old {
+                    nk.narrow(2, 0, self.len).copy_(&ok.narrow(2, 0, self.len));
+                    nv.narrow(2, 0, self.len).copy_(&ov.narrow(2, 0, self.len));
+                }
+                self.capacity = capacity;
+                (nk, nv)
             }
-            self.buffers = Some((nk, nv));
-            self.capacity = capacity;
-        }
-        let (bk, bv) = self.buffers.as_ref().expect("allocated above");
+        };
+        let (bk, bv) = self.buffers.insert(buffers);
         bk.narrow(2, self.len, t).copy_(k);
         bv.narrow(2, self.len, t).copy_(v);
         self.len = needed;

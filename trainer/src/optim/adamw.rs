@@ -77,19 +77,17 @@ impl AdamW {
         let step_size = lr / bias_correction1;
 
         let grad = params.grads();
-        if let Some(mut bufs) = cpu_f32_buffers([params.params(), grad, &self.exp_avg, &self.exp_avg_sq]) {
-            let [p, g, m, v] = &mut bufs;
-            let update = FusedUpdate {
-                decay: 1.0 - (lr * weight_decay) as f32,
-                decay_numel: params.decay_numel() as usize,
-                one_minus_beta1: (1.0 - beta1) as f32,
-                beta2: beta2 as f32,
-                one_minus_beta2: (1.0 - beta2) as f32,
-                bias_correction2_sqrt: bias_correction2_sqrt as f32,
-                eps: eps as f32,
-                neg_step_size: -step_size as f32,
-            };
-            update.apply(p, g, m, v);
+        let update = FusedUpdate {
+            decay: 1.0 - (lr * weight_decay) as f32,
+            decay_numel: params.decay_numel() as usize,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            bias_correction2_sqrt: bias_correction2_sqrt as f32,
+            eps: eps as f32,
+            neg_step_size: -step_size as f32,
+        };
+        if update.apply_to_cpu_f32([params.params(), grad, &self.exp_avg, &self.exp_avg_sq]) {
             return;
         }
         // A second handle to the flat buffer: in-place ops need `&mut`, the storage is shared.
@@ -185,18 +183,23 @@ impl FusedUpdate {
     }
 }
 
-/// Mutable f32 views of same-length, contiguous CPU f32 tensors, or `None` (then the caller uses
-/// tensor ops: other devices and dtypes).
-fn cpu_f32_buffers<'a>(tensors: [&'a Tensor; 4]) -> Option<[&'a mut [f32]; 4]> {
-    let n = tensors[0].numel();
-    let ok = tensors.iter().all(|t| {
-        t.device() == tch::Device::Cpu && t.kind() == tch::Kind::Float && t.is_contiguous() && t.numel() == n
-    });
-    if !ok {
-        return None;
+impl FusedUpdate {
+    /// Applies the update to the parameter, gradient and moment buffers if all four are
+    /// same-length, contiguous CPU f32 tensors; returns false (nothing done) otherwise, and the
+    /// caller uses tensor ops (other devices and dtypes).
+    fn apply_to_cpu_f32(&self, [p, g, m, v]: [&Tensor; 4]) -> bool {
+        let n = p.numel();
+        let ok = [p, g, m, v].iter().all(|t| {
+            t.device() == tch::Device::Cpu && t.kind() == tch::Kind::Float && t.is_contiguous() && t.numel() == n
+        });
+        if !ok {
+            return false;
+        }
+        // SAFETY: the four tensors are distinct, contiguous CPU f32 buffers of n elements (the
+        // flat parameters, gradients and the two moments never alias) and stay alive for this
+        // call; nothing else reads or writes them while `AdamW::step` runs.
+        let slice = |t: &Tensor| unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) };
+        self.apply(slice(p), slice(g), slice(m), slice(v));
+        true
     }
-    // SAFETY: each tensor is a distinct, contiguous CPU f32 buffer of n elements (the flat
-    // parameters, gradients and the two moments never alias), alive as long as the borrows;
-    // nothing else reads or writes them while `AdamW::step` runs.
-    Some(tensors.map(|t| unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) }))
 }

@@ -132,10 +132,8 @@ impl ControlPlane {
     /// Records progress for heartbeats and, on rank 0, sends the step's metrics (non-blocking).
     pub fn step_done(&self, metrics: StepMetrics) {
         self.step.store(metrics.step, Ordering::Relaxed);
-        if self.id.rank == 0 {
-            if let Some(tx) = &self.metrics {
-                let _ = tx.send(StepMetrics { id: Some(self.id.clone()), ..metrics });
-            }
+        if let (0, Some(tx)) = (self.id.rank, &self.metrics) {
+            let _ = tx.send(StepMetrics { id: Some(self.id.clone()), ..metrics });
         }
     }
 
