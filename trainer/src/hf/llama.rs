@@ -110,13 +110,15 @@ impl Llama {
     pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, mut cache: Option<&mut [LayerKv]>) -> Tensor {
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         let (cos, sin) = self.rope(positions);
+        // Residuals are `x = &x + ...`, never `x += ...`: tch's `+=` is an in-place add, which
+        // would overwrite activations autograd saved.
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c[i]);
             let h = rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps);
-            x += self.attention(&layer.self_attn, &h, &cos, &sin, mask, kv);
+            x = &x + self.attention(&layer.self_attn, &h, &cos, &sin, mask, kv);
             let h = rms_norm(&x, &layer.post_attention_layernorm, self.cfg.rms_norm_eps);
             let m = &layer.mlp;
-            x += m.down_proj.forward(&(m.gate_proj.forward(&h).silu() * m.up_proj.forward(&h)));
+            x = &x + m.down_proj.forward(&(m.gate_proj.forward(&h).silu() * m.up_proj.forward(&h)));
         }
         let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps);
         x.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tr())
