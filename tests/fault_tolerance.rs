@@ -127,7 +127,7 @@ fn next_random(state: &mut u64) -> u64 {
 #[test]
 fn interrupted_and_resumed_run_is_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
-    let steps = 24;
+    let steps = 40;
     let reference = job("reference", dir.path(), "2", steps, "");
     launch_ok(&reference, &[]);
 
@@ -220,7 +220,7 @@ fn kill_9_random_ranks_repeatedly_and_still_match() {
 #[test]
 fn a_stopped_rank_is_detected_as_hung_and_restarted() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = job("hang", dir.path(), "2", 30, "heartbeat_timeout_s = 2.0");
+    let cfg = job("hang", dir.path(), "2", 60, "heartbeat_timeout_s = 2.0");
     let run_path = dir.path().join("hang");
     let guard = spawn(&["launch", cfg.to_str().unwrap()]);
     assert!(wait_until(LIMIT, || last_step(&run_path) >= 5), "training never started");
@@ -233,7 +233,7 @@ fn a_stopped_rank_is_detected_as_hung_and_restarted() {
     let cause = s["attempts"][0]["cause"].as_str().unwrap();
     assert!(cause.starts_with("trainer:1 stopped responding: no heartbeat for"), "{s}");
     assert!(cause.contains("fault.heartbeat_timeout_s = 2"), "{cause}");
-    assert_eq!(s["final_step"], 30);
+    assert_eq!(s["final_step"], 60);
     assert!(processes_with_env(&config_env(&run_path)).is_empty(), "the stopped worker was not left behind");
 }
 
@@ -290,7 +290,7 @@ fn killed_during_a_checkpoint_write_resumes_from_the_previous_one() {
 #[test]
 fn damaged_checkpoints_are_skipped_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
-    let steps = 30;
+    let steps = 50;
     let reference = job("reference", dir.path(), "2", steps, "");
     launch_ok(&reference, &[]);
 
@@ -339,7 +339,7 @@ fn damaged_checkpoints_are_skipped_with_a_warning() {
 #[test]
 fn resume_with_fewer_workers_keeps_the_global_batch_and_refuses_another_model() {
     let dir = tempfile::tempdir().unwrap();
-    let steps = 16;
+    let steps = 30;
     let reference = job("reference", dir.path(), "2", steps, "");
     launch_ok(&reference, &[]);
 
@@ -376,7 +376,7 @@ fn resume_with_fewer_workers_keeps_the_global_batch_and_refuses_another_model() 
 #[test]
 fn an_elastic_gang_continues_smaller_after_losing_capacity() {
     let dir = tempfile::tempdir().unwrap();
-    let steps = 30;
+    let steps = 50;
     let cfg = job("elastic", dir.path(), "{ min = 1, max = 2 }", steps, "");
     let run_path = dir.path().join("elastic");
     let guard = spawn(&["launch", cfg.to_str().unwrap()]);
