@@ -151,7 +151,17 @@ where
 
     for step in first..steps {
         let started = Instant::now();
-        let out = train_loop.step(&mut ctx, step)?;
+        let out = match train_loop.step(&mut ctx, step) {
+            Ok(out) => out,
+            Err(e) => {
+                // A save still being written completes first: a peer's failure (the usual cause
+                // of a failed step) should not also cost the newest checkpoint.
+                if let Some(ck) = checkpointer.as_mut() {
+                    let _ = ck.finish();
+                }
+                return Err(e);
+            }
+        };
         let step_time = started.elapsed().as_secs_f64();
         let completed = step + 1;
         let mut stall = None;
