@@ -43,7 +43,7 @@ fn set_overrides_reach_the_resolved_config() {
     let out = run(&["validate", cfg.to_str().unwrap(), "--set", "train.workers=3", "--set", "train.grad_accum=2"], LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("3 workers × micro_batch 4 × grad_accum 2 = global batch 24"), "{stdout}");
+    assert!(stdout.contains("3 workers; global batch 24 = 3 × micro_batch 4 × grad_accum 2"), "{stdout}");
 }
 
 #[test]

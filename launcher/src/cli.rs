@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use rtrain_trainer::config::{self, LoadedConfig};
+use rtrain_trainer::config::{self, LoadedConfig, TrainerKind};
 use rtrain_trainer::builtin::BuiltIn;
 use rtrain_trainer::runtime::{WorkerEnv, run_worker};
 use rtrain_trainer::train_loop::{TrainContext, TrainError, TrainLoop};
@@ -126,20 +126,32 @@ fn validate(args: &ConfigArgs) -> ExitCode {
     };
     let s = &loaded.spec;
     println!("{}: ok", args.file.display());
+    let workers = if s.min_workers == s.workers { s.workers.to_string() } else { format!("{}–{} (elastic)", s.min_workers, s.workers) };
     println!(
-        "  {} workers × micro_batch {} × grad_accum {} = global batch {} ({} tokens/step)",
-        s.workers, s.micro_batch, s.grad_accum, s.global_batch, s.tokens_per_step
+        "  {workers} workers; global batch {} = {} × micro_batch {} × grad_accum {} ({} token slots/step)",
+        s.global_batch, s.workers, s.micro_batch, s.grad_accum, s.tokens_per_step
     );
     println!(
-        "  {} steps, lr {} (warm-up {}, cosine to {}), device {:?}, backend {}",
-        s.steps, s.optim.lr, s.optim.warmup_steps, s.optim.min_lr, s.device, s.backend.name()
+        "  {} steps, lr {:e} (warm-up {}, cosine to {:e}), device {:?}, backend {}",
+        s.steps, s.optim.lr, s.optim.warmup_steps, s.optim.min_lr as f32, s.device, s.backend.name()
     );
-    match &s.entrypoint {
-        Some(cmd) => println!("  worker: {}", cmd.join(" ")),
-        None => println!(
+    println!(
+        "  checkpoints every {} steps (and the last), keep {} newest{}; {} infrastructure and {} training-code restarts",
+        s.checkpoint.every,
+        s.checkpoint.keep_last,
+        if s.checkpoint.keep_best > 0 { format!(" and {} best", s.checkpoint.keep_best) } else { String::new() },
+        s.fault.max_restarts,
+        s.fault.max_user_restarts
+    );
+    match (&s.entrypoint, &s.trainer) {
+        (Some(cmd), _) => println!("  worker: {}", cmd.join(" ")),
+        (None, TrainerKind::Lm) => println!(
             "  worker: built-in GPT (n_layer {}, n_head {}, n_embd {}, n_ctx {})",
             s.model.n_layer, s.model.n_head, s.model.n_embd, s.model.n_ctx
         ),
+        (None, TrainerKind::Sft { model, max_len }) => {
+            println!("  worker: fine-tuning {} (examples cut to {max_len} tokens)", model.display())
+        }
     }
     println!("  output: {}", s.run_path.display());
     ExitCode::SUCCESS
