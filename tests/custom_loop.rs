@@ -21,15 +21,19 @@ fn custom_loop_example_trains_through_the_launcher() {
     assert!(exe.exists(), "{} not built", exe.display());
     let dir = tempfile::tempdir().unwrap();
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/custom_loop.toml");
-    let child = Command::new(&exe)
-        .arg(&config)
-        .args(["--set", &format!("job.run_dir={}", dir.path().display()), "--set", "train.steps=60"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_output(Guard(Some(child)), Duration::from_secs(120));
+    // The example binary is the launcher: it takes `rtrain launch`'s arguments.
+    let launch = || {
+        let child = Command::new(&exe)
+            .arg(&config)
+            .args(["--set", &format!("job.run_dir={}", dir.path().display()), "--set", "train.steps=60"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_output(Guard(Some(child)), Duration::from_secs(120))
+    };
+    let out = launch();
     assert!(out.status.success(), "{}", stderr(&out));
     let steps = metrics(&dir.path().join("custom_loop"));
     assert_eq!(steps.len(), 60);
@@ -39,14 +43,6 @@ fn custom_loop_example_trains_through_the_launcher() {
     // The loop is checkpointable: the run ends with a checkpoint of its final step, and a
     // second launch of the same run resumes from it with nothing left to do.
     assert!(dir.path().join("custom_loop/checkpoints/step-000060/model.safetensors").exists());
-    let again = Command::new(&exe)
-        .arg(&config)
-        .args(["--set", &format!("job.run_dir={}", dir.path().display()), "--set", "train.steps=60"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_output(Guard(Some(again)), Duration::from_secs(120));
+    let out = launch();
     assert!(out.status.success() && stderr(&out).contains("already complete at step 60"), "{}", stderr(&out));
 }

@@ -54,11 +54,11 @@ fn list(run: &Path) -> Result<ExitCode, String> {
     let latest = std::fs::read_to_string(run.join(CHECKPOINTS_DIR).join(LATEST_FILE)).unwrap_or_default();
     println!("{:>8}  {:<8}  {:>10}  {:>10}  {:>7}  path", "step", "status", "size", "loss", "workers");
     for c in checkpoints(run)? {
-        let (status, size) = match checkpoint::verify(&c.path) {
-            Ok(m) => ("ok".to_string(), human_bytes(m.files.iter().map(|f| f.bytes).sum())),
-            Err(_) => ("INVALID".to_string(), "-".into()),
+        let (status, size, state) = match checkpoint::verify(&c.path) {
+            Ok(v) => ("ok", human_bytes(v.manifest.files.iter().map(|f| f.bytes).sum()), Some(v.state)),
+            // A damaged checkpoint may still have a readable state to show.
+            Err(_) => ("INVALID", "-".into(), checkpoint::read_state(&c.path).ok()),
         };
-        let state = checkpoint::read_state(&c.path).ok();
         let loss = state.as_ref().and_then(|s| s.metric).map_or_else(|| "-".into(), |l| format!("{l:.4}"));
         let workers = state.as_ref().map_or_else(|| "-".into(), |s| s.world_size.to_string());
         let mark = if latest.trim() == checkpoint::dir_name(c.step) { "  (latest)" } else { "" };
@@ -69,16 +69,17 @@ fn list(run: &Path) -> Result<ExitCode, String> {
 
 fn inspect(run: &Path, step: Option<u64>) -> Result<ExitCode, String> {
     let all = checkpoints(run)?;
-    let chosen = match step {
-        Some(s) => all.into_iter().find(|c| c.step == s).ok_or_else(|| format!("{} has no checkpoint of step {s}", run.display()))?,
+    let (chosen, checkpoint::Verified { manifest, state }) = match step {
+        Some(s) => {
+            let c = all.into_iter().find(|c| c.step == s).ok_or_else(|| format!("{} has no checkpoint of step {s}", run.display()))?;
+            let verified = checkpoint::verify(&c.path).map_err(|e| format!("{}: does not verify: {e}", c.path.display()))?;
+            (c, verified)
+        }
         None => checkpoint::newest_valid(run)
             .map_err(|e| e.to_string())?
             .newest
-            .map(|(c, _)| c)
             .ok_or_else(|| format!("{} has no valid checkpoint (see `rtrain ckpt verify`)", run.display()))?,
     };
-    let manifest = checkpoint::verify(&chosen.path).map_err(|e| format!("{}: does not verify: {e}", chosen.path.display()))?;
-    let state = checkpoint::read_state(&chosen.path).map_err(|e| e.to_string())?;
     println!("checkpoint {} (verified)", chosen.path.display());
     println!("  step {} | workers {} | global batch {} (micro {} × accum {}) | lr {:.3e} | loss {}", state.step, state.world_size, state.global_batch, state.micro_batch, state.grad_accum, state.lr, state.metric.map_or("-".into(), |l| format!("{l:.4}")));
     println!("  config sha256 {}", state.config_digest);
@@ -109,7 +110,7 @@ fn verify(run: &Path) -> Result<ExitCode, String> {
     let mut bad = 0;
     for c in checkpoints(run)? {
         match checkpoint::verify(&c.path) {
-            Ok(m) => println!("ok       {} ({} files)", c.path.display(), m.files.len()),
+            Ok(v) => println!("ok       {} ({} files)", c.path.display(), v.manifest.files.len()),
             Err(e) => {
                 bad += 1;
                 println!("INVALID  {}: {e}", c.path.display());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rtrain_trainer::checkpoint::{self, Checkpoint, TrainerState};
 use rtrain_trainer::config::{DeviceKind, LoadedConfig};
 use rtrain_trainer::proto::{FailureReport, StepMetrics};
-use rtrain_trainer::runtime::{model_keys, unix_now, vars};
+use rtrain_trainer::runtime::{model_keys, unix_now};
 use serde::Serialize;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
@@ -19,6 +19,7 @@ use crate::failure::{FailureSummary, RankFailure};
 use crate::progress::RunProgress;
 use crate::run_dir::{RunDir, RunDirError};
 use crate::scheduler::{GangRequest, NodeResources, RankPlacement, ScheduleError, elastic_size, place_gang};
+use crate::worker_env::{WorkerCommon, allowed_cpus, free_port, job_token, pinned_cpus, worker_env};
 
 /// Time workers get to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -28,7 +29,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const SETTLE: Duration = Duration::from_millis(50);
 /// How often heartbeats are checked for hung workers.
 const HEALTH_TICK: Duration = Duration::from_millis(250);
-const ROLE: &str = "trainer";
+pub(crate) const ROLE: &str = "trainer";
 
 /// What the workers run.
 #[derive(Debug, Clone)]
@@ -372,13 +373,12 @@ impl Launch<'_> {
         for (ckpt, why) in &scan.skipped {
             self.progress.println(&format!("warning: skipping checkpoint {}: {why}", ckpt.path.display()));
         }
-        let Some((ckpt, _manifest)) = scan.newest else {
+        let Some((ckpt, checkpoint::Verified { state, .. })) = scan.newest else {
             if !scan.skipped.is_empty() {
                 self.progress.println("warning: no valid checkpoint left; starting from step 0");
             }
             return Ok(None);
         };
-        let state = checkpoint::read_state(&ckpt.path).map_err(|e| LaunchError::Resume(e.to_string()))?;
         let spec = &self.loaded.spec;
         let want = model_keys(&spec.model);
         let mut mismatched: Vec<String> = want
@@ -684,97 +684,4 @@ fn describe(kind: ExitKind) -> String {
         ExitKind::Code(_) => format!("exited with {kind}"),
         ExitKind::Signal(_) => format!("was killed by {kind}"),
     }
-}
-
-struct WorkerCommon {
-    coordinator: String,
-    token: String,
-    config: PathBuf,
-    run_dir: PathBuf,
-    run_id: String,
-    master_port: u16,
-    attempt: u32,
-    max_restarts: u32,
-    world_size: usize,
-    global_batch: usize,
-    resume: Option<PathBuf>,
-    device: DeviceKind,
-}
-
-/// The torchrun environment plus rtrain's own (DESIGN.md, worker contract).
-fn worker_env(c: &WorkerCommon, p: &RankPlacement, all: &[RankPlacement]) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = [
-        ("RANK", p.rank.to_string()),
-        ("LOCAL_RANK", p.local_rank.to_string()),
-        ("WORLD_SIZE", c.world_size.to_string()),
-        ("LOCAL_WORLD_SIZE", all.len().to_string()),
-        ("GROUP_RANK", "0".into()),
-        ("NODE_RANK", "0".into()),
-        ("ROLE_NAME", ROLE.into()),
-        ("ROLE_RANK", p.rank.to_string()),
-        ("ROLE_WORLD_SIZE", c.world_size.to_string()),
-        ("MASTER_ADDR", "127.0.0.1".into()),
-        ("MASTER_PORT", c.master_port.to_string()),
-        ("TORCHELASTIC_RESTART_COUNT", c.attempt.to_string()),
-        ("TORCHELASTIC_MAX_RESTARTS", c.max_restarts.to_string()),
-        ("TORCHELASTIC_RUN_ID", c.run_id.clone()),
-        (vars::COORDINATOR, c.coordinator.clone()),
-        (vars::JOB_TOKEN, c.token.clone()),
-        (vars::ROLE, ROLE.into()),
-        (vars::ATTEMPT, c.attempt.to_string()),
-        (vars::CONFIG, c.config.display().to_string()),
-        (vars::RUN_DIR, c.run_dir.display().to_string()),
-        (vars::GLOBAL_BATCH, c.global_batch.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    if let Some(path) = &c.resume {
-        env.push((vars::RESUME_FROM.into(), path.display().to_string()));
-    }
-    if std::env::var_os("OMP_NUM_THREADS").is_none() {
-        env.push(("OMP_NUM_THREADS".into(), p.threads.to_string()));
-    }
-    if c.device == DeviceKind::Cuda {
-        let mut gpus: Vec<usize> = all.iter().flat_map(|q| q.gpus.iter().copied()).collect();
-        gpus.sort_unstable();
-        let list: Vec<String> = gpus.iter().map(|g| g.to_string()).collect();
-        env.push(("CUDA_VISIBLE_DEVICES".into(), list.join(",")));
-    }
-    env
-}
-
-/// The CPU cores this process may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it, CPU_ISSET only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize).filter(|cpu| libc::CPU_ISSET(*cpu, &set)).collect()
-    }
-}
-
-/// A CPU worker's own cores: rank r takes the r-th run of `threads` allowed cores, so ranks do
-/// not migrate onto each other's caches. No pinning when the cores do not go round.
-fn pinned_cpus(p: &RankPlacement, allowed: &[usize]) -> Vec<usize> {
-    let start = p.local_rank * p.threads;
-    allowed.get(start..start + p.threads).map(<[usize]>::to_vec).unwrap_or_default()
-}
-
-/// A random 128-bit token, hex-encoded.
-fn job_token() -> String {
-    let mut bytes = [0u8; 16];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
-        // No /dev/urandom: fall back to time and pid, still unguessable across jobs in practice.
-        let seed = unix_now().to_bits() ^ (std::process::id() as u64) << 32;
-        bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A port free right now on loopback, for MASTER_PORT (torchrun scripts host their store there).
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -13,5 +13,6 @@ pub mod launch;
 pub mod progress;
 pub mod run_dir;
 pub mod scheduler;
+mod worker_env;
 
 pub use cli::run_with_loop;

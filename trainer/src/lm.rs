@@ -6,7 +6,7 @@ use tch::{Kind, Tensor};
 
 use crate::collective::ReduceOp;
 use crate::config::{DataSpec, JobSpec};
-use crate::data::{BatchPlan, ByteCorpus};
+use crate::data::{BatchPlan, ByteCorpus, rank_samples};
 use crate::dp_optim::DpOptimizer;
 use crate::model::{Gpt, GptConfig};
 use crate::train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
@@ -58,17 +58,14 @@ impl TrainLoop for LmTrainer {
         let lr = self.optim.lr_at(step);
         let mut loss_sum = 0.0;
         for m in 0..accum {
-            // Micro-batch m of rank r holds global samples [(m·W + r)·micro, +micro), cut at the
-            // global batch: any (workers, grad_accum) split of the same global batch sees the
-            // same samples. Each micro-batch's mean loss is weighted by its share of the global
-            // batch (times W, undone by the averaging all-reduce), so uneven splits are exact.
-            let start = ((m * world + ctx.rank) * micro).min(global);
-            let end = (start + micro).min(global);
-            if start == end {
+            // Each micro-batch's mean loss is weighted by its share of the global batch (times
+            // W, undone by the averaging all-reduce), so uneven splits are exact.
+            let samples = rank_samples(m, ctx.rank, world, micro, global);
+            if samples.is_empty() {
                 continue;
             }
-            let weight = ((end - start) * world) as f64 / global as f64;
-            let (inputs, targets) = self.plan.micro_batch(&self.corpus, step, start..end);
+            let weight = (samples.len() * world) as f64 / global as f64;
+            let (inputs, targets) = self.plan.micro_batch(&self.corpus, step, samples);
             let loss = self.model.loss(&inputs.to_device(ctx.device), &targets.to_device(ctx.device));
             (&loss * weight).f_backward()?;
             loss_sum += loss.f_double_value(&[])? * weight;

@@ -13,6 +13,8 @@ use serde::Deserialize;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::collective::ReduceOp;
+use crate::data::rank_samples;
+use crate::data::splitmix::SplitMix64;
 use crate::dp_optim::DpOptimizer;
 use crate::hf::{ChatMessage, HfModel, Tokenizer};
 use crate::train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
@@ -174,14 +176,9 @@ impl SftTrainer {
 /// A seeded permutation of `0..n` (Fisher–Yates).
 fn permutation(seed: u64, n: u64) -> Vec<u64> {
     let mut order: Vec<u64> = (0..n).collect();
-    let mut state = seed;
+    let mut rng = SplitMix64::new(seed);
     for k in (1..n as usize).rev() {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        order.swap(k, (z % (k as u64 + 1)) as usize);
+        order.swap(k, (rng.next_u64() % (k as u64 + 1)) as usize);
     }
     order
 }
@@ -200,13 +197,13 @@ impl TrainLoop for SftTrainer {
         let mut loss_sum = 0.0;
         let mut seen = 0usize;
         for m in 0..accum {
-            let start = ((m * world + ctx.rank) * micro).min(global);
-            let end = (start + micro).min(global);
-            if start == end {
+            let samples = rank_samples(m, ctx.rank, world, micro, global);
+            if samples.is_empty() {
                 continue;
             }
-            let (inputs, targets) = self.batch(&all[start..end]);
-            seen += all[start..end].iter().map(|e| e.ids.len()).sum::<usize>();
+            let part = &all[samples];
+            let (inputs, targets) = self.batch(part);
+            seen += part.iter().map(|e| e.ids.len()).sum::<usize>();
             let logits = self.model.logits(&inputs.to_device(ctx.device));
             let vocab = logits.size()[2];
             let summed = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss(

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use retention::{MetricOrder, to_delete};
 pub use store::{
-    Checkpoint, Scan, dir_name, list, newest_valid, read, read_state, retain, verify, write,
+    Checkpoint, Scan, Verified, dir_name, list, newest_valid, read, read_state, retain, verify, write,
 };
 
 /// The folder of a run that holds its checkpoints.

@@ -48,9 +48,16 @@ pub fn list(run: &Path) -> Result<Vec<Checkpoint>, CheckpointError> {
     Ok(found)
 }
 
+/// A checkpoint that matches its manifest: the manifest and the trainer state.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub manifest: Manifest,
+    pub state: TrainerState,
+}
+
 /// Checks a checkpoint against its manifest: every listed file present with its size and
 /// SHA-256, and the trainer state readable.
-pub fn verify(path: &Path) -> Result<Manifest, CheckpointError> {
+pub fn verify(path: &Path) -> Result<Verified, CheckpointError> {
     let manifest_path = path.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest_path).map_err(io_err(&manifest_path))?;
     let manifest: Manifest = serde_json::from_str(&text)
@@ -76,15 +83,15 @@ pub fn verify(path: &Path) -> Result<Manifest, CheckpointError> {
             return Err(CheckpointError::invalid(&file_path, "SHA-256 differs from the manifest (corrupted)"));
         }
     }
-    read_state(path)?;
-    Ok(manifest)
+    let state = read_state(path)?;
+    Ok(Verified { manifest, state })
 }
 
 /// The outcome of looking for a checkpoint to resume from.
 #[derive(Debug, Default)]
 pub struct Scan {
     /// The newest checkpoint that verifies.
-    pub newest: Option<(Checkpoint, Manifest)>,
+    pub newest: Option<(Checkpoint, Verified)>,
     /// Newer checkpoints that failed verification, with the reason, newest first.
     pub skipped: Vec<(Checkpoint, CheckpointError)>,
 }
@@ -94,8 +101,8 @@ pub fn newest_valid(run: &Path) -> Result<Scan, CheckpointError> {
     let mut scan = Scan::default();
     for ckpt in list(run)?.into_iter().rev() {
         match verify(&ckpt.path) {
-            Ok(manifest) => {
-                scan.newest = Some((ckpt, manifest));
+            Ok(verified) => {
+                scan.newest = Some((ckpt, verified));
                 break;
             }
             Err(e) => scan.skipped.push((ckpt, e)),

@@ -22,6 +22,15 @@ pub struct BatchPlan {
     pub global_batch: usize,
 }
 
+/// The global samples of micro-batch `m` on `rank` of a gang of `world`: `[(m·W + rank)·micro,
+/// +micro)`, cut at the global batch (empty past it). Any (workers, grad_accum) split of the same
+/// global batch therefore covers the same samples, which makes resuming with another gang size
+/// and gradient accumulation exact.
+pub fn rank_samples(m: usize, rank: usize, world: usize, micro: usize, global: usize) -> Range<usize> {
+    let start = ((m * world + rank) * micro).min(global);
+    start..(start + micro).min(global)
+}
+
 impl BatchPlan {
     /// Errors unless `corpus` holds at least one window (`seq_len + 1` bytes).
     pub fn check(&self, corpus: &ByteCorpus) -> Result<(), DataError> {

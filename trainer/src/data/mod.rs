@@ -2,11 +2,11 @@
 
 pub mod batch;
 pub mod corpus;
-mod splitmix;
+pub mod splitmix;
 
 use std::path::PathBuf;
 
-pub use batch::BatchPlan;
+pub use batch::{BatchPlan, rank_samples};
 pub use corpus::ByteCorpus;
 
 /// Why a corpus cannot be used.

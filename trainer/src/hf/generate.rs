@@ -12,6 +12,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use super::{HfError, HfModel, LayerKv, Tokenizer};
+use crate::data::splitmix::SplitMix64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -73,26 +74,33 @@ pub fn generate(model: &HfModel, tokenizer: &Tokenizer, prompts: &[Vec<u32>], pa
     let mut rows: Vec<Row> = prompts
         .iter()
         .enumerate()
-        .map(|(i, _)| Row { rng: SplitMix::new(params.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)), ..Row::default() })
+        .map(|(i, _)| Row {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            cut: None,
+            finish: None,
+            rng: SplitMix64::new(params.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        })
         .collect();
     tch::no_grad(|| decode(model, prompts, budget, params, tokenizer, &stop_ids, &mut rows))?;
     rows.into_iter()
         .map(|r| {
-            // A stop string already cut the text; otherwise it is the decoded tokens.
-            let cut = r.finish == Some(FinishReason::Stop) && !stop_ids.contains(r.tokens.last().unwrap_or(&u32::MAX));
-            let text = if cut { r.text } else { tokenizer.decode(&r.tokens, true)? };
+            let text = match r.cut {
+                Some(text) => text,
+                None => tokenizer.decode(&r.tokens, true)?,
+            };
             Ok(Generation { token_ids: r.tokens, text, logprobs: r.logprobs, finish_reason: r.finish.unwrap_or(FinishReason::Length) })
         })
         .collect()
 }
 
-#[derive(Default)]
 struct Row {
     tokens: Vec<u32>,
     logprobs: Vec<f64>,
-    text: String,
+    /// The text up to a stop string, when one ended the sequence.
+    cut: Option<String>,
     finish: Option<FinishReason>,
-    rng: SplitMix,
+    rng: SplitMix64,
 }
 
 impl Row {
@@ -106,7 +114,7 @@ impl Row {
         } else if !params.stop_strings.is_empty() {
             let text = tokenizer.decode(&self.tokens, true)?;
             if let Some(at) = params.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
-                self.text = text[..at].to_string();
+                self.cut = Some(text[..at].to_string());
                 self.finish = Some(FinishReason::Stop);
             }
         }
@@ -179,7 +187,7 @@ fn rows_to_host(logits: &Tensor) -> Result<Vec<Vec<f32>>, HfError> {
 }
 
 /// The next token and its log-probability under the raw logits.
-fn pick(logits: &[f32], params: &SamplingParams, rng: &mut SplitMix) -> (u32, f64) {
+fn pick(logits: &[f32], params: &SamplingParams, rng: &mut SplitMix64) -> (u32, f64) {
     let log_probs = log_softmax(logits.iter().map(|&x| f64::from(x)));
     if params.temperature <= 0.0 {
         // The first of equal maxima, as torch.argmax picks.
@@ -204,7 +212,8 @@ fn pick(logits: &[f32], params: &SamplingParams, rng: &mut SplitMix) -> (u32, f6
         }
     }
     let mass: f64 = probs[..keep].iter().sum();
-    let mut u = rng.next_f64() * mass;
+    // Uniform in [0, 1) from the top 53 bits.
+    let mut u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * mass;
     let mut chosen = keep - 1;
     for (i, p) in probs[..keep].iter().enumerate() {
         if u < *p {
@@ -222,29 +231,6 @@ fn log_softmax(xs: impl Iterator<Item = f64> + Clone) -> Vec<f64> {
     let sum: f64 = xs.clone().map(|x| (x - max).exp()).sum();
     let log_sum = max + sum.ln();
     xs.map(|x| x - log_sum).collect()
-}
-
-/// splitmix64: a small seeded generator, one per sequence.
-#[derive(Debug, Clone, Default)]
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// Per-token log-probabilities of `ids` under the model: entry t is log p(ids[t] | ids[..t]),

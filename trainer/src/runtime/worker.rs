@@ -142,7 +142,7 @@ where
     };
     let mut train_loop = build(&mut ctx)?;
     let first = match &env.resume_from {
-        Some(path) => resume(path, &mut train_loop, &ctx)?,
+        Some(path) => resume(path, &mut train_loop)?,
         None => 0,
     };
     let config_text = std::fs::read_to_string(&env.config).map_err(|e| TrainError::other(format!("{}: {e}", env.config.display())))?;
@@ -210,22 +210,11 @@ where
     Ok(())
 }
 
-/// Loads a verified checkpoint into `train_loop`; returns the step to continue from.
-fn resume<L: TrainLoop>(path: &Path, train_loop: &mut L, ctx: &TrainContext) -> Result<u64, TrainError> {
+/// Loads a checkpoint the launcher verified and checked against the model architecture into
+/// `train_loop` (whose `restore` checks tensor names and shapes); returns the step to continue
+/// from.
+fn resume<L: TrainLoop>(path: &Path, train_loop: &mut L) -> Result<u64, TrainError> {
     let snapshot = checkpoint::read(path).map_err(|e| TrainError::other(format!("resume: {e}")))?;
-    let want = model_keys(&ctx.spec.model);
-    let mismatched: Vec<String> = want
-        .iter()
-        .filter(|(k, v)| snapshot.state.model.get(*k) != Some(*v))
-        .map(|(k, v)| format!("model.{k} = {v} (checkpoint: {})", snapshot.state.model.get(k).map_or("missing".into(), |c| c.to_string())))
-        .collect();
-    if !mismatched.is_empty() {
-        return Err(TrainError::other(format!(
-            "{} was saved with a different model architecture: {}",
-            path.display(),
-            mismatched.join(", ")
-        )));
-    }
     let step = snapshot.state.step;
     train_loop.restore(LoopState { model: snapshot.model, optimizer: snapshot.optimizer, extra: snapshot.state.extra })?;
     tracing::info!(checkpoint = %path.display(), step, "resumed");

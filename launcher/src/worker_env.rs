@@ -1,0 +1,104 @@
+//! What a worker process gets from the launcher: the torchrun environment plus rtrain's own
+//! variables, its CPU cores, and the job's token and rendezvous port.
+
+use std::path::PathBuf;
+
+use rtrain_trainer::config::DeviceKind;
+use rtrain_trainer::runtime::{unix_now, vars};
+
+use crate::launch::ROLE;
+use crate::scheduler::RankPlacement;
+
+/// What every worker of an attempt is told.
+pub(crate) struct WorkerCommon {
+    pub(crate) coordinator: String,
+    pub(crate) token: String,
+    pub(crate) config: PathBuf,
+    pub(crate) run_dir: PathBuf,
+    pub(crate) run_id: String,
+    pub(crate) master_port: u16,
+    pub(crate) attempt: u32,
+    pub(crate) max_restarts: u32,
+    pub(crate) world_size: usize,
+    pub(crate) global_batch: usize,
+    pub(crate) resume: Option<PathBuf>,
+    pub(crate) device: DeviceKind,
+}
+
+/// The torchrun environment plus rtrain's own (DESIGN.md, worker contract).
+pub(crate) fn worker_env(c: &WorkerCommon, p: &RankPlacement, all: &[RankPlacement]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("RANK", p.rank.to_string()),
+        ("LOCAL_RANK", p.local_rank.to_string()),
+        ("WORLD_SIZE", c.world_size.to_string()),
+        ("LOCAL_WORLD_SIZE", all.len().to_string()),
+        ("GROUP_RANK", "0".into()),
+        ("NODE_RANK", "0".into()),
+        ("ROLE_NAME", ROLE.into()),
+        ("ROLE_RANK", p.rank.to_string()),
+        ("ROLE_WORLD_SIZE", c.world_size.to_string()),
+        ("MASTER_ADDR", "127.0.0.1".into()),
+        ("MASTER_PORT", c.master_port.to_string()),
+        ("TORCHELASTIC_RESTART_COUNT", c.attempt.to_string()),
+        ("TORCHELASTIC_MAX_RESTARTS", c.max_restarts.to_string()),
+        ("TORCHELASTIC_RUN_ID", c.run_id.clone()),
+        (vars::COORDINATOR, c.coordinator.clone()),
+        (vars::JOB_TOKEN, c.token.clone()),
+        (vars::ROLE, ROLE.into()),
+        (vars::ATTEMPT, c.attempt.to_string()),
+        (vars::CONFIG, c.config.display().to_string()),
+        (vars::RUN_DIR, c.run_dir.display().to_string()),
+        (vars::GLOBAL_BATCH, c.global_batch.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if let Some(path) = &c.resume {
+        env.push((vars::RESUME_FROM.into(), path.display().to_string()));
+    }
+    if std::env::var_os("OMP_NUM_THREADS").is_none() {
+        env.push(("OMP_NUM_THREADS".into(), p.threads.to_string()));
+    }
+    if c.device == DeviceKind::Cuda {
+        let mut gpus: Vec<usize> = all.iter().flat_map(|q| q.gpus.iter().copied()).collect();
+        gpus.sort_unstable();
+        let list: Vec<String> = gpus.iter().map(|g| g.to_string()).collect();
+        env.push(("CUDA_VISIBLE_DEVICES".into(), list.join(",")));
+    }
+    env
+}
+
+/// The CPU cores this process may run on.
+pub(crate) fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it, CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|cpu| libc::CPU_ISSET(*cpu, &set)).collect()
+    }
+}
+
+/// A CPU worker's own cores: rank r takes the r-th run of `threads` allowed cores, so ranks do
+/// not migrate onto each other's caches. No pinning when the cores do not go round.
+pub(crate) fn pinned_cpus(p: &RankPlacement, allowed: &[usize]) -> Vec<usize> {
+    let start = p.local_rank * p.threads;
+    allowed.get(start..start + p.threads).map(<[usize]>::to_vec).unwrap_or_default()
+}
+
+/// A random 128-bit token, hex-encoded.
+pub(crate) fn job_token() -> String {
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
+        // No /dev/urandom: fall back to time and pid, still unguessable across jobs in practice.
+        let seed = unix_now().to_bits() ^ (std::process::id() as u64) << 32;
+        bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A port free right now on loopback, for MASTER_PORT (torchrun scripts host their store there).
+pub(crate) fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
