@@ -63,12 +63,7 @@ impl TrainLoop for LinearRegression {
 
         let mut global = loss.detach().reshape([1]);
         ctx.collective.all_reduce(&mut global, ReduceOp::Avg)?;
-        Ok(StepOutput {
-            loss: global.f_double_value(&[0])?,
-            lr,
-            tokens: ctx.spec.global_batch,
-            grad_norm: None,
-        })
+        Ok(StepOutput { loss: global.f_double_value(&[0])?, lr, tokens: ctx.spec.global_batch, grad_norm: None })
     }
 
     /// The weights under their variable names (plain SGD keeps no optimizer state).
@@ -82,7 +77,11 @@ impl TrainLoop for LinearRegression {
     fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
         let flat = self.ddp.params();
         for (name, saved) in state.model {
-            let entry = flat.entries().iter().find(|e| e.name == name).ok_or_else(|| TrainError::other(format!("unexpected tensor {name}")))?;
+            let entry = flat
+                .entries()
+                .iter()
+                .find(|e| e.name == name)
+                .ok_or_else(|| TrainError::other(format!("unexpected tensor {name}")))?;
             let mut target = flat.view(flat.params(), entry);
             tch::no_grad(|| target.f_copy_(&saved))?;
         }

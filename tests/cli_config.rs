@@ -40,7 +40,8 @@ fn every_shipped_config_validates() {
 fn set_overrides_reach_the_resolved_config() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "job.toml", "[train]\nworkers = 2\nmicro_batch = 4");
-    let out = run(&["validate", cfg.to_str().unwrap(), "--set", "train.workers=3", "--set", "train.grad_accum=2"], LIMIT);
+    let out =
+        run(&["validate", cfg.to_str().unwrap(), "--set", "train.workers=3", "--set", "train.grad_accum=2"], LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("3 workers; global batch 24 = 3 × micro_batch 4 × grad_accum 2"), "{stdout}");
@@ -57,7 +58,11 @@ fn bad_configs_fail_with_one_message_naming_file_and_key() {
         ("[checkpoint]\nmode = \"lowest\"", &[], &["checkpoint.mode", "\"min\" or \"max\""]),
         ("[train]\ntrainer = \"rl\"", &[], &["train.trainer", "\"lm\" or \"sft\""]),
         ("[train]\ntrainer = \"sft\"", &[], &["model.kind", "needs \"hf\" with model.path"]),
-        ("[train]\ntrainer = \"sft\"\n[model]\nkind = \"hf\"\npath = \"/nonexistent\"", &[], &["model.path", "no config.json"]),
+        (
+            "[train]\ntrainer = \"sft\"\n[model]\nkind = \"hf\"\npath = \"/nonexistent\"",
+            &[],
+            &["model.path", "no config.json"],
+        ),
         ("[train]\nsteps = 0", &[], &["train.steps", "at least 1"]),
         ("[train]\nlr = -1.0", &[], &["train.lr", "positive"]),
         ("[train]\ndevice = \"gpu\"", &[], &["train.device", "\"cuda\""]),

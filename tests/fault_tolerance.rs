@@ -78,7 +78,13 @@ fn file_sha(run: &Path, step: u64, file: &str) -> String {
 
 fn assert_same_final_state(a: &Path, b: &Path, step: u64) {
     for file in ["model.safetensors", "optimizer.safetensors"] {
-        assert_eq!(file_sha(a, step, file), file_sha(b, step, file), "{file} of step {step} differs between {} and {}", a.display(), b.display());
+        assert_eq!(
+            file_sha(a, step, file),
+            file_sha(b, step, file),
+            "{file} of step {step} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -109,9 +115,10 @@ fn signal(pid: u32, sig: i32) {
 
 /// A seed printed by the test, so a failing random schedule can be replayed.
 fn seed() -> u64 {
-    let seed = std::env::var("RTRAIN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("RTRAIN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
     eprintln!("fault schedule seed: {seed} (RTRAIN_TEST_SEED={seed} replays it)");
     seed
 }
@@ -244,7 +251,9 @@ fn killed_during_a_checkpoint_write_resumes_from_the_previous_one() {
     let bigger = "[model]\nn_layer = 4\nn_head = 4\nn_embd = 128\nn_ctx = 32";
     let write = |name: &str| {
         let cfg = job(name, dir.path(), "2", 14, "");
-        let text = std::fs::read_to_string(&cfg).unwrap().replace("[model]\nn_layer = 2\nn_head = 2\nn_embd = 64\nn_ctx = 32", bigger);
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("[model]\nn_layer = 2\nn_head = 2\nn_embd = 64\nn_ctx = 32", bigger);
         let text = text.replace("every = 2", "every = 1");
         std::fs::write(&cfg, text).unwrap();
         cfg
@@ -261,7 +270,9 @@ fn killed_during_a_checkpoint_write_resumes_from_the_previous_one() {
     let deadline = Instant::now() + LIMIT;
     let caught = loop {
         let writing = std::fs::read_dir(&checkpoints)
-            .map(|d| d.flatten().find(|e| e.file_name().to_string_lossy().starts_with(".tmp-step-")).map(|e| e.file_name()))
+            .map(|d| {
+                d.flatten().find(|e| e.file_name().to_string_lossy().starts_with(".tmp-step-")).map(|e| e.file_name())
+            })
             .ok()
             .flatten();
         if let Some(name) = writing {
@@ -284,7 +295,12 @@ fn killed_during_a_checkpoint_write_resumes_from_the_previous_one() {
     let torn_step: u64 = torn.trim_start_matches(".tmp-step-").split('-').next().unwrap().parse().unwrap();
     assert!(resumed < torn_step, "resumed from {resumed}, the torn write was step {torn_step}");
     assert_same_final_state(&dir.path().join("reference"), &run_path, 14);
-    assert!(!std::fs::read_dir(&checkpoints).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp-")));
+    assert!(
+        !std::fs::read_dir(&checkpoints)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+    );
 }
 
 #[test]
@@ -329,8 +345,14 @@ fn damaged_checkpoints_are_skipped_with_a_warning() {
     assert!(text.contains("corrupted") && text.contains("truncated"), "{text}");
 
     let err = launch_ok(&cfg, &[]);
-    assert!(err.contains(&format!("warning: skipping checkpoint {}", newest.display())) && err.contains("corrupted"), "{err}");
-    assert!(err.contains(&format!("warning: skipping checkpoint {}", second.display())) && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains(&format!("warning: skipping checkpoint {}", newest.display())) && err.contains("corrupted"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("warning: skipping checkpoint {}", second.display())) && err.contains("truncated"),
+        "{err}"
+    );
     let third = &saved[saved.len() - 3];
     assert!(err.contains(&format!("resuming from {}", third.display())), "{err}");
     assert_same_final_state(&dir.path().join("reference"), &run_path, steps as u64);
@@ -415,7 +437,11 @@ fn an_elastic_gang_continues_smaller_after_losing_capacity() {
 fn training_code_failures_have_their_own_restart_budget() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("worker.sh");
-    std::fs::write(&script, "echo \"attempt $TORCHELASTIC_RESTART_COUNT\"; if [ \"$RANK\" = 1 ]; then exit 3; fi\nsleep 300 & wait\n").unwrap();
+    std::fs::write(
+        &script,
+        "echo \"attempt $TORCHELASTIC_RESTART_COUNT\"; if [ \"$RANK\" = 1 ]; then exit 3; fi\nsleep 300 & wait\n",
+    )
+    .unwrap();
     let text = format!(
         "[job]\nname = \"flaky\"\nrun_dir = \"{}\"\nentrypoint = [\"bash\", \"{}\"]\n[train]\nworkers = 2\n[fault]\nmax_user_restarts = 1\nbackoff_s = 0.05\n",
         dir.path().display(),
@@ -446,12 +472,23 @@ fn a_failing_checkpoint_write_is_reported_and_damages_nothing() {
     // Continue to step 10 with files limited to 700 KiB: the model file (~470 KiB) fits, the
     // optimizer file (~940 KiB) does not, so every save fails half-way, like a full disk.
     let out = std::process::Command::new("bash")
-        .args(["-c", "ulimit -f 700 && exec \"$0\" \"$@\"", RTRAIN, "launch", cfg.to_str().unwrap(), "--set", "train.steps=10"])
+        .args([
+            "-c",
+            "ulimit -f 700 && exec \"$0\" \"$@\"",
+            RTRAIN,
+            "launch",
+            cfg.to_str().unwrap(),
+            "--set",
+            "train.steps=10",
+        ])
         .output()
         .unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("final checkpoint") && err.contains("optimizer.safetensors") && err.contains("File too large"), "{err}");
+    assert!(
+        err.contains("final checkpoint") && err.contains("optimizer.safetensors") && err.contains("File too large"),
+        "{err}"
+    );
     let log = std::fs::read_to_string(run_path.join("logs/attempt-1/trainer-0.log")).unwrap();
     assert!(log.contains("checkpoint not saved; the previous checkpoints are intact, training goes on"), "{log}");
     assert_eq!(last_step(&run_path), 10, "training went on after the failed save of step 8");
@@ -461,6 +498,10 @@ fn a_failing_checkpoint_write_is_reported_and_damages_nothing() {
     assert!(verify.status.success(), "{text}");
     let after: Vec<String> = [2u64, 4, 6].iter().map(|s| file_sha(&run_path, *s, "model.safetensors")).collect();
     assert_eq!(before, after);
-    let names: Vec<String> = std::fs::read_dir(run_path.join("checkpoints")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(run_path.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(!names.iter().any(|n| n.contains("000008") || n.contains("000010") || n.starts_with(".tmp")), "{names:?}");
 }

@@ -32,7 +32,26 @@ fn generate_prints_one_object_per_sequence() {
     assert!(g[0]["text"].is_string());
 
     let sampled = |seed: &str| {
-        let out = run(&[&args[..], &["--temperature", "1.0", "--top-k", "50", "--top-p", "0.9", "--num-samples", "3", "--seed", seed, "--json"]].concat(), LIMIT);
+        let out = run(
+            &[
+                &args[..],
+                &[
+                    "--temperature",
+                    "1.0",
+                    "--top-k",
+                    "50",
+                    "--top-p",
+                    "0.9",
+                    "--num-samples",
+                    "3",
+                    "--seed",
+                    seed,
+                    "--json",
+                ],
+            ]
+            .concat(),
+            LIMIT,
+        );
         assert!(out.status.success(), "{}", stderr(&out));
         json_lines(&out)
     };

@@ -61,7 +61,11 @@ fn two_workers_train_and_write_metrics_summary_and_logs() {
     let fresh = run(&["launch", cfg.to_str().unwrap(), "--set", "train.steps=1", "--fresh"], LIMIT);
     assert!(fresh.status.success(), "{}", stderr(&fresh));
     assert_eq!(metrics(&run_path).len(), 1);
-    let kept = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("e2e.prev-")).count();
+    let kept = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("e2e.prev-"))
+        .count();
     assert_eq!(kept, 1, "the earlier run is kept");
 }
 

@@ -73,9 +73,25 @@ fn fine_tuning_matches_across_batch_splits_and_exports_a_model() {
     for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
         assert!(model.join(file).exists(), "{file}");
     }
-    let out = run(&["generate", "--model", model.to_str().unwrap(), "--prompt", "What is 2+3?", "--chat", "--temperature", "0", "--max-new-tokens", "3", "--json"], LIMIT);
+    let out = run(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "What is 2+3?",
+            "--chat",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+        LIMIT,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    let g: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let g: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
     // Trained on "<answer><|im_end|>": the first token is a digit or a minus sign.
     let text = g["text"].as_str().unwrap();
     assert!(text.starts_with(|c: char| c.is_ascii_digit() || c == '-'), "{text:?}");

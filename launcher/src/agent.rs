@@ -133,11 +133,8 @@ impl Agent {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
-            program: program.clone(),
-            rank: launch.rank,
-            source,
-        })?;
+        let mut child =
+            cmd.spawn().map_err(|source| SpawnError::Exec { program: program.clone(), rank: launch.rank, source })?;
         let pid = child.id().unwrap_or(0);
         self.live.insert(launch.rank, pid as i32);
         let (exits, rank) = (self.exits.clone(), launch.rank);
@@ -179,7 +176,11 @@ impl Agent {
 
     /// Stops every live worker: SIGTERM, up to `grace` to exit, then SIGKILL. Exits seen while
     /// waiting are returned so the caller can still report them.
-    pub async fn stop_all(&mut self, grace: Duration, exits: &mut mpsc::UnboundedReceiver<WorkerExit>) -> Vec<WorkerExit> {
+    pub async fn stop_all(
+        &mut self,
+        grace: Duration,
+        exits: &mut mpsc::UnboundedReceiver<WorkerExit>,
+    ) -> Vec<WorkerExit> {
         let mut seen = Vec::new();
         if self.live.is_empty() {
             return seen;

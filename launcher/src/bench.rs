@@ -75,13 +75,15 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
                 }
             }
         }
-        BenchCommand::Recovery { config, kills, steps_between, json } => match recovery(config, kills, steps_between, json) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: recovery benchmark: {e}");
-                ExitCode::from(1)
+        BenchCommand::Recovery { config, kills, steps_between, json } => {
+            match recovery(config, kills, steps_between, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: recovery benchmark: {e}");
+                    ExitCode::from(1)
+                }
             }
-        },
+        }
         BenchCommand::Allreduce { ranks, backend, max_mib, iters, json } => {
             if backend != "tcp" {
                 eprintln!("error: --backend {backend}: this benchmark runs the tcp backend; use --backend tcp");
@@ -116,8 +118,13 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
                     println!("{v}");
                 }
             } else {
-                println!("all-reduce sum f32, backend {backend}, {ranks} ranks on loopback; memcpy ceiling {memcpy:.2} GB/s");
-                println!("{:>10} {:>10} {:>10} {:>12} {:>12} {:>11}", "size", "algorithm", "time", "algbw GB/s", "busbw GB/s", "% memcpy");
+                println!(
+                    "all-reduce sum f32, backend {backend}, {ranks} ranks on loopback; memcpy ceiling {memcpy:.2} GB/s"
+                );
+                println!(
+                    "{:>10} {:>10} {:>10} {:>12} {:>12} {:>11}",
+                    "size", "algorithm", "time", "algbw GB/s", "busbw GB/s", "% memcpy"
+                );
                 for r in &results {
                     println!(
                         "{:>7} MiB {:>10} {:>8.2}ms {:>12.2} {:>12.2} {:>10.1}%",
@@ -178,7 +185,11 @@ fn recovery(config: Option<PathBuf>, kills: u64, steps_between: u64, json: bool)
     }
     let launched = Launched(cmd.spawn().map_err(|e| format!("cannot start rtrain launch: {e}"))?);
     if !json {
-        eprintln!("recovery: {} ({} workers), kill -9 of rank 1 after every {steps_between} steps, {kills} times", cfg.display(), loaded.spec.workers);
+        eprintln!(
+            "recovery: {} ({} workers), kill -9 of rank 1 after every {steps_between} steps, {kills} times",
+            cfg.display(),
+            loaded.spec.workers
+        );
     }
     let config_env = format!("RTRAIN_CONFIG={}", run_path.join("config.toml").display());
     // Per kill: kill → the new gang's first step starts (state restored, training again), and
@@ -205,7 +216,9 @@ fn recovery(config: Option<PathBuf>, kills: u64, steps_between: u64, json: bool)
         if k == kills {
             break;
         }
-        wait_for(&run_path, |m| m.last().filter(|l| l["attempt"] == k && l["step"].as_u64() >= Some(first + steps_between)).map(|_| ()))?;
+        wait_for(&run_path, |m| {
+            m.last().filter(|l| l["attempt"] == k && l["step"].as_u64() >= Some(first + steps_between)).map(|_| ())
+        })?;
         let pid = find_worker(&config_env, 1).ok_or("rank 1 is not running")?;
         killed_at = Some(rtrain_trainer::runtime::unix_now());
         // SAFETY: plain syscall on a worker of the job this benchmark started.
@@ -228,9 +241,17 @@ fn recovery(config: Option<PathBuf>, kills: u64, steps_between: u64, json: bool)
         println!("{v}");
     } else {
         println!("{:<46} {:>10} {:>10}", "figure (medians)", "measured", "target");
-        println!("{:<46} {:>9.2}s {:>9.1}s", "kill -9 → training again (first step starts)", resumed_s, RECOVERY_TARGET_S);
+        println!(
+            "{:<46} {:>9.2}s {:>9.1}s",
+            "kill -9 → training again (first step starts)", resumed_s, RECOVERY_TARGET_S
+        );
         println!("{:<46} {:>9.2}s {:>10}", "kill -9 → first step done", recovery_s, "");
-        println!("{:<46} {:>9.1}% {:>9.0}%", format!("async save stall / step time ({} saves)", stalls.len()), 100.0 * stall_s / step_s, 100.0 * STALL_TARGET);
+        println!(
+            "{:<46} {:>9.1}% {:>9.0}%",
+            format!("async save stall / step time ({} saves)", stalls.len()),
+            100.0 * stall_s / step_s,
+            100.0 * STALL_TARGET
+        );
         println!("  step time {:.3} s, stall {:.4} s", step_s, stall_s);
     }
     Ok(())
@@ -274,7 +295,14 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-fn generate_bench(model_dir: &Path, batches: &[usize], prompt_len: usize, new_tokens: usize, repeats: usize, json: bool) -> Result<(), String> {
+fn generate_bench(
+    model_dir: &Path,
+    batches: &[usize],
+    prompt_len: usize,
+    new_tokens: usize,
+    repeats: usize,
+    json: bool,
+) -> Result<(), String> {
     use rtrain_trainer::hf::{HfModel, SamplingParams, Tokenizer, generate};
     let model = HfModel::load(model_dir, tch::Device::Cpu).map_err(|e| e.to_string())?;
     let mut tokenizer = Tokenizer::from_dir(model_dir).map_err(|e| e.to_string())?;
@@ -305,9 +333,14 @@ fn generate_bench(model_dir: &Path, batches: &[usize], prompt_len: usize, new_to
         }
         let tokens_per_s = (batch * new_tokens) as f64 / best;
         if json {
-            println!("{}", serde_json::json!({ "framework": "rtrain", "batch": batch, "new_tokens": new_tokens, "time_s": best, "tokens_per_s": tokens_per_s, "threads": tch::get_num_threads() }));
+            println!(
+                "{}",
+                serde_json::json!({ "framework": "rtrain", "batch": batch, "new_tokens": new_tokens, "time_s": best, "tokens_per_s": tokens_per_s, "threads": tch::get_num_threads() })
+            );
         } else {
-            println!("batch {batch:>3}: {tokens_per_s:>9.1} generated tokens/s ({new_tokens} new tokens in {best:.3} s)");
+            println!(
+                "batch {batch:>3}: {tokens_per_s:>9.1} generated tokens/s ({new_tokens} new tokens in {best:.3} s)"
+            );
         }
     }
     Ok(())

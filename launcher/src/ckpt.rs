@@ -45,7 +45,11 @@ fn checkpoints(run: &Path) -> Result<Vec<checkpoint::Checkpoint>, String> {
     }
     let all = checkpoint::list(run).map_err(|e| e.to_string())?;
     if all.is_empty() {
-        return Err(format!("{} has no checkpoints (looked in {}/)", run.display(), run.join(CHECKPOINTS_DIR).display()));
+        return Err(format!(
+            "{} has no checkpoints (looked in {}/)",
+            run.display(),
+            run.join(CHECKPOINTS_DIR).display()
+        ));
     }
     Ok(all)
 }
@@ -71,8 +75,12 @@ fn inspect(run: &Path, step: Option<u64>) -> Result<ExitCode, String> {
     let all = checkpoints(run)?;
     let (chosen, checkpoint::Verified { manifest, state }) = match step {
         Some(s) => {
-            let c = all.into_iter().find(|c| c.step == s).ok_or_else(|| format!("{} has no checkpoint of step {s}", run.display()))?;
-            let verified = checkpoint::verify(&c.path).map_err(|e| format!("{}: does not verify: {e}", c.path.display()))?;
+            let c = all
+                .into_iter()
+                .find(|c| c.step == s)
+                .ok_or_else(|| format!("{} has no checkpoint of step {s}", run.display()))?;
+            let verified =
+                checkpoint::verify(&c.path).map_err(|e| format!("{}: does not verify: {e}", c.path.display()))?;
             (c, verified)
         }
         None => checkpoint::newest_valid(run)
@@ -81,7 +89,16 @@ fn inspect(run: &Path, step: Option<u64>) -> Result<ExitCode, String> {
             .ok_or_else(|| format!("{} has no valid checkpoint (see `rtrain ckpt verify`)", run.display()))?,
     };
     println!("checkpoint {} (verified)", chosen.path.display());
-    println!("  step {} | workers {} | global batch {} (micro {} × accum {}) | lr {:.3e} | loss {}", state.step, state.world_size, state.global_batch, state.micro_batch, state.grad_accum, state.lr, state.metric.map_or("-".into(), |l| format!("{l:.4}")));
+    println!(
+        "  step {} | workers {} | global batch {} (micro {} × accum {}) | lr {:.3e} | loss {}",
+        state.step,
+        state.world_size,
+        state.global_batch,
+        state.micro_batch,
+        state.grad_accum,
+        state.lr,
+        state.metric.map_or("-".into(), |l| format!("{l:.4}"))
+    );
     println!("  config sha256 {}", state.config_digest);
     println!("  model: {}", serde_json::Value::Object(state.model.clone()));
     for f in &manifest.files {

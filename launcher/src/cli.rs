@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use rtrain_trainer::config::{self, LoadedConfig, TrainerKind};
 use rtrain_trainer::builtin::BuiltIn;
+use rtrain_trainer::config::{self, LoadedConfig, TrainerKind};
 use rtrain_trainer::runtime::{WorkerEnv, run_worker};
 use rtrain_trainer::train_loop::{TrainContext, TrainError, TrainLoop};
 
@@ -126,14 +126,23 @@ fn validate(args: &ConfigArgs) -> ExitCode {
     };
     let s = &loaded.spec;
     println!("{}: ok", args.file.display());
-    let workers = if s.min_workers == s.workers { s.workers.to_string() } else { format!("{}–{} (elastic)", s.min_workers, s.workers) };
+    let workers = if s.min_workers == s.workers {
+        s.workers.to_string()
+    } else {
+        format!("{}–{} (elastic)", s.min_workers, s.workers)
+    };
     println!(
         "  {workers} workers; global batch {} = {} × micro_batch {} × grad_accum {} ({} token slots/step)",
         s.global_batch, s.workers, s.micro_batch, s.grad_accum, s.tokens_per_step
     );
     println!(
         "  {} steps, lr {:e} (warm-up {}, cosine to {:e}), device {:?}, backend {}",
-        s.steps, s.optim.lr, s.optim.warmup_steps, s.optim.min_lr as f32, s.device, s.backend.name()
+        s.steps,
+        s.optim.lr,
+        s.optim.warmup_steps,
+        s.optim.min_lr as f32,
+        s.device,
+        s.backend.name()
     );
     println!(
         "  checkpoints every {} steps (and the last), keep {} newest{}; {} infrastructure and {} training-code restarts",
@@ -201,5 +210,6 @@ fn launch_command(args: &LaunchArgs, started: Instant, program: impl Fn(&LoadedC
 
 fn init_driver_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RTRAIN_LOG").unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }

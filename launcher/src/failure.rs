@@ -34,7 +34,15 @@ pub struct FailureSummary {
 
 impl FailureSummary {
     pub fn new(job: &str, attempt: u32, root_cause: String) -> Self {
-        Self { job: job.into(), attempt, root_cause, failed: None, stopped: Vec::new(), previous_attempts: Vec::new(), budget: None }
+        Self {
+            job: job.into(),
+            attempt,
+            root_cause,
+            failed: None,
+            stopped: Vec::new(),
+            previous_attempts: Vec::new(),
+            budget: None,
+        }
     }
 }
 

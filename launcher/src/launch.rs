@@ -216,9 +216,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     let (outcome, workers, global_batch) = result?;
 
     let tokens_per_s = match (progressed.attempt_first, progressed.last_step) {
-        (Some((s0, t0)), Some((s1, _, t1))) if s1 > s0 && t1 > t0 => {
-            Some(progressed.attempt_tokens / (t1 - t0))
-        }
+        (Some((s0, t0)), Some((s1, _, t1))) if s1 > s0 && t1 > t0 => Some(progressed.attempt_tokens / (t1 - t0)),
         _ => None,
     };
     let failure = match &outcome {
@@ -278,18 +276,27 @@ impl Launch<'_> {
             }
             let gpus_per_worker = usize::from(spec.device == DeviceKind::Cuda);
             let node = NodeResources::local();
-            let placement = match elastic_size(spec.min_workers, spec.workers, spec.cpus_per_worker, gpus_per_worker, node)
-                .and_then(|n| place_gang(GangRequest { workers: n, cpus_per_worker: spec.cpus_per_worker, gpus_per_worker }, node))
-            {
-                Ok(p) => p,
-                // The first attempt cannot start: a plain error, nothing was run.
-                Err(e) if self.attempts.is_empty() => return Err(e.into()),
-                Err(e) => {
-                    let mut summary = FailureSummary::new(&spec.name, attempt, format!("cannot place the gang for a restart: {e}"));
-                    summary.previous_attempts = self.previous_causes();
-                    return Ok((Outcome::Failed(summary), workers, global_batch));
-                }
-            };
+            let placement =
+                match elastic_size(spec.min_workers, spec.workers, spec.cpus_per_worker, gpus_per_worker, node)
+                    .and_then(|n| {
+                        place_gang(
+                            GangRequest { workers: n, cpus_per_worker: spec.cpus_per_worker, gpus_per_worker },
+                            node,
+                        )
+                    }) {
+                    Ok(p) => p,
+                    // The first attempt cannot start: a plain error, nothing was run.
+                    Err(e) if self.attempts.is_empty() => return Err(e.into()),
+                    Err(e) => {
+                        let mut summary = FailureSummary::new(
+                            &spec.name,
+                            attempt,
+                            format!("cannot place the gang for a restart: {e}"),
+                        );
+                        summary.previous_attempts = self.previous_causes();
+                        return Ok((Outcome::Failed(summary), workers, global_batch));
+                    }
+                };
             if placement.len() != workers && !self.attempts.is_empty() {
                 self.progress.println(&format!(
                     "continuing with {} workers (was {workers}); global batch {global_batch} kept",
@@ -312,7 +319,9 @@ impl Launch<'_> {
             let end = self.run_attempt(attempt, &placement, resume_path.as_deref(), global_batch).await?;
             let (summary, class, detected) = match end {
                 AttemptEnd::Finished => return Ok((Outcome::Finished, workers, global_batch)),
-                AttemptEnd::Interrupted { signal } => return Ok((Outcome::Interrupted { signal }, workers, global_batch)),
+                AttemptEnd::Interrupted { signal } => {
+                    return Ok((Outcome::Interrupted { signal }, workers, global_batch));
+                }
                 AttemptEnd::Failed { summary, class, detected } => (summary, class, detected),
             };
             if let Some(record) = self.attempts.last_mut() {
@@ -323,7 +332,9 @@ impl Launch<'_> {
             let previous = self.previous_causes();
             let previous = previous[..previous.len().saturating_sub(1)].to_vec();
             let (used, budget, key) = match class {
-                FailureClass::Infrastructure => (&mut self.restarts.infrastructure, f.max_restarts, "fault.max_restarts"),
+                FailureClass::Infrastructure => {
+                    (&mut self.restarts.infrastructure, f.max_restarts, "fault.max_restarts")
+                }
                 FailureClass::User => (&mut self.restarts.user, f.max_user_restarts, "fault.max_user_restarts"),
             };
             if *used >= budget {
@@ -398,7 +409,10 @@ impl Launch<'_> {
             )));
         }
         let note = if state.global_batch != spec.global_batch {
-            format!(", keeping its global batch of {} (the config alone gives {})", state.global_batch, spec.global_batch)
+            format!(
+                ", keeping its global batch of {} (the config alone gives {})",
+                state.global_batch, spec.global_batch
+            )
         } else {
             String::new()
         };
@@ -407,10 +421,7 @@ impl Launch<'_> {
     }
 
     fn previous_causes(&self) -> Vec<String> {
-        self.attempts
-            .iter()
-            .filter_map(|a| a.cause.as_ref().map(|c| format!("attempt {}: {c}", a.number)))
-            .collect()
+        self.attempts.iter().filter_map(|a| a.cause.as_ref().map(|c| format!("attempt {}: {c}", a.number))).collect()
     }
 
     async fn run_attempt(
@@ -559,7 +570,8 @@ impl Launch<'_> {
             }
         }
         reported.retain(|r| r.id.as_ref().is_some_and(|id| id.attempt == attempt));
-        let stopped_list = |stopped: &[WorkerExit]| stopped.iter().map(|e| format!("{ROLE}:{} {}", e.rank, e.kind)).collect();
+        let stopped_list =
+            |stopped: &[WorkerExit]| stopped.iter().map(|e| format!("{ROLE}:{} {}", e.rank, e.kind)).collect();
         Ok(match ending {
             Ending::Finished => AttemptEnd::Finished,
             Ending::Interrupted { signal } => AttemptEnd::Interrupted { signal },
@@ -633,11 +645,27 @@ impl Launch<'_> {
 /// How the supervision loop of an attempt ended, before it is summarised.
 enum Ending {
     Finished,
-    Interrupted { signal: i32 },
+    Interrupted {
+        signal: i32,
+    },
     /// Workers that exited on their own with a failure, in the order they were seen.
-    WorkersFailed { failed: Vec<WorkerExit>, stopped: Vec<WorkerExit>, detected: Instant },
-    Hung { rank: usize, age: f64, step: u64, stopped: Vec<WorkerExit>, detected: Instant },
-    RendezvousTimeout { missing: Vec<u32>, stopped: Vec<WorkerExit>, detected: Instant },
+    WorkersFailed {
+        failed: Vec<WorkerExit>,
+        stopped: Vec<WorkerExit>,
+        detected: Instant,
+    },
+    Hung {
+        rank: usize,
+        age: f64,
+        step: u64,
+        stopped: Vec<WorkerExit>,
+        detected: Instant,
+    },
+    RendezvousTimeout {
+        missing: Vec<u32>,
+        stopped: Vec<WorkerExit>,
+        detected: Instant,
+    },
 }
 
 /// The failure that caused the others, and its budget: a worker killed by a signal first, then
@@ -664,7 +692,13 @@ fn remove_unfinished_writes(run: &Path) {
     }
 }
 
-fn failure_summary(job: &str, attempt: u32, first: WorkerExit, reported: &[FailureReport], logs: &Path) -> FailureSummary {
+fn failure_summary(
+    job: &str,
+    attempt: u32,
+    first: WorkerExit,
+    reported: &[FailureReport],
+    logs: &Path,
+) -> FailureSummary {
     let log_path = logs.join(format!("{ROLE}-{}.log", first.rank));
     let error = reported.iter().find(|r| r.id.as_ref().is_some_and(|id| id.rank as usize == first.rank));
     let mut summary = FailureSummary::new(job, attempt, format!("{ROLE}:{} {}", first.rank, describe(first.kind)));

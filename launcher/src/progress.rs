@@ -19,9 +19,11 @@ impl RunProgress {
         let interactive = std::io::stderr().is_terminal();
         let bar = ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr_with_hz(8));
         bar.set_style(
-            ProgressStyle::with_template("{spinner:.green} {prefix} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg} ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{spinner:.green} {prefix} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_prefix("starting");
         if interactive {
@@ -40,7 +42,10 @@ impl RunProgress {
     /// Shows which attempt is running and how many restarts came before it.
     pub fn set_attempt(&self, attempt: u32, restarts: u32) {
         if restarts > 0 {
-            self.println(&format!("attempt {attempt} starting ({restarts} restart{} so far)", if restarts == 1 { "" } else { "s" }));
+            self.println(&format!(
+                "attempt {attempt} starting ({restarts} restart{} so far)",
+                if restarts == 1 { "" } else { "s" }
+            ));
         }
         self.restarts.store(restarts, std::sync::atomic::Ordering::Relaxed);
     }

@@ -40,10 +40,8 @@ impl RunDir {
             .is_empty();
         let continuing = has_checkpoints && !fresh;
         if !continuing && (path.join("metrics.jsonl").exists() || has_checkpoints) {
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let stamp =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let moved_to = path.with_file_name(format!("{name}.prev-{stamp}"));
             if !fresh {
@@ -53,10 +51,8 @@ impl RunDir {
         }
         std::fs::create_dir_all(path).map_err(io(path))?;
         let config_path = path.join("config.toml");
-        let text = toml::to_string(config).map_err(|e| RunDirError::Io {
-            path: config_path.clone(),
-            source: std::io::Error::other(e),
-        })?;
+        let text = toml::to_string(config)
+            .map_err(|e| RunDirError::Io { path: config_path.clone(), source: std::io::Error::other(e) })?;
         std::fs::write(&config_path, text).map_err(io(&config_path))?;
         let metrics_path = path.join("metrics.jsonl");
         let metrics = File::options().create(true).append(true).open(&metrics_path).map_err(io(&metrics_path))?;
@@ -102,14 +98,16 @@ impl RunDir {
             checkpoint_stall_s: m.checkpoint_stall_s,
         };
         let path = self.path.join("metrics.jsonl");
-        let text = serde_json::to_string(&line).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
+        let text =
+            serde_json::to_string(&line).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
         writeln!(self.metrics, "{text}").and_then(|_| self.metrics.flush()).map_err(io(&path))
     }
 
     pub fn write_summary(&self, summary: &impl Serialize) -> Result<(), RunDirError> {
         let path = self.path.join("summary.json");
         let tmp = self.path.join("summary.json.tmp");
-        let text = serde_json::to_string_pretty(summary).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
+        let text = serde_json::to_string_pretty(summary)
+            .map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
         std::fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))
     }

@@ -84,7 +84,13 @@ pub fn place_gang(request: GangRequest, node: NodeResources) -> Result<Vec<RankP
 
 /// The gang size to start with: `max` workers if they fit on `node`, else as many as fit, but
 /// never fewer than `min` (then the error says what `min` workers would need).
-pub fn elastic_size(min: usize, max: usize, cpus_per_worker: usize, gpus_per_worker: usize, node: NodeResources) -> Result<usize, ScheduleError> {
+pub fn elastic_size(
+    min: usize,
+    max: usize,
+    cpus_per_worker: usize,
+    gpus_per_worker: usize,
+    node: NodeResources,
+) -> Result<usize, ScheduleError> {
     let by_cpus = node.cpus / cpus_per_worker.max(1);
     let by_gpus = node.gpus.checked_div(gpus_per_worker).unwrap_or(usize::MAX);
     let fits = by_cpus.min(by_gpus).min(max);

@@ -79,10 +79,7 @@ pub fn wait_output(mut guard: Guard, limit: Duration) -> Output {
         if Instant::now() > deadline {
             let _ = child.kill();
             let out = child.wait_with_output().expect("output");
-            panic!(
-                "rtrain did not exit within {limit:?}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            panic!("rtrain did not exit within {limit:?}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -29,7 +29,8 @@ impl DpOptimizer {
             AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: 1e-8, weight_decay: o.weight_decay },
             ddp.params(),
         );
-        let schedule = LrSchedule { base_lr: o.lr, min_lr: o.min_lr, warmup_steps: o.warmup_steps, total_steps: spec.steps };
+        let schedule =
+            LrSchedule { base_lr: o.lr, min_lr: o.min_lr, warmup_steps: o.warmup_steps, total_steps: spec.steps };
         Ok(Self { ddp, optimizer, schedule, grad_clip: o.grad_clip })
     }
 
@@ -59,10 +60,14 @@ impl DpOptimizer {
     /// then views of the copies.
     pub fn state(&self) -> Result<LoopState, TrainError> {
         let flat = self.ddp.params();
-        let snapshot = |buf: &Tensor| -> Result<Tensor, TrainError> { Ok(buf.f_to_device(Device::Cpu)?.f_detach_copy()?) };
+        let snapshot =
+            |buf: &Tensor| -> Result<Tensor, TrainError> { Ok(buf.f_to_device(Device::Cpu)?.f_detach_copy()?) };
         let (params, exp_avg, exp_avg_sq) =
             (snapshot(flat.params())?, snapshot(self.optimizer.exp_avg())?, snapshot(self.optimizer.exp_avg_sq())?);
-        let mut state = LoopState { extra: serde_json::json!({ "optimizer_step": self.optimizer.step_count() }), ..Default::default() };
+        let mut state = LoopState {
+            extra: serde_json::json!({ "optimizer_step": self.optimizer.step_count() }),
+            ..Default::default()
+        };
         for entry in flat.entries() {
             state.model.push((entry.name.clone(), flat.view(&params, entry)));
             state.optimizer.push((format!("exp_avg.{}", entry.name), flat.view(&exp_avg, entry)));
@@ -81,14 +86,18 @@ impl DpOptimizer {
         check_names("optimizer.safetensors", flat.entries(), &optimizer, "exp_avg_sq.")?;
         let device = flat.params().device();
         let flatten = |map: &HashMap<String, Tensor>, prefix: &str| -> Result<Tensor, TrainError> {
-            let parts: Vec<Tensor> = flat.entries().iter().map(|e| map[&format!("{prefix}{}", e.name)].reshape([-1])).collect();
+            let parts: Vec<Tensor> =
+                flat.entries().iter().map(|e| map[&format!("{prefix}{}", e.name)].reshape([-1])).collect();
             Ok(Tensor::f_cat(&parts, 0)?.f_to_kind(Kind::Float)?.f_to_device(device)?)
         };
-        let (params, exp_avg, exp_avg_sq) = (flatten(&model, "")?, flatten(&optimizer, "exp_avg.")?, flatten(&optimizer, "exp_avg_sq.")?);
+        let (params, exp_avg, exp_avg_sq) =
+            (flatten(&model, "")?, flatten(&optimizer, "exp_avg.")?, flatten(&optimizer, "exp_avg_sq.")?);
         let mut target = flat.params().shallow_clone();
         tch::no_grad(|| target.f_copy_(&params))?;
         let optimizer_step = state.extra.get("optimizer_step").and_then(|v| v.as_u64()).ok_or_else(|| {
-            TrainError::other("trainer_state.json: extra.optimizer_step is missing (not a checkpoint of a built-in trainer)")
+            TrainError::other(
+                "trainer_state.json: extra.optimizer_step is missing (not a checkpoint of a built-in trainer)",
+            )
         })?;
         self.optimizer.restore(optimizer_step, &exp_avg, &exp_avg_sq);
         Ok(())
@@ -97,13 +106,20 @@ impl DpOptimizer {
 
 /// Refuses a checkpoint whose tensors are not exactly the model's: names every missing,
 /// unexpected or differently shaped tensor.
-fn check_names(file: &str, entries: &[FlatEntry], tensors: &HashMap<String, Tensor>, prefix: &str) -> Result<(), TrainError> {
+fn check_names(
+    file: &str,
+    entries: &[FlatEntry],
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+) -> Result<(), TrainError> {
     let mut problems = Vec::new();
     for e in entries {
         let name = format!("{prefix}{}", e.name);
         match tensors.get(&name) {
             None => problems.push(format!("missing {name}")),
-            Some(t) if t.size() != e.shape => problems.push(format!("{name} has shape {:?}, the model {:?}", t.size(), e.shape)),
+            Some(t) if t.size() != e.shape => {
+                problems.push(format!("{name} has shape {:?}, the model {:?}", t.size(), e.shape))
+            }
             Some(_) => {}
         }
     }

@@ -35,7 +35,13 @@ impl LmTrainer {
         }
         let vs = VarStore::new(ctx.device);
         let m = spec.model;
-        let config = GptConfig { vocab_size: m.vocab_size, n_ctx: m.n_ctx, n_layer: m.n_layer, n_head: m.n_head, n_embd: m.n_embd };
+        let config = GptConfig {
+            vocab_size: m.vocab_size,
+            n_ctx: m.n_ctx,
+            n_layer: m.n_layer,
+            n_head: m.n_head,
+            n_embd: m.n_embd,
+        };
         let model = config.init(&vs.root());
         let plan = BatchPlan { seed: spec.seed, seq_len, global_batch: spec.global_batch };
         let optim = DpOptimizer::new(&vs, ctx)?;
@@ -75,12 +81,7 @@ impl TrainLoop for LmTrainer {
 
         let mut loss = Tensor::from_slice(&[loss_sum]).to_kind(Kind::Float).to_device(ctx.device);
         ctx.collective.all_reduce(&mut loss, ReduceOp::Avg)?;
-        Ok(StepOutput {
-            loss: loss.f_double_value(&[0])?,
-            lr,
-            tokens,
-            grad_norm: Some(grad_norm),
-        })
+        Ok(StepOutput { loss: loss.f_double_value(&[0])?, lr, tokens, grad_norm: Some(grad_norm) })
     }
 
     fn state(&self) -> Result<Option<LoopState>, TrainError> {

@@ -46,13 +46,17 @@ enum Line {
 /// Reads and tokenizes a JSONL file; examples are cut to `max_len` tokens, and ones left with
 /// nothing to train are dropped (the count is logged).
 pub fn load_examples(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Result<Vec<SftExample>, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::other(format!("data.source: {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainError::other(format!("data.source: {}: {e}", path.display())))?;
     let mut examples = Vec::new();
     let mut dropped = 0;
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("data.source: {}:{}", path.display(), n + 1);
         let parsed: Line = serde_json::from_str(line).map_err(|e| {
-            TrainError::other(format!("{}: {e}; expected {{\"prompt\", \"response\"}} or {{\"messages\": [{{\"role\", \"content\"}}]}}", at()))
+            TrainError::other(format!(
+                "{}: {e}; expected {{\"prompt\", \"response\"}} or {{\"messages\": [{{\"role\", \"content\"}}]}}",
+                at()
+            ))
         })?;
         let mut ex = tokenize(parsed, tokenizer).map_err(|e| TrainError::other(format!("{}: {e}", at())))?;
         ex.ids.truncate(max_len);
@@ -67,7 +71,10 @@ pub fn load_examples(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Resu
         tracing::warn!(dropped, max_len, "examples with no response tokens within data.max_len were dropped");
     }
     if examples.is_empty() {
-        return Err(TrainError::other(format!("data.source: {} holds no example with response tokens", path.display())));
+        return Err(TrainError::other(format!(
+            "data.source: {} holds no example with response tokens",
+            path.display()
+        )));
     }
     Ok(examples)
 }
@@ -88,12 +95,17 @@ fn tokenize(line: Line, tok: &Tokenizer) -> Result<SftExample, String> {
             return Ok(ex);
         }
         Line::Pair { prompt, response } => {
-            vec![ChatMessage { role: "user".into(), content: prompt }, ChatMessage { role: "assistant".into(), content: response }]
+            vec![
+                ChatMessage { role: "user".into(), content: prompt },
+                ChatMessage { role: "assistant".into(), content: response },
+            ]
         }
         Line::Chat { messages } => messages,
     };
     // Render growing prefixes: the text each assistant message adds is trained, the rest not.
-    let render = |upto: usize, generation_prompt: bool| tok.apply_chat_template(&messages[..upto], generation_prompt).map_err(|e| e.to_string());
+    let render = |upto: usize, generation_prompt: bool| {
+        tok.apply_chat_template(&messages[..upto], generation_prompt).map_err(|e| e.to_string())
+    };
     let mut done = String::new();
     for (i, m) in messages.iter().enumerate() {
         if m.role != "assistant" {
@@ -101,7 +113,8 @@ fn tokenize(line: Line, tok: &Tokenizer) -> Result<SftExample, String> {
         }
         let prompt = render(i, true)?;
         let full = render(i + 1, false)?;
-        let (Some(new_prompt), Some(answer)) = (prompt.strip_prefix(done.as_str()), full.strip_prefix(prompt.as_str())) else {
+        let (Some(new_prompt), Some(answer)) = (prompt.strip_prefix(done.as_str()), full.strip_prefix(prompt.as_str()))
+        else {
             return Err("the chat template does not render conversations as growing prefixes".into());
         };
         push(tok.encode(new_prompt, false).map_err(|e| e.to_string())?, false);
@@ -134,7 +147,9 @@ impl SftTrainer {
         }
         let source = match &ctx.spec.data {
             crate::config::DataSpec::File(path) => path.clone(),
-            crate::config::DataSpec::Synthetic { .. } => return Err(TrainError::other("data.source: fine-tuning needs a JSONL file")),
+            crate::config::DataSpec::Synthetic { .. } => {
+                return Err(TrainError::other("data.source: fine-tuning needs a JSONL file"));
+            }
         };
         let examples = load_examples(&source, &tokenizer, max_len)?;
         tracing::info!(examples = examples.len(), source = %source.display(), "fine-tuning data");
@@ -244,10 +259,17 @@ impl TrainLoop for SftTrainer {
         }
         let out = ctx.run_dir.join("model");
         self.model.save(&out, Kind::Float, 2 << 30).map_err(|e| TrainError::other(format!("export: {e}")))?;
-        for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"] {
+        for file in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+            "chat_template.jinja",
+        ] {
             let src = self.tokenizer_dir.join(file);
             if src.exists() {
-                std::fs::copy(&src, out.join(file)).map_err(|e| TrainError::other(format!("export: {}: {e}", src.display())))?;
+                std::fs::copy(&src, out.join(file))
+                    .map_err(|e| TrainError::other(format!("export: {}: {e}", src.display())))?;
             }
         }
         tracing::info!(model = %out.display(), "fine-tuned model exported");

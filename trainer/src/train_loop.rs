@@ -94,6 +94,8 @@ pub trait TrainLoop {
     /// Restores a state returned by [`TrainLoop::state`] (on every rank, before the first step).
     fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
         let _ = state;
-        Err(TrainError::other("this training loop cannot resume from a checkpoint (it does not implement TrainLoop::restore)"))
+        Err(TrainError::other(
+            "this training loop cannot resume from a checkpoint (it does not implement TrainLoop::restore)",
+        ))
     }
 }

@@ -57,7 +57,10 @@ fn check_all_reduce(world: usize, len: usize, op: ReduceOp) {
     for i in 0..len {
         let expected = (0..world).map(|r| f64::from(input(r, i))).sum::<f64>() / divisor;
         let got = f64::from(results[0][i]);
-        assert!((got - expected).abs() <= 1e-5 * expected.abs().max(1.0), "world {world} len {len} {op:?} [{i}]: {got} vs {expected}");
+        assert!(
+            (got - expected).abs() <= 1e-5 * expected.abs().max(1.0),
+            "world {world} len {len} {op:?} [{i}]: {got} vs {expected}"
+        );
     }
     for (rank, r) in results.iter().enumerate() {
         let same = r.iter().zip(&results[0]).all(|(a, b)| a.to_bits() == b.to_bits());

@@ -8,11 +8,7 @@ use rtrain_trainer::data::{BatchPlan, ByteCorpus};
 use tch::{Kind, Tensor};
 
 fn plan() -> BatchPlan {
-    BatchPlan {
-        seed: 42,
-        seq_len: 32,
-        global_batch: 12,
-    }
+    BatchPlan { seed: 42, seq_len: 32, global_batch: 12 }
 }
 
 #[test]
@@ -22,15 +18,8 @@ fn any_split_rebuilds_the_global_batch() {
     for step in [0u64, 1, 17, 1_000_000] {
         let (x, y) = plan.micro_batch(&corpus, step, 0..12);
         // world size x accumulation: 1x1, 2x1, 2x2, 3x2, 4x3, 12x1 and an uneven split.
-        let splits: [&[usize]; 7] = [
-            &[12],
-            &[6, 6],
-            &[3, 3, 3, 3],
-            &[2, 2, 2, 2, 2, 2],
-            &[1; 12],
-            &[4, 4, 4],
-            &[5, 1, 6],
-        ];
+        let splits: [&[usize]; 7] =
+            [&[12], &[6, 6], &[3, 3, 3, 3], &[2, 2, 2, 2, 2, 2], &[1; 12], &[4, 4, 4], &[5, 1, 6]];
         for split in splits {
             let mut start = 0;
             let (mut xs, mut ys) = (Vec::new(), Vec::new());
@@ -40,14 +29,8 @@ fn any_split_rebuilds_the_global_batch() {
                 ys.push(yi);
                 start += n;
             }
-            assert!(
-                Tensor::cat(&xs, 0).equal(&x),
-                "inputs differ for split {split:?}"
-            );
-            assert!(
-                Tensor::cat(&ys, 0).equal(&y),
-                "targets differ for split {split:?}"
-            );
+            assert!(Tensor::cat(&xs, 0).equal(&x), "inputs differ for split {split:?}");
+            assert!(Tensor::cat(&ys, 0).equal(&y), "targets differ for split {split:?}");
         }
     }
 }
@@ -64,10 +47,7 @@ fn batches_are_shifted_windows_of_the_corpus() {
     assert!(x.narrow(1, 1, 31).equal(&y.narrow(1, 0, 31)));
     for (row, sample) in (3..7).enumerate() {
         let off = plan.sample_offset(5, sample, corpus.len());
-        let want: Vec<i64> = corpus.bytes()[off..off + 33]
-            .iter()
-            .map(|&b| i64::from(b))
-            .collect();
+        let want: Vec<i64> = corpus.bytes()[off..off + 33].iter().map(|&b| i64::from(b)).collect();
         let got = Vec::<i64>::try_from(x.get(row as i64)).unwrap();
         assert_eq!(got, want[..32]);
         let got = Vec::<i64>::try_from(y.get(row as i64)).unwrap();

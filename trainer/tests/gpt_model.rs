@@ -6,13 +6,7 @@ use rtrain_trainer::model::GptConfig;
 use rtrain_trainer::optim::{AdamW, AdamWConfig, FlatParams};
 use tch::{Device, Kind, Tensor, nn};
 
-const TINY: GptConfig = GptConfig {
-    vocab_size: 256,
-    n_ctx: 16,
-    n_layer: 2,
-    n_head: 2,
-    n_embd: 32,
-};
+const TINY: GptConfig = GptConfig { vocab_size: 256, n_ctx: 16, n_layer: 2, n_head: 2, n_embd: 32 };
 
 fn std_of(t: &Tensor) -> f64 {
     t.std(true).double_value(&[])
@@ -33,14 +27,7 @@ fn variables_use_hugging_face_gpt2_names() {
         "transformer.ln_f.bias".to_string(),
     ];
     for i in 0..2 {
-        for layer in [
-            "ln_1",
-            "attn.c_attn",
-            "attn.c_proj",
-            "ln_2",
-            "mlp.c_fc",
-            "mlp.c_proj",
-        ] {
+        for layer in ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"] {
             for p in ["weight", "bias"] {
                 want.push(format!("transformer.h.{i}.{layer}.{p}"));
             }
@@ -60,20 +47,13 @@ fn variables_use_hugging_face_gpt2_names() {
 #[test]
 fn init_follows_gpt2() {
     tch::manual_seed(0);
-    let cfg = GptConfig {
-        n_embd: 128,
-        n_layer: 8,
-        ..TINY
-    };
+    let cfg = GptConfig { n_embd: 128, n_layer: 8, ..TINY };
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = cfg.init(&vs.root());
     let vars = vs.variables();
     let near = |name: &str, want: f64| {
         let got = std_of(&vars[name]);
-        assert!(
-            (got - want).abs() < 0.1 * want,
-            "{name}: std {got}, want {want}"
-        );
+        assert!((got - want).abs() < 0.1 * want, "{name}: std {got}, want {want}");
     };
     near("transformer.wte.weight", 0.02);
     near("transformer.wpe.weight", 0.02);
@@ -117,15 +97,9 @@ fn logits_do_not_see_future_tokens() {
     let b = a.copy();
     let _ = b.narrow(1, 9, 7).fill_(7);
     let (la, lb) = tch::no_grad(|| (model.forward(&a), model.forward(&b)));
-    let past = (la.narrow(1, 0, 9) - lb.narrow(1, 0, 9))
-        .abs()
-        .max()
-        .double_value(&[]);
+    let past = (la.narrow(1, 0, 9) - lb.narrow(1, 0, 9)).abs().max().double_value(&[]);
     assert_eq!(past, 0.0, "positions before the change must not move");
-    let future = (la.narrow(1, 9, 7) - lb.narrow(1, 9, 7))
-        .abs()
-        .max()
-        .double_value(&[]);
+    let future = (la.narrow(1, 9, 7) - lb.narrow(1, 9, 7)).abs().max().double_value(&[]);
     assert!(future > 0.0);
 }
 
@@ -140,11 +114,7 @@ fn config_round_trips_through_json() {
 fn learns_the_synthetic_corpus() {
     tch::manual_seed(0);
     let corpus = ByteCorpus::synthetic(0, 200_000);
-    let plan = BatchPlan {
-        seed: 0,
-        seq_len: 16,
-        global_batch: 16,
-    };
+    let plan = BatchPlan { seed: 0, seq_len: 16, global_batch: 16 };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = TINY.init(&vs.root());
     let mut flat = FlatParams::new(&vs);

@@ -14,9 +14,7 @@ use tch::{Device, Tensor, nn};
 const TOL: f64 = 1e-5;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/gpt_tiny")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_tiny").join(name)
 }
 
 fn tensors(name: &str) -> HashMap<String, Tensor> {
@@ -37,33 +35,18 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn f64_list(v: &serde_json::Value, key: &str) -> Vec<f64> {
-    v[key]
-        .as_array()
-        .expect(key)
-        .iter()
-        .map(|x| x.as_f64().expect(key))
-        .collect()
+    v[key].as_array().expect(key).iter().map(|x| x.as_f64().expect(key)).collect()
 }
 
 /// The tiny model from the fixture's config, with its initial weights loaded *after* the
 /// parameters were re-homed, so the load also exercises writing through the flat views.
 fn tiny_model() -> (nn::VarStore, rtrain_trainer::model::Gpt, FlatParams) {
     let cfg: GptConfig = serde_json::from_value(reference()["config"].clone()).expect("config");
-    assert_eq!(
-        cfg,
-        GptConfig {
-            vocab_size: 256,
-            n_ctx: 16,
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 32
-        }
-    );
+    assert_eq!(cfg, GptConfig { vocab_size: 256, n_ctx: 16, n_layer: 2, n_head: 2, n_embd: 32 });
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = cfg.init(&vs.root());
     let flat = FlatParams::new(&vs);
-    vs.load(fixture("weights.safetensors"))
-        .expect("load weights");
+    vs.load(fixture("weights.safetensors")).expect("load weights");
     (vs, model, flat)
 }
 
@@ -71,19 +54,10 @@ fn tiny_model() -> (nn::VarStore, rtrain_trainer::model::Gpt, FlatParams) {
 fn logits_and_loss_match_pytorch() {
     let (vs, model, flat) = tiny_model();
     let weights = tensors("weights.safetensors");
-    assert_eq!(
-        weights.len(),
-        vs.variables().len(),
-        "fixture and model name different variables"
-    );
+    assert_eq!(weights.len(), vs.variables().len(), "fixture and model name different variables");
     for entry in flat.entries() {
         let loaded = flat.view(flat.params(), entry);
-        assert_eq!(
-            max_abs_diff(&loaded, &weights[&entry.name]),
-            0.0,
-            "{}",
-            entry.name
-        );
+        assert_eq!(max_abs_diff(&loaded, &weights[&entry.name]), 0.0, "{}", entry.name);
     }
 
     let batch = tensors("batch.safetensors");
@@ -101,17 +75,9 @@ fn logits_and_loss_match_pytorch() {
 fn three_clipped_adamw_steps_match_pytorch() {
     let (vs, model, mut flat) = tiny_model();
     let reference = reference();
-    let (losses, norms) = (
-        f64_list(&reference, "losses"),
-        f64_list(&reference, "grad_norms"),
-    );
+    let (losses, norms) = (f64_list(&reference, "losses"), f64_list(&reference, "grad_norms"));
     let batch = tensors("batch.safetensors");
-    let cfg = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let mut opt = AdamW::new(cfg, &flat);
 
     for step in 0..3 {
@@ -122,28 +88,16 @@ fn three_clipped_adamw_steps_match_pytorch() {
         flat.gather_grads();
         let norm = flat.clip_grad_norm(1.0);
         let i = step as usize;
-        assert!(
-            (loss.double_value(&[]) - losses[i]).abs() < TOL,
-            "loss at step {step}"
-        );
-        assert!(
-            (norm - norms[i]).abs() < TOL * norms[i].max(1.0),
-            "norm {norm} at step {step}"
-        );
+        assert!((loss.double_value(&[]) - losses[i]).abs() < TOL, "loss at step {step}");
+        assert!((norm - norms[i]).abs() < TOL * norms[i].max(1.0), "norm {norm} at step {step}");
         opt.step(&flat, 1e-3);
     }
     assert_eq!(opt.step_count(), 3);
-    assert!(
-        norms.iter().any(|&n| n > 1.0),
-        "fixture should exercise clipping: {norms:?}"
-    );
+    assert!(norms.iter().any(|&n| n > 1.0), "fixture should exercise clipping: {norms:?}");
 
     let variables = vs.variables();
     for (name, want) in tensors("after_3_steps.safetensors") {
         let diff = max_abs_diff(&variables[&name], &want);
-        assert!(
-            diff < TOL,
-            "{name} differs from PyTorch by {diff} after 3 steps"
-        );
+        assert!(diff < TOL, "{name} differs from PyTorch by {diff} after 3 steps");
     }
 }

@@ -26,8 +26,10 @@ fn greedy_continuations_match_transformers_alone_and_batched() {
     for name in ["llama_tiny", "llama3_sharded", "qwen2_tiny", "llama_bf16", "gpt2_tiny"] {
         let (model, tok, r) = load(name);
         let cases = r["greedy"].as_array().unwrap();
-        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["prompt_ids"].clone()).unwrap()).collect();
-        let want: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["output_ids"].clone()).unwrap()).collect();
+        let prompts: Vec<Vec<u32>> =
+            cases.iter().map(|c| serde_json::from_value(c["prompt_ids"].clone()).unwrap()).collect();
+        let want: Vec<Vec<u32>> =
+            cases.iter().map(|c| serde_json::from_value(c["output_ids"].clone()).unwrap()).collect();
         let n = cases[0]["max_new_tokens"].as_u64().unwrap() as usize;
         // Prompts of different lengths in one (left-padded) batch, and each alone.
         let batched = generate(&model, &tok, &prompts, &greedy(n)).unwrap();
@@ -77,7 +79,10 @@ fn sampling_is_seeded_and_honours_its_controls() {
 
     // top_k = 1 and a tiny top_p are greedy, whatever the temperature.
     let greedy_out = generate(&model, &tok, &prompts[..1], &greedy(10)).unwrap();
-    for p in [SamplingParams { top_k: 1, temperature: 5.0, ..params.clone() }, SamplingParams { top_p: 1e-9, temperature: 5.0, ..params.clone() }] {
+    for p in [
+        SamplingParams { top_k: 1, temperature: 5.0, ..params.clone() },
+        SamplingParams { top_p: 1e-9, temperature: 5.0, ..params.clone() },
+    ] {
         assert_eq!(generate(&model, &tok, &prompts[..1], &p).unwrap()[0].token_ids, greedy_out[0].token_ids);
     }
     // Log-probs are the model's, whatever the sampling settings.
@@ -88,13 +93,21 @@ fn sampling_is_seeded_and_honours_its_controls() {
 
     // A stop token ends a sequence (kept); a stop string cuts the text.
     let third = greedy_out[0].token_ids[2];
-    let stopped = generate(&model, &tok, &prompts[..1], &SamplingParams { stop_token_ids: vec![third], ..greedy(10) }).unwrap();
+    let stopped =
+        generate(&model, &tok, &prompts[..1], &SamplingParams { stop_token_ids: vec![third], ..greedy(10) }).unwrap();
     assert_eq!(stopped[0].finish_reason, FinishReason::Stop);
     assert_eq!(stopped[0].token_ids.last(), Some(&third));
     assert!(stopped[0].token_ids.len() <= 3);
     let text = &greedy_out[0].text;
     let needle: String = text.chars().skip(text.chars().count() / 2).take(2).collect();
-    let cut = generate(&model, &tok, &prompts[..1], &SamplingParams { stop_strings: vec![needle.clone()], ..greedy(10) }).unwrap();
+    let cut =
+        generate(&model, &tok, &prompts[..1], &SamplingParams { stop_strings: vec![needle.clone()], ..greedy(10) })
+            .unwrap();
     assert_eq!(cut[0].finish_reason, FinishReason::Stop);
-    assert!(!cut[0].text.contains(&needle) && text.starts_with(&cut[0].text), "{:?} cut at {needle:?}: {:?}", text, cut[0].text);
+    assert!(
+        !cut[0].text.contains(&needle) && text.starts_with(&cut[0].text),
+        "{:?} cut at {needle:?}: {:?}",
+        text,
+        cut[0].text
+    );
 }

@@ -79,13 +79,17 @@ fn mismatched_weights_are_named() {
         std::fs::copy(dir.join(file), out.path().join(file)).unwrap();
     }
     // Two layers in the file, three in the config; and a head size the file does not have.
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     config["num_hidden_layers"] = 3.into();
     config["intermediate_size"] = 96.into();
     std::fs::write(out.path().join("config.json"), config.to_string()).unwrap();
     let err = HfModel::load(out.path(), Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("missing model.layers.2.self_attn.q_proj.weight"), "{err}");
-    assert!(err.contains("model.layers.0.mlp.up_proj.weight has shape [128, 64] in the file, the model needs [96, 64]"), "{err}");
+    assert!(
+        err.contains("model.layers.0.mlp.up_proj.weight has shape [128, 64] in the file, the model needs [96, 64]"),
+        "{err}"
+    );
 
     config["model_type"] = "mamba".into();
     std::fs::write(out.path().join("config.json"), config.to_string()).unwrap();

@@ -9,19 +9,14 @@ use tch::{Device, Tensor, nn};
 fn store() -> (nn::VarStore, FlatParams) {
     let vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
-    let _ = root.var_copy(
-        "m",
-        &Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.0, 0.25, -0.75]).view([2, 3]),
-    );
+    let _ = root.var_copy("m", &Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.0, 0.25, -0.75]).view([2, 3]));
     let _ = root.var_copy("b", &Tensor::from_slice(&[1.0f32, -2.0, 0.1, 0.0]));
     let flat = FlatParams::new(&vs);
     (vs, flat)
 }
 
 fn grads_for(step: usize) -> Vec<f32> {
-    (0..10)
-        .map(|i| ((i * 7 + step * 3) % 11) as f32 * 0.1 - 0.5)
-        .collect()
+    (0..10).map(|i| ((i * 7 + step * 3) % 11) as f32 * 0.1 - 0.5).collect()
 }
 
 fn set_grads(flat: &mut FlatParams, g: &[f32]) {
@@ -30,21 +25,12 @@ fn set_grads(flat: &mut FlatParams, g: &[f32]) {
 
 #[test]
 fn matches_torch_adamw_update() {
-    let cfg = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let (_vs, mut flat) = store();
     assert_eq!(flat.decay_numel(), 6);
     let mut opt = AdamW::new(cfg, &flat);
 
-    let mut p: Vec<f64> = Vec::<f32>::try_from(flat.params())
-        .unwrap()
-        .iter()
-        .map(|&x| x.into())
-        .collect();
+    let mut p: Vec<f64> = Vec::<f32>::try_from(flat.params()).unwrap().iter().map(|&x| x.into()).collect();
     let (mut m, mut v) = (vec![0f64; 10], vec![0f64; 10]);
     for step in 1..=6 {
         let lr = 1e-2 * step as f64;
@@ -65,12 +51,7 @@ fn matches_torch_adamw_update() {
         }
         let got = Vec::<f32>::try_from(flat.params()).unwrap();
         for i in 0..10 {
-            assert!(
-                (f64::from(got[i]) - p[i]).abs() < 1e-6,
-                "step {step} param {i}: {} vs {}",
-                got[i],
-                p[i]
-            );
+            assert!((f64::from(got[i]) - p[i]).abs() < 1e-6, "step {step} param {i}: {} vs {}", got[i], p[i]);
         }
     }
     assert_eq!(opt.step_count(), 6);
@@ -93,12 +74,7 @@ fn restore_continues_bit_identically() {
         opt_a.step(&a, 3e-2);
         if step == 3 {
             let copy = |t: &Tensor| t.copy();
-            snapshot = Some((
-                opt_a.step_count(),
-                copy(opt_a.exp_avg()),
-                copy(opt_a.exp_avg_sq()),
-                copy(a.params()),
-            ));
+            snapshot = Some((opt_a.step_count(), copy(opt_a.exp_avg()), copy(opt_a.exp_avg_sq()), copy(a.params())));
         }
     }
     let (step, m, v, params) = snapshot.unwrap();
@@ -122,9 +98,5 @@ fn restore_continues_bit_identically() {
 fn restore_rejects_wrong_sizes() {
     let (_vs, flat) = store();
     let mut opt = AdamW::new(AdamWConfig::default(), &flat);
-    opt.restore(
-        1,
-        &Tensor::zeros([3], (tch::Kind::Float, Device::Cpu)),
-        &flat.params().zeros_like(),
-    );
+    opt.restore(1, &Tensor::zeros([3], (tch::Kind::Float, Device::Cpu)), &flat.params().zeros_like());
 }

@@ -6,13 +6,7 @@ use rtrain_trainer::model::GptConfig;
 use rtrain_trainer::optim::FlatParams;
 use tch::{Device, Kind, Tensor, nn};
 
-const TINY: GptConfig = GptConfig {
-    vocab_size: 256,
-    n_ctx: 16,
-    n_layer: 2,
-    n_head: 2,
-    n_embd: 32,
-};
+const TINY: GptConfig = GptConfig { vocab_size: 256, n_ctx: 16, n_layer: 2, n_head: 2, n_embd: 32 };
 
 fn batch() -> (Tensor, Tensor) {
     let x = Tensor::randint(256, [2, 16], (Kind::Int64, Device::Cpu));
@@ -21,11 +15,7 @@ fn batch() -> (Tensor, Tensor) {
 }
 
 fn values(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.detach().copy()))
-        .collect();
+    let mut v: Vec<_> = vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -69,16 +59,8 @@ fn rehoming_keeps_values_and_variables_alias_the_buffer() {
     }
     let vars = vs.variables();
     for e in flat.entries() {
-        assert!(
-            flat.view(flat.params(), e).equal(&vars[&e.name]),
-            "{}",
-            e.name
-        );
-        assert!(
-            vars[&e.name].requires_grad(),
-            "{} lost requires_grad",
-            e.name
-        );
+        assert!(flat.view(flat.params(), e).equal(&vars[&e.name]), "{}", e.name);
+        assert!(vars[&e.name].requires_grad(), "{} lost requires_grad", e.name);
     }
     assert!(tch::no_grad(|| model.forward(&x)).equal(&before_logits));
 
@@ -87,10 +69,7 @@ fn rehoming_keeps_values_and_variables_alias_the_buffer() {
         let _ = flat.params().shallow_clone().g_mul_scalar_(2.0);
     });
     for ((name, old), (_, new)) in before_vals.iter().zip(values(&vs)) {
-        assert!(
-            (old * 2.0).equal(&new),
-            "{name} is not a view of the flat buffer"
-        );
+        assert!((old * 2.0).equal(&new), "{name} is not a view of the flat buffer");
     }
     let after = tch::no_grad(|| model.forward(&x));
     assert!(!after.equal(&before_logits));
@@ -117,11 +96,7 @@ fn autograd_flows_through_views_and_gather_copies_grads() {
         let got = flat.view(flat.grads(), e);
         let diff = (&got - &want).abs().max().double_value(&[]);
         assert!(diff < 1e-6, "{}: grad differs by {diff}", e.name);
-        assert!(
-            want.abs().max().double_value(&[]) > 0.0,
-            "{} has a zero grad",
-            e.name
-        );
+        assert!(want.abs().max().double_value(&[]) > 0.0, "{} has a zero grad", e.name);
     }
 
     // A second backward accumulates; zero_grads resets the variables' grads.
@@ -144,10 +119,7 @@ fn gather_writes_zeros_for_variables_without_grad() {
     let _ = flat.grads_mut().fill_(9.0);
     (&used * 3.0).sum(Kind::Float).backward();
     flat.gather_grads();
-    assert_eq!(
-        Vec::<f32>::try_from(flat.grads()).unwrap(),
-        [3.0, 3.0, 3.0, 0.0, 0.0]
-    );
+    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [3.0, 3.0, 3.0, 0.0, 0.0]);
     assert_eq!(flat.decay_numel(), 0);
 }
 
@@ -156,14 +128,10 @@ fn clip_scales_only_above_max_and_returns_the_pre_clip_norm() {
     let vs = nn::VarStore::new(Device::Cpu);
     let _w = vs.root().var("w", &[2, 2], nn::Init::Const(0.0));
     let mut flat = FlatParams::new(&vs);
-    flat.grads_mut()
-        .copy_(&Tensor::from_slice(&[3.0f32, 0.0, 4.0, 0.0]));
+    flat.grads_mut().copy_(&Tensor::from_slice(&[3.0f32, 0.0, 4.0, 0.0]));
 
     assert!((flat.clip_grad_norm(10.0) - 5.0).abs() < 1e-6);
-    assert_eq!(
-        Vec::<f32>::try_from(flat.grads()).unwrap(),
-        [3.0, 0.0, 4.0, 0.0]
-    );
+    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [3.0, 0.0, 4.0, 0.0]);
 
     assert!((flat.clip_grad_norm(1.0) - 5.0).abs() < 1e-6);
     let clipped = Vec::<f32>::try_from(flat.grads()).unwrap();
@@ -187,8 +155,5 @@ fn varstore_save_and_load_go_through_the_views() {
         let _ = flat.params().shallow_clone().zero_();
     });
     vs.load(&path).unwrap();
-    assert!(
-        flat.params().equal(&saved),
-        "load did not write into the flat buffer"
-    );
+    assert!(flat.params().equal(&saved), "load did not write into the flat buffer");
 }

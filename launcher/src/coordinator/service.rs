@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status};
 /// What the coordinator tells the driver.
 #[derive(Debug, Clone)]
 pub enum CoordinatorEvent {
-    Registered { rank: u32 },
+    Registered {
+        rank: u32,
+    },
     /// Every rank of the attempt has registered.
     GangComplete,
     Step(StepMetrics),
@@ -66,7 +68,11 @@ impl CoordinatorHandle {
 
     /// Last heartbeat of each rank: its age in seconds and the step it reported.
     pub fn heartbeats(&self) -> BTreeMap<u32, (f64, u64)> {
-        lock(&self.state).heartbeats.iter().map(|(rank, (at, step))| (*rank, (at.elapsed().as_secs_f64(), *step))).collect()
+        lock(&self.state)
+            .heartbeats
+            .iter()
+            .map(|(rank, (at, step))| (*rank, (at.elapsed().as_secs_f64(), *step)))
+            .collect()
     }
 
     pub fn shutdown(self) {

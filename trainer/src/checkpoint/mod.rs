@@ -20,9 +20,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use retention::{MetricOrder, to_delete};
-pub use store::{
-    Checkpoint, Scan, Verified, dir_name, list, newest_valid, read, read_state, retain, verify, write,
-};
+pub use store::{Checkpoint, Scan, Verified, dir_name, list, newest_valid, read, read_state, retain, verify, write};
 
 /// The folder of a run that holds its checkpoints.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";

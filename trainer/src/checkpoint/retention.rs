@@ -12,7 +12,12 @@ pub enum MetricOrder {
 /// Steps to delete from `checkpoints` (step, metric), keeping the newest `keep_last` (at least
 /// the newest one, always) and the `keep_best` best by metric (ties go to the newer step;
 /// checkpoints without a metric never count as best).
-pub fn to_delete(checkpoints: &[(u64, Option<f64>)], keep_last: usize, keep_best: usize, order: MetricOrder) -> Vec<u64> {
+pub fn to_delete(
+    checkpoints: &[(u64, Option<f64>)],
+    keep_last: usize,
+    keep_best: usize,
+    order: MetricOrder,
+) -> Vec<u64> {
     let mut by_step: Vec<(u64, Option<f64>)> = checkpoints.to_vec();
     by_step.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     let mut keep: BTreeSet<u64> = by_step.iter().take(keep_last.max(1)).map(|(s, _)| *s).collect();

@@ -138,7 +138,8 @@ fn write_files(tmp: &Path, snapshot: &Snapshot, config_text: &str) -> Result<(),
             continue;
         }
         let path = tmp.join(file);
-        Tensor::write_safetensors(tensors, &path).map_err(|source| CheckpointError::Torch { path: path.clone(), source })?;
+        Tensor::write_safetensors(tensors, &path)
+            .map_err(|source| CheckpointError::Torch { path: path.clone(), source })?;
         files.push(file);
     }
     let state_path = tmp.join(STATE_FILE);
@@ -163,7 +164,8 @@ fn write_files(tmp: &Path, snapshot: &Snapshot, config_text: &str) -> Result<(),
         config: config_text.to_string(),
     };
     let manifest_path = tmp.join(MANIFEST_FILE);
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| CheckpointError::invalid(&manifest_path, e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&manifest).map_err(|e| CheckpointError::invalid(&manifest_path, e.to_string()))?;
     std::fs::write(&manifest_path, text + "\n").map_err(io_err(&manifest_path))?;
     sync_file(&manifest_path)?;
     sync_dir(tmp)
@@ -207,7 +209,8 @@ pub fn retain(run: &Path, keep_last: usize, keep_best: usize, order: MetricOrder
 pub fn read_state(path: &Path) -> Result<TrainerState, CheckpointError> {
     let state_path = path.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
-    serde_json::from_str(&text).map_err(|e| CheckpointError::invalid(&state_path, format!("unreadable trainer state: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::invalid(&state_path, format!("unreadable trainer state: {e}")))
 }
 
 /// Loads a checkpoint's tensors and state (on the CPU).

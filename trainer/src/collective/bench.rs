@@ -28,15 +28,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Times `iters` f32 sum all-reduces per size (after a warm-up) with `ranks` TCP ranks as threads
 /// on 127.0.0.1. Sizes are rounded down to whole f32 elements.
-pub fn allreduce_bench(ranks: usize, sizes_bytes: &[usize], iters: usize) -> Result<Vec<AllReduceResult>, CollectiveError> {
+pub fn allreduce_bench(
+    ranks: usize,
+    sizes_bytes: &[usize],
+    iters: usize,
+) -> Result<Vec<AllReduceResult>, CollectiveError> {
     let iters = iters.max(1);
     let group = TcpCollective::loopback_group(ranks.max(1), CONNECT_TIMEOUT)?;
     // per_rank[r][s][i]: rank r's time for iteration i of size s.
     let per_rank: Vec<Vec<Vec<f64>>> = std::thread::scope(|scope| {
-        let joins: Vec<_> = group
-            .into_iter()
-            .map(|mut comm| scope.spawn(move || time_rank(&mut comm, sizes_bytes, iters)))
-            .collect();
+        let joins: Vec<_> =
+            group.into_iter().map(|mut comm| scope.spawn(move || time_rank(&mut comm, sizes_bytes, iters))).collect();
         joins
             .into_iter()
             .map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
@@ -47,9 +49,7 @@ pub fn allreduce_bench(ranks: usize, sizes_bytes: &[usize], iters: usize) -> Res
         .iter()
         .enumerate()
         .map(|(s, &size)| {
-            let slowest: Vec<f64> = (0..iters)
-                .map(|i| per_rank.iter().map(|r| r[s][i]).fold(0.0, f64::max))
-                .collect();
+            let slowest: Vec<f64> = (0..iters).map(|i| per_rank.iter().map(|r| r[s][i]).fold(0.0, f64::max)).collect();
             let time_s = median(slowest);
             let algbw = size as f64 / time_s / 1e9;
             AllReduceResult {

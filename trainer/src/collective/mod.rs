@@ -36,7 +36,12 @@ pub enum CollectiveError {
     #[error("{op} timed out after {after:?} waiting for rank {peer}")]
     Timeout { op: &'static str, peer: usize, after: Duration },
     #[error("{op}: connection to rank {peer} failed: {source}")]
-    Io { op: &'static str, peer: usize, #[source] source: std::io::Error },
+    Io {
+        op: &'static str,
+        peer: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{op}: unsupported tensor: {reason}")]
     Unsupported { op: &'static str, reason: String },
     #[error("backend {backend} is not available: {reason}")]

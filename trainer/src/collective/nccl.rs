@@ -91,7 +91,8 @@ impl NcclCollective {
         };
 
         let unavailable = |reason: String| CollectiveError::Unavailable { backend: "nccl", reason };
-        let ctx = CudaContext::new(device_index).map_err(|e| unavailable(format!("CUDA device {device_index}: {e:?}")))?;
+        let ctx =
+            CudaContext::new(device_index).map_err(|e| unavailable(format!("CUDA device {device_index}: {e:?}")))?;
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // Blocks until all `world` ranks have joined; the vote above means they are all alive.
         // SAFETY: `comm` is a valid out-pointer; the context for `device_index` is current.
@@ -126,7 +127,11 @@ impl NcclCollective {
     }
 
     /// Runs one NCCL call on the default stream and waits for it within the timeout.
-    fn run(&mut self, op: &'static str, enqueue: impl FnOnce(sys::ncclComm_t) -> Result<(), result::NcclError>) -> Result<(), CollectiveError> {
+    fn run(
+        &mut self,
+        op: &'static str,
+        enqueue: impl FnOnce(sys::ncclComm_t) -> Result<(), result::NcclError>,
+    ) -> Result<(), CollectiveError> {
         if let Some(reason) = &self.broken {
             return Err(self.io_error(op, format!("the communicator was aborted by an earlier error: {reason}")));
         }
@@ -153,7 +158,9 @@ impl NcclCollective {
             let mut async_error = sys::ncclResult_t::ncclSuccess;
             // SAFETY: `comm` is a live communicator owned by `self`.
             let queried = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_error) };
-            if queried != sys::ncclResult_t::ncclSuccess || !matches!(async_error, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+            if queried != sys::ncclResult_t::ncclSuccess
+                || !matches!(async_error, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress)
+            {
                 return Err(self.fail(op, format!("NCCL asynchronous error {async_error:?}")));
             }
             if start.elapsed() > self.timeout {
@@ -242,8 +249,18 @@ impl Collective for NcclCollective {
         let (ptr, bytes) = self.device_buffer("broadcast", tensor)?;
         self.run("broadcast", |comm| {
             // SAFETY: `ptr` addresses `bytes` bytes on this communicator's device.
-            unsafe { result::broadcast(ptr, ptr, bytes, sys::ncclDataType_t::ncclUint8, root as i32, comm, std::ptr::null_mut()) }
-                .map(drop)
+            unsafe {
+                result::broadcast(
+                    ptr,
+                    ptr,
+                    bytes,
+                    sys::ncclDataType_t::ncclUint8,
+                    root as i32,
+                    comm,
+                    std::ptr::null_mut(),
+                )
+            }
+            .map(drop)
         })
     }
 

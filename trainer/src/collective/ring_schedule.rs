@@ -76,9 +76,7 @@ pub(crate) fn all_reduce(
     segment_bytes: usize,
     divisor: Option<f64>,
 ) -> Schedule {
-    let chunks: Vec<Range<usize>> = (0..world)
-        .map(|c| (c * len / world)..((c + 1) * len / world))
-        .collect();
+    let chunks: Vec<Range<usize>> = (0..world).map(|c| (c * len / world)..((c + 1) * len / world)).collect();
     let reduce_steps = world.saturating_sub(1);
     let combine = |t: usize| match divisor {
         Some(d) if t + 1 == reduce_steps => Combine::SumDivided(elem, d),
@@ -89,9 +87,7 @@ pub(crate) fn all_reduce(
 
 /// Ring all-gather: slot `r` of the `world * slot_bytes` buffer is rank `r`'s input.
 pub(crate) fn all_gather(rank: usize, world: usize, slot_bytes: usize, segment_bytes: usize) -> Schedule {
-    let slots: Vec<Range<usize>> = (0..world)
-        .map(|c| (c * slot_bytes)..((c + 1) * slot_bytes))
-        .collect();
+    let slots: Vec<Range<usize>> = (0..world).map(|c| (c * slot_bytes)..((c + 1) * slot_bytes)).collect();
     ring(rank, world, &slots, 1, segment_bytes, 0, |_| Combine::Copy)
 }
 
@@ -115,10 +111,8 @@ pub(crate) fn broadcast(rank: usize, world: usize, root: usize, len_bytes: usize
             .collect();
     }
     if position != 0 {
-        schedule.recvs = segments
-            .into_iter()
-            .map(|bytes| RecvStep { bytes, after_sends: 0, combine: Combine::Copy })
-            .collect();
+        schedule.recvs =
+            segments.into_iter().map(|bytes| RecvStep { bytes, after_sends: 0, combine: Combine::Copy }).collect();
     }
     schedule
 }
@@ -145,12 +139,7 @@ fn ring(
         return schedule;
     }
     let segment_elems = (segment_bytes / elem_size).max(1);
-    let per_chunk = chunks
-        .iter()
-        .map(|c| c.len().div_ceil(segment_elems))
-        .max()
-        .unwrap_or(0)
-        .max(1);
+    let per_chunk = chunks.iter().map(|c| c.len().div_ceil(segment_elems)).max().unwrap_or(0).max(1);
     let steps = reduce_steps + world - 1;
     let segment = |chunk: usize, j: usize| {
         let c = &chunks[chunk];
@@ -164,10 +153,9 @@ fn ring(
         let mode = if t < reduce_steps { combine(t) } else { Combine::Copy };
         for j in 0..per_chunk {
             let u = t * per_chunk + j;
-            schedule.sends.push(SendStep {
-                bytes: segment(send_chunk, j),
-                after_recvs: (u + 1).saturating_sub(per_chunk),
-            });
+            schedule
+                .sends
+                .push(SendStep { bytes: segment(send_chunk, j), after_recvs: (u + 1).saturating_sub(per_chunk) });
             schedule.recvs.push(RecvStep {
                 bytes: segment(recv_chunk, j),
                 after_sends: (u + 1).saturating_sub((world - 1) * per_chunk),
@@ -200,9 +188,8 @@ mod tests {
     /// Simulates the ring with every rank's buffer holding, per element, the set of ranks whose
     /// contribution it contains, and checks every rank ends with all contributions everywhere.
     fn simulate_all_reduce(world: usize, len: usize, segment_bytes: usize) {
-        let schedules: Vec<Schedule> = (0..world)
-            .map(|r| all_reduce(r, world, len, Elem::F32, segment_bytes, None))
-            .collect();
+        let schedules: Vec<Schedule> =
+            (0..world).map(|r| all_reduce(r, world, len, Elem::F32, segment_bytes, None)).collect();
         let mut held: Vec<Vec<u64>> = (0..world).map(|r| vec![1u64 << r; len]).collect();
         let steps = schedules[0].sends.len();
         for u in 0..steps {
@@ -269,12 +256,7 @@ mod tests {
         let combines: Vec<Combine> = s.recvs.iter().map(|r| r.combine).collect();
         assert_eq!(
             combines,
-            vec![
-                Combine::Sum(Elem::F64),
-                Combine::SumDivided(Elem::F64, 3.0),
-                Combine::Copy,
-                Combine::Copy
-            ]
+            vec![Combine::Sum(Elem::F64), Combine::SumDivided(Elem::F64, 3.0), Combine::Copy, Combine::Copy]
         );
     }
 

@@ -136,13 +136,8 @@ pub(crate) fn run(
     scratch: &mut Vec<u64>,
     ctx: OpContext,
 ) -> Result<(), CollectiveError> {
-    let reduce_bytes = schedule
-        .recvs
-        .iter()
-        .filter(|r| r.combine != Combine::Copy)
-        .map(|r| r.bytes.len())
-        .max()
-        .unwrap_or(0);
+    let reduce_bytes =
+        schedule.recvs.iter().filter(|r| r.combine != Combine::Copy).map(|r| r.bytes.len()).max().unwrap_or(0);
     if scratch.len() * 8 < reduce_bytes {
         scratch.resize(reduce_bytes.div_ceil(8), 0);
     }

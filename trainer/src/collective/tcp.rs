@@ -74,10 +74,7 @@ impl TcpCollective {
                     scope.spawn(move || point.connect(rank, peers, timeout))
                 })
                 .collect();
-            joins
-                .into_iter()
-                .map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-                .collect()
+            joins.into_iter().map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
         })
     }
 
@@ -239,7 +236,8 @@ impl Collective for TcpCollective {
         let torch_err = |e: tch::TchError| CollectiveError::Unsupported { op: "all_gather", reason: e.to_string() };
         let input = input.f_contiguous().map_err(torch_err)?;
         let kind = input.f_kind().map_err(torch_err)?;
-        let mut gathered = Tensor::f_empty([(self.world * input.numel()) as i64], (kind, Device::Cpu)).map_err(torch_err)?;
+        let mut gathered =
+            Tensor::f_empty([(self.world * input.numel()) as i64], (kind, Device::Cpu)).map_err(torch_err)?;
         {
             let mut source = input.shallow_clone();
             // SAFETY: `source` aliases `input`, which nothing writes during the call; `gathered`

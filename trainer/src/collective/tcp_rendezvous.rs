@@ -133,11 +133,16 @@ fn form_ring(
     let mut next = dial(&peers[next_rank], next_rank, &hello(rank), deadline, timeout)?;
     let prev = accept_from(listener, hello(prev_rank), &hello(rank), deadline).ok_or_else(|| timed_out(prev_rank))?;
     loop {
-        set_timeouts(&next, remaining(deadline))
-            .map_err(|e| CollectiveError::Io { op: "connect", peer: next_rank, source: e })?;
+        set_timeouts(&next, remaining(deadline)).map_err(|e| CollectiveError::Io {
+            op: "connect",
+            peer: next_rank,
+            source: e,
+        })?;
         match Hello::read(&next) {
             Ok(reply) if reply == hello(next_rank) => break,
-            Ok(reply) => tracing::warn!(rank, expected = next_rank, got = reply.rank, "ring successor answered as another rank"),
+            Ok(reply) => {
+                tracing::warn!(rank, expected = next_rank, got = reply.rank, "ring successor answered as another rank")
+            }
             Err(e) => tracing::debug!(rank, peer = next_rank, error = %e, "ring successor refused the connection"),
         }
         if Instant::now() >= deadline {
@@ -153,7 +158,13 @@ fn form_ring(
 }
 
 /// Connects to `addr` and sends `hello`, retrying until `deadline` while nobody listens there.
-fn dial(addr: &str, peer: usize, hello: &Hello, deadline: Instant, timeout: Duration) -> Result<TcpStream, CollectiveError> {
+fn dial(
+    addr: &str,
+    peer: usize,
+    hello: &Hello,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TcpStream, CollectiveError> {
     loop {
         let targets: Vec<SocketAddr> = match addr.to_socket_addrs() {
             Ok(targets) => targets.collect(),

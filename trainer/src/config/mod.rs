@@ -10,9 +10,12 @@ use std::path::{Path, PathBuf};
 
 pub use error::ConfigError;
 pub use overrides::apply_override;
-pub use resolve::{BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, TrainerKind, resolve};
+pub use resolve::{
+    BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, TrainerKind, resolve,
+};
 pub use schema::{
-    CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, ModelSection, RendezvousSection, TrainSection, Workers,
+    CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, ModelSection, RendezvousSection, TrainSection,
+    Workers,
 };
 
 /// A config file read, overridden, typed and resolved.
@@ -25,8 +28,8 @@ pub struct LoadedConfig {
 
 /// Reads `path`, applies `overrides` (`key.path=value`) in order, and resolves the result.
 pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
         path: path.to_path_buf(),
         message: e.to_string().trim_end().to_string(),

@@ -16,9 +16,7 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigE
     let mut node = table;
     for key in parents {
         let entry = node.entry(key.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        node = entry
-            .as_table_mut()
-            .ok_or_else(|| err(&format!("`{key}` is a value, not a section")))?;
+        node = entry.as_table_mut().ok_or_else(|| err(&format!("`{key}` is a value, not a section")))?;
     }
     node.insert(last.to_string(), value);
     Ok(())

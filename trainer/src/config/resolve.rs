@@ -155,11 +155,8 @@ impl JobSpec {
 
 /// Checks `cfg` (read from `path`) and derives the job's numbers.
 pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
-    let bad = |key: &str, message: String| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-        message,
-    };
+    let bad =
+        |key: &str, message: String| ConfigError::Invalid { path: path.to_path_buf(), key: key.to_string(), message };
     let positive = |key: &str, v: u64| {
         if v == 0 { Err(bad(key, "must be at least 1".into())) } else { Ok(v) }
     };
@@ -172,7 +169,10 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         && job.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !job.name.starts_with('.');
     if !name_ok {
-        return Err(bad("job.name", format!("`{}` must be a non-empty name of letters, digits, `-`, `_` or `.`", job.name)));
+        return Err(bad(
+            "job.name",
+            format!("`{}` must be a non-empty name of letters, digits, `-`, `_` or `.`", job.name),
+        ));
     }
     if job.run_dir.is_empty() {
         return Err(bad("job.run_dir", "must name a directory".into()));
@@ -226,33 +226,53 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         ("auto", DeviceKind::Cpu) | ("tcp", DeviceKind::Cpu) => BackendKind::Tcp,
         ("auto", DeviceKind::Cuda) | ("nccl", DeviceKind::Cuda) => BackendKind::Nccl,
         ("tcp", DeviceKind::Cuda) => {
-            return Err(bad("train.backend", "tcp reduces CPU tensors; use \"nccl\" (or \"auto\") with device \"cuda\"".into()));
+            return Err(bad(
+                "train.backend",
+                "tcp reduces CPU tensors; use \"nccl\" (or \"auto\") with device \"cuda\"".into(),
+            ));
         }
         ("nccl", DeviceKind::Cpu) => {
-            return Err(bad("train.backend", "nccl needs CUDA tensors; use \"tcp\" (or \"auto\") with device \"cpu\"".into()));
+            return Err(bad(
+                "train.backend",
+                "nccl needs CUDA tensors; use \"tcp\" (or \"auto\") with device \"cpu\"".into(),
+            ));
         }
-        (other, _) => return Err(bad("train.backend", format!("`{other}` is not a backend; use \"auto\", \"tcp\" or \"nccl\""))),
+        (other, _) => {
+            return Err(bad("train.backend", format!("`{other}` is not a backend; use \"auto\", \"tcp\" or \"nccl\"")));
+        }
     };
     let cpus_per_worker = positive("train.cpus_per_worker", train.cpus_per_worker)? as usize;
-    let collective_timeout = Duration::from_secs_f64(positive_f("train.collective_timeout_s", train.collective_timeout_s)?);
+    let collective_timeout =
+        Duration::from_secs_f64(positive_f("train.collective_timeout_s", train.collective_timeout_s)?);
     let bucket_bytes = (positive_f("train.bucket_mb", train.bucket_mb)? * (1 << 20) as f64) as usize;
 
     let trainer = match (train.trainer.as_str(), model.kind.as_str()) {
         ("lm", "gpt") => TrainerKind::Lm,
         ("sft", "hf") => {
             if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
-                return Err(bad("model.path", format!("`{}` is not a model folder (no config.json there)", model.path)));
+                return Err(bad(
+                    "model.path",
+                    format!("`{}` is not a model folder (no config.json there)", model.path),
+                ));
             }
             let max_len = positive("data.max_len", data.max_len)? as usize;
             TrainerKind::Sft { model: PathBuf::from(&model.path), max_len }
         }
         ("lm", other) => {
-            return Err(bad("model.kind", format!("`{other}` cannot be trained by train.trainer = \"lm\"; use \"gpt\"")));
+            return Err(bad(
+                "model.kind",
+                format!("`{other}` cannot be trained by train.trainer = \"lm\"; use \"gpt\""),
+            ));
         }
         ("sft", other) => {
-            return Err(bad("model.kind", format!("`{other}` cannot be fine-tuned; train.trainer = \"sft\" needs \"hf\" with model.path")));
+            return Err(bad(
+                "model.kind",
+                format!("`{other}` cannot be fine-tuned; train.trainer = \"sft\" needs \"hf\" with model.path"),
+            ));
         }
-        (other, _) => return Err(bad("train.trainer", format!("`{other}` is not a built-in trainer; use \"lm\" or \"sft\""))),
+        (other, _) => {
+            return Err(bad("train.trainer", format!("`{other}` is not a built-in trainer; use \"lm\" or \"sft\"")));
+        }
     };
     if trainer == TrainerKind::Lm {
         for (key, v) in [
@@ -267,16 +287,26 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             }
         }
         if model.n_embd % model.n_head != 0 {
-            return Err(bad("model.n_embd", format!("must be a multiple of model.n_head ({}), got {}", model.n_head, model.n_embd)));
+            return Err(bad(
+                "model.n_embd",
+                format!("must be a multiple of model.n_head ({}), got {}", model.n_head, model.n_embd),
+            ));
         }
     }
     if trainer == TrainerKind::Lm && model.vocab_size > 256 {
-        return Err(bad("model.vocab_size", format!("the byte-level trainer needs at most 256, got {}", model.vocab_size)));
+        return Err(bad(
+            "model.vocab_size",
+            format!("the byte-level trainer needs at most 256, got {}", model.vocab_size),
+        ));
     }
     let data_spec = match data.source.as_str() {
         "" => return Err(bad("data.source", "use \"synthetic\" or a path to a text file".into())),
         "synthetic" if matches!(trainer, TrainerKind::Sft { .. }) => {
-            return Err(bad("data.source", "fine-tuning reads a JSONL file of {\"prompt\", \"response\"} or {\"messages\"} lines; name it here".into()));
+            return Err(bad(
+                "data.source",
+                "fine-tuning reads a JSONL file of {\"prompt\", \"response\"} or {\"messages\"} lines; name it here"
+                    .into(),
+            ));
         }
         "synthetic" => {
             let needed = model.n_ctx as u64 + 2;
@@ -329,7 +359,10 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     if fault.heartbeat_timeout <= heartbeat_interval {
         return Err(bad(
             "fault.heartbeat_timeout_s",
-            format!("must be longer than rendezvous.heartbeat_s ({}), got {}", rendezvous.heartbeat_s, f.heartbeat_timeout_s),
+            format!(
+                "must be longer than rendezvous.heartbeat_s ({}), got {}",
+                rendezvous.heartbeat_s, f.heartbeat_timeout_s
+            ),
         ));
     }
 

@@ -117,7 +117,15 @@ pub struct ModelSection {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { kind: "gpt".into(), path: String::new(), n_layer: 4, n_head: 4, n_embd: 256, n_ctx: 128, vocab_size: 256 }
+        Self {
+            kind: "gpt".into(),
+            path: String::new(),
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 256,
+            n_ctx: 128,
+            vocab_size: 256,
+        }
     }
 }
 

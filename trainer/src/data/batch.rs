@@ -46,12 +46,7 @@ impl BatchPlan {
         let windows = corpus_len
             .checked_sub(self.seq_len)
             .filter(|&w| w > 0)
-            .unwrap_or_else(|| {
-                panic!(
-                    "corpus of {corpus_len} bytes has no window of {} + 1 bytes",
-                    self.seq_len
-                )
-            });
+            .unwrap_or_else(|| panic!("corpus of {corpus_len} bytes has no window of {} + 1 bytes", self.seq_len));
         let key = splitmix64(splitmix64(splitmix64(self.seed) ^ step) ^ sample as u64);
         below(key, windows as u64) as usize
     }
@@ -61,12 +56,7 @@ impl BatchPlan {
     ///
     /// # Panics
     /// If `samples` reaches past `global_batch`, or the corpus is shorter than one window.
-    pub fn micro_batch(
-        &self,
-        corpus: &ByteCorpus,
-        step: u64,
-        samples: Range<usize>,
-    ) -> (Tensor, Tensor) {
+    pub fn micro_batch(&self, corpus: &ByteCorpus, step: u64, samples: Range<usize>) -> (Tensor, Tensor) {
         assert!(
             samples.end <= self.global_batch,
             "samples {samples:?} outside the global batch of {}",
@@ -83,10 +73,7 @@ impl BatchPlan {
             targets.extend(window[1..].iter().map(|&b| i64::from(b)));
         }
         let shape = [n as i64, self.seq_len as i64];
-        (
-            Tensor::from_slice(&inputs).view(shape),
-            Tensor::from_slice(&targets).view(shape),
-        )
+        (Tensor::from_slice(&inputs).view(shape), Tensor::from_slice(&targets).view(shape))
     }
 }
 
@@ -97,11 +84,7 @@ mod tests {
 
     #[test]
     fn offsets_are_in_range_and_pure() {
-        let plan = BatchPlan {
-            seed: 1,
-            seq_len: 8,
-            global_batch: 4,
-        };
+        let plan = BatchPlan { seed: 1, seq_len: 8, global_batch: 4 };
         for step in 0..50 {
             for sample in 0..4 {
                 let off = plan.sample_offset(step, sample, 20);
@@ -115,11 +98,7 @@ mod tests {
 
     #[test]
     fn offsets_depend_on_seed_step_and_sample() {
-        let a = BatchPlan {
-            seed: 1,
-            seq_len: 8,
-            global_batch: 4,
-        };
+        let a = BatchPlan { seed: 1, seq_len: 8, global_batch: 4 };
         let b = BatchPlan { seed: 2, ..a };
         let len = 1 << 20;
         assert_ne!(a.sample_offset(0, 0, len), b.sample_offset(0, 0, len));
@@ -130,11 +109,7 @@ mod tests {
     #[test]
     fn check_rejects_a_corpus_without_a_window() {
         let corpus = ByteCorpus::synthetic(0, 8);
-        let plan = BatchPlan {
-            seed: 0,
-            seq_len: 8,
-            global_batch: 1,
-        };
+        let plan = BatchPlan { seed: 0, seq_len: 8, global_batch: 1 };
         let err = plan.check(&corpus).expect_err("too short");
         assert!(err.to_string().contains("synthetic(seed=0)"), "{err}");
         assert!(BatchPlan { seq_len: 7, ..plan }.check(&corpus).is_ok());

@@ -27,22 +27,13 @@ impl ByteCorpus {
         }
         let mut bytes = text.out;
         bytes.truncate(len);
-        Self {
-            bytes,
-            source: format!("synthetic(seed={seed})"),
-        }
+        Self { bytes, source: format!("synthetic(seed={seed})") }
     }
 
     /// The raw bytes of the file at `path`.
     pub fn from_file(path: &Path) -> Result<Self, DataError> {
-        let bytes = std::fs::read(path).map_err(|source| DataError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let corpus = Self {
-            bytes,
-            source: path.display().to_string(),
-        };
+        let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.to_path_buf(), source })?;
+        let corpus = Self { bytes, source: path.display().to_string() };
         corpus.check_len(MIN_CORPUS_LEN)?;
         Ok(corpus)
     }
@@ -50,11 +41,7 @@ impl ByteCorpus {
     /// Errors unless the corpus holds at least `needed` bytes, naming its source.
     pub fn check_len(&self, needed: usize) -> Result<(), DataError> {
         if self.bytes.len() < needed {
-            return Err(DataError::TooShort {
-                source_name: self.source.clone(),
-                len: self.bytes.len(),
-                needed,
-            });
+            return Err(DataError::TooShort { source_name: self.source.clone(), len: self.bytes.len(), needed });
         }
         Ok(())
     }
@@ -94,18 +81,8 @@ const SUBJECTS: &[&str] = &[
     "a small fox",
     "the captain",
 ];
-const VERBS: &[&str] = &[
-    "sees",
-    "likes",
-    "finds",
-    "carries",
-    "watches",
-    "follows",
-    "paints",
-    "remembers",
-    "builds",
-    "opens",
-];
+const VERBS: &[&str] =
+    &["sees", "likes", "finds", "carries", "watches", "follows", "paints", "remembers", "builds", "opens"];
 const OBJECTS: &[&str] = &[
     "the ball",
     "an apple",
@@ -120,21 +97,11 @@ const OBJECTS: &[&str] = &[
     "the bridge",
     "a song",
 ];
-const ADVERBIALS: &[&str] = &[
-    "today",
-    "every morning",
-    "at night",
-    "in the rain",
-    "near the house",
-    "with great care",
-    "again",
-];
-const THINGS: &[&str] = &[
-    "sky", "grass", "sea", "sun", "snow", "stone", "leaf", "cloud", "sand", "rose", "coal", "lake",
-];
-const COLOURS: &[&str] = &[
-    "blue", "green", "grey", "yellow", "white", "black", "red", "brown",
-];
+const ADVERBIALS: &[&str] =
+    &["today", "every morning", "at night", "in the rain", "near the house", "with great care", "again"];
+const THINGS: &[&str] =
+    &["sky", "grass", "sea", "sun", "snow", "stone", "leaf", "cloud", "sand", "rose", "coal", "lake"];
+const COLOURS: &[&str] = &["blue", "green", "grey", "yellow", "white", "black", "red", "brown"];
 
 /// The generator state: the output buffer, the stream and the per-seed facts.
 struct SyntheticText {
@@ -149,11 +116,7 @@ impl SyntheticText {
         let mut rng = SplitMix64::new(seed);
         let colour_of = THINGS.iter().map(|_| *rng.pick(COLOURS)).collect();
         // A paragraph can overshoot `len`; the caller truncates.
-        Self {
-            out: Vec::with_capacity(len + 256),
-            rng,
-            colour_of,
-        }
+        Self { out: Vec::with_capacity(len + 256), rng, colour_of }
     }
 
     /// Four to eight sentences separated by spaces, ending in a newline.
@@ -287,11 +250,8 @@ mod tests {
         for sentence in text.split(['.', '\n']).map(str::trim) {
             let parts: Vec<&str> = sentence.split(' ').collect();
             if let [a, "+", b, "=", c] = parts.as_slice() {
-                let (a, b, c): (usize, usize, usize) = (
-                    a.parse().expect("a"),
-                    b.parse().expect("b"),
-                    c.parse().expect("c"),
-                );
+                let (a, b, c): (usize, usize, usize) =
+                    (a.parse().expect("a"), b.parse().expect("b"), c.parse().expect("c"));
                 assert_eq!(a + b, c, "{sentence}");
                 sums += 1;
             }
@@ -308,9 +268,7 @@ mod tests {
             if let Some(rest) = sentence.strip_prefix("The ")
                 && let Some((thing, colour)) = rest.split_once(" is ")
             {
-                let prev = seen
-                    .entry(thing.to_string())
-                    .or_insert_with(|| colour.to_string());
+                let prev = seen.entry(thing.to_string()).or_insert_with(|| colour.to_string());
                 assert_eq!(prev, colour, "{thing}");
             }
         }

@@ -100,7 +100,9 @@ impl HfConfig {
     fn from_raw(raw: Raw, path: &Path) -> Result<Self, HfError> {
         let model_type = raw.model_type.clone().unwrap_or_default();
         let err = |message: String| HfError::Config { path: path.to_path_buf(), message };
-        let need = |key: &str, v: Option<i64>| v.filter(|v| *v > 0).ok_or_else(|| err(format!("`{key}` is missing or not positive")));
+        let need = |key: &str, v: Option<i64>| {
+            v.filter(|v| *v > 0).ok_or_else(|| err(format!("`{key}` is missing or not positive")))
+        };
         match model_type.as_str() {
             "llama" | "qwen2" => {
                 let act = raw.hidden_act.as_deref().unwrap_or("silu");
@@ -114,7 +116,9 @@ impl HfConfig {
                 let heads = need("num_attention_heads", raw.num_attention_heads)?;
                 let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
                 if kv_heads <= 0 || heads % kv_heads != 0 {
-                    return Err(err(format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")));
+                    return Err(err(format!(
+                        "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+                    )));
                 }
                 let qwen = model_type == "qwen2";
                 let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -134,7 +138,8 @@ impl HfConfig {
                         .and_then(|t| t.as_f64())
                         .or(raw.rope_theta)
                         .unwrap_or(10000.0),
-                    rope_scaling: rope_scaling(raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref())).map_err(err)?,
+                    rope_scaling: rope_scaling(raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref()))
+                        .map_err(err)?,
                     max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
                     tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
                     qkv_bias: qwen || attention_bias,
@@ -167,7 +172,9 @@ impl HfConfig {
                 Ok(HfConfig::Gpt2(Gpt2Config { gpt }))
             }
             "" => Err(err(format!("no `model_type` (architectures: {:?})", raw.architectures))),
-            other => Err(err(format!("model_type `{other}` is not supported; rtrain implements llama, qwen2 and gpt2"))),
+            other => {
+                Err(err(format!("model_type `{other}` is not supported; rtrain implements llama, qwen2 and gpt2")))
+            }
         }
     }
 

@@ -32,7 +32,15 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { max_new_tokens: 64, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0, stop_token_ids: Vec::new(), stop_strings: Vec::new() }
+        Self {
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+        }
     }
 }
 
@@ -56,7 +64,12 @@ pub struct Generation {
 }
 
 /// Generates one continuation per prompt (token ids), all prompts in one batch.
-pub fn generate(model: &HfModel, tokenizer: &Tokenizer, prompts: &[Vec<u32>], params: &SamplingParams) -> Result<Vec<Generation>, HfError> {
+pub fn generate(
+    model: &HfModel,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+) -> Result<Vec<Generation>, HfError> {
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(HfError::Config { path: "prompt".into(), message: "a prompt must hold at least one token".into() });
     }
@@ -89,7 +102,12 @@ pub fn generate(model: &HfModel, tokenizer: &Tokenizer, prompts: &[Vec<u32>], pa
                 Some(text) => text,
                 None => tokenizer.decode(&r.tokens, true)?,
             };
-            Ok(Generation { token_ids: r.tokens, text, logprobs: r.logprobs, finish_reason: r.finish.unwrap_or(FinishReason::Length) })
+            Ok(Generation {
+                token_ids: r.tokens,
+                text,
+                logprobs: r.logprobs,
+                finish_reason: r.finish.unwrap_or(FinishReason::Length),
+            })
         })
         .collect()
 }
@@ -105,7 +123,13 @@ struct Row {
 
 impl Row {
     /// Picks the next token from `logits`, records it, and checks the stop conditions.
-    fn push(&mut self, logits: &[f32], params: &SamplingParams, tokenizer: &Tokenizer, stop_ids: &[u32]) -> Result<(), HfError> {
+    fn push(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        tokenizer: &Tokenizer,
+        stop_ids: &[u32],
+    ) -> Result<(), HfError> {
         let (token, logprob) = pick(logits, params, &mut self.rng);
         self.tokens.push(token);
         self.logprobs.push(logprob);
@@ -194,7 +218,8 @@ fn pick(logits: &[f32], params: &SamplingParams, rng: &mut SplitMix64) -> (u32, 
         let best = logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
         return (best as u32, log_probs[best]);
     }
-    let mut candidates: Vec<(usize, f64)> = logits.iter().map(|&x| f64::from(x) / params.temperature).enumerate().collect();
+    let mut candidates: Vec<(usize, f64)> =
+        logits.iter().map(|&x| f64::from(x) / params.temperature).enumerate().collect();
     candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if params.top_k > 0 {
         candidates.truncate(params.top_k);
@@ -236,7 +261,9 @@ fn log_softmax(xs: impl Iterator<Item = f64> + Clone) -> Vec<f64> {
 /// Per-token log-probabilities of `ids` under the model: entry t is log p(ids[t] | ids[..t]),
 /// `None` for the first token.
 pub fn score(model: &HfModel, ids: &[u32]) -> Result<Vec<Option<f64>>, HfError> {
-    let input = Tensor::from_slice(&ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()).view([1, -1]).to_device(model.device());
+    let input = Tensor::from_slice(&ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>())
+        .view([1, -1])
+        .to_device(model.device());
     let logits = tch::no_grad(|| model.logits(&input).select(0, 0));
     let rows = rows_to_host(&logits)?;
     let mut out = vec![None];

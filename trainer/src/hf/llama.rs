@@ -86,8 +86,9 @@ impl Llama {
             .collect();
         let embed_tokens =
             (&model / "embed_tokens").var("weight", &[cfg.vocab_size, h], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
-        let lm_head = (!cfg.tie_word_embeddings)
-            .then(|| (root / "lm_head").var("weight", &[cfg.vocab_size, h], nn::Init::Randn { mean: 0.0, stdev: 0.02 }));
+        let lm_head = (!cfg.tie_word_embeddings).then(|| {
+            (root / "lm_head").var("weight", &[cfg.vocab_size, h], nn::Init::Randn { mean: 0.0, stdev: 0.02 })
+        });
         Self {
             embed_tokens,
             layers,
@@ -107,7 +108,13 @@ impl Llama {
     /// `mask` `[B, 1, T, S]` (true = may attend) covers the cached positions and these; without
     /// it attention is plainly causal over `ids` alone. With `cache` (one entry per layer), the
     /// new keys and values are appended and attention sees the cached ones too.
-    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: Option<&Tensor>, mut cache: Option<&mut [LayerKv]>) -> Tensor {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut [LayerKv]>,
+    ) -> Tensor {
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         let (cos, sin) = self.rope(positions);
         // Residuals are `x = &x + ...`, never `x += ...`: tch's `+=` is an in-place add, which
@@ -124,7 +131,15 @@ impl Llama {
         x.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tr())
     }
 
-    fn attention(&self, a: &Attention, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut LayerKv>) -> Tensor {
+    fn attention(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerKv>,
+    ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (heads, kv_heads, d) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let split = |z: Tensor, n: i64| z.view([b, t, n, d]).transpose(1, 2);
@@ -177,7 +192,12 @@ fn inv_freq(cfg: &LlamaConfig) -> Tensor {
     match cfg.rope_scaling {
         None => inv,
         Some(RopeScaling::Linear { factor }) => inv / factor,
-        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old }) => {
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        }) => {
             let low_freq_wavelen = old / low_freq_factor;
             let high_freq_wavelen = old / high_freq_factor;
             let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);

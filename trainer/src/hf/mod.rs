@@ -58,7 +58,8 @@ impl std::fmt::Debug for HfModel {
 
 /// GPT-2 weights stored transposed by Hugging Face (`Conv1D`).
 fn is_conv1d(name: &str) -> bool {
-    name.ends_with(".weight") && ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"].iter().any(|m| name.contains(m))
+    name.ends_with(".weight")
+        && ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"].iter().any(|m| name.contains(m))
 }
 
 impl HfModel {
@@ -86,7 +87,11 @@ impl HfModel {
                 tensors = tensors
                     .into_iter()
                     .map(|(name, t)| {
-                        let name = if name.starts_with("transformer.") || name == "lm_head.weight" { name } else { format!("transformer.{name}") };
+                        let name = if name.starts_with("transformer.") || name == "lm_head.weight" {
+                            name
+                        } else {
+                            format!("transformer.{name}")
+                        };
                         let t = if is_conv1d(&name) { t.tr().contiguous() } else { t };
                         (name, t)
                     })
@@ -119,7 +124,8 @@ impl HfModel {
             obj.insert(key.into(), dtype.into());
         }
         let path = dir.join("config.json");
-        let text = serde_json::to_string_pretty(&config).map_err(|e| HfError::Config { path: path.clone(), message: e.to_string() })?;
+        let text = serde_json::to_string_pretty(&config)
+            .map_err(|e| HfError::Config { path: path.clone(), message: e.to_string() })?;
         std::fs::write(&path, text + "\n").map_err(|source| HfError::Io { path, source })
     }
 

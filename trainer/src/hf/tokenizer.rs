@@ -52,7 +52,8 @@ impl Tokenizer {
         if !path.exists() {
             return Err(HfError::Config { path, message: "not found: the model folder needs a tokenizer.json".into() });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| HfError::Config { path: path.clone(), message: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| HfError::Config { path: path.clone(), message: e.to_string() })?;
         let config = read_json(&dir.join("tokenizer_config.json"))?;
         let token_id = |key: &str| -> Option<Special> {
             let value = config.as_ref()?.get(key)?;
@@ -62,7 +63,8 @@ impl Tokenizer {
             Some(Special { text, id })
         };
         let (bos, eos, pad) = (token_id("bos_token"), token_id("eos_token"), token_id("pad_token"));
-        let chat_template = config.as_ref().and_then(|c| c.get("chat_template")).and_then(|t| t.as_str()).map(str::to_string);
+        let chat_template =
+            config.as_ref().and_then(|c| c.get("chat_template")).and_then(|t| t.as_str()).map(str::to_string);
         let chat_template = match chat_template {
             Some(t) => Some(t),
             None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
@@ -72,7 +74,9 @@ impl Tokenizer {
             if let Some(json) = read_json(&dir.join(file))? {
                 match json.get("eos_token_id") {
                     Some(serde_json::Value::Number(n)) => stop_ids.extend(n.as_u64().map(|n| n as u32)),
-                    Some(serde_json::Value::Array(ids)) => stop_ids.extend(ids.iter().filter_map(|n| n.as_u64()).map(|n| n as u32)),
+                    Some(serde_json::Value::Array(ids)) => {
+                        stop_ids.extend(ids.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
+                    }
                     _ => {}
                 }
             }
@@ -128,7 +132,11 @@ impl Tokenizer {
 
     /// Renders the chat template of `tokenizer_config.json` for `messages`, with
     /// `add_generation_prompt` appending the assistant turn's opening.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, HfError> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, HfError> {
         let template = self.chat_template.as_deref().ok_or_else(|| HfError::Config {
             path: "tokenizer_config.json".into(),
             message: "the model has no chat_template".into(),
@@ -137,16 +145,22 @@ impl Tokenizer {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // transformers renders chat templates with trim_blocks and lstrip_blocks.
         let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
-        env.set_syntax(syntax.map_err(|e| HfError::Config { path: "tokenizer_config.json".into(), message: e.to_string() })?);
+        env.set_syntax(
+            syntax.map_err(|e| HfError::Config { path: "tokenizer_config.json".into(), message: e.to_string() })?,
+        );
         env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
         });
-        let bad = |e: minijinja::Error| HfError::Config { path: "tokenizer_config.json".into(), message: format!("chat_template: {e}") };
+        let bad = |e: minijinja::Error| HfError::Config {
+            path: "tokenizer_config.json".into(),
+            message: format!("chat_template: {e}"),
+        };
         env.add_template("chat", template).map_err(bad)?;
         let messages: Vec<minijinja::Value> = messages
             .iter()
             .map(|m| {
-                let fields = std::collections::BTreeMap::from([("role", m.role.clone()), ("content", m.content.clone())]);
+                let fields =
+                    std::collections::BTreeMap::from([("role", m.role.clone()), ("content", m.content.clone())]);
                 minijinja::Value::from(fields)
             })
             .collect();
@@ -162,7 +176,9 @@ impl Tokenizer {
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>, HfError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| HfError::Config { path: path.to_path_buf(), message: e.to_string() }),
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| HfError::Config { path: path.to_path_buf(), message: e.to_string() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(HfError::Io { path: path.to_path_buf(), source }),
     }

@@ -15,13 +15,14 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub fn read_dir_tensors(dir: &Path) -> Result<HashMap<String, Tensor>, HfError> {
     let index_path = dir.join(INDEX_FILE);
     let files: Vec<String> = if index_path.exists() {
-        let text = std::fs::read_to_string(&index_path).map_err(|source| HfError::Io { path: index_path.clone(), source })?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| HfError::Config { path: index_path.clone(), message: e.to_string() })?;
-        let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| HfError::Config {
-            path: index_path.clone(),
-            message: "no `weight_map` object".into(),
-        })?;
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|source| HfError::Io { path: index_path.clone(), source })?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| HfError::Config { path: index_path.clone(), message: e.to_string() })?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| HfError::Config { path: index_path.clone(), message: "no `weight_map` object".into() })?;
         let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
         files.sort();
         files.dedup();
@@ -37,7 +38,8 @@ pub fn read_dir_tensors(dir: &Path) -> Result<HashMap<String, Tensor>, HfError> 
     let mut tensors = HashMap::new();
     for file in files {
         let path = dir.join(&file);
-        let loaded = Tensor::read_safetensors(&path).map_err(|e| HfError::Weights { path: path.clone(), message: e.to_string() })?;
+        let loaded = Tensor::read_safetensors(&path)
+            .map_err(|e| HfError::Weights { path: path.clone(), message: e.to_string() })?;
         tensors.extend(loaded);
     }
     Ok(tensors)
@@ -67,7 +69,10 @@ pub fn assign(
     problems.extend(unexpected.into_iter().map(|k| format!("unexpected {k}")));
     if !problems.is_empty() {
         problems.sort();
-        return Err(HfError::Weights { path: dir.to_path_buf(), message: format!("does not match the model: {}", problems.join("; ")) });
+        return Err(HfError::Weights {
+            path: dir.to_path_buf(),
+            message: format!("does not match the model: {}", problems.join("; ")),
+        });
     }
     tch::no_grad(|| {
         for (name, var) in vars {
@@ -84,9 +89,15 @@ pub fn assign(
 /// Writes `tensors` as `model.safetensors`, or as shards of at most `max_shard_bytes` with an
 /// index when they do not fit in one (`model-00001-of-00003.safetensors`, as transformers names
 /// them), converted to `kind`.
-pub fn write_dir_tensors(dir: &Path, tensors: &[(String, Tensor)], kind: Kind, max_shard_bytes: usize) -> Result<(), HfError> {
+pub fn write_dir_tensors(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    kind: Kind,
+    max_shard_bytes: usize,
+) -> Result<(), HfError> {
     std::fs::create_dir_all(dir).map_err(|source| HfError::Io { path: dir.to_path_buf(), source })?;
-    let converted: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.to_kind(kind).contiguous())).collect();
+    let converted: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.to_kind(kind).contiguous())).collect();
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
     let mut size = 0usize;
     for (name, t) in converted {
@@ -121,7 +132,8 @@ pub fn write_dir_tensors(dir: &Path, tensors: &[(String, Tensor)], kind: Kind, m
     }
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     let path = dir.join(INDEX_FILE);
-    let text = serde_json::to_string_pretty(&index).map_err(|e| HfError::Config { path: path.clone(), message: e.to_string() })?;
+    let text = serde_json::to_string_pretty(&index)
+        .map_err(|e| HfError::Config { path: path.clone(), message: e.to_string() })?;
     std::fs::write(&path, text + "\n").map_err(|source| HfError::Io { path, source })?;
     let _ = std::fs::remove_file(dir.join(SINGLE_FILE));
     Ok(())

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Reduction, Tensor};
 
-use super::ModelError;
 use super::LayerKv;
+use super::ModelError;
 use super::gpt_block::{Block, INIT_STD, gpt2_layer_norm};
 
 /// The shape of a GPT model; `n_embd` must be divisible by `n_head`.
@@ -42,19 +42,13 @@ impl GptConfig {
         ];
         for (field, value) in sizes {
             if value <= 0 {
-                return Err(ModelError::InvalidConfig {
-                    field,
-                    reason: format!("must be positive, got {value}"),
-                });
+                return Err(ModelError::InvalidConfig { field, reason: format!("must be positive, got {value}") });
             }
         }
         if self.n_embd % self.n_head != 0 {
             return Err(ModelError::InvalidConfig {
                 field: "n_head",
-                reason: format!(
-                    "n_embd {} is not divisible by n_head {}",
-                    self.n_embd, self.n_head
-                ),
+                reason: format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head),
             });
         }
         Ok(())
@@ -82,24 +76,13 @@ impl GptConfig {
             panic!("GptConfig::init: {e}");
         }
         let t = path / "transformer";
-        let normal = nn::Init::Randn {
-            mean: 0.0,
-            stdev: INIT_STD,
-        };
+        let normal = nn::Init::Randn { mean: 0.0, stdev: INIT_STD };
         let wte = (&t / "wte").var("weight", &[self.vocab_size, self.n_embd], normal);
         let wpe = (&t / "wpe").var("weight", &[self.n_ctx, self.n_embd], normal);
         let h = &t / "h";
-        let blocks = (0..self.n_layer)
-            .map(|i| Block::new(&h / i, self))
-            .collect();
+        let blocks = (0..self.n_layer).map(|i| Block::new(&h / i, self)).collect();
         let ln_f = gpt2_layer_norm(&t / "ln_f", self.n_embd);
-        Gpt {
-            cfg: *self,
-            wte,
-            wpe,
-            blocks,
-            ln_f,
-        }
+        Gpt { cfg: *self, wte, wpe, blocks, ln_f }
     }
 }
 
@@ -126,10 +109,9 @@ impl Gpt {
     pub fn forward(&self, idx: &Tensor) -> Tensor {
         let t = match idx.size().as_slice() {
             &[_, t] if t <= self.cfg.n_ctx => t,
-            other => panic!(
-                "Gpt::forward: expected token ids [B, T] with T <= n_ctx = {}, got {other:?}",
-                self.cfg.n_ctx
-            ),
+            other => {
+                panic!("Gpt::forward: expected token ids [B, T] with T <= n_ctx = {}, got {other:?}", self.cfg.n_ctx)
+            }
         };
         let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
         self.forward_at(idx, &pos, None, None)
@@ -138,7 +120,13 @@ impl Gpt {
     /// Logits for `idx` `[B, T]` at `positions` (`[T]` or `[B, T]`), attending as `mask`
     /// (`[B, 1, T, S]`, true = may attend; plainly causal without it) over the positions kept
     /// in `cache` (one per block) and these.
-    pub fn forward_at(&self, idx: &Tensor, positions: &Tensor, mask: Option<&Tensor>, mut cache: Option<&mut [LayerKv]>) -> Tensor {
+    pub fn forward_at(
+        &self,
+        idx: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut [LayerKv]>,
+    ) -> Tensor {
         let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false);
         let pos_emb = Tensor::embedding(&self.wpe, positions, -1, false, false);
         let mut x = tok_emb + pos_emb;

@@ -16,10 +16,7 @@ pub(super) const INIT_STD: f64 = 0.02;
 /// a checkpoint converter must transpose `c_attn`, `c_proj` and `c_fc` weights.
 fn gpt2_linear(path: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> nn::Linear {
     let cfg = nn::LinearConfig {
-        ws_init: nn::Init::Randn {
-            mean: 0.0,
-            stdev: std,
-        },
+        ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
         bs_init: Some(nn::Init::Const(0.0)),
         bias: true,
     };

@@ -21,12 +21,7 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// GPT-2/nanoGPT's choice: betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
     fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        }
+        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
     }
 }
 
@@ -63,12 +58,7 @@ impl AdamW {
     /// p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     /// ```
     pub fn step(&mut self, params: &FlatParams, lr: f64) {
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         self.step += 1;
         // In f64 on the host, like torch's non-capturable path (`1 - beta1 ** step`).
         let t = self.step as f64;
@@ -94,9 +84,7 @@ impl AdamW {
         let mut p = params.params().shallow_clone();
         tch::no_grad(|| {
             if weight_decay != 0.0 && params.decay_numel() > 0 {
-                let _ = p
-                    .narrow(0, 0, params.decay_numel())
-                    .g_mul_scalar_(1.0 - lr * weight_decay);
+                let _ = p.narrow(0, 0, params.decay_numel()).g_mul_scalar_(1.0 - lr * weight_decay);
             }
             let _ = self.exp_avg.lerp_(grad, 1.0 - beta1);
             let _ = self.exp_avg_sq.g_mul_scalar_(beta2);
@@ -138,10 +126,7 @@ impl AdamW {
         let want = self.exp_avg.size();
         for (name, src) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
             if src.size() != want {
-                panic!(
-                    "AdamW::restore: {name} has shape {:?}, expected {want:?}",
-                    src.size()
-                );
+                panic!("AdamW::restore: {name} has shape {:?}, expected {want:?}", src.size());
             }
         }
         tch::no_grad(|| {

@@ -53,11 +53,7 @@ impl FlatParams {
     /// through the views as long as the file holds f32 tensors (a different dtype makes `load`
     /// replace the variable's storage and silently detaches it from the flat buffer).
     pub fn new(vs: &nn::VarStore) -> Self {
-        let mut named: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         // Decay group (dim >= 2) first, then by name: must match on every rank.
         named.sort_by(|(a, ta), (b, tb)| (ta.dim() < 2, a).cmp(&(tb.dim() < 2, b)));
 
@@ -65,11 +61,7 @@ impl FlatParams {
         let mut offset = 0;
         let mut decay_numel = 0;
         for (name, var) in &named {
-            let entry = FlatEntry {
-                name: name.clone(),
-                offset,
-                shape: var.size(),
-            };
+            let entry = FlatEntry { name: name.clone(), offset, shape: var.size() };
             offset += entry.numel();
             if var.dim() >= 2 {
                 decay_numel = offset;
@@ -89,13 +81,7 @@ impl FlatParams {
                 vars.push(var);
             }
         });
-        Self {
-            params,
-            grads,
-            entries,
-            vars,
-            decay_numel,
-        }
+        Self { params, grads, entries, vars, decay_numel }
     }
 
     /// The flat parameter buffer; the model's variables are views of it.
@@ -169,7 +155,6 @@ impl FlatParams {
     /// The slice of any buffer with this layout (parameters, gradients, optimizer moments) that
     /// belongs to `entry`, shaped like the variable; it shares memory with `buf`.
     pub fn view(&self, buf: &Tensor, entry: &FlatEntry) -> Tensor {
-        buf.narrow(0, entry.offset, entry.numel())
-            .view(entry.shape.as_slice())
+        buf.narrow(0, entry.offset, entry.numel()).view(entry.shape.as_slice())
     }
 }

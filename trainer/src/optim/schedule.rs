@@ -26,12 +26,7 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// A constant learning rate (no warm-up, no decay).
     pub fn constant(lr: f64) -> Self {
-        Self {
-            base_lr: lr,
-            min_lr: lr,
-            warmup_steps: 0,
-            total_steps: 0,
-        }
+        Self { base_lr: lr, min_lr: lr, warmup_steps: 0, total_steps: 0 }
     }
 
     /// The learning rate for optimizer step `step` (0-based).
@@ -42,8 +37,7 @@ impl LrSchedule {
         if step >= self.total_steps {
             return self.min_lr;
         }
-        let progress =
-            (step - self.warmup_steps) as f64 / (self.total_steps - self.warmup_steps) as f64;
+        let progress = (step - self.warmup_steps) as f64 / (self.total_steps - self.warmup_steps) as f64;
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         self.min_lr + (self.base_lr - self.min_lr) * cosine
     }
@@ -59,12 +53,7 @@ mod tests {
 
     #[test]
     fn warmup_rises_linearly_to_base() {
-        let s = LrSchedule {
-            base_lr: 1e-3,
-            min_lr: 1e-4,
-            warmup_steps: 10,
-            total_steps: 100,
-        };
+        let s = LrSchedule { base_lr: 1e-3, min_lr: 1e-4, warmup_steps: 10, total_steps: 100 };
         assert!(close(s.lr_at(0), 1e-4));
         assert!(close(s.lr_at(4), 5e-4));
         assert!(close(s.lr_at(9), 1e-3));
@@ -73,12 +62,7 @@ mod tests {
 
     #[test]
     fn cosine_decays_to_min_at_total_and_stays() {
-        let s = LrSchedule {
-            base_lr: 1e-3,
-            min_lr: 1e-4,
-            warmup_steps: 10,
-            total_steps: 110,
-        };
+        let s = LrSchedule { base_lr: 1e-3, min_lr: 1e-4, warmup_steps: 10, total_steps: 110 };
         assert!(close(s.lr_at(60), 5.5e-4)); // halfway: cos(pi/2) = 0
         assert!(s.lr_at(109) > 1e-4 && s.lr_at(109) < 1.003e-4); // 1e-4 + 9e-4 * (1 + cos(0.99 pi)) / 2
         assert!(close(s.lr_at(110), 1e-4));
@@ -93,12 +77,7 @@ mod tests {
 
     #[test]
     fn zero_warmup_starts_at_base() {
-        let s = LrSchedule {
-            base_lr: 2.0,
-            min_lr: 0.0,
-            warmup_steps: 0,
-            total_steps: 4,
-        };
+        let s = LrSchedule { base_lr: 2.0, min_lr: 0.0, warmup_steps: 0, total_steps: 4 };
         assert!(close(s.lr_at(0), 2.0));
         assert!(close(s.lr_at(2), 1.0));
         assert!(close(s.lr_at(4), 0.0));
@@ -106,22 +85,11 @@ mod tests {
 
     #[test]
     fn total_equal_to_warmup_has_no_decay_phase() {
-        let s = LrSchedule {
-            base_lr: 1.0,
-            min_lr: 0.1,
-            warmup_steps: 5,
-            total_steps: 5,
-        };
+        let s = LrSchedule { base_lr: 1.0, min_lr: 0.1, warmup_steps: 5, total_steps: 5 };
         assert!(close(s.lr_at(4), 1.0));
         assert!(close(s.lr_at(5), 0.1));
-        let s = LrSchedule {
-            total_steps: 3,
-            ..s
-        };
-        assert!(
-            close(s.lr_at(4), 1.0),
-            "warm-up still completes when total < warmup"
-        );
+        let s = LrSchedule { total_steps: 3, ..s };
+        assert!(close(s.lr_at(4), 1.0), "warm-up still completes when total < warmup");
         assert!(close(s.lr_at(5), 0.1));
     }
 

@@ -48,9 +48,10 @@ impl Checkpointer {
     pub fn finish(&mut self) -> Result<(), CheckpointError> {
         match self.pending.take() {
             None => Ok(()),
-            Some(handle) => handle.join().unwrap_or_else(|_| {
-                Err(CheckpointError::invalid(&self.run, "the checkpoint writer thread panicked"))
-            }).map(|_| ()),
+            Some(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(CheckpointError::invalid(&self.run, "the checkpoint writer thread panicked")))
+                .map(|_| ()),
         }
     }
 

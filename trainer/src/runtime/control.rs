@@ -139,11 +139,16 @@ impl ControlPlane {
 
     /// Sends a structured error to the coordinator; best effort, bounded in time.
     pub fn report_failure(&self, message: &str, backtrace: &str, collective: bool) {
-        let report = FailureReport { id: Some(self.id.clone()), message: message.into(), backtrace: backtrace.into(), collective };
+        let report = FailureReport {
+            id: Some(self.id.clone()),
+            message: message.into(),
+            backtrace: backtrace.into(),
+            collective,
+        };
         let mut client = self.client.clone();
-        let _ = self.runtime.block_on(async move {
-            tokio::time::timeout(Duration::from_secs(2), client.report_failure(report)).await
-        });
+        let _ = self
+            .runtime
+            .block_on(async move { tokio::time::timeout(Duration::from_secs(2), client.report_failure(report)).await });
     }
 
     /// Delivers the metrics still queued (bounded in time), then stops the background tasks.

@@ -54,9 +54,7 @@ impl WorkerEnv {
 
     /// Reads the variables through `get`, so tests need not touch the process environment.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
-        let text = |var: &'static str| {
-            get(var).ok_or_else(|| EnvError { var, message: "is not set".into() })
-        };
+        let text = |var: &'static str| get(var).ok_or_else(|| EnvError { var, message: "is not set".into() });
         let number = |var: &'static str| -> Result<u64, EnvError> {
             let raw = text(var)?;
             raw.parse().map_err(|_| EnvError { var, message: format!("`{raw}` is not a number") })
@@ -78,7 +76,10 @@ impl WorkerEnv {
             resume_from: get(vars::RESUME_FROM).filter(|p| !p.is_empty()).map(PathBuf::from),
         };
         if env.rank >= env.world_size {
-            return Err(EnvError { var: "RANK", message: format!("{} is not below WORLD_SIZE {}", env.rank, env.world_size) });
+            return Err(EnvError {
+                var: "RANK",
+                message: format!("{} is not below WORLD_SIZE {}", env.rank, env.world_size),
+            });
         }
         Ok(env)
     }

@@ -107,7 +107,8 @@ where
     tch::manual_seed(spec.seed as i64);
 
     let host = std::env::var("RTRAIN_BIND_HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let point = TcpCollective::bind(&host).map_err(|e| TrainError::other(format!("cannot open a collective port on {host}: {e}")))?;
+    let point = TcpCollective::bind(&host)
+        .map_err(|e| TrainError::other(format!("cannot open a collective port on {host}: {e}")))?;
     let peers = control
         .rendezvous(point.addr(), spec.rendezvous_timeout, spec.heartbeat_interval)
         .map_err(|e| TrainError::other(e.to_string()))?;
@@ -145,7 +146,8 @@ where
         Some(path) => resume(path, &mut train_loop)?,
         None => 0,
     };
-    let config_text = std::fs::read_to_string(&env.config).map_err(|e| TrainError::other(format!("{}: {e}", env.config.display())))?;
+    let config_text = std::fs::read_to_string(&env.config)
+        .map_err(|e| TrainError::other(format!("{}: {e}", env.config.display())))?;
     let config_digest = checkpoint::sha256_hex(config_text.as_bytes());
     let mut checkpointer = (env.rank == 0).then(|| Checkpointer::new(&run_dir, config_text, ctx.spec.checkpoint));
 
@@ -216,7 +218,11 @@ where
 fn resume<L: TrainLoop>(path: &Path, train_loop: &mut L) -> Result<u64, TrainError> {
     let snapshot = checkpoint::read(path).map_err(|e| TrainError::other(format!("resume: {e}")))?;
     let step = snapshot.state.step;
-    train_loop.restore(LoopState { model: snapshot.model, optimizer: snapshot.optimizer, extra: snapshot.state.extra })?;
+    train_loop.restore(LoopState {
+        model: snapshot.model,
+        optimizer: snapshot.optimizer,
+        extra: snapshot.state.extra,
+    })?;
     tracing::info!(checkpoint = %path.display(), step, "resumed");
     Ok(step)
 }
