@@ -8,7 +8,7 @@
 
 use std::process::ExitCode;
 
-use rtrain_launcher::run_with_loop;
+use rtrain_trainer::cli::run_with_loop;
 use rtrain_trainer::collective::ReduceOp;
 use rtrain_trainer::ddp::Ddp;
 use rtrain_trainer::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};

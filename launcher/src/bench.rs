@@ -5,7 +5,6 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
-use rtrain_trainer::collective::bench::{allreduce_bench, memcpy_bandwidth_gbps};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -66,15 +65,6 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
     match cmd {
-        BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, json } => {
-            match generate_bench(&model, &batch, prompt_len, new_tokens, repeats.max(1), json) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: generation benchmark: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
         BenchCommand::Recovery { config, kills, steps_between, json } => {
             match recovery(config, kills, steps_between, json) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -84,60 +74,10 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
                 }
             }
         }
-        BenchCommand::Allreduce { ranks, backend, max_mib, iters, json } => {
-            if backend != "tcp" {
-                eprintln!("error: --backend {backend}: this benchmark runs the tcp backend; use --backend tcp");
-                return ExitCode::from(2);
-            }
-            if ranks < 2 || iters == 0 {
-                eprintln!("error: --ranks must be at least 2 and --iters at least 1");
-                return ExitCode::from(2);
-            }
-            let mut sizes = Vec::new();
-            let mut mib = 1;
-            while mib <= max_mib.max(1) {
-                sizes.push(mib << 20);
-                mib *= 4;
-            }
-            let memcpy = memcpy_bandwidth_gbps(64 << 20);
-            let results = match allreduce_bench(ranks, &sizes, iters) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: all-reduce benchmark failed: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            if json {
-                for r in &results {
-                    let mut v = serde_json::to_value(r).unwrap_or_default();
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.insert("backend".into(), backend.clone().into());
-                        obj.insert("ranks".into(), ranks.into());
-                        obj.insert("memcpy_gbps".into(), memcpy.into());
-                    }
-                    println!("{v}");
-                }
-            } else {
-                println!(
-                    "all-reduce sum f32, backend {backend}, {ranks} ranks on loopback; memcpy ceiling {memcpy:.2} GB/s"
-                );
-                println!(
-                    "{:>10} {:>10} {:>10} {:>12} {:>12} {:>11}",
-                    "size", "algorithm", "time", "algbw GB/s", "busbw GB/s", "% memcpy"
-                );
-                for r in &results {
-                    println!(
-                        "{:>7} MiB {:>10} {:>8.2}ms {:>12.2} {:>12.2} {:>10.1}%",
-                        r.size_bytes >> 20,
-                        r.algorithm,
-                        r.time_s * 1e3,
-                        r.algbw_gbps,
-                        r.busbw_gbps,
-                        100.0 * r.busbw_gbps / memcpy
-                    );
-                }
-            }
-            ExitCode::SUCCESS
+        // Run by `rtrain-worker`, which `rtrain` executes for them.
+        BenchCommand::Allreduce { .. } | BenchCommand::Generate { .. } => {
+            eprintln!("error: this benchmark runs in rtrain-worker (`rtrain bench ...` starts it)");
+            ExitCode::from(2)
         }
     }
 }
@@ -169,7 +109,7 @@ fn recovery(config: Option<PathBuf>, kills: u64, steps_between: u64, json: bool)
             path
         }
     };
-    let loaded = rtrain_trainer::config::load(&cfg, &[]).map_err(|e| e.to_string())?;
+    let loaded = crate::config::load(&cfg, &[]).map_err(|e| e.to_string())?;
     let run_path = work.path().join("runs").join(&loaded.spec.name);
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let sets = [
@@ -220,7 +160,7 @@ fn recovery(config: Option<PathBuf>, kills: u64, steps_between: u64, json: bool)
             m.last().filter(|l| l["attempt"] == k && l["step"].as_u64() >= Some(first + steps_between)).map(|_| ())
         })?;
         let pid = find_worker(&config_env, 1).ok_or("rank 1 is not running")?;
-        killed_at = Some(rtrain_trainer::runtime::unix_now());
+        killed_at = Some(crate::contract::unix_now());
         // SAFETY: plain syscall on a worker of the job this benchmark started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
@@ -293,55 +233,4 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     s[s.len() / 2]
-}
-
-fn generate_bench(
-    model_dir: &Path,
-    batches: &[usize],
-    prompt_len: usize,
-    new_tokens: usize,
-    repeats: usize,
-    json: bool,
-) -> Result<(), String> {
-    use rtrain_trainer::hf::{HfModel, SamplingParams, Tokenizer, generate};
-    let model = HfModel::load(model_dir, tch::Device::Cpu).map_err(|e| e.to_string())?;
-    let mut tokenizer = Tokenizer::from_dir(model_dir).map_err(|e| e.to_string())?;
-    // Every sequence runs to its full length, as the transformers side forces with min_new_tokens.
-    tokenizer.stop_ids.clear();
-    let params = SamplingParams { max_new_tokens: new_tokens, temperature: 0.0, ..SamplingParams::default() };
-    let mut state = 0x5eed_u64;
-    for &batch in batches {
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|_| {
-                (0..prompt_len)
-                    .map(|_| {
-                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        ((state >> 33) % 256) as u32
-                    })
-                    .collect()
-            })
-            .collect();
-        generate(&model, &tokenizer, &prompts, &params).map_err(|e| e.to_string())?; // warm-up
-        let mut best = f64::INFINITY;
-        for _ in 0..repeats {
-            let t0 = Instant::now();
-            let out = generate(&model, &tokenizer, &prompts, &params).map_err(|e| e.to_string())?;
-            best = best.min(t0.elapsed().as_secs_f64());
-            if out.iter().any(|g| g.token_ids.len() != new_tokens) {
-                return Err("a sequence ended early".into());
-            }
-        }
-        let tokens_per_s = (batch * new_tokens) as f64 / best;
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({ "framework": "rtrain", "batch": batch, "new_tokens": new_tokens, "time_s": best, "tokens_per_s": tokens_per_s, "threads": tch::get_num_threads() })
-            );
-        } else {
-            println!(
-                "batch {batch:>3}: {tokens_per_s:>9.1} generated tokens/s ({new_tokens} new tokens in {best:.3} s)"
-            );
-        }
-    }
-    Ok(())
 }

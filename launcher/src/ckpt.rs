@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::checkpoint::{self, CHECKPOINTS_DIR, LATEST_FILE};
 use clap::Subcommand;
-use rtrain_trainer::checkpoint::{self, CHECKPOINTS_DIR, LATEST_FILE};
-use tch::Tensor;
+use safetensors::SafeTensors;
 
 #[derive(Subcommand, Debug)]
 pub enum CkptCommand {
@@ -109,12 +109,14 @@ fn inspect(run: &Path, step: Option<u64>) -> Result<ExitCode, String> {
         if !path.exists() {
             continue;
         }
-        let mut tensors = Tensor::read_safetensors(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| format!("{}: {e:?}", path.display()))?;
+        let mut tensors: Vec<_> = header.tensors().into_iter().collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        let numel: i64 = tensors.iter().map(|(_, t)| t.numel() as i64).sum();
+        let numel: usize = tensors.iter().map(|(_, t)| t.shape.iter().product::<usize>()).sum();
         println!("  {file}: {} tensors, {numel} values", tensors.len());
         for (name, t) in tensors.iter().take(40) {
-            println!("    {name:<48} {:?} {:?}", t.kind(), t.size());
+            println!("    {name:<48} {:?} {:?}", t.dtype, t.shape);
         }
         if tensors.len() > 40 {
             println!("    ... {} more", tensors.len() - 40);

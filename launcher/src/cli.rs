@@ -1,18 +1,15 @@
 //! The `rtrain` command line. `main.rs` only calls [`main`]; tests call the same functions.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use rtrain_trainer::builtin::BuiltIn;
-use rtrain_trainer::config::{self, LoadedConfig, TrainerKind};
-use rtrain_trainer::runtime::{WorkerEnv, run_worker};
-use rtrain_trainer::train_loop::{TrainContext, TrainError, TrainLoop};
 
 use crate::bench::{self, BenchCommand};
 use crate::ckpt::{self, CkptCommand};
-use crate::infer::{self, GenerateArgs, ScoreArgs};
+use crate::config::{self, LoadedConfig, TrainerKind};
 use crate::launch::{LaunchOptions, Outcome, WorkerProgram, launch};
 
 /// Exit code for a config or usage error.
@@ -20,15 +17,22 @@ pub const EXIT_CONFIG: u8 = 2;
 /// Exit code for a launch that failed.
 pub const EXIT_FAILED: u8 = 1;
 
+/// The binary, installed beside `rtrain`, that runs the commands needing libtorch: built-in
+/// workers, `generate`, `score` and the tensor benchmarks. `rtrain` itself does not link libtorch
+/// (whose start-up alone takes about 0.3 s), so launching, validating and checkpoint commands
+/// start at once.
+pub const WORKER_BIN: &str = "rtrain-worker";
+
+/// The command line of `rtrain` (and of `rtrain-worker`, which parses the same arguments).
 #[derive(Parser, Debug)]
 #[command(name = "rtrain", version, about = "Distributed training orchestrator: gang-scheduled data-parallel training")]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
-    command: Command,
+    pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
+pub enum Command {
     /// Check a job config and print what it resolves to.
     Validate(ConfigArgs),
     /// Run a job: schedule the trainer gang, start the workers, supervise them to the end.
@@ -46,6 +50,17 @@ enum Command {
     /// Run as a built-in worker (started by `rtrain launch`, not by hand).
     #[command(hide = true)]
     Worker,
+}
+
+impl Command {
+    /// Whether the command runs in [`WORKER_BIN`].
+    pub fn needs_torch(&self) -> bool {
+        match self {
+            Command::Generate(_) | Command::Score(_) | Command::Worker => true,
+            Command::Bench(b) => !matches!(b, BenchCommand::Recovery { .. }),
+            Command::Validate(_) | Command::Launch(_) | Command::Ckpt(_) => false,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -66,50 +81,106 @@ pub struct LaunchArgs {
     pub fresh: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A model folder: config.json, *.safetensors, tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences to sample for the prompt (one batch).
+    #[arg(long, default_value_t = 1)]
+    pub num_samples: usize,
+    /// A text that ends a sequence (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// One JSON object per sequence: token_ids, text, logprobs, finish_reason.
+    #[arg(long)]
+    pub json: bool,
+    /// Run on this CUDA device instead of the CPU.
+    #[arg(long)]
+    pub cuda: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub text: String,
+    /// One JSON object per token: token_id, token, logprob (null for the first).
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub cuda: Option<usize>,
+}
+
 /// The `rtrain` binary.
 pub fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
+    if cli.command.needs_torch() {
+        return exec_worker_binary();
+    }
     match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Launch(args) => {
             let program = |loaded: &LoadedConfig| match &loaded.spec.entrypoint {
-                Some(cmd) => WorkerProgram::External(cmd.clone()),
-                None => WorkerProgram::Runtime(vec![self_exe(), "worker".into()]),
+                Some(cmd) => Ok(WorkerProgram::External(cmd.clone())),
+                None => {
+                    worker_exe().map(|exe| WorkerProgram::Runtime(vec![exe.display().to_string(), "worker".into()]))
+                }
             };
             launch_command(&args, started, program)
         }
         Command::Bench(cmd) => bench::run(cmd),
         Command::Ckpt(cmd) => ckpt::run(cmd),
-        Command::Generate(args) => infer::generate_command(&args),
-        Command::Score(args) => infer::score_command(&args),
-        Command::Worker => run_worker(BuiltIn::new),
+        Command::Generate(_) | Command::Score(_) | Command::Worker => unreachable!("run by {WORKER_BIN}"),
     }
 }
 
-/// Entry point for a user's binary with a custom [`TrainLoop`]: started by hand it acts as
-/// `rtrain launch FILE [--set ...] [--fresh]` with itself as the worker program; started by
-/// the launcher it runs `build`'s loop as one rank.
-pub fn run_with_loop<L, F>(build: F) -> ExitCode
-where
-    L: TrainLoop,
-    F: FnOnce(&mut TrainContext) -> Result<L, TrainError>,
-{
-    if WorkerEnv::is_worker_process() {
-        return run_worker(build);
+/// [`WORKER_BIN`] beside the running executable.
+pub fn worker_exe() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the running executable: {e}"))?;
+    let worker = exe.with_file_name(WORKER_BIN);
+    if worker.is_file() {
+        Ok(worker)
+    } else {
+        Err(format!(
+            "{} is missing: rtrain runs built-in workers, generation and tensor benchmarks with it \
+             (`cargo build --release` builds both binaries; install them side by side)",
+            worker.display()
+        ))
     }
-    #[derive(Parser)]
-    struct LoopCli {
-        #[command(flatten)]
-        launch: LaunchArgs,
-    }
-    let started = Instant::now();
-    let args = LoopCli::parse();
-    launch_command(&args.launch, started, |_| WorkerProgram::Runtime(vec![self_exe()]))
 }
 
-fn self_exe() -> String {
-    std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "rtrain".into())
+/// Replaces this process with [`WORKER_BIN`] and the same arguments.
+fn exec_worker_binary() -> ExitCode {
+    let exe = match worker_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let err = std::process::Command::new(&exe).args(std::env::args_os().skip(1)).exec();
+    eprintln!("error: cannot run {}: {err}", exe.display());
+    ExitCode::from(EXIT_FAILED)
 }
 
 fn load(args: &ConfigArgs) -> Result<LoadedConfig, ExitCode> {
@@ -166,13 +237,25 @@ fn validate(args: &ConfigArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn launch_command(args: &LaunchArgs, started: Instant, program: impl Fn(&LoadedConfig) -> WorkerProgram) -> ExitCode {
+/// `rtrain launch`: `program` says what each worker runs.
+pub fn launch_command(
+    args: &LaunchArgs,
+    started: Instant,
+    program: impl Fn(&LoadedConfig) -> Result<WorkerProgram, String>,
+) -> ExitCode {
     init_driver_logging();
     let loaded = match load(&args.config) {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let opts = LaunchOptions { fresh: args.fresh, started, program: program(&loaded) };
+    let program = match program(&loaded) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let opts = LaunchOptions { fresh: args.fresh, started, program };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rtrain_trainer::checkpoint::{self, Checkpoint, TrainerState};
-use rtrain_trainer::config::{DeviceKind, LoadedConfig};
-use rtrain_trainer::proto::{FailureReport, StepMetrics};
-use rtrain_trainer::runtime::{model_keys, unix_now};
+use crate::checkpoint::model_keys;
+use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::config::{DeviceKind, LoadedConfig};
+use crate::contract::unix_now;
+use crate::proto::{FailureReport, StepMetrics};
 use serde::Serialize;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;

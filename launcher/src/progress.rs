@@ -4,8 +4,8 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use crate::proto::StepMetrics;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rtrain_trainer::proto::StepMetrics;
 
 pub struct RunProgress {
     bar: ProgressBar,

@@ -5,8 +5,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use rtrain_trainer::config::JobConfig;
-use rtrain_trainer::proto::StepMetrics;
+use crate::config::JobConfig;
+use crate::proto::StepMetrics;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ impl RunDir {
     /// checkpoints is continued (metrics are appended); one without is refused. With `fresh`
     /// an earlier run is moved aside (never deleted) and this one starts over.
     pub fn open(path: &Path, config: &JobConfig, fresh: bool) -> Result<Self, RunDirError> {
-        let has_checkpoints = !rtrain_trainer::checkpoint::list(path)
+        let has_checkpoints = !crate::checkpoint::list(path)
             .map_err(|e| RunDirError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?
             .is_empty();
         let continuing = has_checkpoints && !fresh;

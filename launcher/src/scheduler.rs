@@ -9,11 +9,40 @@ pub struct NodeResources {
 }
 
 impl NodeResources {
-    /// This machine: online CPU cores and visible CUDA devices.
+    /// This machine: online CPU cores and visible NVIDIA GPUs (the driver's `/dev/nvidiaN`
+    /// device nodes, narrowed by `CUDA_VISIBLE_DEVICES` when it is set).
     pub fn local() -> Self {
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
+        let nodes = std::fs::read_dir("/dev")
+            .map(|dir| {
+                dir.flatten()
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| n.strip_prefix("nvidia"))
+                            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        let gpus = visible_gpus(std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(), nodes);
         Self { cpus, gpus }
+    }
+}
+
+/// GPUs a process may use: `CUDA_VISIBLE_DEVICES` lists them up to its first invalid entry (as
+/// CUDA reads it: `""` and `"-1"` hide every device), capped by the devices present.
+fn visible_gpus(cuda_visible: Option<&str>, present: usize) -> usize {
+    match cuda_visible {
+        None => present,
+        Some(list) => {
+            let listed = list
+                .split(',')
+                .map(str::trim)
+                .take_while(|d| !d.is_empty() && (d.starts_with("GPU-") || d.parse::<usize>().is_ok()))
+                .count();
+            listed.min(present)
+        }
     }
 }
 
@@ -104,6 +133,17 @@ pub fn elastic_size(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn visible_gpus_follow_cuda_visible_devices() {
+        assert_eq!(visible_gpus(None, 4), 4);
+        assert_eq!(visible_gpus(Some("0,2"), 4), 2);
+        assert_eq!(visible_gpus(Some("1,-1,2"), 4), 1);
+        assert_eq!(visible_gpus(Some(""), 4), 0);
+        assert_eq!(visible_gpus(Some("-1"), 4), 0);
+        assert_eq!(visible_gpus(Some("0,1,2,3"), 2), 2);
+        assert_eq!(visible_gpus(Some("GPU-8f2a,GPU-11bc"), 8), 2);
+    }
 
     #[test]
     fn elastic_gangs_take_what_fits_within_bounds() {

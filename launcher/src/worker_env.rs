@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use rtrain_trainer::config::DeviceKind;
-use rtrain_trainer::runtime::{unix_now, vars};
+use crate::config::DeviceKind;
+use crate::contract::{unix_now, vars};
 
 use crate::launch::ROLE;
 use crate::scheduler::RankPlacement;

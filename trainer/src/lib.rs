@@ -3,8 +3,8 @@
 
 pub mod builtin;
 pub mod checkpoint;
+pub mod cli;
 pub mod collective;
-pub mod config;
 pub mod data;
 pub mod ddp;
 pub mod dp_optim;
@@ -12,9 +12,10 @@ pub mod hf;
 pub mod lm;
 pub mod model;
 pub mod optim;
-pub mod proto;
 pub mod runtime;
 pub mod sft;
 pub mod train_loop;
 
+/// The job config and the control-plane protocol are shared with the launcher.
+pub use rtrain_launcher::{config, proto};
 pub use train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};

@@ -3,8 +3,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use rtrain_trainer::proto::coordinator_server::{Coordinator, CoordinatorServer};
-use rtrain_trainer::proto::{
+use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
+use crate::proto::{
     Ack, FailureReport, HeartbeatRequest, RegisterReply, RegisterRequest, StepMetrics, TOKEN_HEADER, WorkerId,
 };
 use tokio::sync::{mpsc, watch};

@@ -26,7 +26,7 @@ impl Checkpointer {
         self.wait_pending();
         let (run, config_text, spec) = (self.run.clone(), self.config_text.clone(), self.spec);
         let write = move || {
-            let path = checkpoint::write(&run, &snapshot, &config_text)?;
+            let path = checkpoint::save(&run, &snapshot, &config_text)?;
             let deleted = checkpoint::retain(&run, spec.keep_last, spec.keep_best, spec.order)?;
             tracing::info!(checkpoint = %path.display(), deleted = ?deleted, "checkpoint saved");
             Ok(path)

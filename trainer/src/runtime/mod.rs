@@ -2,9 +2,9 @@
 
 mod checkpointer;
 mod control;
-mod env;
 mod worker;
 
 pub use control::{ControlError, ControlPlane};
-pub use env::{EnvError, WorkerEnv, vars};
-pub use worker::{EXIT_BAD_START, EXIT_TRAIN_FAILED, model_keys, run_worker, unix_now};
+pub use rtrain_launcher::checkpoint::model_keys;
+pub use rtrain_launcher::contract::{EnvError, WorkerEnv, unix_now, vars};
+pub use worker::{EXIT_BAD_START, EXIT_TRAIN_FAILED, run_worker};

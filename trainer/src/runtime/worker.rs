@@ -6,18 +6,18 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use tch::Device;
 
-use crate::checkpoint::{self, Snapshot, TrainerState};
+use crate::checkpoint::{self, Snapshot, TrainerState, model_keys};
 use crate::collective::{Collective, NcclCollective, TcpCollective};
-use crate::config::{self, BackendKind, DeviceKind, ModelSpec};
+use crate::config::{self, BackendKind, DeviceKind};
 use crate::proto::StepMetrics;
 use crate::train_loop::{LoopState, TrainContext, TrainError, TrainLoop};
 
 use super::checkpointer::Checkpointer;
-use super::{ControlPlane, WorkerEnv};
+use super::{ControlPlane, WorkerEnv, unix_now};
 
 /// Exit code of a worker whose training loop failed.
 pub const EXIT_TRAIN_FAILED: u8 = 1;
@@ -216,7 +216,7 @@ where
 /// `train_loop` (whose `restore` checks tensor names and shapes); returns the step to continue
 /// from.
 fn resume<L: TrainLoop>(path: &Path, train_loop: &mut L) -> Result<u64, TrainError> {
-    let snapshot = checkpoint::read(path).map_err(|e| TrainError::other(format!("resume: {e}")))?;
+    let snapshot = checkpoint::load(path).map_err(|e| TrainError::other(format!("resume: {e}")))?;
     let step = snapshot.state.step;
     train_loop.restore(LoopState {
         model: snapshot.model,
@@ -225,19 +225,6 @@ fn resume<L: TrainLoop>(path: &Path, train_loop: &mut L) -> Result<u64, TrainErr
     })?;
     tracing::info!(checkpoint = %path.display(), step, "resumed");
     Ok(step)
-}
-
-/// The model architecture keyed like the `[model]` config section.
-pub fn model_keys(model: &ModelSpec) -> serde_json::Map<String, serde_json::Value> {
-    match serde_json::to_value(model) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => serde_json::Map::new(),
-    }
-}
-
-/// Seconds since the Unix epoch, as a float.
-pub fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn init_logging() {

@@ -1,61 +1,12 @@
 //! `rtrain generate` and `rtrain score`: a Hugging Face model folder on the CPU (or a GPU), for
 //! users and for checks.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Args;
-use rtrain_trainer::hf::{ChatMessage, HfModel, SamplingParams, Tokenizer, generate, score};
+use rtrain_launcher::cli::{EXIT_CONFIG, EXIT_FAILED, GenerateArgs, ScoreArgs};
+
+use crate::hf::{ChatMessage, HfModel, SamplingParams, Tokenizer, generate, score};
 use tch::Device;
-
-#[derive(Args, Debug)]
-pub struct GenerateArgs {
-    /// A model folder: config.json, *.safetensors, tokenizer.json.
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long)]
-    pub prompt: String,
-    /// Wrap the prompt as a user message in the model's chat template.
-    #[arg(long)]
-    pub chat: bool,
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f64,
-    /// 0 keeps every token.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Sequences to sample for the prompt (one batch).
-    #[arg(long, default_value_t = 1)]
-    pub num_samples: usize,
-    /// A text that ends a sequence (repeatable).
-    #[arg(long = "stop")]
-    pub stop: Vec<String>,
-    /// One JSON object per sequence: token_ids, text, logprobs, finish_reason.
-    #[arg(long)]
-    pub json: bool,
-    /// Run on this CUDA device instead of the CPU.
-    #[arg(long)]
-    pub cuda: Option<usize>,
-}
-
-#[derive(Args, Debug)]
-pub struct ScoreArgs {
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long)]
-    pub text: String,
-    /// One JSON object per token: token_id, token, logprob (null for the first).
-    #[arg(long)]
-    pub json: bool,
-    #[arg(long)]
-    pub cuda: Option<usize>,
-}
 
 fn device(cuda: Option<usize>) -> Device {
     cuda.map_or(Device::Cpu, Device::Cuda)
@@ -63,13 +14,13 @@ fn device(cuda: Option<usize>) -> Device {
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
-    ExitCode::from(crate::cli::EXIT_FAILED)
+    ExitCode::from(EXIT_FAILED)
 }
 
 pub fn generate_command(args: &GenerateArgs) -> ExitCode {
     if args.num_samples == 0 || !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 || args.temperature < 0.0 {
         eprintln!("error: --num-samples must be at least 1, --top-p in (0, 1], --temperature at least 0");
-        return ExitCode::from(crate::cli::EXIT_CONFIG);
+        return ExitCode::from(EXIT_CONFIG);
     }
     let (model, tokenizer) = match load(&args.model, args.cuda) {
         Ok(m) => m,

@@ -84,3 +84,8 @@ impl WorkerEnv {
         Ok(env)
     }
 }
+
+/// Seconds since the Unix epoch, as a float.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}

@@ -15,12 +15,12 @@
 mod retention;
 mod store;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 pub use retention::{MetricOrder, to_delete};
-pub use store::{Checkpoint, Scan, Verified, dir_name, list, newest_valid, read, read_state, retain, verify, write};
+pub use store::{Checkpoint, Scan, Verified, dir_name, list, newest_valid, read_state, retain, verify, write};
 
 /// The folder of a run that holds its checkpoints.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
@@ -85,27 +85,35 @@ pub enum CheckpointError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("{path}: libtorch: {source}")]
-    Torch { path: PathBuf, source: tch::TchError },
+    #[error("{path}: {message}")]
+    Tensors { path: PathBuf, message: String },
 }
 
 impl CheckpointError {
-    pub(crate) fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+    pub fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         CheckpointError::Invalid { path: path.into(), message: message.into() }
     }
 }
 
-pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CheckpointError {
+pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CheckpointError {
     let path = path.into();
     move |source| CheckpointError::Io { path, source }
 }
 
-/// The tensors and state of one checkpoint, in memory (detached copies on the CPU).
-#[derive(Debug)]
-pub struct Snapshot {
-    pub model: Vec<(String, tch::Tensor)>,
-    pub optimizer: Vec<(String, tch::Tensor)>,
-    pub state: TrainerState,
+/// The tensor files of a checkpoint ([`MODEL_FILE`], and [`OPTIMIZER_FILE`] when there is
+/// optimizer state), written by the worker's tensor library.
+pub trait TensorFiles {
+    /// Writes the files into `dir`; returns their names.
+    fn write_into(&self, dir: &Path) -> Result<Vec<&'static str>, CheckpointError>;
+}
+
+/// The model architecture keyed like the `[model]` config section, as [`TrainerState::model`]
+/// records it for the resume check.
+pub fn model_keys(model: &crate::config::ModelSpec) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(model) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    }
 }
 
 /// Hex SHA-256 of some bytes.

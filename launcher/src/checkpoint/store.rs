@@ -4,11 +4,9 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use tch::Tensor;
-
 use super::{
     CHECKPOINTS_DIR, CheckpointError, LATEST_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, Manifest, ManifestFile,
-    MetricOrder, OPTIMIZER_FILE, STATE_FILE, Snapshot, TrainerState, hex, io_err, to_delete,
+    MetricOrder, STATE_FILE, TensorFiles, TrainerState, hex, io_err, to_delete,
 };
 
 /// A published checkpoint directory (not yet verified).
@@ -111,19 +109,25 @@ pub fn newest_valid(run: &Path) -> Result<Scan, CheckpointError> {
     Ok(scan)
 }
 
-/// Writes `snapshot` as `checkpoints/step-NNNNNN` of `run`: files into a temporary directory,
-/// synced, the manifest last, then one rename publishes it and `latest` is pointed at it.
-pub fn write(run: &Path, snapshot: &Snapshot, config_text: &str) -> Result<PathBuf, CheckpointError> {
+/// Writes a checkpoint of `state.step` as `checkpoints/step-NNNNNN` of `run`: the tensor files and
+/// the state into a temporary directory, synced, the manifest last, then one rename publishes it
+/// and `latest` is pointed at it.
+pub fn write(
+    run: &Path,
+    tensors: &dyn TensorFiles,
+    state: &TrainerState,
+    config_text: &str,
+) -> Result<PathBuf, CheckpointError> {
     let root = run.join(CHECKPOINTS_DIR);
     std::fs::create_dir_all(&root).map_err(io_err(&root))?;
-    let step = snapshot.state.step;
+    let step = state.step;
     let name = dir_name(step);
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
     std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-    let result = write_files(&tmp, snapshot, config_text).and_then(|()| publish(&root, &tmp, &name));
+    let result = write_files(&tmp, tensors, state, config_text).and_then(|()| publish(&root, &tmp, &name));
     if result.is_err() {
         // Best effort: the half-written directory is never read (it has a temporary name).
         let _ = std::fs::remove_dir_all(&tmp);
@@ -131,20 +135,16 @@ pub fn write(run: &Path, snapshot: &Snapshot, config_text: &str) -> Result<PathB
     result.map(|()| root.join(&name))
 }
 
-fn write_files(tmp: &Path, snapshot: &Snapshot, config_text: &str) -> Result<(), CheckpointError> {
-    let mut files = Vec::new();
-    for (file, tensors) in [(MODEL_FILE, &snapshot.model), (OPTIMIZER_FILE, &snapshot.optimizer)] {
-        if tensors.is_empty() && file == OPTIMIZER_FILE {
-            continue;
-        }
-        let path = tmp.join(file);
-        Tensor::write_safetensors(tensors, &path)
-            .map_err(|source| CheckpointError::Torch { path: path.clone(), source })?;
-        files.push(file);
-    }
+fn write_files(
+    tmp: &Path,
+    tensors: &dyn TensorFiles,
+    state: &TrainerState,
+    config_text: &str,
+) -> Result<(), CheckpointError> {
+    let mut files = tensors.write_into(tmp)?;
     let state_path = tmp.join(STATE_FILE);
-    let state_text = serde_json::to_string_pretty(&snapshot.state)
-        .map_err(|e| CheckpointError::invalid(&state_path, e.to_string()))?;
+    let state_text =
+        serde_json::to_string_pretty(state).map_err(|e| CheckpointError::invalid(&state_path, e.to_string()))?;
     std::fs::write(&state_path, state_text + "\n").map_err(io_err(&state_path))?;
     files.push(STATE_FILE);
 
@@ -157,10 +157,10 @@ fn write_files(tmp: &Path, snapshot: &Snapshot, config_text: &str) -> Result<(),
     }
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
-        step: snapshot.state.step,
-        created_unix: crate::runtime::unix_now(),
+        step: state.step,
+        created_unix: crate::contract::unix_now(),
         files: listed,
-        config_digest: snapshot.state.config_digest.clone(),
+        config_digest: state.config_digest.clone(),
         config: config_text.to_string(),
     };
     let manifest_path = tmp.join(MANIFEST_FILE);
@@ -211,19 +211,6 @@ pub fn read_state(path: &Path) -> Result<TrainerState, CheckpointError> {
     let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
     serde_json::from_str(&text)
         .map_err(|e| CheckpointError::invalid(&state_path, format!("unreadable trainer state: {e}")))
-}
-
-/// Loads a checkpoint's tensors and state (on the CPU).
-pub fn read(path: &Path) -> Result<Snapshot, CheckpointError> {
-    let state = read_state(path)?;
-    let load = |file: &str| -> Result<Vec<(String, Tensor)>, CheckpointError> {
-        let p = path.join(file);
-        if !p.exists() && file == OPTIMIZER_FILE {
-            return Ok(Vec::new());
-        }
-        Tensor::read_safetensors(&p).map_err(|source| CheckpointError::Torch { path: p, source })
-    };
-    Ok(Snapshot { model: load(MODEL_FILE)?, optimizer: load(OPTIMIZER_FILE)?, state })
 }
 
 fn hash_file(path: &Path) -> Result<(u64, String), CheckpointError> {

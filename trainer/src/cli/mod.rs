@@ -1,0 +1,57 @@
+//! The `rtrain-worker` binary (the commands of `rtrain` that need libtorch, which `rtrain`
+//! executes), and [`run_with_loop`], the entry point of a user's own training binary.
+
+mod bench;
+mod infer;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use rtrain_launcher::cli::{Cli, Command, EXIT_CONFIG, LaunchArgs, launch_command};
+use rtrain_launcher::launch::WorkerProgram;
+
+use crate::builtin::BuiltIn;
+use crate::runtime::{WorkerEnv, run_worker};
+use crate::train_loop::{TrainContext, TrainError, TrainLoop};
+
+/// The `rtrain-worker` binary: `rtrain`'s command line, for the commands that need libtorch.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Worker => run_worker(BuiltIn::new),
+        Command::Generate(args) => infer::generate_command(&args),
+        Command::Score(args) => infer::score_command(&args),
+        Command::Bench(cmd) => bench::run(cmd),
+        _ => {
+            eprintln!(
+                "error: rtrain-worker runs the commands of `rtrain` that need libtorch; run this one with `rtrain`"
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// Entry point for a user's binary with a custom [`TrainLoop`]: started by hand it acts as
+/// `rtrain launch FILE [--set ...] [--fresh]` with itself as the worker program; started by
+/// the launcher it runs `build`'s loop as one rank.
+pub fn run_with_loop<L, F>(build: F) -> ExitCode
+where
+    L: TrainLoop,
+    F: FnOnce(&mut TrainContext) -> Result<L, TrainError>,
+{
+    if WorkerEnv::is_worker_process() {
+        return run_worker(build);
+    }
+    #[derive(Parser)]
+    struct LoopCli {
+        #[command(flatten)]
+        launch: LaunchArgs,
+    }
+    let started = Instant::now();
+    let args = LoopCli::parse();
+    launch_command(&args.launch, started, |_| {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find the running executable: {e}"))?;
+        Ok(WorkerProgram::Runtime(vec![exe.display().to_string()]))
+    })
+}
