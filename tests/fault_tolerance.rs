@@ -491,6 +491,9 @@ fn a_failing_checkpoint_write_is_reported_and_damages_nothing() {
     );
     let log = std::fs::read_to_string(run_path.join("logs/attempt-1/trainer-0.log")).unwrap();
     assert!(log.contains("checkpoint not saved; the previous checkpoints are intact, training goes on"), "{log}");
+    // The file-size limit also keeps the shared-memory segment from being reserved: backend
+    // "auto" says so and reduces over TCP instead.
+    assert!(log.contains("shared memory is unavailable; using the tcp backend"), "{log}");
     assert_eq!(last_step(&run_path), 10, "training went on after the failed save of step 8");
 
     let verify = run(&["ckpt", "verify", run_path.to_str().unwrap()], LIMIT);

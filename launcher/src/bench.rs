@@ -13,8 +13,9 @@ pub enum BenchCommand {
         /// Ranks, each a thread with its own communicator on loopback.
         #[arg(long, default_value_t = 2)]
         ranks: usize,
-        /// Collective backend (tcp; nccl needs a GPU build and machine).
-        #[arg(long, default_value = "tcp")]
+        /// Collective backend: shm (times a plain buffer, staged through shared memory, and a
+        /// shared buffer reduced in place, as DDP's gradients are) or tcp.
+        #[arg(long, default_value = "shm")]
         backend: String,
         /// Largest size in MiB (sizes go up by 4× from 1 MiB).
         #[arg(long, default_value_t = 256)]

@@ -213,7 +213,10 @@ fn validate(args: &ConfigArgs) -> ExitCode {
         s.optim.warmup_steps,
         s.optim.min_lr as f32,
         s.device,
-        s.backend.name()
+        match s.backend {
+            config::BackendKind::Shm { or_tcp: true } => "shm (tcp where shared memory is unavailable)",
+            other => other.name(),
+        }
     );
     println!(
         "  checkpoints every {} steps (and the last), keep {} newest{}; {} infrastructure and {} training-code restarts",

@@ -13,9 +13,13 @@ pub struct Ddp {
 }
 
 impl Ddp {
-    /// Flattens `vs` and broadcasts rank 0's parameters, so all ranks start identical.
+    /// Flattens `vs` and broadcasts rank 0's parameters, so all ranks start identical. The
+    /// gradient buffer is the collective's shared memory where it has some (no staging copies).
     pub fn new(vs: &VarStore, collective: &mut dyn Collective, bucket_bytes: usize) -> Result<Self, CollectiveError> {
-        let params = FlatParams::new(vs);
+        let mut params = FlatParams::new(vs);
+        if let Some(shared) = collective.shared_zeros(params.grads().numel() as i64, params.grads().kind())? {
+            params.set_grad_buffer(shared);
+        }
         if collective.world_size() > 1 {
             let mut flat = params.params().shallow_clone();
             tch::no_grad(|| collective.broadcast(&mut flat, 0))?;

@@ -72,7 +72,7 @@ mod tests {
         let c = load_str("[train]\nworkers = 2\nmicro_batch = 4\ngrad_accum = 3\n[model]\nn_ctx = 64", &[]).unwrap();
         assert_eq!(c.spec.global_batch, 24);
         assert_eq!(c.spec.tokens_per_step, 24 * 64);
-        assert_eq!(c.spec.backend, BackendKind::Tcp);
+        assert_eq!(c.spec.backend, BackendKind::Shm { or_tcp: true });
         assert_eq!(c.spec.run_path, Path::new("runs/run"));
     }
 
@@ -96,7 +96,7 @@ mod tests {
         let e = load_str("[train]\ndevice = \"tpu\"", &[]).unwrap_err().to_string();
         assert!(e.contains("train.device") && e.contains("\"cuda\""), "{e}");
         let e = load_str("[train]\nbackend = \"nccl\"", &[]).unwrap_err().to_string();
-        assert!(e.contains("train.backend") && e.contains("tcp"), "{e}");
+        assert!(e.contains("train.backend") && e.contains("\"shm\", \"tcp\""), "{e}");
         let e = load_str("[model]\nn_head = 3", &[]).unwrap_err().to_string();
         assert!(e.contains("model.n_embd"), "{e}");
         let e = load_str("[train\n", &[]).unwrap_err().to_string();

@@ -20,6 +20,11 @@ pub enum DeviceKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Tcp,
+    /// Shared memory between ranks on one host (CPU tensors). With `or_tcp` (backend `auto`),
+    /// ranks that cannot set it up (not one host, `/dev/shm` too small) use `tcp` and log why.
+    Shm {
+        or_tcp: bool,
+    },
     Nccl,
 }
 
@@ -27,6 +32,7 @@ impl BackendKind {
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Tcp => "tcp",
+            BackendKind::Shm { .. } => "shm",
             BackendKind::Nccl => "nccl",
         }
     }
@@ -223,22 +229,28 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         other => return Err(bad("train.device", format!("`{other}` is not a device; use \"cpu\" or \"cuda\""))),
     };
     let backend = match (train.backend.as_str(), device) {
-        ("auto", DeviceKind::Cpu) | ("tcp", DeviceKind::Cpu) => BackendKind::Tcp,
+        // Every rank of a job runs on the launcher's host, where shared memory is the fastest path.
+        ("auto", DeviceKind::Cpu) => BackendKind::Shm { or_tcp: true },
+        ("shm", DeviceKind::Cpu) => BackendKind::Shm { or_tcp: false },
+        ("tcp", DeviceKind::Cpu) => BackendKind::Tcp,
         ("auto", DeviceKind::Cuda) | ("nccl", DeviceKind::Cuda) => BackendKind::Nccl,
-        ("tcp", DeviceKind::Cuda) => {
+        (cpu @ ("tcp" | "shm"), DeviceKind::Cuda) => {
             return Err(bad(
                 "train.backend",
-                "tcp reduces CPU tensors; use \"nccl\" (or \"auto\") with device \"cuda\"".into(),
+                format!("{cpu} reduces CPU tensors; use \"nccl\" (or \"auto\") with device \"cuda\""),
             ));
         }
         ("nccl", DeviceKind::Cpu) => {
             return Err(bad(
                 "train.backend",
-                "nccl needs CUDA tensors; use \"tcp\" (or \"auto\") with device \"cpu\"".into(),
+                "nccl needs CUDA tensors; use \"shm\", \"tcp\" (or \"auto\") with device \"cpu\"".into(),
             ));
         }
         (other, _) => {
-            return Err(bad("train.backend", format!("`{other}` is not a backend; use \"auto\", \"tcp\" or \"nccl\"")));
+            return Err(bad(
+                "train.backend",
+                format!("`{other}` is not a backend; use \"auto\", \"shm\", \"tcp\" or \"nccl\""),
+            ));
         }
     };
     let cpus_per_worker = positive("train.cpus_per_worker", train.cpus_per_worker)? as usize;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use rtrain_launcher::bench::BenchCommand;
 
-use crate::collective::bench::{allreduce_bench, memcpy_bandwidth_gbps};
+use crate::collective::bench::{BenchBackend, allreduce_bench, memcpy_bandwidth_gbps};
 use crate::hf::{HfModel, SamplingParams, Tokenizer, generate};
 
 pub fn run(cmd: BenchCommand) -> ExitCode {
@@ -21,10 +21,10 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
             }
         }
         BenchCommand::Allreduce { ranks, backend, max_mib, iters, json } => {
-            if backend != "tcp" {
-                eprintln!("error: --backend {backend}: this benchmark runs the tcp backend; use --backend tcp");
+            let Some(which) = BenchBackend::parse(&backend) else {
+                eprintln!("error: --backend {backend}: this benchmark runs the CPU backends; use shm or tcp");
                 return ExitCode::from(2);
-            }
+            };
             if ranks < 2 || iters == 0 {
                 eprintln!("error: --ranks must be at least 2 and --iters at least 1");
                 return ExitCode::from(2);
@@ -36,7 +36,7 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
                 mib *= 4;
             }
             let memcpy = memcpy_bandwidth_gbps(64 << 20);
-            let results = match allreduce_bench(ranks, &sizes, iters) {
+            let results = match allreduce_bench(which, ranks, &sizes, iters) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: all-reduce benchmark failed: {e}");

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{CollectiveError, ReduceOp, TcpCollective};
+use tch::{Device, Kind, Tensor};
+
+use super::{Collective, CollectiveError, ReduceOp, ShmCollective, TcpCollective};
 
 /// Timing of one message size.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -23,65 +25,123 @@ pub struct AllReduceResult {
     pub busbw_gbps: f64,
 }
 
+/// The backends the benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchBackend {
+    Tcp,
+    Shm,
+}
+
+impl BenchBackend {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "tcp" => Some(BenchBackend::Tcp),
+            "shm" => Some(BenchBackend::Shm),
+            _ => None,
+        }
+    }
+}
+
 const WARMUP_ITERS: usize = 2;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Times `iters` f32 sum all-reduces per size (after a warm-up) with `ranks` TCP ranks as threads
-/// on 127.0.0.1. Sizes are rounded down to whole f32 elements.
+/// Times `iters` f32 sum all-reduces per size (after a warm-up) with `ranks` ranks as threads on
+/// 127.0.0.1. Sizes are rounded down to whole f32 elements. `shm` is timed twice per size: on a
+/// plain buffer (`staged` through the gang's slots) and on a slice of a buffer from
+/// `shared_zeros` (`in-place`, the way DDP reduces its gradient buffer).
 pub fn allreduce_bench(
+    backend: BenchBackend,
     ranks: usize,
     sizes_bytes: &[usize],
     iters: usize,
 ) -> Result<Vec<AllReduceResult>, CollectiveError> {
     let iters = iters.max(1);
     let group = TcpCollective::loopback_group(ranks.max(1), CONNECT_TIMEOUT)?;
-    // per_rank[r][s][i]: rank r's time for iteration i of size s.
-    let per_rank: Vec<Vec<Vec<f64>>> = std::thread::scope(|scope| {
+    let variants: &[&'static str] = match backend {
+        BenchBackend::Tcp => &["ring"],
+        BenchBackend::Shm => &["staged", "in-place"],
+    };
+    // per_rank[r][v][s][i]: rank r's time for iteration i of size s in variant v.
+    let per_rank: Vec<Vec<Vec<Vec<f64>>>> = std::thread::scope(|scope| {
         let joins: Vec<_> =
-            group.into_iter().map(|mut comm| scope.spawn(move || time_rank(&mut comm, sizes_bytes, iters))).collect();
+            group.into_iter().map(|tcp| scope.spawn(move || time_rank(backend, tcp, sizes_bytes, iters))).collect();
         joins
             .into_iter()
             .map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
             .collect::<Result<_, _>>()
     })?;
     let n = ranks.max(1) as f64;
-    Ok(sizes_bytes
-        .iter()
-        .enumerate()
-        .map(|(s, &size)| {
-            let slowest: Vec<f64> = (0..iters).map(|i| per_rank.iter().map(|r| r[s][i]).fold(0.0, f64::max)).collect();
+    let mut results = Vec::new();
+    for (s, &size) in sizes_bytes.iter().enumerate() {
+        for (v, &algorithm) in variants.iter().enumerate() {
+            let slowest: Vec<f64> =
+                (0..iters).map(|i| per_rank.iter().map(|r| r[v][s][i]).fold(0.0, f64::max)).collect();
             let time_s = median(slowest);
             let algbw = size as f64 / time_s / 1e9;
-            AllReduceResult {
-                backend: "tcp",
-                algorithm: "ring",
+            results.push(AllReduceResult {
+                backend: match backend {
+                    BenchBackend::Tcp => "tcp",
+                    BenchBackend::Shm => "shm",
+                },
+                algorithm,
                 ranks: ranks.max(1),
                 size_bytes: size,
                 time_s,
                 algbw_gbps: algbw,
                 busbw_gbps: algbw * 2.0 * (n - 1.0) / n,
-            }
-        })
-        .collect())
+            });
+        }
+    }
+    Ok(results)
 }
 
-fn time_rank(comm: &mut TcpCollective, sizes_bytes: &[usize], iters: usize) -> Result<Vec<Vec<f64>>, CollectiveError> {
-    let mut out = Vec::with_capacity(sizes_bytes.len());
+fn time_rank(
+    backend: BenchBackend,
+    tcp: TcpCollective,
+    sizes_bytes: &[usize],
+    iters: usize,
+) -> Result<Vec<Vec<Vec<f64>>>, CollectiveError> {
+    let mut comm: Box<dyn Collective> = match backend {
+        BenchBackend::Tcp => Box::new(tcp),
+        BenchBackend::Shm => Box::new(ShmCollective::new(tcp)?),
+    };
+    let largest = sizes_bytes.iter().max().copied().unwrap_or(0) as i64 / 4;
+    let mut variants = vec![Vec::new()];
+    // One shared buffer of the largest size; each size reduces a slice of it.
+    let shared = match backend {
+        BenchBackend::Shm => Some(comm.shared_zeros(largest.max(1), Kind::Float)?.ok_or_else(|| {
+            CollectiveError::Unavailable { backend: "shm", reason: "no shared buffer (see the log)".into() }
+        })?),
+        BenchBackend::Tcp => None,
+    };
     for &size in sizes_bytes {
         // Values grow by the rank count each iteration and may reach inf, which costs the same.
-        let mut data = vec![1.0f32; size / 4];
-        for _ in 0..WARMUP_ITERS {
-            comm.all_reduce_f32(&mut data, ReduceOp::Sum)?;
-        }
-        let mut times = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let start = Instant::now();
-            comm.all_reduce_f32(&mut data, ReduceOp::Sum)?;
-            times.push(start.elapsed().as_secs_f64());
-        }
-        out.push(times);
+        let mut plain = Tensor::ones([size as i64 / 4], (Kind::Float, Device::Cpu));
+        variants[0].push(time_size(comm.as_mut(), &mut plain, iters)?);
     }
-    Ok(out)
+    if let Some(shared) = shared {
+        let mut in_place = Vec::new();
+        for &size in sizes_bytes {
+            let mut slice = shared.narrow(0, 0, size as i64 / 4);
+            let _ = slice.fill_(1.0);
+            in_place.push(time_size(comm.as_mut(), &mut slice, iters)?);
+        }
+        variants.push(in_place);
+    }
+    Ok(variants)
+}
+
+fn time_size(comm: &mut dyn Collective, data: &mut Tensor, iters: usize) -> Result<Vec<f64>, CollectiveError> {
+    for _ in 0..WARMUP_ITERS {
+        comm.all_reduce(data, ReduceOp::Sum)?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = Instant::now();
+        comm.all_reduce(data, ReduceOp::Sum)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(times)
 }
 
 /// Single-thread `copy_from_slice` bandwidth in GB/s (1e9 bytes/s), best of several copies of
@@ -117,8 +177,12 @@ mod tests {
 
     #[test]
     fn bench_reports_consistent_bandwidths() {
-        let results = allreduce_bench(2, &[4096, 1 << 20], 3).unwrap();
+        let results = allreduce_bench(BenchBackend::Tcp, 2, &[4096, 1 << 20], 3).unwrap();
         assert_eq!(results.len(), 2);
+        let shm = allreduce_bench(BenchBackend::Shm, 2, &[4096, 1 << 20], 3).unwrap();
+        let algorithms: Vec<_> = shm.iter().map(|r| (r.size_bytes, r.algorithm)).collect();
+        assert_eq!(algorithms, [(4096, "staged"), (4096, "in-place"), (1 << 20, "staged"), (1 << 20, "in-place")]);
+        let results: Vec<_> = results.into_iter().chain(shm).collect();
         for r in &results {
             assert!(r.time_s > 0.0);
             let algbw = r.size_bytes as f64 / r.time_s / 1e9;

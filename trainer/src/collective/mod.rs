@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 pub mod bench;
 #[cfg(feature = "nccl")]
@@ -15,10 +15,12 @@ pub mod nccl;
 pub mod nccl;
 mod ring_schedule;
 mod ring_transfer;
+pub mod shm;
 pub mod tcp;
 mod tcp_rendezvous;
 
 pub use nccl::NcclCollective;
+pub use shm::ShmCollective;
 pub use tcp::TcpCollective;
 pub use tcp_rendezvous::TcpRendezvousPoint;
 
@@ -60,4 +62,11 @@ pub trait Collective: Send {
     fn all_gather(&mut self, input: &Tensor) -> Result<Vec<Tensor>, CollectiveError>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+    /// A zero-filled 1-D CPU tensor that this backend all-reduces (whole or any slice of it)
+    /// without staging copies, or `None` where the backend has no such memory. Every rank calls
+    /// it together with the same arguments. The DDP gradient buffer is made this way.
+    fn shared_zeros(&mut self, numel: i64, kind: Kind) -> Result<Option<Tensor>, CollectiveError> {
+        let _ = (numel, kind);
+        Ok(None)
+    }
 }

@@ -115,6 +115,17 @@ impl FlatParams {
         });
     }
 
+    /// Replaces the flat gradient buffer (before any step) with `buffer`, e.g. memory a
+    /// collective reduces in place. It must match the current buffer's length, dtype and device.
+    pub fn set_grad_buffer(&mut self, buffer: Tensor) {
+        assert_eq!(
+            (buffer.size(), buffer.kind(), buffer.device()),
+            (self.grads.size(), self.grads.kind(), self.grads.device()),
+            "a flat gradient buffer must match the one it replaces"
+        );
+        self.grads = buffer;
+    }
+
     /// Zeroes the variables' own `.grad` tensors so the next backward starts a fresh accumulation.
     /// The flat gradient buffer is left as is; `gather_grads` overwrites it.
     pub fn zero_grads(&mut self) {

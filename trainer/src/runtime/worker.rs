@@ -11,7 +11,7 @@ use std::time::Instant;
 use tch::Device;
 
 use crate::checkpoint::{self, Snapshot, TrainerState, model_keys};
-use crate::collective::{Collective, NcclCollective, TcpCollective};
+use crate::collective::{Collective, CollectiveError, NcclCollective, ShmCollective, TcpCollective, shm};
 use crate::config::{self, BackendKind, DeviceKind};
 use crate::proto::StepMetrics;
 use crate::train_loop::{LoopState, TrainContext, TrainError, TrainLoop};
@@ -113,10 +113,25 @@ where
         .rendezvous(point.addr(), spec.rendezvous_timeout, spec.heartbeat_interval)
         .map_err(|e| TrainError::other(e.to_string()))?;
     let mut bootstrap = point.connect(env.rank, &peers, spec.collective_timeout)?;
+    let mut backend = spec.backend.name();
     let (device, collective): (Device, Box<dyn Collective>) = match (spec.device, spec.backend) {
         (DeviceKind::Cuda, BackendKind::Nccl) => {
             let nccl = NcclCollective::new(env.rank, env.world_size, env.local_rank, &mut bootstrap)?;
             (Device::Cuda(env.local_rank), Box::new(nccl))
+        }
+        (DeviceKind::Cpu, BackendKind::Shm { or_tcp }) => {
+            match ShmCollective::try_new(bootstrap, shm::DEFAULT_SLOT_BYTES) {
+                Ok(shm) => (Device::Cpu, Box::new(shm)),
+                Err((e @ CollectiveError::Unavailable { .. }, tcp)) if or_tcp => {
+                    tracing::warn!(
+                        reason = %e,
+                        "shared memory is unavailable; using the tcp backend (train.backend = \"shm\" makes this an error)"
+                    );
+                    backend = "tcp";
+                    (Device::Cpu, Box::new(tcp))
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
         }
         _ => (Device::Cpu, Box::new(bootstrap)),
     };
@@ -125,7 +140,7 @@ where
         world_size = env.world_size,
         grad_accum = spec.grad_accum,
         attempt = env.attempt,
-        backend = spec.backend.name(),
+        backend,
         "joined the gang"
     );
 
