@@ -43,7 +43,7 @@ gloo = med(r["busbw_gbps"] for r in gl if r["size_bytes"] == size)
 memcpy = med(r["memcpy_gbps"] for r in rt)
 print(f"\nall-reduce, 2 ranks, 64 MiB fp32 sum; medians of {len(gl)} alternating rounds; "
       f"memcpy {memcpy:.2f} GB/s")
-print(f"{'backend':<22} {'busbw GB/s':>10} {'% memcpy':>9} {'vs gloo':>8}  target")
+print(f"{'backend':<26} {'busbw GB/s':>10} {'% memcpy':>9} {'vs gloo':>8}  target")
 rows = [("gloo (torch.distributed)", gloo)]
 for backend, algorithm in (("shm", "in-place"), ("shm", "staged"), ("tcp", "ring")):
     bw = [r["busbw_gbps"] for r in rt
@@ -52,6 +52,6 @@ for backend, algorithm in (("shm", "in-place"), ("shm", "staged"), ("tcp", "ring
 for name, bw in rows:
     ratio = bw / gloo
     target = "" if name.startswith("gloo") else (">= 3.00x " + ("PASS" if ratio >= 3 else "MISS"))
-    print(f"{name:<22} {bw:>10.2f} {100 * bw / memcpy:>8.1f}% {ratio:>7.2f}x  {target}")
+    print(f"{name:<26} {bw:>10.2f} {100 * bw / memcpy:>8.1f}% {ratio:>7.2f}x  {target}")
 print("DDP reduces its gradient buffer in place (shm in-place); staged is any other CPU tensor.")
 PY

@@ -100,3 +100,20 @@ fn an_impossible_gang_is_refused_before_anything_starts() {
     assert!(err.contains("4096 CPU cores") && err.contains("train.workers"), "{err}");
     assert!(!dir.path().join("big").join("logs").exists(), "no worker may have been started");
 }
+
+#[test]
+fn rtrain_alone_validates_and_names_a_missing_worker_binary() {
+    // `rtrain` alone in a folder: validating (like launching and checkpoint commands) needs
+    // nothing else; the commands that need libtorch say which binary is missing and where.
+    let dir = tempfile::tempdir().unwrap();
+    let alone = dir.path().join("rtrain");
+    std::fs::copy(RTRAIN, &alone).unwrap();
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/gpt_demo.toml");
+    let out = std::process::Command::new(&alone).args(["validate", config.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out =
+        std::process::Command::new(&alone).args(["generate", "--model", "nowhere", "--prompt", "hi"]).output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("{} is missing", dir.path().join("rtrain-worker").display())), "{err}");
+}

@@ -8,7 +8,7 @@ use crate::proto::{
     Ack, FailureReport, HeartbeatRequest, RegisterReply, RegisterRequest, StepMetrics, TOKEN_HEADER, WorkerId,
 };
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// What the coordinator tells the driver.
@@ -109,7 +109,8 @@ pub async fn start_coordinator(
     let server = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(CoordinatorServer::with_interceptor(service, check_token))
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            // Without TCP_NODELAY a reply's last frames wait for the client's delayed ACK (~40 ms).
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "coordinator stopped");
