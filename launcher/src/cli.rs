@@ -52,17 +52,6 @@ pub enum Command {
     Worker,
 }
 
-impl Command {
-    /// Whether the command runs in [`WORKER_BIN`].
-    pub fn needs_torch(&self) -> bool {
-        match self {
-            Command::Generate(_) | Command::Score(_) | Command::Worker => true,
-            Command::Bench(b) => !matches!(b, BenchCommand::Recovery { .. }),
-            Command::Validate(_) | Command::Launch(_) | Command::Ckpt(_) => false,
-        }
-    }
-}
-
 #[derive(Args, Debug)]
 pub struct ConfigArgs {
     /// The job config (TOML).
@@ -134,9 +123,6 @@ pub struct ScoreArgs {
 pub fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    if cli.command.needs_torch() {
-        return exec_worker_binary();
-    }
     match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Launch(args) => {
@@ -148,9 +134,10 @@ pub fn main() -> ExitCode {
             };
             launch_command(&args, started, program)
         }
-        Command::Bench(cmd) => bench::run(cmd),
         Command::Ckpt(cmd) => ckpt::run(cmd),
-        Command::Generate(_) | Command::Score(_) | Command::Worker => unreachable!("run by {WORKER_BIN}"),
+        Command::Bench(cmd @ BenchCommand::Recovery { .. }) => bench::run(cmd),
+        // Arguments are checked here; the command runs in the binary that links libtorch.
+        Command::Bench(_) | Command::Generate(_) | Command::Score(_) | Command::Worker => exec_worker_binary(),
     }
 }
 

@@ -35,7 +35,7 @@ pub(crate) const ROLE: &str = "trainer";
 /// What the workers run.
 #[derive(Debug, Clone)]
 pub enum WorkerProgram {
-    /// A program built on the rtrain runtime (the built-in `rtrain worker` or a binary calling
+    /// A program built on the rtrain runtime (the built-in `rtrain-worker worker` or a binary calling
     /// `run_worker`): it registers with the coordinator and reports steps.
     Runtime(Vec<String>),
     /// Any other command (a torchrun-style script): supervised, but it reports nothing.

@@ -1,4 +1,4 @@
-//! The built-in training loops behind `rtrain worker`, chosen by `train.trainer`.
+//! The built-in training loops behind `rtrain-worker worker`, chosen by `train.trainer`.
 
 use crate::config::TrainerKind;
 use crate::lm::LmTrainer;

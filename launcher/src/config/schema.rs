@@ -33,7 +33,7 @@ pub struct JobSection {
     pub name: String,
     pub run_dir: String,
     pub seed: u64,
-    /// Command each worker runs; empty means the built-in `rtrain worker`.
+    /// Command each worker runs; empty means the built-in worker (`rtrain-worker worker`).
     /// Relative paths here and elsewhere in the config are relative to the launch directory.
     pub entrypoint: Vec<String>,
 }
