@@ -233,3 +233,36 @@ fn a_world_of_one_is_a_no_op_and_has_no_shared_buffer() {
         assert_eq!(results[0], (vec![2.5f32; 10], true));
     });
 }
+
+#[test]
+fn ddp_gradients_live_in_shared_memory_and_are_averaged() {
+    use rtrain_trainer::ddp::Ddp;
+    use rtrain_trainer::model::GptConfig;
+    use tch::nn;
+    const TINY: GptConfig = GptConfig { vocab_size: 256, n_ctx: 16, n_layer: 1, n_head: 2, n_embd: 32 };
+    within(Duration::from_secs(60), || {
+        let results = on_ranks(2, 4096, |rank, comm| {
+            tch::manual_seed(rank as i64); // different initial weights: Ddp broadcasts rank 0's
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = TINY.init(&vs.root());
+            let mut ddp = Ddp::new(&vs, comm, 1 << 12).unwrap();
+            assert!(comm.holds(ddp.params().grads()), "the gradient buffer is shared memory");
+            let x = Tensor::from_slice(&(0..32).map(|i| ((i * 7 + rank * 13) % 256) as i64).collect::<Vec<_>>())
+                .view([2, 16]);
+            model.loss(&x, &x).backward();
+            // This rank's own gradient, then the average over both ranks (buckets of 1 KiB).
+            ddp.params_mut().gather_grads();
+            let own = Vec::<f32>::try_from(&ddp.params().grads().copy()).unwrap();
+            ddp.sync_grads(comm).unwrap();
+            (own, Vec::<f32>::try_from(ddp.params().grads()).unwrap())
+        });
+        let (own0, avg0) = &results[0];
+        let (own1, avg1) = &results[1];
+        assert_ne!(own0, own1, "the ranks saw different data");
+        assert_eq!(avg0, avg1);
+        for i in 0..own0.len() {
+            let want = (own0[i] + own1[i]) / 2.0;
+            assert!((avg0[i] - want).abs() <= 1e-6 * want.abs().max(1.0), "{i}: {} vs {want}", avg0[i]);
+        }
+    });
+}

@@ -159,7 +159,7 @@ impl ShmCollective {
         if self.world == 1 {
             return Ok(());
         }
-        let result = match self.shared_location(data) {
+        let result = match self.shared_location(data.as_ptr() as usize, size_of_val(data)) {
             Some((buffer, offset)) => self.reduce_shared::<T>(buffer, offset, data.len(), op),
             None => self.reduce_staged(data, op),
         };
@@ -170,10 +170,19 @@ impl ShmCollective {
         result
     }
 
-    /// The shared buffer `data` lies in and its byte offset there.
-    fn shared_location<T>(&self, data: &[T]) -> Option<(usize, usize)> {
-        let start = data.as_ptr() as usize;
-        let end = start + size_of_val(data);
+    /// Whether `tensor`'s memory lies in a buffer from [`Collective::shared_zeros`] of this
+    /// communicator, so that all-reducing it needs no staging.
+    pub fn holds(&self, tensor: &Tensor) -> bool {
+        tensor.defined()
+            && tensor.device() == Device::Cpu
+            && self
+                .shared_location(tensor.data_ptr() as usize, tensor.numel() * tensor.kind().elt_size_in_bytes())
+                .is_some()
+    }
+
+    /// The shared buffer that `bytes` bytes at address `start` lie in, and their offset there.
+    fn shared_location(&self, start: usize, bytes: usize) -> Option<(usize, usize)> {
+        let end = start + bytes;
         self.buffers.iter().enumerate().find_map(|(i, b)| {
             let base = b.bases[self.rank];
             (start >= base && end <= base + b.bytes).then(|| (i, start - base))
