@@ -47,7 +47,6 @@ pub fn run(cmd: BenchCommand) -> ExitCode {
                 for r in &results {
                     let mut v = serde_json::to_value(r).unwrap_or_default();
                     if let Some(obj) = v.as_object_mut() {
-                        obj.insert("backend".into(), backend.clone().into());
                         obj.insert("ranks".into(), ranks.into());
                         obj.insert("memcpy_gbps".into(), memcpy.into());
                     }
