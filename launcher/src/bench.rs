@@ -64,21 +64,13 @@ pub enum BenchCommand {
     },
 }
 
-pub fn run(cmd: BenchCommand) -> ExitCode {
-    match cmd {
-        BenchCommand::Recovery { config, kills, steps_between, json } => {
-            match recovery(config, kills, steps_between, json) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: recovery benchmark: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        // Run by `rtrain-worker`, which `rtrain` executes for them.
-        BenchCommand::Allreduce { .. } | BenchCommand::Generate { .. } => {
-            eprintln!("error: this benchmark runs in rtrain-worker (`rtrain bench ...` starts it)");
-            ExitCode::from(2)
+/// `rtrain bench recovery`. (The other benchmarks need libtorch and run in `rtrain-worker`.)
+pub fn recovery_command(config: Option<PathBuf>, kills: u64, steps_between: u64, json: bool) -> ExitCode {
+    match recovery(config, kills, steps_between, json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: recovery benchmark: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -135,7 +135,9 @@ pub fn main() -> ExitCode {
             launch_command(&args, started, program)
         }
         Command::Ckpt(cmd) => ckpt::run(cmd),
-        Command::Bench(cmd @ BenchCommand::Recovery { .. }) => bench::run(cmd),
+        Command::Bench(BenchCommand::Recovery { config, kills, steps_between, json }) => {
+            bench::recovery_command(config, kills, steps_between, json)
+        }
         // Arguments are checked here; the command runs in the binary that links libtorch.
         Command::Bench(_) | Command::Generate(_) | Command::Score(_) | Command::Worker => exec_worker_binary(),
     }

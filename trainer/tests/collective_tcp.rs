@@ -3,28 +3,17 @@
 //! Reference values are computed directly in the test: the element-wise sum over ranks, in f64,
 //! of inputs defined by `input(rank, i)`. Every test runs under a deadline.
 
+mod common;
+
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{input, within};
 use rtrain_trainer::collective::{Collective, CollectiveError, ReduceOp, TcpCollective};
 use tch::{Device, Kind, Tensor};
 
 const CONNECT: Duration = Duration::from_secs(10);
-
-/// Runs `f` on its own thread and fails the test if it does not finish within `limit`.
-fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(std::thread::spawn(f).join());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(Ok(value)) => value,
-        Ok(Err(panic)) => std::panic::resume_unwind(panic),
-        Err(_) => panic!("test did not finish within {limit:?}"),
-    }
-}
 
 /// Runs `f(rank, comm)` for every rank of a fresh loopback group, each on its own thread.
 fn on_ranks<T: Send + 'static>(
@@ -41,10 +30,6 @@ fn on_ranks<T: Send + 'static>(
         })
         .collect();
     joins.into_iter().map(|j| j.join().unwrap()).collect()
-}
-
-fn input(rank: usize, i: usize) -> f32 {
-    ((i.wrapping_mul(2_654_435_761) ^ (rank * 40_503)) % 2048) as f32 / 64.0 - 16.0
 }
 
 fn check_all_reduce(world: usize, len: usize, op: ReduceOp) {

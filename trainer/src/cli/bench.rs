@@ -4,81 +4,79 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use rtrain_launcher::bench::BenchCommand;
-
 use crate::collective::bench::{BenchBackend, allreduce_bench, memcpy_bandwidth_gbps};
 use crate::hf::{HfModel, SamplingParams, Tokenizer, generate};
 
-pub fn run(cmd: BenchCommand) -> ExitCode {
-    match cmd {
-        BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, json } => {
-            match generate_bench(&model, &batch, prompt_len, new_tokens, repeats.max(1), json) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: generation benchmark: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        BenchCommand::Allreduce { ranks, backend, max_mib, iters, json } => {
-            let Some(which) = BenchBackend::parse(&backend) else {
-                eprintln!("error: --backend {backend}: this benchmark runs the CPU backends; use shm or tcp");
-                return ExitCode::from(2);
-            };
-            if ranks < 2 || iters == 0 {
-                eprintln!("error: --ranks must be at least 2 and --iters at least 1");
-                return ExitCode::from(2);
-            }
-            let mut sizes = Vec::new();
-            let mut mib = 1;
-            while mib <= max_mib.max(1) {
-                sizes.push(mib << 20);
-                mib *= 4;
-            }
-            let memcpy = memcpy_bandwidth_gbps(64 << 20);
-            let results = match allreduce_bench(which, ranks, &sizes, iters) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: all-reduce benchmark failed: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            if json {
-                for r in &results {
-                    let mut v = serde_json::to_value(r).unwrap_or_default();
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.insert("ranks".into(), ranks.into());
-                        obj.insert("memcpy_gbps".into(), memcpy.into());
-                    }
-                    println!("{v}");
-                }
-            } else {
-                println!(
-                    "all-reduce sum f32, backend {backend}, {ranks} ranks on loopback; memcpy ceiling {memcpy:.2} GB/s"
-                );
-                println!(
-                    "{:>10} {:>10} {:>10} {:>12} {:>12} {:>11}",
-                    "size", "algorithm", "time", "algbw GB/s", "busbw GB/s", "% memcpy"
-                );
-                for r in &results {
-                    println!(
-                        "{:>7} MiB {:>10} {:>8.2}ms {:>12.2} {:>12.2} {:>10.1}%",
-                        r.size_bytes >> 20,
-                        r.algorithm,
-                        r.time_s * 1e3,
-                        r.algbw_gbps,
-                        r.busbw_gbps,
-                        100.0 * r.busbw_gbps / memcpy
-                    );
-                }
-            }
-            ExitCode::SUCCESS
-        }
-        BenchCommand::Recovery { .. } => {
-            eprintln!("error: the recovery benchmark runs in `rtrain bench recovery`");
-            ExitCode::from(2)
+/// `rtrain bench generate`.
+pub fn generate_command(
+    model: &Path,
+    batch: &[usize],
+    prompt_len: usize,
+    new_tokens: usize,
+    repeats: usize,
+    json: bool,
+) -> ExitCode {
+    match generate_bench(model, batch, prompt_len, new_tokens, repeats.max(1), json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: generation benchmark: {e}");
+            ExitCode::from(1)
         }
     }
+}
+
+/// `rtrain bench allreduce`.
+pub fn allreduce_command(ranks: usize, backend: &str, max_mib: usize, iters: usize, json: bool) -> ExitCode {
+    let Some(which) = BenchBackend::parse(backend) else {
+        eprintln!("error: --backend {backend}: this benchmark runs the CPU backends; use shm or tcp");
+        return ExitCode::from(2);
+    };
+    if ranks < 2 || iters == 0 {
+        eprintln!("error: --ranks must be at least 2 and --iters at least 1");
+        return ExitCode::from(2);
+    }
+    let mut sizes = Vec::new();
+    let mut mib = 1;
+    while mib <= max_mib.max(1) {
+        sizes.push(mib << 20);
+        mib *= 4;
+    }
+    let memcpy = memcpy_bandwidth_gbps(64 << 20);
+    let results = match allreduce_bench(which, ranks, &sizes, iters) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: all-reduce benchmark failed: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        for r in &results {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("ranks".into(), ranks.into());
+                obj.insert("memcpy_gbps".into(), memcpy.into());
+            }
+            println!("{v}");
+        }
+    } else {
+        println!("all-reduce sum f32, backend {backend}, {ranks} ranks on loopback; memcpy ceiling {memcpy:.2} GB/s");
+        println!(
+            "{:>10} {:>10} {:>10} {:>12} {:>12} {:>11}",
+            "size", "algorithm", "time", "algbw GB/s", "busbw GB/s", "% memcpy"
+        );
+        for r in &results {
+            println!(
+                "{:>7} MiB {:>10} {:>8.2}ms {:>12.2} {:>12.2} {:>10.1}%",
+                r.size_bytes >> 20,
+                r.algorithm,
+                r.time_s * 1e3,
+                r.algbw_gbps,
+                r.busbw_gbps,
+                100.0 * r.busbw_gbps / memcpy
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn generate_bench(

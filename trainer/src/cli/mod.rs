@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use rtrain_launcher::bench::BenchCommand;
 use rtrain_launcher::cli::{Cli, Command, EXIT_CONFIG, LaunchArgs, launch_command};
 use rtrain_launcher::launch::WorkerProgram;
 
@@ -22,7 +23,12 @@ pub fn main() -> ExitCode {
         Command::Worker => run_worker(BuiltIn::new),
         Command::Generate(args) => infer::generate_command(&args),
         Command::Score(args) => infer::score_command(&args),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(BenchCommand::Allreduce { ranks, backend, max_mib, iters, json }) => {
+            bench::allreduce_command(ranks, &backend, max_mib, iters, json)
+        }
+        Command::Bench(BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, json }) => {
+            bench::generate_command(&model, &batch, prompt_len, new_tokens, repeats, json)
+        }
         _ => {
             eprintln!(
                 "error: rtrain-worker runs the commands of `rtrain` that need libtorch; run this one with `rtrain`"

@@ -105,28 +105,25 @@ fn time_rank(
         BenchBackend::Tcp => Box::new(tcp),
         BenchBackend::Shm => Box::new(ShmCollective::new(tcp)?),
     };
-    let largest = sizes_bytes.iter().max().copied().unwrap_or(0) as i64 / 4;
-    let mut variants = vec![Vec::new()];
-    // One shared buffer of the largest size; each size reduces a slice of it.
-    let shared = match backend {
-        BenchBackend::Shm => Some(comm.shared_zeros(largest.max(1), Kind::Float)?.ok_or_else(|| {
-            CollectiveError::Unavailable { backend: "shm", reason: "no shared buffer (see the log)".into() }
-        })?),
-        BenchBackend::Tcp => None,
-    };
-    for &size in sizes_bytes {
-        // Values grow by the rank count each iteration and may reach inf, which costs the same.
-        let mut plain = Tensor::ones([size as i64 / 4], (Kind::Float, Device::Cpu));
-        variants[0].push(time_size(comm.as_mut(), &mut plain, iters)?);
-    }
-    if let Some(shared) = shared {
-        let mut in_place = Vec::new();
-        for &size in sizes_bytes {
+    // Values grow by the rank count each iteration and may reach inf, which costs the same.
+    let plain = sizes_bytes.iter().map(|&size| {
+        let mut data = Tensor::ones([size as i64 / 4], (Kind::Float, Device::Cpu));
+        time_size(comm.as_mut(), &mut data, iters)
+    });
+    let mut variants = vec![plain.collect::<Result<Vec<_>, _>>()?];
+    if backend == BenchBackend::Shm {
+        // One shared buffer of the largest size; each size reduces a slice of it.
+        let largest = sizes_bytes.iter().max().copied().unwrap_or(0) as i64 / 4;
+        let shared = comm.shared_zeros(largest.max(1), Kind::Float)?.ok_or_else(|| CollectiveError::Unavailable {
+            backend: "shm",
+            reason: "no shared buffer (see the log)".into(),
+        })?;
+        let in_place = sizes_bytes.iter().map(|&size| {
             let mut slice = shared.narrow(0, 0, size as i64 / 4);
             let _ = slice.fill_(1.0);
-            in_place.push(time_size(comm.as_mut(), &mut slice, iters)?);
-        }
-        variants.push(in_place);
+            time_size(comm.as_mut(), &mut slice, iters)
+        });
+        variants.push(in_place.collect::<Result<Vec<_>, _>>()?);
     }
     Ok(variants)
 }

@@ -16,6 +16,7 @@ pub mod nccl;
 mod ring_schedule;
 mod ring_transfer;
 pub mod shm;
+mod shm_setup;
 pub mod tcp;
 mod tcp_rendezvous;
 
