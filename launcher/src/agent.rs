@@ -57,29 +57,48 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// A process of the job: its role and its rank within the role.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProcId {
+    pub role: String,
+    pub rank: usize,
+}
+
+impl ProcId {
+    pub fn new(role: &str, rank: usize) -> Self {
+        Self { role: role.to_string(), rank }
+    }
+}
+
+impl std::fmt::Display for ProcId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.role, self.rank)
+    }
+}
+
 /// One worker to start.
 #[derive(Debug, Clone)]
 pub struct WorkerLaunch {
-    pub rank: usize,
+    pub id: ProcId,
     pub command: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// stdout and stderr both go here.
+    /// stdout and stderr both go here (appended to).
     pub log_path: PathBuf,
     /// CPU cores the worker is pinned to; empty leaves it to the OS scheduler.
     pub cpus: Vec<usize>,
 }
 
 /// A worker process ended.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerExit {
-    pub rank: usize,
+    pub id: ProcId,
     pub kind: ExitKind,
 }
 
-/// The processes of the current attempt on this node.
+/// The processes an agent started on this node.
 pub struct Agent {
     /// Process-group ids of workers that have not been reaped.
-    live: BTreeMap<usize, i32>,
+    live: BTreeMap<ProcId, i32>,
     exits: mpsc::UnboundedSender<WorkerExit>,
 }
 
@@ -87,8 +106,8 @@ pub struct Agent {
 pub enum SpawnError {
     #[error("cannot create the log file {}: {source}", path.display())]
     Log { path: PathBuf, source: std::io::Error },
-    #[error("cannot start `{program}` for rank {rank}: {source}")]
-    Exec { program: String, rank: usize, source: std::io::Error },
+    #[error("cannot start `{program}` for {id}: {source}")]
+    Exec { program: String, id: ProcId, source: std::io::Error },
 }
 
 impl Agent {
@@ -99,12 +118,15 @@ impl Agent {
 
     /// Starts one worker; its exit arrives on the channel returned by [`Agent::new`].
     pub fn spawn(&mut self, launch: WorkerLaunch) -> Result<u32, SpawnError> {
-        let log = std::fs::File::create(&launch.log_path)
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&launch.log_path)
             .map_err(|source| SpawnError::Log { path: launch.log_path.clone(), source })?;
         let log_err = log.try_clone().map_err(|source| SpawnError::Log { path: launch.log_path.clone(), source })?;
         let (program, args) = launch.command.split_first().ok_or_else(|| SpawnError::Exec {
             program: String::new(),
-            rank: launch.rank,
+            id: launch.id.clone(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
         })?;
         let mut cmd = Command::new(program);
@@ -133,41 +155,49 @@ impl Agent {
                 Ok(())
             });
         }
-        let mut child =
-            cmd.spawn().map_err(|source| SpawnError::Exec { program: program.clone(), rank: launch.rank, source })?;
+        let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
+            program: program.clone(),
+            id: launch.id.clone(),
+            source,
+        })?;
         let pid = child.id().unwrap_or(0);
-        self.live.insert(launch.rank, pid as i32);
-        let (exits, rank) = (self.exits.clone(), launch.rank);
+        self.live.insert(launch.id.clone(), pid as i32);
+        let (exits, id) = (self.exits.clone(), launch.id);
         tokio::spawn(async move {
             let kind = match child.wait().await {
                 Ok(status) => ExitKind::from_status(status),
                 Err(_) => ExitKind::Code(-1),
             };
-            let _ = exits.send(WorkerExit { rank, kind });
+            let _ = exits.send(WorkerExit { id, kind });
         });
         Ok(pid)
     }
 
     /// Marks a worker reaped (call on each exit event before signalling others).
-    pub fn reaped(&mut self, rank: usize) {
-        if let Some(pgid) = self.live.remove(&rank) {
+    pub fn reaped(&mut self, id: &ProcId) {
+        if let Some(pgid) = self.live.remove(id) {
             // Whatever the worker left running in its group goes with it.
             signal_group(pgid, libc::SIGKILL);
         }
     }
 
-    pub fn live_ranks(&self) -> Vec<usize> {
-        self.live.keys().copied().collect()
+    pub fn live(&self) -> Vec<ProcId> {
+        self.live.keys().cloned().collect()
     }
 
-    /// Sends `signal` to every live worker's process group.
+    /// The process group (and process) id of a live worker.
+    pub fn pid(&self, id: &ProcId) -> Option<i32> {
+        self.live.get(id).copied()
+    }
+
     /// SIGKILLs one worker's process group (a hung worker: SIGTERM would wait for nothing).
-    pub fn kill(&self, rank: usize) {
-        if let Some(pgid) = self.live.get(&rank) {
+    pub fn kill(&self, id: &ProcId) {
+        if let Some(pgid) = self.live.get(id) {
             signal_group(*pgid, libc::SIGKILL);
         }
     }
 
+    /// Sends `signal` to every live worker's process group.
     pub fn signal_all(&self, signal: i32) {
         for pgid in self.live.values() {
             signal_group(*pgid, signal);
@@ -181,29 +211,49 @@ impl Agent {
         grace: Duration,
         exits: &mut mpsc::UnboundedReceiver<WorkerExit>,
     ) -> Vec<WorkerExit> {
+        let all = self.live();
+        self.stop(&all, grace, exits).await
+    }
+
+    /// Stops the workers `ids` as [`Agent::stop_all`] does. Exits of other workers that arrive
+    /// meanwhile are returned too (they are reaped like the rest).
+    pub async fn stop(
+        &mut self,
+        ids: &[ProcId],
+        grace: Duration,
+        exits: &mut mpsc::UnboundedReceiver<WorkerExit>,
+    ) -> Vec<WorkerExit> {
         let mut seen = Vec::new();
-        if self.live.is_empty() {
+        let signal = |agent: &Self, sig| {
+            for id in ids {
+                if let Some(pgid) = agent.live.get(id) {
+                    signal_group(*pgid, sig);
+                }
+            }
+        };
+        let pending = |agent: &Self| ids.iter().any(|id| agent.live.contains_key(id));
+        if !pending(self) {
             return seen;
         }
-        self.signal_all(libc::SIGTERM);
+        signal(self, libc::SIGTERM);
         // A stopped (SIGSTOP) worker acts on SIGTERM only once continued.
-        self.signal_all(libc::SIGCONT);
+        signal(self, libc::SIGCONT);
         let deadline = tokio::time::Instant::now() + grace;
-        while !self.live.is_empty() {
+        while pending(self) {
             match tokio::time::timeout_at(deadline, exits.recv()).await {
                 Ok(Some(exit)) => {
-                    self.reaped(exit.rank);
+                    self.reaped(&exit.id);
                     seen.push(exit);
                 }
                 Ok(None) | Err(_) => break,
             }
         }
-        if !self.live.is_empty() {
-            self.signal_all(libc::SIGKILL);
-            while !self.live.is_empty() {
+        if pending(self) {
+            signal(self, libc::SIGKILL);
+            while pending(self) {
                 match tokio::time::timeout(Duration::from_secs(5), exits.recv()).await {
                     Ok(Some(exit)) => {
-                        self.reaped(exit.rank);
+                        self.reaped(&exit.id);
                         seen.push(exit);
                     }
                     _ => break,

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 /// Names of the variables rtrain sets besides torchrun's.
 pub mod vars {
     pub const COORDINATOR: &str = "RTRAIN_COORDINATOR";
+    /// The coordinator's HTTP/JSON endpoint (`host:port`): the address book, metrics, events.
+    pub const HTTP: &str = "RTRAIN_HTTP";
     pub const JOB_TOKEN: &str = "RTRAIN_JOB_TOKEN";
     pub const ROLE: &str = "RTRAIN_ROLE";
     pub const ATTEMPT: &str = "RTRAIN_ATTEMPT";

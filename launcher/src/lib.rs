@@ -16,6 +16,7 @@ pub mod config;
 pub mod contract;
 pub mod coordinator;
 pub mod failure;
+pub mod job_client;
 pub mod launch;
 pub mod progress;
 pub mod proto;

@@ -5,19 +5,25 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use crate::proto::StepMetrics;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// The launcher's terminal view: the training role's bar and one line per other role.
 pub struct RunProgress {
     bar: ProgressBar,
     total: u64,
     interactive: bool,
     restarts: std::sync::atomic::AtomicU32,
+    /// One line per role beside the trainer: its processes, restarts and latest metrics.
+    roles: Vec<(String, ProgressBar, std::sync::Mutex<(String, String)>)>,
 }
 
 impl RunProgress {
-    pub fn new(total_steps: u64) -> Self {
+    /// `total_steps` of the training role (`None`: the job has none); `roles`: the other roles.
+    pub fn new(total_steps: Option<u64>, roles: &[String]) -> Self {
         let interactive = std::io::stderr().is_terminal();
-        let bar = ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr_with_hz(8));
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
+        let total_steps = total_steps.unwrap_or(0);
+        let bar = multi.add(ProgressBar::new(total_steps));
         bar.set_style(
             ProgressStyle::with_template(
                 "{spinner:.green} {prefix} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg} ETA {eta}",
@@ -26,12 +32,50 @@ impl RunProgress {
             .progress_chars("=> "),
         );
         bar.set_prefix("starting");
+        let roles = roles
+            .iter()
+            .map(|name| {
+                let line = multi.add(ProgressBar::new_spinner());
+                line.set_style(
+                    ProgressStyle::with_template("  {prefix:>10} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                line.set_prefix(name.clone());
+                (name.clone(), line, std::sync::Mutex::new((String::new(), String::new())))
+            })
+            .collect();
         if interactive {
             bar.enable_steady_tick(Duration::from_millis(200));
         } else {
-            bar.set_draw_target(ProgressDrawTarget::hidden());
+            multi.set_draw_target(ProgressDrawTarget::hidden());
         }
-        Self { bar, total: total_steps, interactive, restarts: Default::default() }
+        Self { bar, total: total_steps, interactive, restarts: Default::default(), roles }
+    }
+
+    /// A role's processes and restarts, shown on its line.
+    pub fn set_role_status(&self, role: &str, status: &str) {
+        self.update_role(role, |line| line.0 = status.to_string());
+    }
+
+    /// The latest metrics a process of `role` reported, shown on the role's line.
+    pub fn on_role_metrics(&self, role: &str, metrics: &std::collections::HashMap<String, f64>) {
+        let mut named: Vec<(&String, &f64)> = metrics.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        let text: Vec<String> = named.iter().map(|(k, v)| format!("{k} {}", human(**v))).collect();
+        self.update_role(role, |line| line.1 = text.join(" | "));
+    }
+
+    fn update_role(&self, role: &str, change: impl FnOnce(&mut (String, String))) {
+        if let Some((_, bar, text)) = self.roles.iter().find(|(name, _, _)| name == role) {
+            let mut text = text.lock().unwrap_or_else(|p| p.into_inner());
+            change(&mut text);
+            let message = match (text.0.is_empty(), text.1.is_empty()) {
+                (false, false) => format!("{} | {}", text.0, text.1),
+                (false, true) => text.0.clone(),
+                _ => text.1.clone(),
+            };
+            bar.set_message(message);
+        }
     }
 
     /// Shows the phase the launch is in (scheduling, rendezvous, training, ...).
@@ -80,6 +124,9 @@ impl RunProgress {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+        for (_, line, _) in &self.roles {
+            line.finish_and_clear();
+        }
     }
 }
 
@@ -88,7 +135,9 @@ fn human(x: f64) -> String {
         format!("{:.2}M", x / 1e6)
     } else if x >= 1e3 {
         format!("{:.1}k", x / 1e3)
-    } else {
+    } else if x.fract() == 0.0 || x.abs() >= 100.0 {
         format!("{x:.0}")
+    } else {
+        format!("{x:.3}")
     }
 }

@@ -6,7 +6,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::config::JobConfig;
-use crate::proto::StepMetrics;
+use crate::proto::{MetricsReport, StepMetrics};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +86,7 @@ impl RunDir {
     /// Appends one step to metrics.jsonl; flushed so a crash loses nothing already reported.
     pub fn record_step(&mut self, m: &StepMetrics, attempt: u32, restarts: u32) -> Result<(), RunDirError> {
         let line = MetricsLine {
+            role: m.id.as_ref().map_or("trainer", |id| id.role.as_str()),
             step: m.step,
             loss: m.loss,
             lr: m.lr,
@@ -96,10 +97,30 @@ impl RunDir {
             attempt,
             restarts,
             checkpoint_stall_s: m.checkpoint_stall_s,
+            extra: &m.extra,
         };
+        self.append_line(&line)
+    }
+
+    /// Appends the named metrics of any role's process to metrics.jsonl:
+    /// `{"role", "rank", "attempt", "step", "time", <name>: <value>...}`.
+    pub fn record_metrics(&mut self, m: &MetricsReport) -> Result<(), RunDirError> {
+        let Some(id) = &m.id else { return Ok(()) };
+        let line = RoleMetricsLine {
+            role: &id.role,
+            rank: id.rank,
+            attempt: id.attempt,
+            step: m.step,
+            time: m.time,
+            metrics: &m.metrics,
+        };
+        self.append_line(&line)
+    }
+
+    /// One JSON line, flushed so a crash loses nothing already reported.
+    fn append_line(&mut self, line: &impl Serialize) -> Result<(), RunDirError> {
         let path = self.path.join("metrics.jsonl");
-        let text =
-            serde_json::to_string(&line).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
+        let text = serde_json::to_string(line).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
         writeln!(self.metrics, "{text}").and_then(|_| self.metrics.flush()).map_err(io(&path))
     }
 
@@ -114,7 +135,8 @@ impl RunDir {
 }
 
 #[derive(Serialize)]
-struct MetricsLine {
+struct MetricsLine<'a> {
+    role: &'a str,
     step: u64,
     loss: f64,
     lr: f64,
@@ -129,4 +151,18 @@ struct MetricsLine {
     /// Set on steps that saved a checkpoint: the step loop's stall for the save, in seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint_stall_s: Option<f64>,
+    /// Further named metrics of the step.
+    #[serde(flatten)]
+    extra: &'a std::collections::HashMap<String, f64>,
+}
+
+#[derive(Serialize)]
+struct RoleMetricsLine<'a> {
+    role: &'a str,
+    rank: u32,
+    attempt: u32,
+    step: u64,
+    time: f64,
+    #[serde(flatten)]
+    metrics: &'a std::collections::HashMap<String, f64>,
 }

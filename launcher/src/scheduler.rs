@@ -46,12 +46,18 @@ fn visible_gpus(cuda_visible: Option<&str>, present: usize) -> usize {
     }
 }
 
-/// What a gang asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GangRequest {
-    pub workers: usize,
-    pub cpus_per_worker: usize,
+/// What one role asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupRequest {
+    pub role: String,
+    /// Fewest and most processes; the role gets as many as fit within them.
+    pub min_workers: usize,
+    pub max_workers: usize,
+    pub cpus_per_worker: f64,
     pub gpus_per_worker: usize,
+    /// Config keys named in messages: the size and the CPU share (`train.workers`, ...).
+    pub size_key: String,
+    pub cpus_key: String,
 }
 
 /// Where one rank runs and what it may use.
@@ -59,75 +65,139 @@ pub struct GangRequest {
 pub struct RankPlacement {
     pub rank: usize,
     pub local_rank: usize,
-    /// Threads for intra-op parallelism (OMP_NUM_THREADS): the node's cores shared evenly.
+    /// Threads for intra-op parallelism (OMP_NUM_THREADS): the cores it was given.
     pub threads: usize,
+    /// Cores it is pinned to, as indices into the cores this process may use.
+    pub cores: Vec<usize>,
     /// CUDA device indices, sorted; LOCAL_RANK indexes them.
     pub gpus: Vec<usize>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ScheduleError {
     #[error(
-        "the gang needs {needed} CPU cores ({workers} workers × {per_worker} train.cpus_per_worker) \
-         but this machine has {available}; lower train.workers or train.cpus_per_worker"
+        "role {role} needs {needed} CPU cores ({workers} × {per_worker} {cpus_key}) but only {available} of \
+         this machine's {total} are left for it; lower {size_key} or {cpus_key}"
     )]
-    NotEnoughCpus { needed: usize, available: usize, workers: usize, per_worker: usize },
+    NotEnoughCpus {
+        role: String,
+        needed: f64,
+        available: f64,
+        total: usize,
+        workers: usize,
+        per_worker: f64,
+        size_key: String,
+        cpus_key: String,
+    },
     #[error(
-        "the gang needs {needed} GPUs ({workers} workers × {per_worker}) but {available} are visible; \
-         lower train.workers, or use train.device = \"cpu\""
+        "role {role} needs {needed} GPUs ({workers} × {per_worker}) but only {available} of the {total} visible are \
+         left for it; lower {size_key}, or use train.device = \"cpu\""
     )]
-    NotEnoughGpus { needed: usize, available: usize, workers: usize, per_worker: usize },
+    NotEnoughGpus {
+        role: String,
+        needed: usize,
+        available: usize,
+        total: usize,
+        workers: usize,
+        per_worker: usize,
+        size_key: String,
+    },
 }
 
-/// Places every rank of `request` on `node`, or explains what is missing.
-pub fn place_gang(request: GangRequest, node: NodeResources) -> Result<Vec<RankPlacement>, ScheduleError> {
-    let GangRequest { workers, cpus_per_worker, gpus_per_worker } = request;
-    let cpus_needed = workers * cpus_per_worker;
-    if cpus_needed > node.cpus {
-        return Err(ScheduleError::NotEnoughCpus {
-            needed: cpus_needed,
-            available: node.cpus,
-            workers,
-            per_worker: cpus_per_worker,
-        });
+/// Shares are compared with this slack, so 4 × 0.25 fills a core.
+const EPS: f64 = 1e-9;
+
+/// Places every role of a job on `node`, all or nothing: each role first gets its `min_workers`,
+/// then roles grow towards `max_workers` in order while resources last. Returns each role's ranks.
+pub fn place_job(groups: &[GroupRequest], node: NodeResources) -> Result<Vec<Vec<RankPlacement>>, ScheduleError> {
+    let (mut cpus_left, mut gpus_left) = (node.cpus as f64, node.gpus);
+    for g in groups {
+        let (needed_cpus, needed_gpus) = (g.min_workers as f64 * g.cpus_per_worker, g.min_workers * g.gpus_per_worker);
+        if needed_cpus > cpus_left + EPS {
+            return Err(ScheduleError::NotEnoughCpus {
+                role: g.role.clone(),
+                needed: needed_cpus,
+                available: cpus_left.max(0.0),
+                total: node.cpus,
+                workers: g.min_workers,
+                per_worker: g.cpus_per_worker,
+                size_key: g.size_key.clone(),
+                cpus_key: g.cpus_key.clone(),
+            });
+        }
+        if needed_gpus > gpus_left {
+            return Err(ScheduleError::NotEnoughGpus {
+                role: g.role.clone(),
+                needed: needed_gpus,
+                available: gpus_left,
+                total: node.gpus,
+                workers: g.min_workers,
+                per_worker: g.gpus_per_worker,
+                size_key: g.size_key.clone(),
+            });
+        }
+        cpus_left -= needed_cpus;
+        gpus_left -= needed_gpus;
     }
-    let gpus_needed = workers * gpus_per_worker;
-    if gpus_needed > node.gpus {
-        return Err(ScheduleError::NotEnoughGpus {
-            needed: gpus_needed,
-            available: node.gpus,
-            workers,
-            per_worker: gpus_per_worker,
-        });
+    let mut sizes: Vec<usize> = groups.iter().map(|g| g.min_workers).collect();
+    for (g, size) in groups.iter().zip(&mut sizes) {
+        while *size < g.max_workers && g.cpus_per_worker <= cpus_left + EPS && g.gpus_per_worker <= gpus_left {
+            *size += 1;
+            cpus_left -= g.cpus_per_worker;
+            gpus_left -= g.gpus_per_worker;
+        }
     }
-    let threads = (node.cpus / workers.max(1)).max(1);
-    Ok((0..workers)
-        .map(|rank| RankPlacement {
-            rank,
-            local_rank: rank,
-            threads,
-            gpus: (rank * gpus_per_worker..(rank + 1) * gpus_per_worker).collect(),
+    let shares: Vec<f64> =
+        groups.iter().zip(&sizes).flat_map(|(g, n)| std::iter::repeat_n(g.cpus_per_worker, *n)).collect();
+    let mut cores = assign_cores(&shares, node.cpus).into_iter();
+    let mut next_gpu = 0;
+    Ok(groups
+        .iter()
+        .zip(&sizes)
+        .map(|(g, n)| {
+            (0..*n)
+                .map(|rank| {
+                    let (cores, threads) = cores.next().unwrap_or_default();
+                    let gpus = (next_gpu..next_gpu + g.gpus_per_worker).collect();
+                    next_gpu += g.gpus_per_worker;
+                    RankPlacement { rank, local_rank: rank, threads, cores, gpus }
+                })
+                .collect()
         })
         .collect())
 }
 
-/// The gang size to start with: `max` workers if they fit on `node`, else as many as fit, but
-/// never fewer than `min` (then the error says what `min` workers would need).
-pub fn elastic_size(
-    min: usize,
-    max: usize,
-    cpus_per_worker: usize,
-    gpus_per_worker: usize,
-    node: NodeResources,
-) -> Result<usize, ScheduleError> {
-    let by_cpus = node.cpus / cpus_per_worker.max(1);
-    let by_gpus = node.gpus.checked_div(gpus_per_worker).unwrap_or(usize::MAX);
-    let fits = by_cpus.min(by_gpus).min(max);
-    if fits >= min {
-        return Ok(fits);
+/// Cores and thread counts for processes with CPU `shares`, in order. Shares are scaled up to
+/// fill the node when they ask for less, so a lone gang spreads over every core. A process whose
+/// share is a core or more gets that many cores of its own; smaller shares are packed first-fit
+/// onto the cores left, one core each (one thread).
+fn assign_cores(shares: &[f64], cores: usize) -> Vec<(Vec<usize>, usize)> {
+    let total: f64 = shares.iter().sum();
+    let scale = if total > 0.0 { (cores as f64 / total).max(1.0) } else { 1.0 };
+    let mut free = vec![1.0f64; cores];
+    let mut out = vec![(Vec::new(), 1); shares.len()];
+    for (i, share) in shares.iter().map(|s| s * scale).enumerate() {
+        if share + EPS >= 1.0 {
+            let wanted = (share + EPS).floor() as usize;
+            let mine: Vec<usize> = (0..cores).filter(|c| free[*c] >= 1.0 - EPS).take(wanted).collect();
+            for c in &mine {
+                free[*c] = 0.0;
+            }
+            let threads = mine.len().max(1);
+            out[i] = (mine, threads);
+        }
     }
-    // Not even `min` fit: let place_gang name the missing resource.
-    place_gang(GangRequest { workers: min, cpus_per_worker, gpus_per_worker }, node).map(|p| p.len())
+    for (i, share) in shares.iter().map(|s| s * scale).enumerate() {
+        if share + EPS < 1.0 {
+            let fits = (0..cores).find(|c| free[*c] + EPS >= share);
+            let roomiest = (0..cores).max_by(|a, b| free[*a].total_cmp(&free[*b]));
+            if let Some(c) = fits.or(roomiest) {
+                free[c] -= share;
+                out[i] = (vec![c], 1);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -145,44 +215,81 @@ mod tests {
         assert_eq!(visible_gpus(Some("GPU-8f2a,GPU-11bc"), 8), 2);
     }
 
-    #[test]
-    fn elastic_gangs_take_what_fits_within_bounds() {
-        let node = |cpus, gpus| NodeResources { cpus, gpus };
-        assert_eq!(elastic_size(1, 4, 1, 0, node(8, 0)), Ok(4));
-        assert_eq!(elastic_size(1, 4, 1, 0, node(3, 0)), Ok(3));
-        assert_eq!(elastic_size(1, 4, 2, 0, node(3, 0)), Ok(1));
-        assert_eq!(elastic_size(2, 8, 1, 1, node(16, 3)), Ok(3));
-        let e = elastic_size(2, 4, 1, 0, node(1, 0)).unwrap_err();
-        assert_eq!(e, ScheduleError::NotEnoughCpus { needed: 2, available: 1, workers: 2, per_worker: 1 });
-        assert_eq!(elastic_size(4, 4, 1, 0, node(8, 0)), Ok(4));
+    fn group(role: &str, min: usize, max: usize, cpus: f64, gpus: usize) -> GroupRequest {
+        GroupRequest {
+            role: role.into(),
+            min_workers: min,
+            max_workers: max,
+            cpus_per_worker: cpus,
+            gpus_per_worker: gpus,
+            size_key: format!("roles.{role}.size"),
+            cpus_key: format!("roles.{role}.cpus_per_worker"),
+        }
     }
 
-    fn req(workers: usize, cpus: usize, gpus: usize) -> GangRequest {
-        GangRequest { workers, cpus_per_worker: cpus, gpus_per_worker: gpus }
+    fn node(cpus: usize, gpus: usize) -> NodeResources {
+        NodeResources { cpus, gpus }
     }
 
-    #[test]
-    fn places_all_ranks_and_shares_cores() {
-        let p = place_gang(req(2, 1, 0), NodeResources { cpus: 8, gpus: 0 }).unwrap();
-        assert_eq!(p.len(), 2);
-        assert_eq!(p[1].local_rank, 1);
-        assert_eq!(p[0].threads, 4);
-        assert!(p[0].gpus.is_empty());
+    fn sizes(p: &[Vec<RankPlacement>]) -> Vec<usize> {
+        p.iter().map(Vec::len).collect()
     }
 
     #[test]
-    fn gpus_are_handed_out_one_range_per_rank() {
-        let p = place_gang(req(2, 1, 2), NodeResources { cpus: 8, gpus: 4 }).unwrap();
-        assert_eq!(p[0].gpus, vec![0, 1]);
-        assert_eq!(p[1].gpus, vec![2, 3]);
+    fn elastic_roles_take_what_fits_within_bounds() {
+        let place = |g: GroupRequest, n| place_job(&[g], n).map(|p| sizes(&p));
+        assert_eq!(place(group("t", 1, 4, 1.0, 0), node(8, 0)), Ok(vec![4]));
+        assert_eq!(place(group("t", 1, 4, 1.0, 0), node(3, 0)), Ok(vec![3]));
+        assert_eq!(place(group("t", 1, 4, 2.0, 0), node(3, 0)), Ok(vec![1]));
+        assert_eq!(place(group("t", 2, 8, 1.0, 1), node(16, 3)), Ok(vec![3]));
+        let e = place_job(&[group("t", 2, 4, 1.0, 0)], node(1, 0)).unwrap_err();
+        assert!(matches!(e, ScheduleError::NotEnoughCpus { workers: 2, total: 1, .. }), "{e:?}");
     }
 
     #[test]
-    fn all_or_nothing_with_a_reason() {
-        let e = place_gang(req(4, 1, 0), NodeResources { cpus: 2, gpus: 0 }).unwrap_err();
-        assert_eq!(e, ScheduleError::NotEnoughCpus { needed: 4, available: 2, workers: 4, per_worker: 1 });
-        assert!(e.to_string().contains("train.workers"));
-        let e = place_gang(req(2, 1, 1), NodeResources { cpus: 8, gpus: 1 }).unwrap_err();
-        assert!(matches!(e, ScheduleError::NotEnoughGpus { needed: 2, available: 1, .. }));
+    fn a_lone_gang_spreads_over_every_core() {
+        let p = place_job(&[group("t", 2, 2, 1.0, 0)], node(8, 0)).unwrap();
+        assert_eq!(p[0][0].threads, 4);
+        assert_eq!(p[0][0].cores, vec![0, 1, 2, 3]);
+        assert_eq!(p[0][1].cores, vec![4, 5, 6, 7]);
+        assert_eq!(p[0][1].local_rank, 1);
+        assert!(p[0][0].gpus.is_empty());
+    }
+
+    #[test]
+    fn fractional_shares_pack_light_processes_beside_the_gang() {
+        // A trainer gang of 2 and 2 actors on a 2-core machine.
+        let jobs = [group("trainer", 2, 2, 0.75, 0), group("actor", 2, 2, 0.25, 0)];
+        let p = place_job(&jobs, node(2, 0)).unwrap();
+        assert_eq!(sizes(&p), vec![2, 2]);
+        assert_eq!((p[0][0].cores.clone(), p[0][1].cores.clone()), (vec![0], vec![1]));
+        assert_eq!((p[1][0].cores.clone(), p[1][1].cores.clone()), (vec![0], vec![1]));
+        assert!(p.iter().flatten().all(|r| r.threads == 1));
+        // Whole-core gang plus quarter-core actors on 4 cores: the gang keeps its own cores.
+        let jobs = [group("trainer", 2, 2, 1.0, 0), group("actor", 4, 4, 0.25, 0)];
+        let p = place_job(&jobs, node(3, 0)).unwrap();
+        assert_eq!((p[0][0].cores.clone(), p[0][1].cores.clone()), (vec![0], vec![1]));
+        assert!(p[1].iter().all(|r| r.cores == vec![2]));
+    }
+
+    #[test]
+    fn a_role_that_does_not_fit_is_named_with_what_is_left() {
+        let jobs = [group("trainer", 2, 2, 1.0, 0), group("actor", 2, 2, 0.5, 0)];
+        let e = place_job(&jobs, node(2, 0)).unwrap_err();
+        assert!(
+            matches!(&e, ScheduleError::NotEnoughCpus { role, available, .. } if role == "actor" && *available == 0.0)
+        );
+        let text = e.to_string();
+        assert!(text.contains("role actor") && text.contains("roles.actor.cpus_per_worker"), "{text}");
+        let e = place_job(&[group("trainer", 1, 1, 1.0, 1), group("actor", 1, 1, 1.0, 1)], node(8, 1)).unwrap_err();
+        assert!(matches!(&e, ScheduleError::NotEnoughGpus { role, .. } if role == "actor"), "{e:?}");
+    }
+
+    #[test]
+    fn gpus_are_handed_out_one_range_per_rank_across_roles() {
+        let p = place_job(&[group("t", 2, 2, 1.0, 2), group("a", 1, 1, 1.0, 1)], node(8, 5)).unwrap();
+        assert_eq!(p[0][0].gpus, vec![0, 1]);
+        assert_eq!(p[0][1].gpus, vec![2, 3]);
+        assert_eq!(p[1][0].gpus, vec![4]);
     }
 }

@@ -5,27 +5,31 @@ use std::path::PathBuf;
 
 use crate::config::DeviceKind;
 use crate::contract::{unix_now, vars};
-
-use crate::launch::ROLE;
 use crate::scheduler::RankPlacement;
 
-/// What every worker of an attempt is told.
+/// What every process of one role's attempt is told.
 pub(crate) struct WorkerCommon {
     pub(crate) coordinator: String,
+    /// The coordinator's HTTP/JSON endpoint, for programs in any language.
+    pub(crate) http: String,
     pub(crate) token: String,
     pub(crate) config: PathBuf,
     pub(crate) run_dir: PathBuf,
     pub(crate) run_id: String,
+    pub(crate) role: String,
     pub(crate) master_port: u16,
+    /// The role's attempt, or the incarnation of a process that restarts alone.
     pub(crate) attempt: u32,
     pub(crate) max_restarts: u32,
     pub(crate) world_size: usize,
-    pub(crate) global_batch: usize,
+    /// Sequences per optimizer step (the training role only).
+    pub(crate) global_batch: Option<usize>,
     pub(crate) resume: Option<PathBuf>,
     pub(crate) device: DeviceKind,
 }
 
-/// The torchrun environment plus rtrain's own (DESIGN.md, worker contract).
+/// The torchrun environment plus rtrain's own (the worker contract in the README). RANK and
+/// WORLD_SIZE count within the role: every role is its own world.
 pub(crate) fn worker_env(c: &WorkerCommon, p: &RankPlacement, all: &[RankPlacement]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
         ("RANK", p.rank.to_string()),
@@ -34,7 +38,7 @@ pub(crate) fn worker_env(c: &WorkerCommon, p: &RankPlacement, all: &[RankPlaceme
         ("LOCAL_WORLD_SIZE", all.len().to_string()),
         ("GROUP_RANK", "0".into()),
         ("NODE_RANK", "0".into()),
-        ("ROLE_NAME", ROLE.into()),
+        ("ROLE_NAME", c.role.clone()),
         ("ROLE_RANK", p.rank.to_string()),
         ("ROLE_WORLD_SIZE", c.world_size.to_string()),
         ("MASTER_ADDR", "127.0.0.1".into()),
@@ -43,16 +47,19 @@ pub(crate) fn worker_env(c: &WorkerCommon, p: &RankPlacement, all: &[RankPlaceme
         ("TORCHELASTIC_MAX_RESTARTS", c.max_restarts.to_string()),
         ("TORCHELASTIC_RUN_ID", c.run_id.clone()),
         (vars::COORDINATOR, c.coordinator.clone()),
+        (vars::HTTP, c.http.clone()),
         (vars::JOB_TOKEN, c.token.clone()),
-        (vars::ROLE, ROLE.into()),
+        (vars::ROLE, c.role.clone()),
         (vars::ATTEMPT, c.attempt.to_string()),
         (vars::CONFIG, c.config.display().to_string()),
         (vars::RUN_DIR, c.run_dir.display().to_string()),
-        (vars::GLOBAL_BATCH, c.global_batch.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if let Some(batch) = c.global_batch {
+        env.push((vars::GLOBAL_BATCH.into(), batch.to_string()));
+    }
     if let Some(path) = &c.resume {
         env.push((vars::RESUME_FROM.into(), path.display().to_string()));
     }
@@ -80,11 +87,10 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-/// A CPU worker's own cores: rank r takes the r-th run of `threads` allowed cores, so ranks do
-/// not migrate onto each other's caches. No pinning when the cores do not go round.
+/// A CPU process's cores, as the scheduler assigned them among the `allowed` ones, so ranks do
+/// not migrate onto each other's caches. No pinning when a core is not among them.
 pub(crate) fn pinned_cpus(p: &RankPlacement, allowed: &[usize]) -> Vec<usize> {
-    let start = p.local_rank * p.threads;
-    allowed.get(start..start + p.threads).map(<[usize]>::to_vec).unwrap_or_default()
+    p.cores.iter().map(|c| allowed.get(*c).copied()).collect::<Option<Vec<usize>>>().unwrap_or_default()
 }
 
 /// A random 128-bit token, hex-encoded.

@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use overrides::apply_override;
 pub use resolve::{
-    BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, TrainerKind, resolve,
+    BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, RoleSpec,
+    TRAINING_ROLE, TrainerKind, resolve,
 };
 pub use schema::{
-    CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, ModelSection, RendezvousSection, TrainSection,
-    Workers,
+    CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, ModelSection, RendezvousSection, RestartMode,
+    RoleSection, TrainSection, Workers,
 };
 
 /// A config file read, overridden, typed and resolved.
@@ -103,6 +104,49 @@ mod tests {
         assert!(e.contains("job.toml"), "{e}");
         let e = load_str("", &["train.workers=abc"]).unwrap_err().to_string();
         assert!(e.contains("train.workers"), "{e}");
+    }
+
+    #[test]
+    fn roles_resolve_beside_the_trainer() {
+        let text = "[train]\nworkers = 2\ncpus_per_worker = 0.75\n\
+                    [roles.actor]\nsize = { min = 1, max = 3 }\nentrypoint = [\"python3\", \"a.py\"]\ncpus_per_worker = 0.25\n";
+        let c = load_str(text, &[]).unwrap();
+        let names: Vec<&str> = c.spec.roles.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["trainer", "actor"]);
+        let actor = &c.spec.roles[1];
+        assert_eq!((actor.min_size, actor.size, actor.restart), (1, 3, RestartMode::Alone));
+        assert_eq!((actor.cpus_per_worker, actor.max_restarts), (0.25, 10));
+        assert_eq!(c.spec.roles[0].cpus_per_worker, 0.75);
+        assert_eq!(c.spec.training_role().map(|r| r.size), Some(2));
+
+        // Roles only: no training role.
+        let c = load_str("[roles.svc]\nsize = 1\nentrypoint = [\"true\"]\nrestart = \"gang\"", &[]).unwrap();
+        assert!(c.spec.training_role().is_none());
+        assert_eq!(c.spec.roles[0].restart, RestartMode::Gang);
+        // Neither: the default trainer.
+        assert_eq!(load_str("", &[]).unwrap().spec.roles.len(), 1);
+    }
+
+    #[test]
+    fn bad_roles_name_their_key() {
+        let role = |body: &str| load_str(&format!("[roles.actor]\n{body}"), &[]).unwrap_err().to_string();
+        let ep = "entrypoint = [\"x\"]\n";
+        let e = role(&format!("size = 0\n{ep}"));
+        assert!(e.contains("roles.actor.size: must be at least 1"), "{e}");
+        let e = role(&format!("size = {{ min = 3, max = 2 }}\n{ep}"));
+        assert!(e.contains("roles.actor.size") && e.contains("min <= max"), "{e}");
+        let e = role(&format!("size = 1\n{ep}colour = 1"));
+        assert!(e.contains("roles.actor") && e.contains("`colour`"), "{e}");
+        let e = role(&format!("size = 1\n{ep}restart = \"never\""));
+        assert!(e.contains("roles.actor.restart") && e.contains("alone"), "{e}");
+        let e = role("size = 1\nentrypoint = []");
+        assert!(e.contains("roles.actor.entrypoint"), "{e}");
+        let e = role(&format!("size = 1\n{ep}cpus_per_worker = 0"));
+        assert!(e.contains("roles.actor.cpus_per_worker"), "{e}");
+        let e = load_str("[roles.trainer]\nsize = 1\nentrypoint = [\"x\"]", &[]).unwrap_err().to_string();
+        assert!(e.contains("roles.trainer") && e.contains("[train]"), "{e}");
+        let e = load_str("[roles.\"a b\"]\nsize = 1\nentrypoint = [\"x\"]", &[]).unwrap_err().to_string();
+        assert!(e.contains("role name"), "{e}");
     }
 
     #[test]

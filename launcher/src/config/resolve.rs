@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{ConfigError, JobConfig, Workers};
+use super::{ConfigError, JobConfig, RestartMode, Workers};
 use crate::checkpoint::MetricOrder;
 
 /// Warm-up length when the config names none (shortened to train.steps for shorter runs).
@@ -100,7 +100,7 @@ pub struct JobSpec {
     pub optim: OptimSpec,
     pub device: DeviceKind,
     pub backend: BackendKind,
-    pub cpus_per_worker: usize,
+    pub cpus_per_worker: f64,
     pub collective_timeout: Duration,
     pub bucket_bytes: usize,
     pub model: ModelSpec,
@@ -110,6 +110,50 @@ pub struct JobSpec {
     pub checkpoint: CheckpointSpec,
     pub fault: FaultSpec,
     pub user: toml::Table,
+    /// Every role of the job, the training role (if any) first.
+    pub roles: Vec<RoleSpec>,
+}
+
+/// The name of the role `[train]` describes.
+pub const TRAINING_ROLE: &str = "trainer";
+
+/// One role of the job: its processes, what they run, their resources and restart policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoleSpec {
+    pub name: String,
+    /// Processes to start (the largest size of an elastic role).
+    pub size: usize,
+    /// Fewest processes the role runs with.
+    pub min_size: usize,
+    /// The command; `None` runs the launcher's own worker program (the built-in trainer).
+    pub entrypoint: Option<Vec<String>>,
+    pub restart: RestartMode,
+    pub cpus_per_worker: f64,
+    pub gpus_per_worker: usize,
+    /// Restarts the role may use; the training role counts against `fault` instead.
+    pub max_restarts: u32,
+    /// Delay before restarting a process, doubled per failure in a row.
+    pub backoff: Duration,
+    /// The training role: the job ends when it finishes.
+    pub training: bool,
+}
+
+impl RoleSpec {
+    /// The config key of a setting of this role, for messages: `train.workers`, `roles.actor.size`.
+    pub fn key(&self, setting: &str) -> String {
+        match (self.training, setting) {
+            (true, "size") => "train.workers".into(),
+            (true, _) => format!("train.{setting}"),
+            (false, _) => format!("roles.{}.{setting}", self.name),
+        }
+    }
+}
+
+impl JobSpec {
+    /// The training role, if the job has one.
+    pub fn training_role(&self) -> Option<&RoleSpec> {
+        self.roles.first().filter(|r| r.training)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -169,7 +213,9 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     let positive_f = |key: &str, v: f64| {
         if v.is_finite() && v > 0.0 { Ok(v) } else { Err(bad(key, format!("must be a positive number, got {v}"))) }
     };
-    let (job, train, model, data) = (&cfg.job, &cfg.train, &cfg.model, &cfg.data);
+    let has_training = cfg.train.is_some() || cfg.roles.is_empty();
+    let train_section = cfg.train.clone().unwrap_or_default();
+    let (job, train, model, data) = (&cfg.job, &train_section, &cfg.model, &cfg.data);
 
     let name_ok = !job.name.is_empty()
         && job.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
@@ -253,7 +299,8 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             ));
         }
     };
-    let cpus_per_worker = positive("train.cpus_per_worker", train.cpus_per_worker)? as usize;
+    let cpus_per_worker =
+        cpu_share("train.cpus_per_worker", train.cpus_per_worker).map_err(|m| bad("train.cpus_per_worker", m))?;
     let collective_timeout =
         Duration::from_secs_f64(positive_f("train.collective_timeout_s", train.collective_timeout_s)?);
     let bucket_bytes = (positive_f("train.bucket_mb", train.bucket_mb)? * (1 << 20) as f64) as usize;
@@ -379,6 +426,24 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     }
 
     let global_batch = workers * micro_batch * grad_accum;
+    let mut roles = Vec::new();
+    if has_training {
+        roles.push(RoleSpec {
+            name: TRAINING_ROLE.into(),
+            size: workers,
+            min_size: min_workers,
+            entrypoint: entrypoint.clone(),
+            restart: RestartMode::Gang,
+            cpus_per_worker,
+            gpus_per_worker: usize::from(device == DeviceKind::Cuda),
+            max_restarts: fault.max_restarts.saturating_add(fault.max_user_restarts),
+            backoff: fault.backoff,
+            training: true,
+        });
+    }
+    for (name, role) in &cfg.roles {
+        roles.push(resolve_role(name, role).map_err(|(key, message)| bad(&key, message))?);
+    }
     Ok(JobSpec {
         name: job.name.clone(),
         run_path: Path::new(&job.run_dir).join(&job.name),
@@ -419,5 +484,63 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         checkpoint,
         fault,
         user: cfg.user.clone(),
+        roles,
+    })
+}
+
+/// A CPU share: positive, finite, at most 1024 cores.
+fn cpu_share(key: &str, v: f64) -> Result<f64, String> {
+    if v.is_finite() && v > 0.0 && v <= 1024.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "must be a number of cores above 0 and at most 1024 (fractions share a core), got {v}; {key} = 0.5 is half a core"
+        ))
+    }
+}
+
+/// Checks one `[roles.NAME]` table; errors carry the dotted key.
+fn resolve_role(name: &str, role: &super::RoleSection) -> Result<RoleSpec, (String, String)> {
+    let key = |k: &str| format!("roles.{name}.{k}");
+    let valid_name = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+    if !valid_name {
+        return Err((format!("roles.{name}"), "a role name is letters, digits, `-` or `_`".into()));
+    }
+    if name == TRAINING_ROLE {
+        return Err((
+            format!("roles.{name}"),
+            format!("`{TRAINING_ROLE}` is the role of the [train] section; give this role another name"),
+        ));
+    }
+    let (min_size, size) = match role.size {
+        Workers::Fixed(0) => return Err((key("size"), "must be at least 1".into())),
+        Workers::Fixed(n) => (n, n),
+        Workers::Elastic { min, max } if min == 0 || max < min => {
+            return Err((key("size"), format!("needs 1 <= min <= max, got min = {min}, max = {max}")));
+        }
+        Workers::Elastic { min, max } => (min, max),
+    };
+    if size > 4096 {
+        return Err((key("size"), format!("at most 4096 processes per role, got {size}")));
+    }
+    if role.entrypoint.first().is_none_or(|p| p.is_empty()) {
+        return Err((key("entrypoint"), "name the command each process runs, e.g. [\"python3\", \"actor.py\"]".into()));
+    }
+    let cpus_per_worker =
+        cpu_share(&key("cpus_per_worker"), role.cpus_per_worker).map_err(|m| (key("cpus_per_worker"), m))?;
+    if !(role.backoff_s.is_finite() && (0.0..=3600.0).contains(&role.backoff_s)) {
+        return Err((key("backoff_s"), format!("must be between 0 and 3600 seconds, got {}", role.backoff_s)));
+    }
+    Ok(RoleSpec {
+        name: name.to_string(),
+        size: size as usize,
+        min_size: min_size as usize,
+        entrypoint: Some(role.entrypoint.clone()),
+        restart: role.restart,
+        cpus_per_worker,
+        gpus_per_worker: role.gpus_per_worker.min(64) as usize,
+        max_restarts: role.max_restarts.min(u32::MAX as u64) as u32,
+        backoff: Duration::from_secs_f64(role.backoff_s),
+        training: false,
     })
 }

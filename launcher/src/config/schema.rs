@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 pub struct JobConfig {
     #[serde(default)]
     pub job: JobSection,
-    #[serde(default)]
-    pub train: TrainSection,
+    /// The training role (a gang named `trainer`). A config with neither `[train]` nor
+    /// `[roles.*]` trains with the defaults; one with roles only has no training role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainSection>,
     #[serde(default)]
     pub model: ModelSection,
     #[serde(default)]
@@ -21,6 +23,9 @@ pub struct JobConfig {
     pub checkpoint: CheckpointSection,
     #[serde(default)]
     pub fault: FaultSection,
+    /// Further roles of the job, by name: actors, services, anything beside the trainer gang.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub roles: std::collections::BTreeMap<String, RoleSection>,
     /// Free-form settings handed to custom training loops (like Ray Train's `train_loop_config`).
     #[serde(default)]
     pub user: toml::Table,
@@ -67,8 +72,8 @@ pub struct TrainSection {
     pub grad_clip: f64,
     pub device: String,
     pub backend: String,
-    /// CPU cores reserved per worker by the gang scheduler.
-    pub cpus_per_worker: u64,
+    /// CPU cores reserved per worker by the gang scheduler; may be fractional (`0.5`).
+    pub cpus_per_worker: f64,
     /// Seconds any collective may wait for a peer before the attempt fails.
     pub collective_timeout_s: f64,
     /// DDP all-reduce bucket size in MiB.
@@ -92,7 +97,7 @@ impl Default for TrainSection {
             grad_clip: 1.0,
             device: "cpu".into(),
             backend: "auto".into(),
-            cpus_per_worker: 1,
+            cpus_per_worker: 1.0,
             collective_timeout_s: 120.0,
             bucket_mb: 25.0,
         }
@@ -218,4 +223,49 @@ impl Default for FaultSection {
     fn default() -> Self {
         Self { max_restarts: 3, max_user_restarts: 0, heartbeat_timeout_s: 30.0, backoff_s: 0.25, max_backoff_s: 30.0 }
     }
+}
+
+/// `[roles.NAME]`: a group of processes with its own ranks, resources and restart policy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSection {
+    /// How many processes: `2`, or `{ min = 1, max = 4 }` (as many as fit, at least `min`).
+    pub size: Workers,
+    /// The command each process runs (`ROLE_NAME`, `ROLE_RANK`, `RTRAIN_*` tell it who it is).
+    pub entrypoint: Vec<String>,
+    /// `alone`: a process that dies or hangs restarts by itself; `gang`: the whole role restarts.
+    #[serde(default)]
+    pub restart: RestartMode,
+    /// CPU cores reserved per process; fractional shares (`0.25`) let light processes share a core.
+    #[serde(default = "one")]
+    pub cpus_per_worker: f64,
+    #[serde(default)]
+    pub gpus_per_worker: u64,
+    /// Restarts this role may use (of single processes, or of the whole role) before the job fails.
+    #[serde(default = "ten")]
+    pub max_restarts: u64,
+    /// Seconds between restarts of one process, doubled for each failure in a row.
+    #[serde(default = "quarter")]
+    pub backoff_s: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn ten() -> u64 {
+    10
+}
+fn quarter() -> f64 {
+    0.25
+}
+
+/// What happens when a process of a role fails.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartMode {
+    /// The process restarts by itself; every other process keeps running.
+    #[default]
+    Alone,
+    /// The whole role stops and starts again as a new attempt.
+    Gang,
 }

@@ -1,7 +1,11 @@
-//! The coordinator: one per job, serving the control plane over gRPC on loopback. It owns the
-//! rendezvous of the current attempt and turns what workers say into [`CoordinatorEvent`]s for
-//! the driver's supervision loop.
+//! The coordinator: one per job, serving the control plane over gRPC, and the same calls as
+//! HTTP/JSON for programs in any language. It owns each role's rendezvous and the address book,
+//! routes commands and events to processes, and turns what processes say into
+//! [`CoordinatorEvent`]s for the driver's supervision loop.
 
+mod book;
+mod http;
 mod service;
 
+pub use book::{JobBook, Refusal};
 pub use service::{CoordinatorEvent, CoordinatorHandle, start_coordinator};

@@ -1,112 +1,247 @@
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+//! The coordinator's gRPC service and the driver's handle on it. Both the gRPC service and the
+//! HTTP/JSON endpoint ([`super::http`]) act on one [`Shared`] state.
 
-use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
-use crate::proto::{
-    Ack, FailureReport, HeartbeatRequest, RegisterReply, RegisterRequest, StepMetrics, TOKEN_HEADER, WorkerId,
-};
-use tokio::sync::{mpsc, watch};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+
+use super::book::{JobBook, Refusal, Registered};
+use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
+use crate::proto::{
+    Ack, BroadcastRequest, Command, FailureReport, HeartbeatRequest, LookupReply, LookupRequest, MetricsReport,
+    PublishRequest, RegisterReply, RegisterRequest, StepMetrics, TOKEN_HEADER, WorkerId,
+};
 
 /// What the coordinator tells the driver.
 #[derive(Debug, Clone)]
 pub enum CoordinatorEvent {
     Registered {
+        role: String,
         rank: u32,
     },
-    /// Every rank of the attempt has registered.
-    GangComplete,
+    /// Every rank of a gang role's attempt has registered.
+    GangComplete {
+        role: String,
+    },
     Step(StepMetrics),
+    Metrics(MetricsReport),
     Failure(FailureReport),
 }
 
-/// The gang being assembled: one per attempt.
-struct Rendezvous {
-    attempt: u32,
-    world_size: usize,
-    peers: BTreeMap<u32, String>,
-    complete: watch::Sender<Option<Vec<String>>>,
+/// A command on its way to the processes of one role (or one rank of it).
+#[derive(Debug, Clone)]
+pub(crate) struct Routed {
+    pub(crate) to_role: String,
+    pub(crate) to_rank: Option<u32>,
+    pub(crate) command: Command,
 }
 
-struct State {
-    rendezvous: Rendezvous,
-    /// Last heartbeat per rank: when, and the step it reported.
-    heartbeats: BTreeMap<u32, (Instant, u64)>,
+/// Commands kept for subscribers that fall behind; older ones are dropped for them.
+const COMMAND_BACKLOG: usize = 1024;
+
+/// The state both front ends (gRPC, HTTP) act on.
+pub(crate) struct Shared {
+    pub(crate) book: Mutex<JobBook>,
+    pub(crate) events: mpsc::UnboundedSender<CoordinatorEvent>,
+    pub(crate) commands: broadcast::Sender<Routed>,
+    seq: AtomicU64,
+    /// The role whose rank 0 reports training steps; no other process may.
+    training_role: Option<String>,
+    /// Last (attempt, step) written: step reports must move forward within an attempt.
+    last_step: Mutex<Option<(u32, u64)>>,
+    pub(crate) token: String,
 }
 
-#[derive(Clone)]
-struct CoordinatorService {
-    state: Arc<Mutex<State>>,
-    events: mpsc::UnboundedSender<CoordinatorEvent>,
+impl Shared {
+    pub(crate) fn book(&self) -> std::sync::MutexGuard<'_, JobBook> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.book.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn admit(&self, id: Option<&WorkerId>) -> Result<WorkerId, Status> {
+        let id = id.ok_or_else(|| Status::invalid_argument("worker id missing"))?;
+        self.book().admit(id).map_err(refused)?;
+        Ok(id.clone())
+    }
+
+    /// Queues a command for `to_role` (every rank, or `to_rank`).
+    pub(crate) fn send(&self, to_role: &str, to_rank: Option<u32>, kind: &str, payload: &str, from_role: &str) {
+        let command = Command {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            kind: kind.to_string(),
+            payload: payload.to_string(),
+            from_role: from_role.to_string(),
+        };
+        // No subscriber is not an error: nobody is listening yet.
+        let _ = self.commands.send(Routed { to_role: to_role.to_string(), to_rank, command });
+    }
+
+    /// Commands for `id` from now on.
+    pub(crate) fn subscribe(&self, id: &WorkerId) -> mpsc::Receiver<Command> {
+        let mut rx = self.commands.subscribe();
+        let (tx, out) = mpsc::channel(64);
+        let (role, rank) = (id.role.clone(), id.rank);
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(r) if r.to_role == role && r.to_rank.is_none_or(|k| k == rank) => {
+                        if tx.send(r.command).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        out
+    }
+
+    pub(crate) fn broadcast(&self, req: &BroadcastRequest) -> Result<(), Status> {
+        let from = self.admit(req.id.as_ref())?;
+        if self.book().size(&req.to_role).is_none() {
+            return Err(refused(Refusal::UnknownRole(req.to_role.clone())));
+        }
+        if req.kind.is_empty() {
+            return Err(Status::invalid_argument("an event needs a kind"));
+        }
+        self.send(&req.to_role, req.to_rank, &req.kind, &req.payload, &from.role);
+        Ok(())
+    }
+
+    pub(crate) fn report_metrics(&self, report: MetricsReport) -> Result<(), Status> {
+        self.admit(report.id.as_ref())?;
+        if let Some((name, value)) = report.metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Status::invalid_argument(format!("metric `{name}` is {value}, not a finite number")));
+        }
+        let _ = self.events.send(CoordinatorEvent::Metrics(report));
+        Ok(())
+    }
+
+    pub(crate) fn publish(&self, req: &PublishRequest) -> Result<(), Status> {
+        let id = req.id.as_ref().ok_or_else(|| Status::invalid_argument("worker id missing"))?;
+        if req.name.is_empty() || req.addr.is_empty() {
+            return Err(Status::invalid_argument("publish needs a name and an address"));
+        }
+        self.book().publish(id, &req.name, &req.addr).map_err(refused)
+    }
+
+    pub(crate) fn lookup(&self, role: &str) -> LookupReply {
+        let (endpoints, version) = self.book().lookup(role);
+        LookupReply { endpoints, version }
+    }
+
+    fn report_step(&self, metrics: StepMetrics) -> Result<(), Status> {
+        let id = self.admit(metrics.id.as_ref())?;
+        if self.training_role.as_deref() != Some(id.role.as_str()) || id.rank != 0 {
+            return Err(Status::permission_denied("only rank 0 of the training role reports steps"));
+        }
+        let mut last = self.last_step.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((attempt, step)) = *last
+            && attempt == id.attempt
+            && metrics.step <= step
+        {
+            return Err(Status::invalid_argument(format!("step {} does not follow step {step}", metrics.step)));
+        }
+        *last = Some((id.attempt, metrics.step));
+        let _ = self.events.send(CoordinatorEvent::Step(metrics));
+        Ok(())
+    }
+}
+
+pub(crate) fn refused(r: Refusal) -> Status {
+    match r {
+        Refusal::Stale { .. } => Status::failed_precondition(r.to_string()),
+        Refusal::AlreadyRegistered { .. } => Status::already_exists(r.to_string()),
+        Refusal::UnknownRole(_) | Refusal::OutOfRange { .. } => Status::invalid_argument(r.to_string()),
+    }
 }
 
 /// The driver's handle on a running coordinator.
 pub struct CoordinatorHandle {
+    /// The gRPC address.
     pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    server: tokio::task::JoinHandle<()>,
+    /// The HTTP/JSON address (the same calls for programs in any language).
+    pub http_addr: SocketAddr,
+    shared: Arc<Shared>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl CoordinatorHandle {
-    /// Opens the rendezvous of a new attempt; registrations for older attempts are refused.
-    pub fn begin_attempt(&self, attempt: u32, world_size: usize) {
-        let mut state = lock(&self.state);
-        let (complete, _) = watch::channel(None);
-        state.rendezvous = Rendezvous { attempt, world_size, peers: BTreeMap::new(), complete };
-        state.heartbeats.clear();
+    /// Declares a role of the job: `gang` roles rendezvous as a whole.
+    pub fn add_role(&self, role: &str, size: usize, gang: bool, attempt: u32) {
+        self.shared.book().add_role(role, size, gang, attempt);
     }
 
-    /// Ranks of the current attempt that have not registered yet.
-    pub fn missing_ranks(&self) -> Vec<u32> {
-        let state = lock(&self.state);
-        let r = &state.rendezvous;
-        (0..r.world_size as u32).filter(|rank| !r.peers.contains_key(rank)).collect()
+    /// Opens the rendezvous of a new attempt of a gang role; older attempts are refused.
+    pub fn begin_attempt(&self, role: &str, attempt: u32, size: usize) {
+        self.shared.book().begin_attempt(role, attempt, size);
     }
 
-    /// Last heartbeat of each rank: its age in seconds and the step it reported.
-    pub fn heartbeats(&self) -> BTreeMap<u32, (f64, u64)> {
-        lock(&self.state)
-            .heartbeats
-            .iter()
-            .map(|(rank, (at, step))| (*rank, (at.elapsed().as_secs_f64(), *step)))
-            .collect()
+    /// A rank of a role that restarts alone starts incarnation `attempt`.
+    pub fn restart_rank(&self, role: &str, rank: u32, attempt: u32) {
+        self.shared.book().restart_rank(role, rank, attempt);
+    }
+
+    /// Ranks of a role's current attempt that have not registered yet.
+    pub fn missing_ranks(&self, role: &str) -> Vec<u32> {
+        self.shared.book().missing_ranks(role)
+    }
+
+    /// Last heartbeat of each rank of a role: its age in seconds and the step it reported.
+    pub fn heartbeats(&self, role: &str) -> std::collections::BTreeMap<u32, (f64, u64)> {
+        self.shared.book().heartbeats(role)
+    }
+
+    /// Sends a command from the driver to every process of `role` (or one rank).
+    pub fn send(&self, role: &str, rank: Option<u32>, kind: &str, payload: &str) {
+        self.shared.send(role, rank, kind, payload, "");
     }
 
     pub fn shutdown(self) {
-        self.server.abort();
+        for server in self.servers {
+            server.abort();
+        }
     }
 }
 
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    // A panic while holding the lock leaves plain data behind; keep serving.
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Binds the coordinator on `bind` (port 0 picks a free port) and serves until shut down.
-/// Every call must carry `token`.
+/// Binds the coordinator's gRPC service and its HTTP/JSON endpoint on `bind`'s address (port 0
+/// picks free ports) and serves until shut down. Every call must carry `token`. Step reports are
+/// accepted from rank 0 of `training_role` only.
 pub async fn start_coordinator(
     bind: SocketAddr,
     token: String,
+    training_role: Option<String>,
 ) -> std::io::Result<(CoordinatorHandle, mpsc::UnboundedReceiver<CoordinatorEvent>)> {
     let listener = tokio::net::TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
+    let http_listener = tokio::net::TcpListener::bind(SocketAddr::new(bind.ip(), 0)).await?;
+    let http_addr = http_listener.local_addr()?;
     let (events, events_rx) = mpsc::unbounded_channel();
-    let (complete, _) = watch::channel(None);
-    let state = Arc::new(Mutex::new(State {
-        rendezvous: Rendezvous { attempt: 0, world_size: 0, peers: BTreeMap::new(), complete },
-        heartbeats: BTreeMap::new(),
-    }));
-    let service = CoordinatorService { state: state.clone(), events };
+    let (commands, _) = broadcast::channel(COMMAND_BACKLOG);
+    let shared = Arc::new(Shared {
+        book: Mutex::new(JobBook::default()),
+        events,
+        commands,
+        seq: AtomicU64::new(0),
+        training_role,
+        last_step: Mutex::new(None),
+        token: token.clone(),
+    });
+    let service = CoordinatorService { shared: shared.clone() };
     let check_token = move |req: Request<()>| -> Result<Request<()>, Status> {
         match req.metadata().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()) {
-            Some(t) if t == token => Ok(req),
+            Some(t) if super::http::same_token(t, &token) => Ok(req),
             _ => Err(Status::unauthenticated("missing or wrong job token")),
         }
     };
-    let server = tokio::spawn(async move {
+    let grpc = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(CoordinatorServer::with_interceptor(service, check_token))
             // Without TCP_NODELAY a reply's last frames wait for the client's delayed ACK (~40 ms).
@@ -116,78 +251,84 @@ pub async fn start_coordinator(
             tracing::error!(error = %e, "coordinator stopped");
         }
     });
-    Ok((CoordinatorHandle { addr, state, server }, events_rx))
+    let http = tokio::spawn(super::http::serve(http_listener, shared.clone()));
+    Ok((CoordinatorHandle { addr, http_addr, shared, servers: vec![grpc, http] }, events_rx))
 }
 
-impl CoordinatorService {
-    /// Checks that `id` belongs to the current attempt's trainer gang.
-    fn admit(&self, id: Option<&WorkerId>) -> Result<WorkerId, Status> {
-        let id = id.ok_or_else(|| Status::invalid_argument("worker id missing"))?;
-        let state = lock(&self.state);
-        let r = &state.rendezvous;
-        if id.attempt != r.attempt {
-            return Err(Status::failed_precondition(format!(
-                "attempt {} is stale; the current attempt is {}",
-                id.attempt, r.attempt
-            )));
-        }
-        if id.role != "trainer" {
-            return Err(Status::invalid_argument(format!("unknown role `{}`", id.role)));
-        }
-        if id.rank as usize >= r.world_size {
-            return Err(Status::invalid_argument(format!("rank {} is outside the gang of {}", id.rank, r.world_size)));
-        }
-        Ok(id.clone())
-    }
+#[derive(Clone)]
+struct CoordinatorService {
+    shared: Arc<Shared>,
 }
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
         let req = request.into_inner();
-        let id = self.admit(req.id.as_ref())?;
-        let mut complete = {
-            let mut state = lock(&self.state);
-            let r = &mut state.rendezvous;
-            if r.peers.contains_key(&id.rank) {
-                return Err(Status::already_exists(format!("rank {} already registered", id.rank)));
+        let id = req.id.ok_or_else(|| Status::invalid_argument("worker id missing"))?;
+        let registered = self.shared.book().register(&id, &req.collective_addr).map_err(refused)?;
+        let _ = self.shared.events.send(CoordinatorEvent::Registered { role: id.role.clone(), rank: id.rank });
+        let peers = match registered {
+            Registered::Alone(peers) => peers,
+            Registered::Complete(peers) => {
+                let _ = self.shared.events.send(CoordinatorEvent::GangComplete { role: id.role.clone() });
+                peers
             }
-            r.peers.insert(id.rank, req.collective_addr);
-            let _ = self.events.send(CoordinatorEvent::Registered { rank: id.rank });
-            if r.peers.len() == r.world_size {
-                let peers: Vec<String> = r.peers.values().cloned().collect();
-                r.complete.send_replace(Some(peers));
-                let _ = self.events.send(CoordinatorEvent::GangComplete);
-            }
-            r.complete.subscribe()
+            Registered::Wait(mut complete) => complete
+                .wait_for(|p| p.is_some())
+                .await
+                .map_err(|_| Status::aborted("the attempt was replaced before the gang completed"))?
+                .clone()
+                .unwrap_or_default(),
         };
-        let peers = complete
-            .wait_for(|p| p.is_some())
-            .await
-            .map_err(|_| Status::aborted("the attempt was replaced before the gang completed"))?
-            .clone()
-            .unwrap_or_default();
         Ok(Response::new(RegisterReply { peers }))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
-        let id = self.admit(req.id.as_ref())?;
-        lock(&self.state).heartbeats.insert(id.rank, (Instant::now(), req.step));
+        let id = req.id.ok_or_else(|| Status::invalid_argument("worker id missing"))?;
+        self.shared.book().heartbeat(&id, req.step).map_err(refused)?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_step(&self, request: Request<StepMetrics>) -> Result<Response<Ack>, Status> {
-        let metrics = request.into_inner();
-        self.admit(metrics.id.as_ref())?;
-        let _ = self.events.send(CoordinatorEvent::Step(metrics));
+        self.shared.report_step(request.into_inner())?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn report_metrics(&self, request: Request<MetricsReport>) -> Result<Response<Ack>, Status> {
+        self.shared.report_metrics(request.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_failure(&self, request: Request<FailureReport>) -> Result<Response<Ack>, Status> {
         let report = request.into_inner();
-        self.admit(report.id.as_ref())?;
-        let _ = self.events.send(CoordinatorEvent::Failure(report));
+        self.shared.admit(report.id.as_ref())?;
+        let _ = self.shared.events.send(CoordinatorEvent::Failure(report));
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<Ack>, Status> {
+        self.shared.publish(&request.into_inner())?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupReply>, Status> {
+        Ok(Response::new(self.shared.lookup(&request.into_inner().role)))
+    }
+
+    type CommandsStream = CommandStream;
+
+    async fn commands(&self, request: Request<WorkerId>) -> Result<Response<Self::CommandsStream>, Status> {
+        let id = self.shared.admit(Some(&request.into_inner()))?;
+        let rx = self.shared.subscribe(&id);
+        let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn broadcast(&self, request: Request<BroadcastRequest>) -> Result<Response<Ack>, Status> {
+        self.shared.broadcast(&request.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 }

@@ -2,20 +2,16 @@
 //! reports. RPCs run on a small background runtime so the training thread never waits on them,
 //! except for rendezvous, which is a synchronisation point by nature.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rtrain_launcher::job_client::{Client, JobClientError, connect};
 use tokio::sync::mpsc;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
-use crate::proto::coordinator_client::CoordinatorClient;
-use crate::proto::{FailureReport, HeartbeatRequest, RegisterRequest, StepMetrics, TokenInterceptor, WorkerId};
+use crate::proto::{FailureReport, HeartbeatRequest, RegisterRequest, StepMetrics, WorkerId};
 
 use super::WorkerEnv;
-
-type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
 
 /// How long a worker keeps going without reaching its coordinator before it exits: the
 /// launcher is gone and nobody would collect its results.
@@ -25,10 +21,13 @@ const COORDINATOR_LOST_AFTER: Duration = Duration::from_secs(30);
 pub enum ControlError {
     #[error("cannot start the control-plane runtime: {0}")]
     Runtime(#[from] std::io::Error),
-    #[error("coordinator address `{addr}` is invalid: {reason}")]
-    Address { addr: String, reason: String },
+    #[error(transparent)]
+    Connect(#[from] JobClientError),
     #[error("rendezvous refused: {0}")]
     Refused(String),
+    /// The coordinator retired this attempt, or has been unreachable for too long.
+    #[error("{0}")]
+    Lost(String),
 }
 
 /// Connection to the job's coordinator, owned by the worker's main thread.
@@ -39,6 +38,9 @@ pub struct ControlPlane {
     step: Arc<AtomicU64>,
     metrics: Option<mpsc::UnboundedSender<StepMetrics>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+    /// Set by the heartbeat task when this worker should stop: the step loop checks it, so the
+    /// worker still finishes a checkpoint in flight and reports the failure.
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl ControlPlane {
@@ -48,20 +50,17 @@ impl ControlPlane {
             .thread_name("rtrain-control")
             .enable_all()
             .build()?;
-        let bad_addr = |reason: String| ControlError::Address { addr: env.coordinator.clone(), reason };
-        let endpoint = Channel::from_shared(format!("http://{}", env.coordinator))
-            .map_err(|e| bad_addr(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        let interceptor = TokenInterceptor::new(&env.token).map_err(|e| bad_addr(e.to_string()))?;
-        // Lazy: the first RPC connects, and a dropped connection is re-established.
-        let channel = {
-            let _guard = runtime.enter();
-            endpoint.connect_lazy()
-        };
-        let client = CoordinatorClient::with_interceptor(channel, interceptor);
+        let client = connect(&runtime, &env.coordinator, &env.token)?;
         let id = WorkerId { role: env.role.clone(), rank: env.rank as u32, attempt: env.attempt };
-        Ok(Self { runtime, client, id, step: Arc::new(AtomicU64::new(0)), metrics: None, metrics_task: None })
+        Ok(Self {
+            runtime,
+            client,
+            id,
+            step: Arc::new(AtomicU64::new(0)),
+            metrics: None,
+            metrics_task: None,
+            lost: Arc::new(Mutex::new(None)),
+        })
     }
 
     /// Registers this rank's collective address; returns every rank's address once the whole
@@ -108,25 +107,41 @@ impl ControlPlane {
             }
         }));
         let (mut client, id, step) = (self.client.clone(), self.id.clone(), self.step.clone());
+        let lost = self.lost.clone();
         self.runtime.spawn(async move {
             let mut last_ok = Instant::now();
             loop {
                 tokio::time::sleep(heartbeat_every).await;
                 let beat = HeartbeatRequest { id: Some(id.clone()), step: step.load(Ordering::Relaxed) };
-                match client.heartbeat(beat).await {
-                    Ok(_) => last_ok = Instant::now(),
+                let why = match client.heartbeat(beat).await {
+                    Ok(_) => {
+                        last_ok = Instant::now();
+                        continue;
+                    }
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                        tracing::error!(reason = %status.message(), "coordinator retired this attempt; exiting");
-                        std::process::exit(3);
+                        format!("the coordinator retired this attempt: {}", status.message())
                     }
                     Err(status) if last_ok.elapsed() > COORDINATOR_LOST_AFTER => {
-                        tracing::error!(error = %status.message(), "coordinator unreachable; exiting");
-                        std::process::exit(3);
+                        format!(
+                            "the coordinator has been unreachable for {COORDINATOR_LOST_AFTER:?}: {}",
+                            status.message()
+                        )
                     }
-                    Err(_) => {}
-                }
+                    Err(_) => continue,
+                };
+                tracing::error!(reason = %why, "stopping after the current step");
+                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                return;
             }
         });
+    }
+
+    /// Why this worker must stop, once the heartbeat found it retired or the coordinator gone.
+    pub fn check(&self) -> Result<(), ControlError> {
+        match self.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(why) => Err(ControlError::Lost(why.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Records progress for heartbeats and, on rank 0, sends the step's metrics (non-blocking).

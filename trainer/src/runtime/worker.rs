@@ -168,7 +168,8 @@ where
 
     for step in first..steps {
         let started = Instant::now();
-        let out = match train_loop.step(&mut ctx, step) {
+        let checked = control.check().map_err(|e| TrainError::other(e.to_string()));
+        let out = match checked.and_then(|()| train_loop.step(&mut ctx, step)) {
             Ok(out) => out,
             Err(e) => {
                 // A save still being written completes first: a peer's failure (the usual cause
@@ -216,6 +217,7 @@ where
             step_time_s: step_time,
             attempt: env.attempt,
             checkpoint_stall_s: stall,
+            extra: Default::default(),
         });
     }
     if let Some(ck) = checkpointer.as_mut() {

@@ -1,0 +1,178 @@
+//! The coordinator's HTTP/JSON endpoint: the address book, named metrics, broadcasts and the
+//! command stream for processes written in any language (a Python script needs only its standard
+//! library). Every request carries the job token, as `x-rtrain-token: TOKEN` or
+//! `Authorization: Bearer TOKEN`; the caller names itself with the `role`, `rank` and `attempt`
+//! its environment gives it (`RTRAIN_ROLE`, `ROLE_RANK`, `RTRAIN_ATTEMPT`).
+//!
+//! | request | body or query | answer |
+//! | --- | --- | --- |
+//! | `GET /v1/addresses?role=R` | role optional | `{"version", "endpoints": [{"role", "rank", "attempt", "addrs": {name: addr}}]}` |
+//! | `POST /v1/publish` | `{"role", "rank", "attempt", "name", "addr"}` | `{}` |
+//! | `POST /v1/metrics` | `{"role", "rank", "attempt", "step", "metrics": {name: number}}` | `{}` |
+//! | `POST /v1/broadcast` | `{"role", "rank", "attempt", "to_role", "to_rank"?, "kind", "payload"?}` | `{}` |
+//! | `GET /v1/commands?role=R&rank=K&attempt=A` | | one JSON object per line, as they come: `{"seq", "kind", "payload", "from_role"}` |
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::service::Shared;
+use crate::contract::unix_now;
+use crate::proto::{BroadcastRequest, MetricsReport, PublishRequest, TOKEN_HEADER, WorkerId};
+
+pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let app = axum::Router::new()
+        .route("/v1/addresses", get(addresses))
+        .route("/v1/publish", post(publish))
+        .route("/v1/metrics", post(metrics))
+        .route("/v1/broadcast", post(broadcast))
+        .route("/v1/commands", get(commands))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "coordinator HTTP endpoint stopped");
+    }
+}
+
+/// Compares tokens in time independent of where they differ.
+pub(crate) fn same_token(given: &str, token: &str) -> bool {
+    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+type Reply = Result<Response, (StatusCode, Json<Value>)>;
+
+fn fail(status: StatusCode, message: impl Into<String>) -> (StatusCode, Json<Value>) {
+    (status, Json(json!({ "error": message.into() })))
+}
+
+fn from_status(s: tonic::Status) -> (StatusCode, Json<Value>) {
+    let code = match s.code() {
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists => StatusCode::CONFLICT,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    fail(code, s.message())
+}
+
+fn authorize(headers: &HeaderMap, shared: &Shared) -> Result<(), (StatusCode, Json<Value>)> {
+    let given = headers
+        .get(TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")));
+    match given {
+        Some(t) if same_token(t, &shared.token) => Ok(()),
+        _ => Err(fail(StatusCode::UNAUTHORIZED, "missing or wrong job token (RTRAIN_JOB_TOKEN)")),
+    }
+}
+
+/// Who is calling, as the body or query names it.
+#[derive(Deserialize)]
+struct Caller {
+    role: String,
+    rank: u32,
+    attempt: u32,
+}
+
+impl Caller {
+    fn id(&self) -> WorkerId {
+        WorkerId { role: self.role.clone(), rank: self.rank, attempt: self.attempt }
+    }
+}
+
+fn ok() -> Response {
+    Json(json!({})).into_response()
+}
+
+async fn addresses(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Reply {
+    authorize(&headers, &shared)?;
+    let reply = shared.lookup(query.get("role").map_or("", String::as_str));
+    let endpoints: Vec<Value> = reply
+        .endpoints
+        .iter()
+        .map(|e| json!({ "role": e.role, "rank": e.rank, "attempt": e.attempt, "addrs": e.addrs }))
+        .collect();
+    Ok(Json(json!({ "version": reply.version, "endpoints": endpoints })).into_response())
+}
+
+#[derive(Deserialize)]
+struct Publish {
+    #[serde(flatten)]
+    caller: Caller,
+    name: String,
+    addr: String,
+}
+
+async fn publish(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Publish>) -> Reply {
+    authorize(&headers, &shared)?;
+    let req = PublishRequest { id: Some(body.caller.id()), name: body.name, addr: body.addr };
+    shared.publish(&req).map_err(from_status)?;
+    Ok(ok())
+}
+
+#[derive(Deserialize)]
+struct Metrics {
+    #[serde(flatten)]
+    caller: Caller,
+    #[serde(default)]
+    step: u64,
+    metrics: HashMap<String, f64>,
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Metrics>) -> Reply {
+    authorize(&headers, &shared)?;
+    let report = MetricsReport { id: Some(body.caller.id()), step: body.step, metrics: body.metrics, time: unix_now() };
+    shared.report_metrics(report).map_err(from_status)?;
+    Ok(ok())
+}
+
+#[derive(Deserialize)]
+struct Broadcast {
+    #[serde(flatten)]
+    caller: Caller,
+    to_role: String,
+    to_rank: Option<u32>,
+    kind: String,
+    #[serde(default)]
+    payload: Value,
+}
+
+async fn broadcast(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Broadcast>) -> Reply {
+    authorize(&headers, &shared)?;
+    let req = BroadcastRequest {
+        id: Some(body.caller.id()),
+        to_role: body.to_role,
+        to_rank: body.to_rank,
+        kind: body.kind,
+        payload: if body.payload.is_null() { String::new() } else { body.payload.to_string() },
+    };
+    shared.broadcast(&req).map_err(from_status)?;
+    Ok(ok())
+}
+
+async fn commands(State(shared): State<Arc<Shared>>, headers: HeaderMap, Query(caller): Query<Caller>) -> Reply {
+    authorize(&headers, &shared)?;
+    let id = shared.admit(Some(&caller.id())).map_err(from_status)?;
+    let rx = shared.subscribe(&id);
+    let lines = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |c| {
+        let payload: Value = serde_json::from_str(&c.payload).unwrap_or(Value::String(c.payload.clone()));
+        let line = json!({ "seq": c.seq, "kind": c.kind, "payload": payload, "from_role": c.from_role });
+        Ok::<_, std::convert::Infallible>(format!("{line}\n"))
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(lines))
+        .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?)
+}

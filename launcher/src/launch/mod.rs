@@ -1,0 +1,585 @@
+//! The driver of one job: place every role, start the coordinator and the processes, supervise
+//! them until the training role finishes (or, in a job without one, every process has exited 0),
+//! a role fails past its budget, or the launch is interrupted; then write the run's outputs.
+//!
+//! The decisions (root cause, budgets, backoff) are pure functions in [`policy`]; the training
+//! gang's attempts are driven in [`attempt`], the other roles in [`side_roles`].
+
+mod attempt;
+pub mod policy;
+mod side_roles;
+pub mod summary;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::agent::{ExitKind, SpawnError};
+use crate::checkpoint::{self, Checkpoint, TrainerState, model_keys};
+use crate::config::{DeviceKind, JobSpec, LoadedConfig};
+use crate::contract::unix_now;
+use crate::coordinator::{CoordinatorEvent, CoordinatorHandle, start_coordinator};
+use crate::failure::FailureSummary;
+use crate::progress::RunProgress;
+use crate::proto::{MetricsReport, StepMetrics};
+use crate::run_dir::{RunDir, RunDirError};
+use crate::scheduler::{GroupRequest, NodeResources, ScheduleError, place_job};
+use crate::worker_env::{WorkerCommon, allowed_cpus, job_token};
+use policy::{FailureClass, RestartDecision, Restarts, gang_restart};
+use side_roles::{SideRoles, SideState};
+pub use summary::{AttemptRecord, RoleSummary, RunSummary, StartupPhases};
+
+/// Time workers get to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What the training role's workers run.
+#[derive(Debug, Clone)]
+pub enum WorkerProgram {
+    /// A program built on the rtrain runtime (the built-in `rtrain-worker worker` or a binary calling
+    /// `run_worker`): it registers with the coordinator and reports steps.
+    Runtime(Vec<String>),
+    /// Any other command (a torchrun-style script): supervised, but it reports nothing.
+    External(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// Move an earlier run in the same directory aside instead of continuing or refusing.
+    pub fresh: bool,
+    /// When the launch began (process start), for the start-up timings.
+    pub started: Instant,
+    pub program: WorkerProgram,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+    #[error("cannot place the job: {0}")]
+    Schedule(#[from] ScheduleError),
+    #[error("cannot start the coordinator: {0}")]
+    Coordinator(std::io::Error),
+    #[error("cannot start workers: {0}")]
+    Spawn(#[from] SpawnError),
+    #[error("cannot resume: {0}")]
+    Resume(String),
+}
+
+/// How a launch ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Finished,
+    Failed(FailureSummary),
+    Interrupted { signal: i32 },
+}
+
+pub struct LaunchReport {
+    pub outcome: Outcome,
+    pub summary: RunSummary,
+    pub run_path: PathBuf,
+}
+
+/// What every process of the job is told, and where its log goes.
+pub(crate) struct JobContext {
+    coordinator: String,
+    http: String,
+    token: String,
+    config: PathBuf,
+    run_dir: PathBuf,
+    pub(crate) run_id: String,
+    pub(crate) device: DeviceKind,
+    pub(crate) allowed_cpus: Vec<usize>,
+    /// Every role's name, to tell them all of a restart.
+    roles: Vec<String>,
+    progress: RunProgress,
+}
+
+impl JobContext {
+    fn common(&self, role: &str, attempt: u32, max_restarts: u32, world_size: usize, master_port: u16) -> WorkerCommon {
+        WorkerCommon {
+            coordinator: self.coordinator.clone(),
+            http: self.http.clone(),
+            token: self.token.clone(),
+            config: self.config.clone(),
+            run_dir: self.run_dir.clone(),
+            run_id: self.run_id.clone(),
+            role: role.to_string(),
+            master_port,
+            attempt,
+            max_restarts,
+            world_size,
+            global_batch: None,
+            resume: None,
+            device: self.device,
+        }
+    }
+
+    /// `logs/<role>/<role>-<rank>.log`: one file per process of a side role, across restarts.
+    fn role_log(&self, role: &str, rank: usize) -> PathBuf {
+        let dir = self.run_dir.join("logs").join(role);
+        // A directory that cannot be made is reported by the spawn that opens the log in it.
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!("{role}-{rank}.log"))
+    }
+
+    /// Sends an event from the driver to every process of every role.
+    fn tell_every_role(&self, coordinator: &CoordinatorHandle, kind: &str, payload: &str) {
+        for role in &self.roles {
+            coordinator.send(role, None, kind, payload);
+        }
+    }
+
+    fn println(&self, line: &str) {
+        self.progress.println(line);
+    }
+}
+
+/// Progress over the whole launch, across attempts.
+#[derive(Default)]
+struct Progressed {
+    last_step: Option<(u64, f64, f64)>, // (step, loss, time)
+    first_step_done_unix: Option<f64>,
+    /// First step (step, time) of the current attempt, for its throughput.
+    attempt_first: Option<(u64, f64)>,
+    /// Tokens the workers reported for the steps of the current attempt after its first.
+    attempt_tokens: f64,
+}
+
+/// Everything the supervision loops need from the launch around them.
+struct Launch<'a> {
+    loaded: &'a LoadedConfig,
+    opts: &'a LaunchOptions,
+    run: RunDir,
+    job: JobContext,
+    coordinator: CoordinatorHandle,
+    events: mpsc::UnboundedReceiver<CoordinatorEvent>,
+    side: SideRoles,
+    sigint: Signal,
+    sigterm: Signal,
+    startup: StartupPhases,
+    progressed: Progressed,
+    restarts: Restarts,
+    attempts: Vec<AttemptRecord>,
+    /// When the failure that ended the previous attempt was detected.
+    recovering_since: Option<Instant>,
+}
+
+/// The gang scheduler's requests for every role of `spec`, in order; `fixed` pins the sizes of
+/// the roles after the training role (the ones already running, when the trainer restarts).
+fn group_requests(spec: &JobSpec, fixed: Option<&[usize]>) -> Vec<GroupRequest> {
+    let mut side = 0;
+    spec.roles
+        .iter()
+        .map(|r| {
+            let (min, max) = match fixed {
+                Some(sizes) if !r.training => {
+                    side += 1;
+                    let n = sizes.get(side - 1).copied().unwrap_or(r.size);
+                    (n, n)
+                }
+                _ => (r.min_size, r.size),
+            };
+            GroupRequest {
+                role: r.name.clone(),
+                min_workers: min,
+                max_workers: max,
+                cpus_per_worker: r.cpus_per_worker,
+                gpus_per_worker: r.gpus_per_worker,
+                size_key: r.key("size"),
+                cpus_key: r.key("cpus_per_worker"),
+            }
+        })
+        .collect()
+}
+
+/// Runs the job described by `loaded` to its end, restarting failed processes and attempts within
+/// the restart budgets.
+pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<LaunchReport, LaunchError> {
+    let spec = &loaded.spec;
+    // The whole job is placed before anything starts or any file is written.
+    let placements = place_job(&group_requests(spec, None), NodeResources::local())?;
+    let run = RunDir::open(&spec.run_path, &loaded.config, opts.fresh)?;
+    let token = job_token();
+    let training = spec.training_role().map(|r| r.name.clone());
+    let (coordinator, events) = start_coordinator(SocketAddr::from(([127, 0, 0, 1], 0)), token.clone(), training)
+        .await
+        .map_err(LaunchError::Coordinator)?;
+    let side_specs: Vec<_> = spec.roles.iter().cloned().zip(placements).filter(|(r, _)| !r.training).collect();
+    let side_names: Vec<String> = side_specs.iter().map(|(r, _)| r.name.clone()).collect();
+    let job = JobContext {
+        coordinator: coordinator.addr.to_string(),
+        http: coordinator.http_addr.to_string(),
+        token,
+        config: run.config_path(),
+        run_dir: run.path.clone(),
+        run_id: spec.name.clone(),
+        device: spec.device,
+        allowed_cpus: allowed_cpus(),
+        roles: spec.roles.iter().map(|r| r.name.clone()).collect(),
+        progress: RunProgress::new(spec.training_role().map(|_| spec.steps), &side_names),
+    };
+    let mut side = SideRoles::new(side_specs).map_err(LaunchError::Coordinator)?;
+    if let Err(e) = side.start(&job, &coordinator) {
+        side.stop_all().await;
+        coordinator.shutdown();
+        return Err(e.into());
+    }
+    let mut l = Launch {
+        loaded,
+        opts,
+        run,
+        job,
+        coordinator,
+        events,
+        side,
+        sigint: signal(SignalKind::interrupt()).map_err(LaunchError::Coordinator)?,
+        sigterm: signal(SignalKind::terminate()).map_err(LaunchError::Coordinator)?,
+        startup: StartupPhases::default(),
+        progressed: Progressed::default(),
+        restarts: Restarts::default(),
+        attempts: Vec::new(),
+        recovering_since: None,
+    };
+    let result = if spec.training_role().is_some() { l.supervise().await } else { l.supervise_side_roles().await };
+    // The job is over: the other roles go with it.
+    l.side.stop_all().await;
+    l.job.progress.finish();
+    let roles = l.role_summaries();
+    let Launch { run, coordinator, startup, progressed, restarts, attempts, .. } = l;
+    coordinator.shutdown();
+    let (outcome, workers, global_batch) = result?;
+
+    let tokens_per_s = match (progressed.attempt_first, progressed.last_step) {
+        (Some((s0, t0)), Some((s1, _, t1))) if s1 > s0 && t1 > t0 => Some(progressed.attempt_tokens / (t1 - t0)),
+        _ => None,
+    };
+    let failure = match &outcome {
+        Outcome::Failed(f) => Some(f.clone()),
+        _ => None,
+    };
+    let summary = RunSummary {
+        name: spec.name.clone(),
+        status: match outcome {
+            Outcome::Finished => "finished",
+            Outcome::Failed(_) => "failed",
+            Outcome::Interrupted { .. } => "interrupted",
+        },
+        final_step: progressed.last_step.map(|s| s.0).unwrap_or(0),
+        final_loss: progressed.last_step.map(|s| s.1),
+        wall_time_s: opts.started.elapsed().as_secs_f64(),
+        tokens_per_s,
+        first_step_done_unix: progressed.first_step_done_unix,
+        workers,
+        global_batch,
+        startup,
+        restarts: restarts.total(),
+        attempts,
+        failure,
+        roles,
+    };
+    run.write_summary(&summary)?;
+    Ok(LaunchReport { outcome, summary, run_path: run.path.clone() })
+}
+
+/// How one attempt of the training gang ended.
+enum AttemptEnd {
+    Finished,
+    Interrupted {
+        signal: i32,
+    },
+    Failed {
+        summary: FailureSummary,
+        class: FailureClass,
+        detected: Instant,
+    },
+    /// Another role spent its budget: the job fails, whatever the trainer's budgets.
+    JobFailed(FailureSummary),
+}
+
+impl Launch<'_> {
+    /// Runs attempts of the training gang until one finishes, the launch is interrupted, or a
+    /// budget is spent. Returns the outcome, the last attempt's gang size and its global batch.
+    async fn supervise(&mut self) -> Result<(Outcome, usize, usize), LaunchError> {
+        let spec = &self.loaded.spec;
+        let mut attempt = self.run.next_attempt();
+        let mut workers = spec.workers;
+        let mut global_batch = spec.global_batch;
+        // Consecutive failed attempts that did not complete a step.
+        let mut streak = 0u32;
+        loop {
+            self.job.progress.set_phase("scheduling");
+            let resume = self.pick_checkpoint()?;
+            if let Some((_, state)) = &resume {
+                global_batch = state.global_batch;
+                self.job.progress.set_position(state.step);
+                if state.step >= spec.steps {
+                    self.job.println(&format!(
+                        "{} is already complete at step {} of train.steps = {}; nothing to run (pass --fresh to train again)",
+                        spec.name, state.step, spec.steps
+                    ));
+                    let done = state.metric.unwrap_or(f64::NAN);
+                    self.progressed.last_step = Some((state.step, done, unix_now()));
+                    return Ok((Outcome::Finished, state.world_size, global_batch));
+                }
+            }
+            let side_sizes: Vec<usize> = self.side.summaries().iter().map(|(_, s)| s.size).collect();
+            let placement = match place_job(&group_requests(spec, Some(&side_sizes)), NodeResources::local()) {
+                Ok(mut p) => p.swap_remove(0),
+                Err(e) if self.attempts.is_empty() => return Err(e.into()),
+                Err(e) => {
+                    let mut summary =
+                        FailureSummary::new(&spec.name, attempt, format!("cannot place the gang for a restart: {e}"));
+                    summary.previous_attempts = self.previous_causes();
+                    return Ok((Outcome::Failed(summary), workers, global_batch));
+                }
+            };
+            if placement.len() != workers && !self.attempts.is_empty() {
+                self.job.println(&format!(
+                    "continuing with {} workers (was {workers}); global batch {global_batch} kept",
+                    placement.len()
+                ));
+            }
+            workers = placement.len();
+            if self.attempts.is_empty() {
+                self.startup.schedule_s = self.opts.started.elapsed().as_secs_f64();
+            }
+            self.attempts.push(AttemptRecord {
+                number: attempt,
+                workers,
+                resumed_from_step: resume.as_ref().map(|(_, s)| s.step),
+                cause: None,
+                class: None,
+                recovery_s: None,
+            });
+            let resume_path = resume.map(|(c, _)| c.path);
+            let end = self.run_attempt(attempt, &placement, resume_path.as_deref(), global_batch).await?;
+            let (summary, class, detected) = match end {
+                AttemptEnd::Finished => return Ok((Outcome::Finished, workers, global_batch)),
+                AttemptEnd::Interrupted { signal } => {
+                    return Ok((Outcome::Interrupted { signal }, workers, global_batch));
+                }
+                AttemptEnd::JobFailed(summary) => return Ok((Outcome::Failed(summary), workers, global_batch)),
+                AttemptEnd::Failed { summary, class, detected } => (summary, class, detected),
+            };
+            if let Some(record) = self.attempts.last_mut() {
+                record.cause = Some(summary.root_cause.clone());
+                record.class = Some(class);
+            }
+            let previous = self.previous_causes();
+            let previous = previous[..previous.len().saturating_sub(1)].to_vec();
+            // Back off exponentially over consecutive failures; an attempt that trained resets it.
+            streak = if self.progressed.attempt_first.is_some() { 1 } else { streak + 1 };
+            let (delay, used, budget, key) = match gang_restart(class, &mut self.restarts, &spec.fault, streak) {
+                RestartDecision::Restart { delay, used, budget, key } => (delay, used, budget, key),
+                RestartDecision::GiveUp { reason } => {
+                    let mut summary = summary;
+                    summary.previous_attempts = previous;
+                    summary.budget = Some(reason);
+                    return Ok((Outcome::Failed(summary), workers, global_batch));
+                }
+            };
+            self.job.println(&format!(
+                "attempt {attempt} failed: {}; restarting in {:.2} s (restart {used} of {key} = {budget})",
+                summary.root_cause,
+                delay.as_secs_f64(),
+            ));
+            self.recovering_since = Some(detected);
+            let until = tokio::time::Instant::now() + delay;
+            if let Some(end) = self.wait_side_roles(Some(until)).await? {
+                return Ok((end, workers, global_batch));
+            }
+            attempt += 1;
+        }
+    }
+
+    /// A job without a training role: runs until every process exited 0, a role fails past its
+    /// budget, or the launch is interrupted.
+    async fn supervise_side_roles(&mut self) -> Result<(Outcome, usize, usize), LaunchError> {
+        self.job.progress.set_phase("running");
+        let end = self.wait_side_roles(None).await?;
+        Ok((end.unwrap_or(Outcome::Finished), 0, 0))
+    }
+
+    /// Serves the other roles (restarts, metrics, events) until `until` (returns `None`) or until
+    /// the job ends: interrupted, failed by a role, or, with no deadline, every process done.
+    async fn wait_side_roles(&mut self, until: Option<tokio::time::Instant>) -> Result<Option<Outcome>, LaunchError> {
+        loop {
+            tokio::select! {
+                _ = async { match until { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    return Ok(None);
+                }
+                Some(event) = self.events.recv() => {
+                    // No attempt of the training gang is running: its late reports are dropped.
+                    let _ = self.on_event(event);
+                }
+                event = self.side.next() => {
+                    match self.side.handle(event, &self.job, &self.coordinator).await? {
+                        SideState::Running => self.show_roles(),
+                        SideState::AllDone if until.is_none() => return Ok(Some(Outcome::Finished)),
+                        SideState::AllDone => {}
+                        SideState::Failed(summary) => return Ok(Some(Outcome::Failed(*summary))),
+                    }
+                }
+                _ = self.sigint.recv() => {
+                    self.job.println("interrupted: stopping workers");
+                    return Ok(Some(Outcome::Interrupted { signal: libc::SIGINT }));
+                }
+                _ = self.sigterm.recv() => {
+                    self.job.println("terminated: stopping workers");
+                    return Ok(Some(Outcome::Interrupted { signal: libc::SIGTERM }));
+                }
+            }
+        }
+    }
+
+    /// Handles what the coordinator says about the roles beside the training gang (and the
+    /// metrics of any role); returns what is about the training gang.
+    fn on_event(&mut self, event: CoordinatorEvent) -> Option<CoordinatorEvent> {
+        match event {
+            CoordinatorEvent::Metrics(report) => {
+                self.record_metrics(&report);
+                None
+            }
+            CoordinatorEvent::Failure(report) if !report.id.as_ref().is_some_and(|id| self.is_training(&id.role)) => {
+                self.side.on_report(report);
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    fn is_training(&self, role: &str) -> bool {
+        self.loaded.spec.training_role().is_some_and(|t| t.name == role)
+    }
+
+    fn show_roles(&self) {
+        for (role, status) in self.side.status() {
+            self.job.progress.set_role_status(&role, &status);
+        }
+    }
+
+    fn role_summaries(&self) -> std::collections::BTreeMap<String, RoleSummary> {
+        let mut roles: std::collections::BTreeMap<String, RoleSummary> = self.side.summaries().into_iter().collect();
+        if let Some(trainer) = self.loaded.spec.training_role() {
+            let attempts = self
+                .attempts
+                .iter()
+                .filter_map(|a| {
+                    a.cause.as_ref().map(|cause| summary::RoleAttempt {
+                        number: a.number,
+                        rank: None,
+                        cause: cause.clone(),
+                        recovery_s: a.recovery_s,
+                    })
+                })
+                .collect();
+            let size = self.attempts.last().map_or(trainer.size, |a| a.workers);
+            roles.insert(trainer.name.clone(), RoleSummary { size, restarts: self.restarts.total(), attempts });
+        }
+        roles
+    }
+
+    /// The newest checkpoint that verifies (saying which newer ones were skipped and why), with
+    /// its trainer state; a checkpoint of a different model architecture is refused.
+    fn pick_checkpoint(&mut self) -> Result<Option<(Checkpoint, TrainerState)>, LaunchError> {
+        if matches!(self.opts.program, WorkerProgram::External(_)) {
+            return Ok(None);
+        }
+        let run_path = &self.run.path;
+        remove_unfinished_writes(run_path);
+        let scan = checkpoint::newest_valid(run_path).map_err(|e| LaunchError::Resume(e.to_string()))?;
+        for (ckpt, why) in &scan.skipped {
+            self.job.println(&format!("warning: skipping checkpoint {}: {why}", ckpt.path.display()));
+        }
+        let Some((ckpt, checkpoint::Verified { state, .. })) = scan.newest else {
+            if !scan.skipped.is_empty() {
+                self.job.println("warning: no valid checkpoint left; starting from step 0");
+            }
+            return Ok(None);
+        };
+        let spec = &self.loaded.spec;
+        let want = model_keys(&spec.model);
+        let mut mismatched: Vec<String> = want
+            .iter()
+            .filter(|(k, v)| state.model.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                let had = state.model.get(k).map_or_else(|| "missing".to_string(), |c| c.to_string());
+                format!("model.{k} is {v} in the config but {had} in the checkpoint")
+            })
+            .collect();
+        mismatched.sort();
+        if !mismatched.is_empty() {
+            return Err(LaunchError::Resume(format!(
+                "{} holds a different model architecture: {}; restore those keys, or pass --fresh to start over",
+                ckpt.path.display(),
+                mismatched.join("; ")
+            )));
+        }
+        let note = if state.global_batch != spec.global_batch {
+            format!(
+                ", keeping its global batch of {} (the config alone gives {})",
+                state.global_batch, spec.global_batch
+            )
+        } else {
+            String::new()
+        };
+        self.job.println(&format!("resuming from {} (step {}){note}", ckpt.path.display(), state.step));
+        Ok(Some((ckpt, state)))
+    }
+
+    fn previous_causes(&self) -> Vec<String> {
+        self.attempts.iter().filter_map(|a| a.cause.as_ref().map(|c| format!("attempt {}: {c}", a.number))).collect()
+    }
+
+    fn record_step(&mut self, m: &StepMetrics, attempt: u32) {
+        if m.id.as_ref().is_some_and(|id| id.attempt != attempt) {
+            return;
+        }
+        let p = &mut self.progressed;
+        p.last_step = Some((m.step, m.loss, m.time));
+        p.first_step_done_unix.get_or_insert(m.time);
+        if p.attempt_first.is_some() {
+            p.attempt_tokens += m.tokens_per_s * m.step_time_s;
+        }
+        if p.attempt_first.is_none() {
+            p.attempt_first = Some((m.step, m.time));
+            if let (Some(since), Some(record)) = (self.recovering_since.take(), self.attempts.iter_mut().rev().nth(1)) {
+                record.recovery_s = Some(since.elapsed().as_secs_f64());
+            }
+        }
+        self.job.progress.on_step(m);
+        if let Err(e) = self.run.record_step(m, attempt, self.restarts.total()) {
+            self.job.println(&format!("warning: {e}"));
+        }
+    }
+
+    fn record_metrics(&mut self, report: &MetricsReport) {
+        if let Some(id) = &report.id {
+            self.job.progress.on_role_metrics(&id.role, &report.metrics);
+        }
+        if let Err(e) = self.run.record_metrics(report) {
+            self.job.println(&format!("warning: {e}"));
+        }
+    }
+}
+
+/// Unfinished checkpoint writes of an earlier attempt (no writer is running between attempts).
+fn remove_unfinished_writes(run: &Path) {
+    let dir = run.join(checkpoint::CHECKPOINTS_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn describe(kind: ExitKind) -> String {
+    match kind {
+        ExitKind::Code(_) => format!("exited with {kind}"),
+        ExitKind::Signal(_) => format!("was killed by {kind}"),
+    }
+}
