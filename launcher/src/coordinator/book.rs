@@ -121,11 +121,13 @@ impl JobBook {
             .1
             .insert("collective".into(), collective_addr.into());
         self.version += 1;
-        let addrs: Vec<String> = role.joined.values().cloned().collect();
+        // The peer list is built once per gang, not per registration.
+        let addrs = || role.joined.values().cloned().collect::<Vec<String>>();
         if !role.gang {
-            return Ok(Registered::Alone(addrs));
+            return Ok(Registered::Alone(addrs()));
         }
         if role.joined.len() == role.size {
+            let addrs = addrs();
             role.complete.send_replace(Some(addrs.clone()));
             return Ok(Registered::Complete(addrs));
         }
