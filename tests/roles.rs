@@ -114,6 +114,23 @@ fn killing_an_actor_restarts_it_alone_and_the_trainer_never_notices() {
 }
 
 #[test]
+fn a_stopped_actor_is_detected_as_hung_and_restarted_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("roles_demo");
+    let guard = start_demo(dir.path(), &["fault.heartbeat_timeout_s=2", "rendezvous.heartbeat_s=0.5"]);
+    assert!(wait_until(LIMIT, || last_trainer_step(&run) >= 5), "the trainer never trained on the actors' data");
+    let victim = pid_of(&run, "actor", 1).expect("actor:1");
+    signal(victim, libc::SIGSTOP);
+    let replaced = wait_until(LIMIT, || pid_of(&run, "actor", 1).is_some_and(|p| p != victim));
+    assert!(replaced, "the stopped actor was not replaced");
+    interrupt(guard, &run);
+    let s = summary(&run);
+    let cause = s["roles"]["actor"]["attempts"][0]["cause"].as_str().unwrap_or_default().to_string();
+    assert!(cause.starts_with("actor:1 stopped responding: no heartbeat for"), "{s}");
+    assert!(trainer_steps(&run).iter().all(|m| m["attempt"] == 0), "the trainer's attempt changed");
+}
+
+#[test]
 fn killing_a_trainer_rank_restarts_the_gang_while_the_actors_keep_running_and_are_told() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("roles_demo");

@@ -49,6 +49,13 @@ def log_events():
             print(f"event {line.decode().strip()}", flush=True)
 
 
+def heartbeat(progress):
+    """Tells the coordinator this process is alive; one that falls silent is restarted."""
+    while True:
+        call("/v1/heartbeat", {"step": progress["sent"]})
+        time.sleep(1.0)
+
+
 def main():
     with open(os.environ["RTRAIN_CONFIG"], "rb") as f:
         user = tomllib.load(f).get("user", {})
@@ -56,10 +63,12 @@ def main():
     noise = float(user.get("noise", 0.01))
     weights = [(i + 1) / features for i in range(features)]
     rng = random.Random(1000 + ME["rank"] * 7919 + ME["attempt"])
+    progress = {"sent": 0}
     threading.Thread(target=log_events, daemon=True).start()
+    threading.Thread(target=heartbeat, args=(progress,), daemon=True).start()
     print(f"actor {ME['rank']} (attempt {ME['attempt']}) looking for the trainer", flush=True)
 
-    sent, last_report = 0, time.monotonic()
+    sent, last_report = 0, 0.0
     while True:
         version, addrs = trainer_addresses()
         print(f"address book version {version}: trainer at {addrs}", flush=True)
@@ -74,6 +83,7 @@ def main():
                         lines.append(json.dumps({"x": x, "y": y}))
                     link.sendall(("\n".join(lines) + "\n").encode())
                     sent += len(lines)
+                    progress["sent"] = sent
                 now = time.monotonic()
                 if now - last_report >= 1.0:
                     call("/v1/metrics", {"step": sent, "metrics": {"samples_per_s": sent / max(now - START, 1e-9)}})

@@ -10,7 +10,6 @@
 pub mod agent;
 pub mod bench;
 pub mod checkpoint;
-pub mod ckpt;
 pub mod cli;
 pub mod config;
 pub mod contract;

@@ -8,6 +8,7 @@
 //! | --- | --- | --- |
 //! | `GET /v1/addresses?role=R` | role optional | `{"version", "endpoints": [{"role", "rank", "attempt", "addrs": {name: addr}}]}` |
 //! | `POST /v1/publish` | `{"role", "rank", "attempt", "name", "addr"}` | `{}` |
+//! | `POST /v1/heartbeat` | `{"role", "rank", "attempt", "step"}` | `{}`; a process that sends them and then falls silent past `fault.heartbeat_timeout_s` is hung, killed and restarted |
 //! | `POST /v1/metrics` | `{"role", "rank", "attempt", "step", "metrics": {name: number}}` | `{}` |
 //! | `POST /v1/broadcast` | `{"role", "rank", "attempt", "to_role", "to_rank"?, "kind", "payload"?}` | `{}` |
 //! | `GET /v1/commands?role=R&rank=K&attempt=A` | | one JSON object per line, as they come: `{"seq", "kind", "payload", "from_role"}` |
@@ -32,6 +33,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>
     let app = axum::Router::new()
         .route("/v1/addresses", get(addresses))
         .route("/v1/publish", post(publish))
+        .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/metrics", post(metrics))
         .route("/v1/broadcast", post(broadcast))
         .route("/v1/commands", get(commands))
@@ -119,6 +121,20 @@ async fn publish(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(bod
     authorize(&headers, &shared)?;
     let req = PublishRequest { id: Some(body.caller.id()), name: body.name, addr: body.addr };
     shared.publish(&req).map_err(from_status)?;
+    Ok(ok())
+}
+
+#[derive(Deserialize)]
+struct Heartbeat {
+    #[serde(flatten)]
+    caller: Caller,
+    #[serde(default)]
+    step: u64,
+}
+
+async fn heartbeat(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Heartbeat>) -> Reply {
+    authorize(&headers, &shared)?;
+    shared.book().heartbeat(&body.caller.id(), body.step).map_err(|r| from_status(super::service::refused(r)))?;
     Ok(ok())
 }
 

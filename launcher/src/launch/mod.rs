@@ -221,7 +221,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         roles: spec.roles.iter().map(|r| r.name.clone()).collect(),
         progress: RunProgress::new(spec.training_role().map(|_| spec.steps), &side_names),
     };
-    let mut side = SideRoles::new(side_specs).map_err(LaunchError::Coordinator)?;
+    let mut side = SideRoles::new(side_specs, spec.fault.heartbeat_timeout).map_err(LaunchError::Coordinator)?;
     if let Err(e) = side.start(&job, &coordinator) {
         side.stop_all().await;
         coordinator.shutdown();
@@ -244,7 +244,8 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         recovering_since: None,
     };
     let result = if spec.training_role().is_some() { l.supervise().await } else { l.supervise_side_roles().await };
-    // The job is over: the other roles go with it.
+    // The job is over: the other roles go with it (told first, then SIGTERM, grace, SIGKILL).
+    l.job.tell_every_role(&l.coordinator, "stop", "{}");
     l.side.stop_all().await;
     l.job.progress.finish();
     let roles = l.role_summaries();

@@ -21,6 +21,8 @@ use crate::worker_env::{free_port, pinned_cpus, worker_env};
 
 /// A process that ran at least this long before failing starts a new run of failures.
 const STEADY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the heartbeats of the side roles are checked.
+const HEALTH_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 struct SideRole {
     spec: RoleSpec,
@@ -44,6 +46,8 @@ pub(crate) enum SideEvent {
     Exit(WorkerExit),
     /// A scheduled restart is due: of role `.0`, one rank or the whole role.
     Due(usize, Option<usize>),
+    /// Time to look for processes whose heartbeats stopped.
+    Health,
 }
 
 /// How the side roles stand after an event.
@@ -65,10 +69,18 @@ pub(crate) struct SideRoles {
     timers: Vec<(tokio::time::Instant, usize, Option<usize>)>,
     /// The latest error each process reported.
     reports: Vec<FailureReport>,
+    health: tokio::time::Interval,
+    /// A process that heartbeats and then falls silent this long is hung.
+    heartbeat_timeout: std::time::Duration,
+    /// Processes killed as hung, with why, for their root cause.
+    hung: Vec<(ProcId, String)>,
 }
 
 impl SideRoles {
-    pub(crate) fn new(specs: Vec<(RoleSpec, Vec<RankPlacement>)>) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        specs: Vec<(RoleSpec, Vec<RankPlacement>)>,
+        heartbeat_timeout: std::time::Duration,
+    ) -> std::io::Result<Self> {
         let (agent, exits) = Agent::new();
         let mut roles = Vec::new();
         for (spec, placement) in specs {
@@ -86,7 +98,19 @@ impl SideRoles {
                 master_port: free_port()?,
             });
         }
-        Ok(Self { roles, agent, exits, deferred: VecDeque::new(), timers: Vec::new(), reports: Vec::new() })
+        let mut health = tokio::time::interval(HEALTH_TICK);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Self {
+            roles,
+            agent,
+            exits,
+            deferred: VecDeque::new(),
+            timers: Vec::new(),
+            reports: Vec::new(),
+            health,
+            heartbeat_timeout,
+            hung: Vec::new(),
+        })
     }
 
     /// Declares the roles to the coordinator and starts every process.
@@ -133,8 +157,10 @@ impl SideRoles {
             return SideEvent::Exit(exit);
         }
         let due = self.timers.iter().enumerate().min_by_key(|(_, t)| t.0).map(|(i, t)| (i, t.0));
+        let watched = !self.roles.is_empty();
         tokio::select! {
             Some(exit) = self.exits.recv() => SideEvent::Exit(exit),
+            _ = self.health.tick(), if watched => SideEvent::Health,
             _ = async {
                 match due {
                     Some((_, at)) => tokio::time::sleep_until(at).await,
@@ -166,6 +192,29 @@ impl SideRoles {
                 self.restart(r, rank, job, coordinator)?;
                 Ok(SideState::Running)
             }
+            SideEvent::Health => {
+                self.kill_hung(coordinator);
+                Ok(SideState::Running)
+            }
+        }
+    }
+
+    /// Kills the processes whose heartbeats stopped; their exits then restart them.
+    fn kill_hung(&mut self, coordinator: &CoordinatorHandle) {
+        let timeout = self.heartbeat_timeout.as_secs_f64();
+        for role in &self.roles {
+            for (rank, (age, step)) in coordinator.heartbeats(&role.spec.name) {
+                let id = ProcId::new(&role.spec.name, rank as usize);
+                if age > timeout && self.agent.pid(&id).is_some() && !self.hung.iter().any(|(h, _)| *h == id) {
+                    let why = format!(
+                        "{id} stopped responding: no heartbeat for {age:.1} s after step {step} \
+                         (fault.heartbeat_timeout_s = {timeout})"
+                    );
+                    tracing::warn!(process = %id, age, "hung; killing it");
+                    self.agent.kill(&id);
+                    self.hung.push((id, why));
+                }
+            }
         }
     }
 
@@ -192,7 +241,11 @@ impl SideRoles {
             role.in_a_row[slot] = 0;
         }
         role.in_a_row[slot] += 1;
-        let cause = format!("{} {}", exit.id, super::describe(exit.kind));
+        let cause = match self.hung.iter().position(|(h, _)| *h == exit.id) {
+            Some(i) => self.hung.swap_remove(i).1,
+            None => format!("{} {}", exit.id, super::describe(exit.kind)),
+        };
+        let role = &mut self.roles[r];
         let attempt = role.attempt[rank];
         match role_restart(&role.spec, role.restarts, role.in_a_row[slot]) {
             RestartDecision::Restart { delay, used, budget, key } => {

@@ -1,5 +1,7 @@
 //! The `rtrain` command line. `main.rs` only calls [`main`]; tests call the same functions.
 
+pub mod ckpt;
+
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,9 +10,9 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench::{self, BenchCommand};
-use crate::ckpt::{self, CkptCommand};
 use crate::config::{self, LoadedConfig, TrainerKind};
 use crate::launch::{LaunchOptions, Outcome, WorkerProgram, launch};
+use ckpt::CkptCommand;
 
 /// Exit code for a config or usage error.
 pub const EXIT_CONFIG: u8 = 2;
@@ -186,6 +188,19 @@ fn validate(args: &ConfigArgs) -> ExitCode {
     };
     let s = &loaded.spec;
     println!("{}: ok", args.file.display());
+    if s.training_role().is_some() {
+        print_training(s);
+    }
+    println!("  roles:");
+    for role in &s.roles {
+        print_role(s, role);
+    }
+    println!("  output: {}", s.run_path.display());
+    ExitCode::SUCCESS
+}
+
+/// The training role's batch, schedule, checkpoints and program.
+fn print_training(s: &config::JobSpec) {
     let workers = if s.min_workers == s.workers {
         s.workers.to_string()
     } else {
@@ -225,8 +240,31 @@ fn validate(args: &ConfigArgs) -> ExitCode {
             println!("  worker: fine-tuning {} (examples cut to {max_len} tokens)", model.display())
         }
     }
-    println!("  output: {}", s.run_path.display());
-    ExitCode::SUCCESS
+}
+
+/// One role: size, program, resources and restart policy.
+fn print_role(s: &config::JobSpec, r: &config::RoleSpec) {
+    let size = if r.min_size == r.size { r.size.to_string() } else { format!("{}–{}", r.min_size, r.size) };
+    let restart = if r.training {
+        format!(
+            "gang restart from the last checkpoint (fault.max_restarts = {}, fault.max_user_restarts = {})",
+            s.fault.max_restarts, s.fault.max_user_restarts
+        )
+    } else {
+        let how = match r.restart {
+            config::RestartMode::Alone => "each process restarts alone",
+            config::RestartMode::Gang => "the whole role restarts",
+        };
+        format!("{how} (max_restarts = {}, backoff {} s)", r.max_restarts, r.backoff.as_secs_f64())
+    };
+    let program = match &r.entrypoint {
+        Some(cmd) => cmd.join(" "),
+        None => "built-in trainer".into(),
+    };
+    println!(
+        "    {}: {size} × ({} CPU, {} GPU); {restart}; runs: {program}",
+        r.name, r.cpus_per_worker, r.gpus_per_worker
+    );
 }
 
 /// `rtrain launch`: `program` says what each worker runs.
