@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::config::DeviceKind;
-use crate::contract::{unix_now, vars};
+use crate::contract::{WorkerEnv, unix_now};
 use crate::scheduler::RankPlacement;
 
 /// What every process of one role's attempt is told.
@@ -28,51 +28,37 @@ pub(crate) struct WorkerCommon {
     pub(crate) device: DeviceKind,
 }
 
-/// The torchrun environment plus rtrain's own (the worker contract in the README). RANK and
-/// WORLD_SIZE count within the role: every role is its own world.
+/// The environment of one process: [`WorkerEnv`] for rank `p` of the role placed as `all`.
+/// OMP_NUM_THREADS follows the cores it was given, unless the launcher's own environment sets it.
 pub(crate) fn worker_env(c: &WorkerCommon, p: &RankPlacement, all: &[RankPlacement]) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = [
-        ("RANK", p.rank.to_string()),
-        ("LOCAL_RANK", p.local_rank.to_string()),
-        ("WORLD_SIZE", c.world_size.to_string()),
-        ("LOCAL_WORLD_SIZE", all.len().to_string()),
-        ("GROUP_RANK", "0".into()),
-        ("NODE_RANK", "0".into()),
-        ("ROLE_NAME", c.role.clone()),
-        ("ROLE_RANK", p.rank.to_string()),
-        ("ROLE_WORLD_SIZE", c.world_size.to_string()),
-        ("MASTER_ADDR", "127.0.0.1".into()),
-        ("MASTER_PORT", c.master_port.to_string()),
-        ("TORCHELASTIC_RESTART_COUNT", c.attempt.to_string()),
-        ("TORCHELASTIC_MAX_RESTARTS", c.max_restarts.to_string()),
-        ("TORCHELASTIC_RUN_ID", c.run_id.clone()),
-        (vars::COORDINATOR, c.coordinator.clone()),
-        (vars::HTTP, c.http.clone()),
-        (vars::JOB_TOKEN, c.token.clone()),
-        (vars::ROLE, c.role.clone()),
-        (vars::ATTEMPT, c.attempt.to_string()),
-        (vars::CONFIG, c.config.display().to_string()),
-        (vars::RUN_DIR, c.run_dir.display().to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    if let Some(batch) = c.global_batch {
-        env.push((vars::GLOBAL_BATCH.into(), batch.to_string()));
-    }
-    if let Some(path) = &c.resume {
-        env.push((vars::RESUME_FROM.into(), path.display().to_string()));
-    }
-    if std::env::var_os("OMP_NUM_THREADS").is_none() {
-        env.push(("OMP_NUM_THREADS".into(), p.threads.to_string()));
-    }
-    if c.device == DeviceKind::Cuda {
+    let cuda_visible_devices = (c.device == DeviceKind::Cuda).then(|| {
         let mut gpus: Vec<usize> = all.iter().flat_map(|q| q.gpus.iter().copied()).collect();
         gpus.sort_unstable();
-        let list: Vec<String> = gpus.iter().map(|g| g.to_string()).collect();
-        env.push(("CUDA_VISIBLE_DEVICES".into(), list.join(",")));
+        gpus.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(",")
+    });
+    WorkerEnv {
+        rank: p.rank,
+        local_rank: p.local_rank,
+        world_size: c.world_size,
+        local_world_size: all.len(),
+        node_rank: 0,
+        role: c.role.clone(),
+        attempt: c.attempt,
+        max_restarts: c.max_restarts,
+        run_id: c.run_id.clone(),
+        master_addr: "127.0.0.1".into(),
+        master_port: c.master_port,
+        coordinator: c.coordinator.clone(),
+        http: Some(c.http.clone()),
+        token: c.token.clone(),
+        config: c.config.clone(),
+        run_dir: Some(c.run_dir.clone()),
+        global_batch: c.global_batch,
+        resume_from: c.resume.clone(),
+        threads: std::env::var_os("OMP_NUM_THREADS").is_none().then_some(p.threads),
+        cuda_visible_devices,
     }
-    env
+    .to_env()
 }
 
 /// The CPU cores this process may run on.

@@ -24,19 +24,18 @@ fn start() -> (tokio::runtime::Runtime, CoordinatorHandle, UnboundedReceiver<Coo
 }
 
 fn client(handle: &CoordinatorHandle, role: &str, rank: usize, attempt: u32) -> JobClient {
-    let env = WorkerEnv {
-        rank,
-        local_rank: rank,
-        world_size: 2,
-        role: role.into(),
-        attempt,
-        coordinator: handle.addr.to_string(),
-        token: TOKEN.into(),
-        config: "job.toml".into(),
-        run_dir: None,
-        global_batch: None,
-        resume_from: None,
-    };
+    let (addr, attempt) = (handle.addr.to_string(), attempt.to_string());
+    let env = WorkerEnv::from_lookup(|k| match k {
+        "RANK" | "LOCAL_RANK" => Some(rank.to_string()),
+        "WORLD_SIZE" => Some("2".into()),
+        "RTRAIN_ROLE" => Some(role.into()),
+        "RTRAIN_ATTEMPT" => Some(attempt.clone()),
+        "RTRAIN_COORDINATOR" => Some(addr.clone()),
+        "RTRAIN_JOB_TOKEN" => Some(TOKEN.into()),
+        "RTRAIN_CONFIG" => Some("job.toml".into()),
+        _ => None,
+    })
+    .unwrap();
     JobClient::new(&env).unwrap()
 }
 
