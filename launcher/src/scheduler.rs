@@ -28,22 +28,42 @@ impl NodeResources {
         let gpus = visible_gpus(std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(), nodes);
         Self { cpus, gpus }
     }
+
+    /// The devices of [`NodeResources::local`], as [`visible_devices`] names them.
+    pub fn local_devices() -> Vec<String> {
+        visible_devices(std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(), Self::local().gpus)
+    }
 }
 
 /// GPUs a process may use: `CUDA_VISIBLE_DEVICES` lists them up to its first invalid entry (as
 /// CUDA reads it: `""` and `"-1"` hide every device), capped by the devices present.
 fn visible_gpus(cuda_visible: Option<&str>, present: usize) -> usize {
+    visible_devices(cuda_visible, present).len()
+}
+
+/// The devices this process may use, as CUDA names them to its children: the entries of
+/// `CUDA_VISIBLE_DEVICES` (ordinals or `GPU-` UUIDs) up to the first invalid one, capped by the
+/// devices present, or `0..present` when it is unset. The scheduler hands out indices into this
+/// list; a worker's `CUDA_VISIBLE_DEVICES` names the entries, so `CUDA_VISIBLE_DEVICES=4,5,6,7`
+/// around the launcher gives its workers devices 4 to 7, not 0 to 3.
+pub fn visible_devices(cuda_visible: Option<&str>, present: usize) -> Vec<String> {
     match cuda_visible {
-        None => present,
-        Some(list) => {
-            let listed = list
-                .split(',')
-                .map(str::trim)
-                .take_while(|d| !d.is_empty() && (d.starts_with("GPU-") || d.parse::<usize>().is_ok()))
-                .count();
-            listed.min(present)
-        }
+        None => (0..present).map(|d| d.to_string()).collect(),
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .take_while(|d| !d.is_empty() && (d.starts_with("GPU-") || d.parse::<usize>().is_ok()))
+            .take(present)
+            .map(str::to_string)
+            .collect(),
     }
+}
+
+/// `CUDA_VISIBLE_DEVICES` for a process given the scheduler's device `indices` into `visible`.
+pub fn device_list(indices: &[usize], visible: &[String]) -> String {
+    let mut indices = indices.to_vec();
+    indices.sort_unstable();
+    indices.iter().filter_map(|i| visible.get(*i).cloned()).collect::<Vec<_>>().join(",")
 }
 
 /// What one role asks for.
@@ -203,6 +223,19 @@ fn assign_cores(shares: &[f64], cores: usize) -> Vec<(Vec<usize>, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_get_the_launchers_devices_not_placement_indices() {
+        let visible = visible_devices(Some("4,5,6,7"), 8);
+        assert_eq!(device_list(&[1, 0], &visible), "4,5");
+        assert_eq!(device_list(&[2, 3], &visible), "6,7");
+        let uuids = visible_devices(Some("GPU-aa,GPU-bb,-1,GPU-cc"), 8);
+        assert_eq!(uuids, ["GPU-aa", "GPU-bb"]);
+        assert_eq!(device_list(&[1], &uuids), "GPU-bb");
+        assert_eq!(visible_devices(None, 3), ["0", "1", "2"]);
+        assert_eq!(visible_devices(Some("3,1"), 1), ["3"], "capped by the devices present");
+        assert_eq!(device_list(&[5], &visible), "", "an index past the list names nothing");
+    }
 
     #[test]
     fn visible_gpus_follow_cuda_visible_devices() {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::config::DeviceKind;
 use crate::contract::{WorkerEnv, unix_now};
-use crate::scheduler::RankPlacement;
+use crate::scheduler::{RankPlacement, device_list};
 
 /// What every process of one role's attempt is told.
 pub(crate) struct WorkerCommon {
@@ -26,15 +26,16 @@ pub(crate) struct WorkerCommon {
     pub(crate) global_batch: Option<usize>,
     pub(crate) resume: Option<PathBuf>,
     pub(crate) device: DeviceKind,
+    /// The launcher's visible GPUs, which placement indices refer to.
+    pub(crate) visible_devices: Vec<String>,
 }
 
 /// The environment of one process: [`WorkerEnv`] for rank `p` of the role placed as `all`.
 /// OMP_NUM_THREADS follows the cores it was given, unless the launcher's own environment sets it.
 pub(crate) fn worker_env(c: &WorkerCommon, p: &RankPlacement, all: &[RankPlacement]) -> Vec<(String, String)> {
-    let cuda_visible_devices = (c.device == DeviceKind::Cuda).then(|| {
-        let mut gpus: Vec<usize> = all.iter().flat_map(|q| q.gpus.iter().copied()).collect();
-        gpus.sort_unstable();
-        gpus.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(",")
+    let cuda_visible_devices = (c.device == DeviceKind::Cuda || !p.gpus.is_empty()).then(|| {
+        let gpus: Vec<usize> = all.iter().flat_map(|q| q.gpus.iter().copied()).collect();
+        device_list(&gpus, &c.visible_devices)
     });
     WorkerEnv {
         rank: p.rank,

@@ -92,6 +92,8 @@ pub(crate) struct JobContext {
     pub(crate) run_id: String,
     pub(crate) device: DeviceKind,
     pub(crate) allowed_cpus: Vec<usize>,
+    /// The GPUs the launcher may use, by the names its workers' CUDA_VISIBLE_DEVICES take.
+    visible_devices: Vec<String>,
     /// Every role's name, to tell them all of a restart.
     roles: Vec<String>,
     progress: RunProgress,
@@ -114,6 +116,7 @@ impl JobContext {
             global_batch: None,
             resume: None,
             device: self.device,
+            visible_devices: self.visible_devices.clone(),
         }
     }
 
@@ -218,6 +221,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         run_id: spec.name.clone(),
         device: spec.device,
         allowed_cpus: allowed_cpus(),
+        visible_devices: NodeResources::local_devices(),
         roles: spec.roles.iter().map(|r| r.name.clone()).collect(),
         progress: RunProgress::new(spec.training_role().map(|_| spec.steps), &side_names),
     };
