@@ -107,7 +107,7 @@ impl DpOptimizer {
 /// Refuses a checkpoint whose tensors are not exactly the model's: names every missing,
 /// unexpected or differently shaped tensor.
 fn check_names(
-    file: &str,
+    file: &'static str,
     entries: &[FlatEntry],
     tensors: &HashMap<String, Tensor>,
     prefix: &str,
@@ -133,6 +133,6 @@ fn check_names(
         Ok(())
     } else {
         problems.sort();
-        Err(TrainError::other(format!("the checkpoint's {file} does not match the model: {}", problems.join("; "))))
+        Err(TrainError::StateMismatch { file, problems })
     }
 }

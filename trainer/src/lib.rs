@@ -2,20 +2,22 @@
 //! engine, models and the [`TrainLoop`] trait that built-in and custom training loops implement.
 
 pub mod builtin;
-pub mod checkpoint;
 pub mod cli;
 pub mod collective;
 pub mod data;
 pub mod ddp;
 pub mod dp_optim;
+pub mod error;
 pub mod hf;
 pub mod lm;
 pub mod model;
 pub mod optim;
 pub mod runtime;
 pub mod sft;
+pub mod snapshot;
 pub mod train_loop;
 
-/// The job config and the control-plane protocol are shared with the launcher.
-pub use rtrain_launcher::{config, proto};
+/// The job config, the control-plane protocol and the checkpoint format are shared with the
+/// launcher.
+pub use rtrain_launcher::{checkpoint, config, proto};
 pub use train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};

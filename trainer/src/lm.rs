@@ -25,14 +25,8 @@ impl LmTrainer {
         let spec = &ctx.spec;
         let corpus = load_corpus(spec)?;
         let seq_len = spec.model.n_ctx as usize;
-        if corpus.len() < seq_len + 2 {
-            return Err(TrainError::other(format!(
-                "the corpus has {} bytes; model.n_ctx {} needs at least {}",
-                corpus.len(),
-                seq_len,
-                seq_len + 2
-            )));
-        }
+        let plan = BatchPlan { seed: spec.seed, seq_len, global_batch: spec.global_batch };
+        plan.check(&corpus)?;
         let vs = VarStore::new(ctx.device);
         let m = spec.model;
         let config = GptConfig {
@@ -43,7 +37,6 @@ impl LmTrainer {
             n_embd: m.n_embd,
         };
         let model = config.init(&vs.root());
-        let plan = BatchPlan { seed: spec.seed, seq_len, global_batch: spec.global_batch };
         let optim = DpOptimizer::new(&vs, ctx)?;
         Ok(Self { _vs: vs, model, optim, corpus, plan })
     }
@@ -52,7 +45,7 @@ impl LmTrainer {
 fn load_corpus(spec: &JobSpec) -> Result<ByteCorpus, TrainError> {
     match &spec.data {
         DataSpec::Synthetic { bytes } => Ok(ByteCorpus::synthetic(spec.seed, *bytes)),
-        DataSpec::File(path) => ByteCorpus::from_file(path).map_err(|e| TrainError::other(format!("data.source: {e}"))),
+        DataSpec::File(path) => Ok(ByteCorpus::from_file(path)?),
     }
 }
 

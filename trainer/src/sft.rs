@@ -13,8 +13,8 @@ use serde::Deserialize;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::collective::ReduceOp;
-use crate::data::rank_samples;
 use crate::data::splitmix::SplitMix64;
+use crate::data::{DataError, rank_samples};
 use crate::dp_optim::DpOptimizer;
 use crate::hf::{ChatMessage, HfModel, Tokenizer};
 use crate::train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
@@ -45,20 +45,22 @@ enum Line {
 
 /// Reads and tokenizes a JSONL file; examples are cut to `max_len` tokens, and ones left with
 /// nothing to train are dropped (the count is logged).
-pub fn load_examples(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Result<Vec<SftExample>, TrainError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TrainError::other(format!("data.source: {}: {e}", path.display())))?;
+pub fn load_examples(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Result<Vec<SftExample>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read { path: path.to_path_buf(), source })?;
     let mut examples = Vec::new();
     let mut dropped = 0;
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let at = || format!("data.source: {}:{}", path.display(), n + 1);
-        let parsed: Line = serde_json::from_str(line).map_err(|e| {
-            TrainError::other(format!(
-                "{}: {e}; expected {{\"prompt\", \"response\"}} or {{\"messages\": [{{\"role\", \"content\"}}]}}",
-                at()
-            ))
+        let line_no = n + 1;
+        let parsed: Line = serde_json::from_str(line).map_err(|source| DataError::Json {
+            path: path.to_path_buf(),
+            line: line_no,
+            source,
         })?;
-        let mut ex = tokenize(parsed, tokenizer).map_err(|e| TrainError::other(format!("{}: {e}", at())))?;
+        let mut ex = tokenize(parsed, tokenizer).map_err(|reason| DataError::Example {
+            path: path.to_path_buf(),
+            line: line_no,
+            reason,
+        })?;
         ex.ids.truncate(max_len);
         ex.trained.truncate(max_len);
         if ex.trained_targets() == 0 {
@@ -71,10 +73,7 @@ pub fn load_examples(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Resu
         tracing::warn!(dropped, max_len, "examples with no response tokens within data.max_len were dropped");
     }
     if examples.is_empty() {
-        return Err(TrainError::other(format!(
-            "data.source: {} holds no example with response tokens",
-            path.display()
-        )));
+        return Err(DataError::NoExamples { path: path.to_path_buf() });
     }
     Ok(examples)
 }
@@ -139,17 +138,19 @@ pub struct SftTrainer {
 
 impl SftTrainer {
     pub fn new(ctx: &mut TrainContext, model_dir: &Path, max_len: usize) -> Result<Self, TrainError> {
-        let model = HfModel::load(model_dir, ctx.device).map_err(|e| TrainError::other(format!("model.path: {e}")))?;
-        let tokenizer = Tokenizer::from_dir(model_dir).map_err(|e| TrainError::other(format!("model.path: {e}")))?;
+        let model_error = |source| TrainError::Model { context: "model.path", source };
+        let model = HfModel::load(model_dir, ctx.device).map_err(model_error)?;
+        let tokenizer = Tokenizer::from_dir(model_dir).map_err(model_error)?;
         let limit = model.config.max_positions() as usize;
         if max_len > limit {
-            return Err(TrainError::other(format!("data.max_len {max_len} exceeds the model's {limit} positions")));
+            return Err(TrainError::setting(
+                "data.max_len",
+                format!("{max_len} exceeds the model's {limit} positions"),
+            ));
         }
         let source = match &ctx.spec.data {
             crate::config::DataSpec::File(path) => path.clone(),
-            crate::config::DataSpec::Synthetic { .. } => {
-                return Err(TrainError::other("data.source: fine-tuning needs a JSONL file"));
-            }
+            crate::config::DataSpec::Synthetic { .. } => return Err(DataError::NeedsFile.into()),
         };
         let examples = load_examples(&source, &tokenizer, max_len)?;
         tracing::info!(examples = examples.len(), source = %source.display(), "fine-tuning data");
@@ -258,7 +259,9 @@ impl TrainLoop for SftTrainer {
             return Ok(());
         }
         let out = ctx.run_dir.join("model");
-        self.model.save(&out, Kind::Float, 2 << 30).map_err(|e| TrainError::other(format!("export: {e}")))?;
+        self.model
+            .save(&out, Kind::Float, 2 << 30)
+            .map_err(|source| TrainError::Model { context: "export", source })?;
         for file in [
             "tokenizer.json",
             "tokenizer_config.json",
@@ -268,8 +271,7 @@ impl TrainLoop for SftTrainer {
         ] {
             let src = self.tokenizer_dir.join(file);
             if src.exists() {
-                std::fs::copy(&src, out.join(file))
-                    .map_err(|e| TrainError::other(format!("export: {}: {e}", src.display())))?;
+                std::fs::copy(&src, out.join(file)).map_err(|source| TrainError::Io { path: src.clone(), source })?;
             }
         }
         tracing::info!(model = %out.display(), "fine-tuned model exported");

@@ -3,8 +3,9 @@
 
 use tch::{Device, Tensor};
 
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::Collective;
 use crate::config::JobSpec;
+pub use crate::error::TrainError;
 
 /// What a training loop is handed: who it is, the job, and how to talk to its peers.
 pub struct TrainContext {
@@ -36,23 +37,6 @@ pub struct StepOutput {
     pub tokens: usize,
     /// Global gradient norm before clipping, if the loop computes it.
     pub grad_norm: Option<f64>,
-}
-
-/// An error that ends the worker; the runtime reports it to the coordinator.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error(transparent)]
-    Collective(#[from] CollectiveError),
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
-    #[error("{0}")]
-    Other(String),
-}
-
-impl TrainError {
-    pub fn other(message: impl Into<String>) -> Self {
-        TrainError::Other(message.into())
-    }
 }
 
 /// What a training loop checkpoints: named tensors (detached copies on the CPU, so the step loop

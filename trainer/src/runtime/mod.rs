@@ -1,6 +1,6 @@
 //! The worker runtime: environment contract, control-plane client and the step driver.
 
-mod checkpointer;
+mod checkpoint_writer;
 mod control;
 mod worker;
 
