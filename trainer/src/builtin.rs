@@ -5,7 +5,7 @@ use crate::config::TrainerKind;
 use crate::engine::StepLoop;
 use crate::lm::LmTrainer;
 use crate::sft::SftTrainer;
-use crate::train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
+use crate::train_loop::{Fingerprint, LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
 
 pub enum BuiltIn {
     Lm(Box<StepLoop<LmTrainer>>),
@@ -44,6 +44,10 @@ impl BuiltIn {
 impl TrainLoop for BuiltIn {
     fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError> {
         self.inner_mut().step(ctx, step)
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        self.inner().fingerprint()
     }
 
     fn state(&self) -> Result<Option<LoopState>, TrainError> {

@@ -22,4 +22,4 @@ pub use engine::{Engine, MicroLoss, StepLoop, TrainStep};
 /// The job config, the control-plane protocol and the checkpoint format are shared with the
 /// launcher.
 pub use rtrain_launcher::{checkpoint, config, proto};
-pub use train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
+pub use train_loop::{Fingerprint, LoopState, StepOutput, TrainContext, TrainError, TrainLoop};

@@ -11,7 +11,7 @@ use crate::config::{DataSpec, JobSpec};
 use crate::data::{BatchPlan, ByteCorpus};
 use crate::engine::{MicroLoss, TrainStep};
 use crate::model::{Gpt, GptConfig};
-use crate::train_loop::{TrainContext, TrainError};
+use crate::train_loop::{Fingerprint, TrainContext, TrainError};
 
 pub struct LmTrainer {
     vs: VarStore,
@@ -50,6 +50,21 @@ fn load_corpus(spec: &JobSpec) -> Result<ByteCorpus, TrainError> {
 impl TrainStep for LmTrainer {
     fn vars(&self) -> &VarStore {
         &self.vs
+    }
+
+    /// The GPT's dimensions, keyed like the `[model]` config section.
+    fn fingerprint(&self) -> Fingerprint {
+        let c = self.model.config();
+        [
+            ("n_layer", c.n_layer),
+            ("n_head", c.n_head),
+            ("n_embd", c.n_embd),
+            ("n_ctx", c.n_ctx),
+            ("vocab_size", c.vocab_size),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect()
     }
 
     /// Mean next-byte loss over the micro-batch's windows.

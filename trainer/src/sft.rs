@@ -18,7 +18,7 @@ use crate::data::DataError;
 use crate::data::splitmix::SplitMix64;
 use crate::engine::{MicroLoss, TrainStep};
 use crate::hf::{ChatMessage, HfModel, Tokenizer};
-use crate::train_loop::{TrainContext, TrainError};
+use crate::train_loop::{Fingerprint, TrainContext, TrainError};
 
 /// Label of a token that is not trained (cross-entropy's ignore index).
 const IGNORE: i64 = -100;
@@ -221,6 +221,12 @@ fn permutation(seed: u64, n: u64) -> Vec<u64> {
 impl TrainStep for SftTrainer {
     fn vars(&self) -> &VarStore {
         &self.model.vs
+    }
+
+    /// The architecture from the model folder's config.json (not data.max_len, which changes
+    /// no parameter).
+    fn fingerprint(&self) -> Fingerprint {
+        self.model.config.architecture()
     }
 
     /// The loss is the mean over every trained token of the global batch.

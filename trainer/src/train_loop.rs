@@ -7,6 +7,9 @@ use crate::collective::Collective;
 use crate::config::JobSpec;
 pub use crate::error::TrainError;
 
+/// A model architecture as `key → value`, for the resume check (see [`TrainLoop::fingerprint`]).
+pub type Fingerprint = serde_json::Map<String, serde_json::Value>;
+
 /// What a training loop is handed: who it is, the job, and how to talk to its peers.
 pub struct TrainContext {
     pub rank: usize,
@@ -61,6 +64,14 @@ pub struct LoopState {
 pub trait TrainLoop {
     /// Runs one optimizer step (including gradient accumulation and synchronisation).
     fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError>;
+
+    /// What a checkpoint of this loop must match to be resumed: the model architecture as
+    /// `key → value` (the GPT's dimensions, a Hugging Face config's), recorded in each
+    /// checkpoint's `trainer_state.json` and compared key by key before [`TrainLoop::restore`].
+    /// Empty (the default): no check.
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::new()
+    }
 
     /// The state to checkpoint, or `None` if this loop does not checkpoint (the default).
     /// Called on rank 0 between steps; the time it takes is the step loop's stall per save.

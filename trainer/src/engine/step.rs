@@ -7,7 +7,7 @@ use tch::nn::VarStore;
 
 use super::data_parallel::{Engine, MicroLoss};
 use crate::data::rank_samples;
-use crate::train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
+use crate::train_loop::{Fingerprint, LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
 
 /// A model and its loss: what a data-parallel loop supplies when the [`Engine`] does the rest.
 ///
@@ -28,6 +28,11 @@ pub trait TrainStep {
     fn units(&mut self, ctx: &TrainContext, step: u64) -> Result<f64, TrainError> {
         let _ = step;
         Ok(ctx.spec.global_batch as f64)
+    }
+
+    /// The model architecture a checkpoint must match, like [`TrainLoop::fingerprint`].
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::new()
     }
 
     /// Called on every rank after the last step, like [`TrainLoop::finish`].
@@ -75,6 +80,10 @@ impl<S: TrainStep> TrainLoop for StepLoop<S> {
             self.engine.backward(loss, units)?;
         }
         self.engine.optimizer_step(ctx.collective.as_mut(), step)
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        self.train_step.fingerprint()
     }
 
     fn state(&self) -> Result<Option<LoopState>, TrainError> {

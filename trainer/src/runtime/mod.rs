@@ -2,9 +2,11 @@
 
 mod checkpoint_writer;
 mod control;
+mod resume;
 mod worker;
 
 pub use control::{ControlError, ControlPlane};
+pub use resume::fingerprint_differences;
 pub use rtrain_launcher::checkpoint::model_keys;
 pub use rtrain_launcher::contract::{EnvError, WorkerEnv, unix_now, vars};
 pub use worker::{EXIT_BAD_START, EXIT_TRAIN_FAILED, run_worker};

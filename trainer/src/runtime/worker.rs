@@ -3,21 +3,21 @@
 //! coordinator as a structured error before the process exits non-zero.
 
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use tch::Device;
 
-use crate::checkpoint::{self, TrainerState, model_keys};
+use crate::checkpoint::{self, TrainerState};
 use crate::collective::{Collective, CollectiveError, NcclCollective, ShmCollective, TcpCollective, shm};
 use crate::config::{self, BackendKind, DeviceKind};
 use crate::proto::StepMetrics;
 use crate::snapshot::Snapshot;
-use crate::train_loop::{LoopState, TrainContext, TrainError, TrainLoop};
+use crate::train_loop::{TrainContext, TrainError, TrainLoop};
 
 use super::checkpoint_writer::CheckpointWriter;
+use super::resume::resume;
 use super::{ControlPlane, WorkerEnv, unix_now};
 
 /// Exit code of a worker whose training loop failed.
@@ -156,6 +156,7 @@ where
         collective,
     };
     let mut train_loop = build(&mut ctx)?;
+    let fingerprint = train_loop.fingerprint();
     let first = match &env.resume_from {
         Some(path) => resume(path, &mut train_loop)?,
         None => 0,
@@ -196,7 +197,7 @@ where
                     lr: out.lr,
                     metric: Some(out.loss),
                     config_digest: config_digest.clone(),
-                    model: model_keys(&spec.model),
+                    model: fingerprint.clone(),
                     extra: state.extra,
                 };
                 ck.save(Snapshot { model: state.model, optimizer: state.optimizer, state: trainer_state })
@@ -224,21 +225,6 @@ where
     // Every rank leaves together, so no peer sees a closed socket mid-collective.
     ctx.collective.barrier()?;
     Ok(())
-}
-
-/// Loads a checkpoint the launcher verified and checked against the model architecture into
-/// `train_loop` (whose `restore` checks tensor names and shapes); returns the step to continue
-/// from.
-fn resume<L: TrainLoop>(path: &Path, train_loop: &mut L) -> Result<u64, TrainError> {
-    let snapshot = Snapshot::load(path).map_err(|source| TrainError::Checkpoint { context: "resume", source })?;
-    let step = snapshot.state.step;
-    train_loop.restore(LoopState {
-        model: snapshot.model,
-        optimizer: snapshot.optimizer,
-        extra: snapshot.state.extra,
-    })?;
-    tracing::info!(checkpoint = %path.display(), step, "resumed");
-    Ok(step)
 }
 
 fn init_logging() {
