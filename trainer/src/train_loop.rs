@@ -61,6 +61,9 @@ pub struct LoopState {
 /// The data a step uses should depend only on the step number (and the seed), as the built-in
 /// trainer's does: that makes a resumed run, even with a different number of ranks, see the
 /// same batches as an uninterrupted one.
+///
+/// A loop that only supplies a model and its loss implements [`crate::engine::TrainStep`]
+/// instead and runs as a [`crate::engine::StepLoop`]; implement this trait for full control.
 pub trait TrainLoop {
     /// Runs one optimizer step (including gradient accumulation and synchronisation).
     fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError>;

@@ -2,6 +2,7 @@
 //! split of a global batch into micro-batches and ranks gives the step of one big batch; a
 //! checkpoint state restored into a fresh model continues bit-identically; the weight version
 //! counts optimizer steps.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
