@@ -97,3 +97,35 @@ impl TrainError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn only_lost_peers_are_infrastructure() {
+        let timeout = CollectiveError::Timeout { op: "all_reduce", peer: 1, after: Duration::from_secs(1) };
+        let io = CollectiveError::Io { op: "broadcast", peer: 0, source: std::io::ErrorKind::ConnectionReset.into() };
+        assert!(TrainError::from(timeout).is_infrastructure());
+        assert!(TrainError::from(io).is_infrastructure());
+        let unsupported = CollectiveError::Unsupported { op: "all_reduce", reason: "int8".into() };
+        assert!(!TrainError::from(unsupported).is_infrastructure());
+        assert!(!TrainError::other("the loss is NaN").is_infrastructure());
+        assert!(!TrainError::setting("user.features", "must be at least 1").is_infrastructure());
+    }
+
+    #[test]
+    fn wrapped_errors_stay_reachable_as_sources() {
+        let err = TrainError::Checkpoint {
+            context: "resume",
+            source: CheckpointError::invalid("/run/checkpoints/step-000004", "no trainer_state.json"),
+        };
+        assert_eq!(err.to_string(), "resume: /run/checkpoints/step-000004: no trainer_state.json");
+        assert!(err.source().is_some_and(|s| s.downcast_ref::<CheckpointError>().is_some()));
+        let data = TrainError::from(DataError::NoExamples { path: "train.jsonl".into() });
+        assert!(data.to_string().starts_with("data.source: train.jsonl"), "{data}");
+    }
+}
