@@ -6,7 +6,7 @@ use tch::nn::VarStore;
 use crate::collective::{Collective, CollectiveError, ReduceOp};
 use crate::optim::FlatParams;
 
-/// The DDP engine of one rank: owns the flat parameter and gradient buffers.
+/// One rank's side of DDP: owns the flat parameter and gradient buffers.
 pub struct Ddp {
     params: FlatParams,
     bucket_elems: i64,

@@ -1,21 +1,25 @@
-//! The worker side of rtrain: the job config, the control-plane client, collectives, the DDP
-//! engine, models and the [`TrainLoop`] trait that built-in and custom training loops implement.
+//! The worker side of rtrain: the job config, the control-plane client, collectives, DDP, the
+//! training [`engine`], models, and the [`TrainLoop`] trait that built-in and custom training
+//! loops implement (most through the engine's [`TrainStep`]).
 
 pub mod builtin;
-pub mod checkpoint;
 pub mod cli;
 pub mod collective;
 pub mod data;
 pub mod ddp;
-pub mod dp_optim;
+pub mod engine;
+pub mod error;
 pub mod hf;
 pub mod lm;
 pub mod model;
 pub mod optim;
 pub mod runtime;
 pub mod sft;
+pub mod snapshot;
 pub mod train_loop;
 
-/// The job config and the control-plane protocol are shared with the launcher.
-pub use rtrain_launcher::{config, proto};
-pub use train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
+pub use engine::{Engine, MicroLoss, StepLoop, TrainStep};
+/// The job config, the control-plane protocol and the checkpoint format are shared with the
+/// launcher.
+pub use rtrain_launcher::{checkpoint, config, proto};
+pub use train_loop::{Fingerprint, LoopState, StepOutput, TrainContext, TrainError, TrainLoop};

@@ -1,23 +1,24 @@
 //! Supervised fine-tuning of a Hugging Face model folder on JSONL examples, with the loss on
-//! response tokens only, through the same DDP, optimizer and checkpoints as every built-in
-//! trainer. At the end rank 0 exports the model as a Hugging Face folder, `<run>/model/`.
+//! response tokens only, through the same engine (DDP, optimizer, checkpoints) as every
+//! built-in trainer. At the end rank 0 exports the model as a Hugging Face folder, `<run>/model/`.
 //!
 //! Each line is `{"prompt": ..., "response": ...}` or `{"messages": [{"role", "content"}, ...]}`
 //! (the assistant messages are trained). With a chat template, prompt/response pairs become a
 //! user and an assistant message; without one, the prompt is encoded as text (with the
 //! tokenizer's BOS) and the response follows, ended by EOS.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use tch::nn::VarStore;
 use tch::{Kind, Reduction, Tensor};
 
-use crate::collective::ReduceOp;
-use crate::data::rank_samples;
+use crate::data::DataError;
 use crate::data::splitmix::SplitMix64;
-use crate::dp_optim::DpOptimizer;
+use crate::engine::{MicroLoss, TrainStep};
 use crate::hf::{ChatMessage, HfModel, Tokenizer};
-use crate::train_loop::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
+use crate::train_loop::{Fingerprint, TrainContext, TrainError};
 
 /// Label of a token that is not trained (cross-entropy's ignore index).
 const IGNORE: i64 = -100;
@@ -45,20 +46,22 @@ enum Line {
 
 /// Reads and tokenizes a JSONL file; examples are cut to `max_len` tokens, and ones left with
 /// nothing to train are dropped (the count is logged).
-pub fn load_examples(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Result<Vec<SftExample>, TrainError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TrainError::other(format!("data.source: {}: {e}", path.display())))?;
+pub fn load_examples(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Result<Vec<SftExample>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read { path: path.to_path_buf(), source })?;
     let mut examples = Vec::new();
     let mut dropped = 0;
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let at = || format!("data.source: {}:{}", path.display(), n + 1);
-        let parsed: Line = serde_json::from_str(line).map_err(|e| {
-            TrainError::other(format!(
-                "{}: {e}; expected {{\"prompt\", \"response\"}} or {{\"messages\": [{{\"role\", \"content\"}}]}}",
-                at()
-            ))
+        let line_no = n + 1;
+        let parsed: Line = serde_json::from_str(line).map_err(|source| DataError::Json {
+            path: path.to_path_buf(),
+            line: line_no,
+            source,
         })?;
-        let mut ex = tokenize(parsed, tokenizer).map_err(|e| TrainError::other(format!("{}: {e}", at())))?;
+        let mut ex = tokenize(parsed, tokenizer).map_err(|reason| DataError::Example {
+            path: path.to_path_buf(),
+            line: line_no,
+            reason,
+        })?;
         ex.ids.truncate(max_len);
         ex.trained.truncate(max_len);
         if ex.trained_targets() == 0 {
@@ -71,10 +74,7 @@ pub fn load_examples(path: &Path, tokenizer: &Tokenizer, max_len: usize) -> Resu
         tracing::warn!(dropped, max_len, "examples with no response tokens within data.max_len were dropped");
     }
     if examples.is_empty() {
-        return Err(TrainError::other(format!(
-            "data.source: {} holds no example with response tokens",
-            path.display()
-        )));
+        return Err(DataError::NoExamples { path: path.to_path_buf() });
     }
     Ok(examples)
 }
@@ -130,32 +130,42 @@ fn tokenize(line: Line, tok: &Tokenizer) -> Result<SftExample, String> {
 pub struct SftTrainer {
     model: HfModel,
     tokenizer_dir: PathBuf,
-    optim: DpOptimizer,
     examples: Vec<SftExample>,
     pad: i64,
     /// The example order of the current epoch.
     order: (u64, Vec<u64>),
+    /// The global batch of the step being trained (every rank needs all of it to count the
+    /// step's trained tokens).
+    batch: (u64, Vec<SftExample>),
 }
 
 impl SftTrainer {
-    pub fn new(ctx: &mut TrainContext, model_dir: &Path, max_len: usize) -> Result<Self, TrainError> {
-        let model = HfModel::load(model_dir, ctx.device).map_err(|e| TrainError::other(format!("model.path: {e}")))?;
-        let tokenizer = Tokenizer::from_dir(model_dir).map_err(|e| TrainError::other(format!("model.path: {e}")))?;
+    pub fn new(ctx: &TrainContext, model_dir: &Path, max_len: usize) -> Result<Self, TrainError> {
+        let model_error = |source| TrainError::Model { context: "model.path", source };
+        let model = HfModel::load(model_dir, ctx.device).map_err(model_error)?;
+        let tokenizer = Tokenizer::from_dir(model_dir).map_err(model_error)?;
         let limit = model.config.max_positions() as usize;
         if max_len > limit {
-            return Err(TrainError::other(format!("data.max_len {max_len} exceeds the model's {limit} positions")));
+            return Err(TrainError::setting(
+                "data.max_len",
+                format!("{max_len} exceeds the model's {limit} positions"),
+            ));
         }
         let source = match &ctx.spec.data {
             crate::config::DataSpec::File(path) => path.clone(),
-            crate::config::DataSpec::Synthetic { .. } => {
-                return Err(TrainError::other("data.source: fine-tuning needs a JSONL file"));
-            }
+            crate::config::DataSpec::Synthetic { .. } => return Err(DataError::NeedsFile.into()),
         };
         let examples = load_examples(&source, &tokenizer, max_len)?;
         tracing::info!(examples = examples.len(), source = %source.display(), "fine-tuning data");
         let pad = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |s| i64::from(s.id));
-        let optim = DpOptimizer::new(&model.vs, ctx)?;
-        Ok(Self { model, tokenizer_dir: model_dir.to_path_buf(), optim, examples, pad, order: (u64::MAX, Vec::new()) })
+        Ok(Self {
+            model,
+            tokenizer_dir: model_dir.to_path_buf(),
+            examples,
+            pad,
+            order: (u64::MAX, Vec::new()),
+            batch: (u64::MAX, Vec::new()),
+        })
     }
 
     /// Example of global sample `sample` of step `step`: the examples in a seeded order,
@@ -170,8 +180,18 @@ impl SftTrainer {
         self.examples[self.order.1[within as usize] as usize].clone()
     }
 
+    /// The global batch of step `step`.
+    fn step_batch(&mut self, ctx: &TrainContext, step: u64) -> &[SftExample] {
+        if self.batch.0 != step {
+            let (seed, global) = (ctx.spec.seed, ctx.spec.global_batch);
+            let all = (0..global).map(|s| self.example(seed, step, global, s)).collect();
+            self.batch = (step, all);
+        }
+        &self.batch.1
+    }
+
     /// Inputs and targets `[n, T-1]` of a micro-batch, right-padded.
-    fn batch(&self, examples: &[SftExample]) -> (Tensor, Tensor) {
+    fn inputs_and_targets(&self, examples: &[SftExample]) -> (Tensor, Tensor) {
         let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(2).max(2);
         let mut inputs = vec![self.pad; examples.len() * (t - 1)];
         let mut targets = vec![IGNORE; examples.len() * (t - 1)];
@@ -198,58 +218,39 @@ fn permutation(seed: u64, n: u64) -> Vec<u64> {
     order
 }
 
-impl TrainLoop for SftTrainer {
-    fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError> {
-        let spec = &ctx.spec;
-        let (micro, accum, global, world) = (spec.micro_batch, spec.grad_accum, spec.global_batch, ctx.world_size);
-        let lr = self.optim.lr_at(step);
-        // The loss is the mean over every trained token of the global batch: each rank divides
-        // its token-summed loss by that count (times W, undone by the averaging all-reduce).
-        let seed = spec.seed;
-        let all: Vec<SftExample> = (0..global).map(|s| self.example(seed, step, global, s)).collect();
-        let tokens: usize = all.iter().map(|e| e.trained_targets()).sum();
-        let scale = world as f64 / tokens as f64;
-        let mut loss_sum = 0.0;
-        let mut seen = 0usize;
-        for m in 0..accum {
-            let samples = rank_samples(m, ctx.rank, world, micro, global);
-            if samples.is_empty() {
-                continue;
-            }
-            let part = &all[samples];
-            let (inputs, targets) = self.batch(part);
-            seen += part.iter().map(|e| e.ids.len()).sum::<usize>();
-            let logits = self.model.logits(&inputs.to_device(ctx.device));
-            let vocab = logits.size()[2];
-            let summed = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss(
-                &targets.to_device(ctx.device).view([-1]),
-                None::<Tensor>,
-                Reduction::Sum,
-                IGNORE,
-                0.0,
-            );
-            (&summed * scale).f_backward()?;
-            loss_sum += summed.f_double_value(&[])? * scale;
-        }
-        let grad_norm = self.optim.step(ctx, lr)?;
-        let mut reduced = Tensor::from_slice(&[loss_sum as f32, seen as f32]).to_device(ctx.device);
-        ctx.collective.all_reduce(&mut reduced, ReduceOp::Sum)?;
-        let reduced = Vec::<f32>::try_from(reduced.to_device(tch::Device::Cpu)).map_err(TrainError::Torch)?;
-        Ok(StepOutput {
-            loss: f64::from(reduced[0]) / world as f64,
-            lr,
-            // Real tokens of the step (padding excluded).
-            tokens: reduced[1] as usize,
-            grad_norm: Some(grad_norm),
-        })
+impl TrainStep for SftTrainer {
+    fn vars(&self) -> &VarStore {
+        &self.model.vs
     }
 
-    fn state(&self) -> Result<Option<LoopState>, TrainError> {
-        self.optim.state().map(Some)
+    /// The architecture from the model folder's config.json (not data.max_len, which changes
+    /// no parameter).
+    fn fingerprint(&self) -> Fingerprint {
+        self.model.config.architecture()
     }
 
-    fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
-        self.optim.restore(state)
+    /// The loss is the mean over every trained token of the global batch.
+    fn units(&mut self, ctx: &TrainContext, step: u64) -> Result<f64, TrainError> {
+        Ok(self.step_batch(ctx, step).iter().map(|e| e.trained_targets()).sum::<usize>() as f64)
+    }
+
+    /// Cross-entropy summed over the micro-batch's trained tokens; its tokens are the examples'
+    /// real ones (padding excluded).
+    fn loss(&mut self, ctx: &TrainContext, step: u64, samples: Range<usize>) -> Result<MicroLoss, TrainError> {
+        self.step_batch(ctx, step);
+        let part = &self.batch.1[samples];
+        let (inputs, targets) = self.inputs_and_targets(part);
+        let tokens = part.iter().map(|e| e.ids.len()).sum::<usize>();
+        let logits = self.model.logits(&inputs.to_device(ctx.device));
+        let vocab = logits.size()[2];
+        let summed = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss(
+            &targets.to_device(ctx.device).view([-1]),
+            None::<Tensor>,
+            Reduction::Sum,
+            IGNORE,
+            0.0,
+        );
+        Ok(MicroLoss::sum(summed).with_tokens(tokens))
     }
 
     /// Rank 0 exports the fine-tuned model and its tokenizer as a Hugging Face folder.
@@ -258,7 +259,9 @@ impl TrainLoop for SftTrainer {
             return Ok(());
         }
         let out = ctx.run_dir.join("model");
-        self.model.save(&out, Kind::Float, 2 << 30).map_err(|e| TrainError::other(format!("export: {e}")))?;
+        self.model
+            .save(&out, Kind::Float, 2 << 30)
+            .map_err(|source| TrainError::Model { context: "export", source })?;
         for file in [
             "tokenizer.json",
             "tokenizer_config.json",
@@ -268,8 +271,7 @@ impl TrainLoop for SftTrainer {
         ] {
             let src = self.tokenizer_dir.join(file);
             if src.exists() {
-                std::fs::copy(&src, out.join(file))
-                    .map_err(|e| TrainError::other(format!("export: {}: {e}", src.display())))?;
+                std::fs::copy(&src, out.join(file)).map_err(|source| TrainError::Io { path: src.clone(), source })?;
             }
         }
         tracing::info!(model = %out.display(), "fine-tuned model exported");

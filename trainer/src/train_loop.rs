@@ -3,8 +3,12 @@
 
 use tch::{Device, Tensor};
 
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::Collective;
 use crate::config::JobSpec;
+pub use crate::error::TrainError;
+
+/// A model architecture as `key → value`, for the resume check (see [`TrainLoop::fingerprint`]).
+pub type Fingerprint = serde_json::Map<String, serde_json::Value>;
 
 /// What a training loop is handed: who it is, the job, and how to talk to its peers.
 pub struct TrainContext {
@@ -38,23 +42,6 @@ pub struct StepOutput {
     pub grad_norm: Option<f64>,
 }
 
-/// An error that ends the worker; the runtime reports it to the coordinator.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error(transparent)]
-    Collective(#[from] CollectiveError),
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
-    #[error("{0}")]
-    Other(String),
-}
-
-impl TrainError {
-    pub fn other(message: impl Into<String>) -> Self {
-        TrainError::Other(message.into())
-    }
-}
-
 /// What a training loop checkpoints: named tensors (detached copies on the CPU, so the step loop
 /// may go on while they are written) and any state of its own as JSON.
 #[derive(Debug, Default)]
@@ -74,9 +61,20 @@ pub struct LoopState {
 /// The data a step uses should depend only on the step number (and the seed), as the built-in
 /// trainer's does: that makes a resumed run, even with a different number of ranks, see the
 /// same batches as an uninterrupted one.
+///
+/// A loop that only supplies a model and its loss implements [`crate::engine::TrainStep`]
+/// instead and runs as a [`crate::engine::StepLoop`]; implement this trait for full control.
 pub trait TrainLoop {
     /// Runs one optimizer step (including gradient accumulation and synchronisation).
     fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError>;
+
+    /// What a checkpoint of this loop must match to be resumed: the model architecture as
+    /// `key → value` (the GPT's dimensions, a Hugging Face config's), recorded in each
+    /// checkpoint's `trainer_state.json` and compared key by key before [`TrainLoop::restore`].
+    /// Empty (the default): no check.
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::new()
+    }
 
     /// The state to checkpoint, or `None` if this loop does not checkpoint (the default).
     /// Called on rank 0 between steps; the time it takes is the step loop's stall per save.

@@ -1,5 +1,6 @@
 //! The `rtrain-worker` binary (the commands of `rtrain` that need libtorch, which `rtrain`
-//! executes), and [`run_with_loop`], the entry point of a user's own training binary.
+//! executes), and [`run_with_step`] / [`run_with_loop`], the entry points of a user's own
+//! training binary.
 
 mod bench;
 mod infer;
@@ -13,6 +14,7 @@ use rtrain_launcher::cli::{Cli, Command, EXIT_CONFIG, LaunchArgs, launch_command
 use rtrain_launcher::launch::WorkerProgram;
 
 use crate::builtin::BuiltIn;
+use crate::engine::{StepLoop, TrainStep};
 use crate::runtime::{WorkerEnv, run_worker};
 use crate::train_loop::{TrainContext, TrainError, TrainLoop};
 
@@ -36,6 +38,19 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// Entry point for a user's binary that supplies a model and its loss (a [`TrainStep`]) and
+/// lets the engine do DDP, accumulation, optimization and checkpoints; see [`run_with_loop`].
+pub fn run_with_step<S, F>(build: F) -> ExitCode
+where
+    S: TrainStep,
+    F: FnOnce(&mut TrainContext) -> Result<S, TrainError>,
+{
+    run_with_loop(|ctx| {
+        let train_step = build(ctx)?;
+        StepLoop::new(ctx, train_step)
+    })
 }
 
 /// Entry point for a user's binary with a custom [`TrainLoop`]: started by hand it acts as

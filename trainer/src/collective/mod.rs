@@ -51,6 +51,14 @@ pub enum CollectiveError {
     Unavailable { backend: &'static str, reason: String },
 }
 
+impl CollectiveError {
+    /// Whether a peer stopped answering or its connection broke (timeouts, I/O errors), as
+    /// opposed to a request the backend cannot serve.
+    pub fn is_lost_peer(&self) -> bool {
+        matches!(self, CollectiveError::Timeout { .. } | CollectiveError::Io { .. })
+    }
+}
+
 /// A communicator over a fixed group of ranks. It has one owner (the training thread).
 pub trait Collective: Send {
     fn rank(&self) -> usize;

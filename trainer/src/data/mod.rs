@@ -9,11 +9,11 @@ use std::path::PathBuf;
 pub use batch::{BatchPlan, rank_samples};
 pub use corpus::ByteCorpus;
 
-/// Why a corpus cannot be used.
+/// Why training data cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// The corpus file could not be read.
-    #[error("cannot read corpus {}: {source}", path.display())]
+    /// The data file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
     Read {
         /// The file that failed.
         path: PathBuf,
@@ -30,4 +30,24 @@ pub enum DataError {
         /// Bytes required.
         needed: usize,
     },
+    /// A line of a JSONL file is not an example.
+    #[error(
+        "{}:{line}: {source}; expected {{\"prompt\", \"response\"}} or {{\"messages\": [{{\"role\", \"content\"}}]}}",
+        path.display()
+    )]
+    Json {
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        source: serde_json::Error,
+    },
+    /// An example that cannot be tokenized or rendered.
+    #[error("{}:{line}: {reason}", path.display())]
+    Example { path: PathBuf, line: usize, reason: String },
+    /// A fine-tuning file with no example that has tokens to train.
+    #[error("{} holds no example with response tokens", path.display())]
+    NoExamples { path: PathBuf },
+    /// A loop that reads examples from a file was given synthetic data.
+    #[error("this trainer needs a data file (JSONL), not synthetic data")]
+    NeedsFile,
 }

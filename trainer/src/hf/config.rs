@@ -185,6 +185,34 @@ impl HfConfig {
         }
     }
 
+    /// The keys that decide the parameters' names and shapes, named as in config.json: what a
+    /// checkpoint must match to be resumed.
+    pub fn architecture(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::json;
+        let keys = match self {
+            HfConfig::Llama(c) => vec![
+                ("model_type", json!(c.model_type)),
+                ("vocab_size", json!(c.vocab_size)),
+                ("hidden_size", json!(c.hidden_size)),
+                ("intermediate_size", json!(c.intermediate_size)),
+                ("num_hidden_layers", json!(c.num_hidden_layers)),
+                ("num_attention_heads", json!(c.num_attention_heads)),
+                ("num_key_value_heads", json!(c.num_key_value_heads)),
+                ("head_dim", json!(c.head_dim)),
+                ("tie_word_embeddings", json!(c.tie_word_embeddings)),
+            ],
+            HfConfig::Gpt2(c) => vec![
+                ("model_type", json!("gpt2")),
+                ("vocab_size", json!(c.gpt.vocab_size)),
+                ("n_positions", json!(c.gpt.n_ctx)),
+                ("n_layer", json!(c.gpt.n_layer)),
+                ("n_head", json!(c.gpt.n_head)),
+                ("n_embd", json!(c.gpt.n_embd)),
+            ],
+        };
+        keys.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
     /// Longest sequence the model supports.
     pub fn max_positions(&self) -> i64 {
         match self {

@@ -1,10 +1,12 @@
 //! The worker runtime: environment contract, control-plane client and the step driver.
 
-mod checkpointer;
+mod checkpoint_writer;
 mod control;
+mod resume;
 mod worker;
 
 pub use control::{ControlError, ControlPlane};
+pub use resume::fingerprint_differences;
 pub use rtrain_launcher::checkpoint::model_keys;
 pub use rtrain_launcher::contract::{EnvError, WorkerEnv, unix_now, vars};
 pub use rtrain_launcher::job_client::{AddressBook, Endpoint, JobClient, JobClientError, JobCommand};

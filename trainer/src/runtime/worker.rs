@@ -3,20 +3,21 @@
 //! coordinator as a structured error before the process exits non-zero.
 
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use tch::Device;
 
-use crate::checkpoint::{self, Snapshot, TrainerState, model_keys};
+use crate::checkpoint::{self, TrainerState};
 use crate::collective::{Collective, CollectiveError, NcclCollective, ShmCollective, TcpCollective, shm};
 use crate::config::{self, BackendKind, DeviceKind};
 use crate::proto::StepMetrics;
-use crate::train_loop::{LoopState, TrainContext, TrainError, TrainLoop};
+use crate::snapshot::Snapshot;
+use crate::train_loop::{TrainContext, TrainError, TrainLoop};
 
-use super::checkpointer::Checkpointer;
+use super::checkpoint_writer::CheckpointWriter;
+use super::resume::resume;
 use super::{ControlPlane, WorkerEnv, unix_now};
 
 /// Exit code of a worker whose training loop failed.
@@ -68,7 +69,7 @@ where
             control.finish();
             return ExitCode::SUCCESS;
         }
-        Ok(Err(e)) => (e.to_string(), String::new(), matches!(e, TrainError::Collective(_))),
+        Ok(Err(e)) => (e.to_string(), String::new(), e.is_infrastructure()),
         Err(payload) => {
             let text = payload
                 .downcast_ref::<String>()
@@ -89,7 +90,7 @@ where
     L: TrainLoop,
     F: FnOnce(&mut TrainContext) -> Result<L, TrainError>,
 {
-    let loaded = config::load(&env.config, &[]).map_err(|e| TrainError::other(e.to_string()))?;
+    let loaded = config::load(&env.config, &[])?;
     let spec = loaded.spec;
     if !(spec.min_workers..=spec.workers).contains(&env.world_size) {
         return Err(TrainError::other(format!(
@@ -107,11 +108,9 @@ where
     tch::manual_seed(spec.seed as i64);
 
     let host = std::env::var("RTRAIN_BIND_HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let point = TcpCollective::bind(&host)
-        .map_err(|e| TrainError::other(format!("cannot open a collective port on {host}: {e}")))?;
-    let peers = control
-        .rendezvous(point.addr(), spec.rendezvous_timeout, spec.heartbeat_interval)
-        .map_err(|e| TrainError::other(e.to_string()))?;
+    let point =
+        TcpCollective::bind(&host).map_err(|source| TrainError::CollectivePort { host: host.clone(), source })?;
+    let peers = control.rendezvous(point.addr(), spec.rendezvous_timeout, spec.heartbeat_interval)?;
     let mut bootstrap = point.connect(env.rank, &peers, spec.collective_timeout)?;
     let mut backend = spec.backend.name();
     let (device, collective): (Device, Box<dyn Collective>) = match (spec.device, spec.backend) {
@@ -157,14 +156,15 @@ where
         collective,
     };
     let mut train_loop = build(&mut ctx)?;
+    let fingerprint = train_loop.fingerprint();
     let first = match &env.resume_from {
         Some(path) => resume(path, &mut train_loop)?,
         None => 0,
     };
-    let config_text = std::fs::read_to_string(&env.config)
-        .map_err(|e| TrainError::other(format!("{}: {e}", env.config.display())))?;
+    let config_text =
+        std::fs::read_to_string(&env.config).map_err(|source| TrainError::Io { path: env.config.clone(), source })?;
     let config_digest = checkpoint::sha256_hex(config_text.as_bytes());
-    let mut checkpointer = (env.rank == 0).then(|| Checkpointer::new(&run_dir, config_text, ctx.spec.checkpoint));
+    let mut writer = (env.rank == 0).then(|| CheckpointWriter::new(&run_dir, config_text, ctx.spec.checkpoint));
 
     for step in first..steps {
         let started = Instant::now();
@@ -174,7 +174,7 @@ where
             Err(e) => {
                 // A save still being written completes first: a peer's failure (the usual cause
                 // of a failed step) should not also cost the newest checkpoint.
-                if let Some(ck) = checkpointer.as_mut() {
+                if let Some(ck) = writer.as_mut() {
                     let _ = ck.finish();
                 }
                 return Err(e);
@@ -183,7 +183,7 @@ where
         let step_time = started.elapsed().as_secs_f64();
         let completed = step + 1;
         let mut stall = None;
-        if let Some(ck) = checkpointer.as_mut().filter(|_| ctx.spec.checkpoint.due(completed, steps)) {
+        if let Some(ck) = writer.as_mut().filter(|_| ctx.spec.checkpoint.due(completed, steps)) {
             let saving = Instant::now();
             if let Some(state) = train_loop.state()? {
                 let spec = &ctx.spec;
@@ -198,11 +198,11 @@ where
                     lr: out.lr,
                     metric: Some(out.loss),
                     config_digest: config_digest.clone(),
-                    model: model_keys(&spec.model),
+                    model: fingerprint.clone(),
                     extra: state.extra,
                 };
                 ck.save(Snapshot { model: state.model, optimizer: state.optimizer, state: trainer_state })
-                    .map_err(|e| TrainError::other(format!("checkpoint: {e}")))?;
+                    .map_err(|source| TrainError::Checkpoint { context: "checkpoint", source })?;
                 stall = Some(saving.elapsed().as_secs_f64());
             }
         }
@@ -220,28 +220,13 @@ where
             extra: Default::default(),
         });
     }
-    if let Some(ck) = checkpointer.as_mut() {
-        ck.finish().map_err(|e| TrainError::other(format!("final checkpoint: {e}")))?;
+    if let Some(ck) = writer.as_mut() {
+        ck.finish().map_err(|source| TrainError::Checkpoint { context: "final checkpoint", source })?;
     }
     train_loop.finish(&mut ctx)?;
     // Every rank leaves together, so no peer sees a closed socket mid-collective.
     ctx.collective.barrier()?;
     Ok(())
-}
-
-/// Loads a checkpoint the launcher verified and checked against the model architecture into
-/// `train_loop` (whose `restore` checks tensor names and shapes); returns the step to continue
-/// from.
-fn resume<L: TrainLoop>(path: &Path, train_loop: &mut L) -> Result<u64, TrainError> {
-    let snapshot = checkpoint::load(path).map_err(|e| TrainError::other(format!("resume: {e}")))?;
-    let step = snapshot.state.step;
-    train_loop.restore(LoopState {
-        model: snapshot.model,
-        optimizer: snapshot.optimizer,
-        extra: snapshot.state.extra,
-    })?;
-    tracing::info!(checkpoint = %path.display(), step, "resumed");
-    Ok(step)
 }
 
 fn init_logging() {

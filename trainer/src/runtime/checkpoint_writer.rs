@@ -4,17 +4,19 @@
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use crate::checkpoint::{self, CheckpointError, Snapshot};
+use crate::checkpoint::{self, CheckpointError};
 use crate::config::CheckpointSpec;
+use crate::snapshot::Snapshot;
 
-pub struct Checkpointer {
+/// Writes rank 0's snapshots into the run's checkpoints folder and prunes old ones.
+pub struct CheckpointWriter {
     run: PathBuf,
     config_text: String,
     spec: CheckpointSpec,
     pending: Option<JoinHandle<Result<PathBuf, CheckpointError>>>,
 }
 
-impl Checkpointer {
+impl CheckpointWriter {
     pub fn new(run: &Path, config_text: String, spec: CheckpointSpec) -> Self {
         Self { run: run.to_path_buf(), config_text, spec, pending: None }
     }
@@ -26,7 +28,7 @@ impl Checkpointer {
         self.wait_pending();
         let (run, config_text, spec) = (self.run.clone(), self.config_text.clone(), self.spec);
         let write = move || {
-            let path = checkpoint::save(&run, &snapshot, &config_text)?;
+            let path = snapshot.save(&run, &config_text)?;
             let deleted = checkpoint::retain(&run, spec.keep_last, spec.keep_best, spec.order)?;
             tracing::info!(checkpoint = %path.display(), deleted = ?deleted, "checkpoint saved");
             Ok(path)
