@@ -51,7 +51,8 @@ pub struct TrainerState {
     pub metric: Option<f64>,
     /// SHA-256 of the effective config that produced the run.
     pub config_digest: String,
-    /// Model architecture, keyed like the `[model]` config section, for the resume check.
+    /// The training loop's fingerprint of its model (the built-in GPT: its `[model]` sizes; fine-tuning:
+    /// the Hugging Face architecture), which a resumed loop must match.
     pub model: serde_json::Map<String, serde_json::Value>,
     /// State the training loop adds (the built-in trainer: its optimizer step count).
     pub extra: serde_json::Value,
@@ -105,15 +106,6 @@ pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Checkp
 pub trait TensorFiles {
     /// Writes the files into `dir`; returns their names.
     fn write_into(&self, dir: &Path) -> Result<Vec<&'static str>, CheckpointError>;
-}
-
-/// The model architecture keyed like the `[model]` config section, as [`TrainerState::model`]
-/// records it for the resume check.
-pub fn model_keys(model: &crate::config::ModelSpec) -> serde_json::Map<String, serde_json::Value> {
-    match serde_json::to_value(model) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => serde_json::Map::new(),
-    }
 }
 
 /// Hex SHA-256 of some bytes.

@@ -18,7 +18,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::agent::{ExitKind, SpawnError};
-use crate::checkpoint::{self, Checkpoint, TrainerState, model_keys};
+use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{DeviceKind, JobSpec, LoadedConfig};
 use crate::contract::unix_now;
 use crate::coordinator::{CoordinatorEvent, CoordinatorHandle, start_coordinator};
@@ -488,7 +488,7 @@ impl Launch<'_> {
     }
 
     /// The newest checkpoint that verifies (saying which newer ones were skipped and why), with
-    /// its trainer state; a checkpoint of a different model architecture is refused.
+    /// its trainer state.
     fn pick_checkpoint(&mut self) -> Result<Option<(Checkpoint, TrainerState)>, LaunchError> {
         if matches!(self.opts.program, WorkerProgram::External(_)) {
             return Ok(None);
@@ -505,24 +505,9 @@ impl Launch<'_> {
             }
             return Ok(None);
         };
+        // The architecture is checked by the worker against its loop's own fingerprint, before it
+        // restores anything: only the loop knows what makes two of its models compatible.
         let spec = &self.loaded.spec;
-        let want = model_keys(&spec.model);
-        let mut mismatched: Vec<String> = want
-            .iter()
-            .filter(|(k, v)| state.model.get(*k) != Some(*v))
-            .map(|(k, v)| {
-                let had = state.model.get(k).map_or_else(|| "missing".to_string(), |c| c.to_string());
-                format!("model.{k} is {v} in the config but {had} in the checkpoint")
-            })
-            .collect();
-        mismatched.sort();
-        if !mismatched.is_empty() {
-            return Err(LaunchError::Resume(format!(
-                "{} holds a different model architecture: {}; restore those keys, or pass --fresh to start over",
-                ckpt.path.display(),
-                mismatched.join("; ")
-            )));
-        }
         let note = if state.global_batch != spec.global_batch {
             format!(
                 ", keeping its global batch of {} (the config alone gives {})",
