@@ -45,7 +45,9 @@ impl ValueLossConfig {
         let (per_token, clip_fraction) = match self.clip {
             Some(eps) => {
                 check_positive("value clip", eps, true)?;
-                let clipped_values = &old + (values - &old).clamp(-eps, eps);
+                // Clamp V itself (not old + clamp(V - old)) so that V within the band is passed through
+                // bit for bit and never counts as clipped by rounding.
+                let clipped_values = values.maximum(&(&old - eps)).minimum(&(&old + eps));
                 let clipped = (clipped_values - &returns).square();
                 let active = clipped.gt_tensor(&unclipped).to_kind(kind);
                 (unclipped.maximum(&clipped), (active * &mask).sum(kind) / norm.tokens())
