@@ -5,6 +5,8 @@
 //! `tests/fixtures/rl_reference.json`, inputs included. Rerun that script to regenerate it. Every
 //! check runs in f64 (tolerance 1e-6) and in f32 (1e-5).
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use rtrain_rl::{
