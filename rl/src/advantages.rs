@@ -65,11 +65,19 @@ impl GroupAdvantages {
         let means = groups.index_add(0, &index, &scores).index_select(0, &index) / &counts;
         let centered = &scores - means;
         let sq = groups.index_add(0, &index, &centered.square()).index_select(0, &index);
-        let scaled = match self.scale {
-            GroupScale::None => centered,
-            // A singleton's unbiased variance is 0/0; `where` below discards it.
-            GroupScale::UnbiasedStd => &centered / ((sq / (&counts - 1.0)).sqrt() + self.eps),
-            GroupScale::PopulationStd => &centered / ((sq / &counts).sqrt() + self.eps),
+        let std = match self.scale {
+            GroupScale::None => None,
+            GroupScale::UnbiasedStd => Some((sq / (&counts - 1.0)).sqrt()),
+            GroupScale::PopulationStd => Some((sq / &counts).sqrt()),
+        };
+        let scaled = match std {
+            None => centered,
+            Some(std) => {
+                // A tied group (std 0, eps 0) or a singleton (unbiased variance 0/0) would divide
+                // 0 by 0: divide by 1 instead; `centered` is 0 there.
+                let denom = std + self.eps;
+                &centered / denom.where_scalarother(&denom.gt(0.0), 1.0)
+            }
         };
         Ok(scaled.where_scalarother(&counts.ge(2.0), 0.0))
     }

@@ -1,9 +1,9 @@
 //! Statistics over the tokens a mask selects, as TRL and veRL define them (`masked_mean`,
 //! `masked_var`, `masked_whiten`).
 //!
-//! Masks may be bool, integer or float 0/1 tensors; they are converted to the values' dtype, so
-//! padded positions contribute exactly nothing whatever garbage they hold... as long as it is
-//! finite (`NaN * 0` is still `NaN`: padding must be filled with finite numbers).
+//! Masks may be bool, integer or float 0/1 tensors; they are converted to the values' dtype and
+//! multiplied in, so padded positions contribute nothing provided they hold finite numbers
+//! (`NaN * 0` is still `NaN`).
 
 use tch::Tensor;
 
