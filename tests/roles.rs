@@ -94,7 +94,11 @@ fn killing_an_actor_restarts_it_alone_and_the_trainer_never_notices() {
     assert_eq!((pid_of(&run, "trainer", 0), pid_of(&run, "trainer", 1)), trainer_pids, "the trainer was restarted");
     interrupt(guard, &run);
 
-    assert!(trainer_steps(&run).iter().all(|m| m["attempt"] == 0), "the trainer's attempt changed");
+    let steps = trainer_steps(&run);
+    assert!(steps.iter().all(|m| m["attempt"] == 0), "the trainer's attempt changed");
+    let loss = |m: &serde_json::Value| m["loss"].as_f64().unwrap();
+    let (first, last) = (loss(&steps[0]), loss(steps.last().unwrap()));
+    assert!(last < 0.1 * first, "the trainer learned from the actors' samples: {first} -> {last}");
     let s = summary(&run);
     assert_eq!(s["status"], "interrupted");
     assert_eq!(s["restarts"], 0);

@@ -8,19 +8,18 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::ops::Range;
 use std::process::ExitCode;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::time::Duration;
 
-use rtrain_trainer::cli::run_with_loop;
-use rtrain_trainer::collective::ReduceOp;
-use rtrain_trainer::ddp::Ddp;
+use rtrain_trainer::cli::run_with_step;
 use rtrain_trainer::runtime::JobClient;
-use rtrain_trainer::{LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
+use rtrain_trainer::{MicroLoss, TrainContext, TrainError, TrainStep};
+use tch::Tensor;
 use tch::nn::{self, Module, VarStore};
-use tch::{Device, Kind, Tensor};
 
-/// How long a step waits for samples before the rank gives up.
+/// How long a micro-batch waits for samples before the rank gives up.
 const NO_DATA_AFTER: Duration = Duration::from_secs(60);
 
 /// One sample as the actors send it: a JSON line `{"x": [...], "y": 1.5}`.
@@ -30,10 +29,11 @@ struct Sample {
     y: f32,
 }
 
+/// A linear model and the samples the actors stream to this rank; the engine does the rest
+/// (DDP, the optimizer and its schedule, checkpoints).
 struct FedByActors {
-    _vs: VarStore,
+    vs: VarStore,
     model: nn::Linear,
-    ddp: Ddp,
     samples: Receiver<Sample>,
     features: usize,
     job: JobClient,
@@ -44,7 +44,7 @@ impl FedByActors {
     fn new(ctx: &mut TrainContext) -> Result<Self, TrainError> {
         let features = ctx.spec.user.get("features").and_then(|v| v.as_integer()).unwrap_or(8);
         if !(1..=1024).contains(&features) {
-            return Err(TrainError::other("user.features must be between 1 and 1024"));
+            return Err(TrainError::setting("user.features", "must be between 1 and 1024"));
         }
         let features = features as usize;
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| TrainError::other(format!("data port: {e}")))?;
@@ -56,11 +56,10 @@ impl FedByActors {
         job.publish("data", &addr.to_string()).map_err(|e| TrainError::other(e.to_string()))?;
         let vs = VarStore::new(ctx.device);
         let model = nn::linear(vs.root() / "fc", features as i64, 1, Default::default());
-        let ddp = Ddp::new(&vs, ctx.collective.as_mut(), ctx.spec.bucket_bytes)?;
-        Ok(Self { _vs: vs, model, ddp, samples, features, job, received: 0 })
+        Ok(Self { vs, model, samples, features, job, received: 0 })
     }
 
-    /// This rank's micro-batch, as the actors deliver it.
+    /// `n` samples, as the actors deliver them.
     fn batch(&mut self, n: usize) -> Result<(Tensor, Tensor), TrainError> {
         let (mut xs, mut ys) = (Vec::with_capacity(n * self.features), Vec::with_capacity(n));
         while ys.len() < n {
@@ -103,49 +102,23 @@ fn accept_samples(listener: TcpListener, samples: SyncSender<Sample>, features: 
     }
 }
 
-impl TrainLoop for FedByActors {
-    fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError> {
-        let (x, y) = self.batch(ctx.spec.micro_batch)?;
-        let (x, y) = (x.to_device(ctx.device), y.to_device(ctx.device));
-        let loss = self.model.forward(&x).mse_loss(&y, tch::Reduction::Mean);
-        loss.f_backward()?;
-        self.ddp.sync_grads(ctx.collective.as_mut())?;
-        let lr = ctx.spec.optim.lr;
-        let params = self.ddp.params_mut();
-        tch::no_grad(|| {
-            let mut flat = params.params().shallow_clone();
-            let _ = flat.f_sub_(&(params.grads() * lr));
-        });
-        params.zero_grads();
-        let mut global = loss.detach().reshape([1]).to_kind(Kind::Float);
-        ctx.collective.all_reduce(&mut global, ReduceOp::Avg)?;
+impl TrainStep for FedByActors {
+    fn vars(&self) -> &VarStore {
+        &self.vs
+    }
+
+    /// Mean squared error on the next samples to arrive (the data comes from the actors, so a
+    /// resumed run does not replay the same batches).
+    fn loss(&mut self, ctx: &TrainContext, step: u64, samples: Range<usize>) -> Result<MicroLoss, TrainError> {
+        let (x, y) = self.batch(samples.len())?;
+        let loss =
+            self.model.forward(&x.to_device(ctx.device)).mse_loss(&y.to_device(ctx.device), tch::Reduction::Mean);
         // Best effort: a lost metric is not worth failing a step for.
         let _ = self.job.report_metrics(step + 1, &[("samples_received", self.received as f64)]);
-        Ok(StepOutput { loss: global.f_double_value(&[0])?, lr, tokens: ctx.spec.global_batch, grad_norm: None })
-    }
-
-    fn state(&self) -> Result<Option<LoopState>, TrainError> {
-        let flat = self.ddp.params();
-        let copy = flat.params().f_to_device(Device::Cpu)?.f_detach_copy()?;
-        let model = flat.entries().iter().map(|e| (e.name.clone(), flat.view(&copy, e))).collect();
-        Ok(Some(LoopState { model, ..Default::default() }))
-    }
-
-    fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
-        let flat = self.ddp.params();
-        for (name, saved) in state.model {
-            let entry = flat
-                .entries()
-                .iter()
-                .find(|e| e.name == name)
-                .ok_or_else(|| TrainError::other(format!("unexpected tensor {name}")))?;
-            let mut target = flat.view(flat.params(), entry);
-            tch::no_grad(|| target.f_copy_(&saved))?;
-        }
-        Ok(())
+        Ok(MicroLoss::mean(loss, samples.len()).with_tokens(samples.len()))
     }
 }
 
 fn main() -> ExitCode {
-    run_with_loop(FedByActors::new)
+    run_with_step(FedByActors::new)
 }
