@@ -18,6 +18,7 @@ mod ring_transfer;
 pub mod shm;
 mod shm_setup;
 pub mod tcp;
+mod tcp_handshake;
 mod tcp_rendezvous;
 
 pub use nccl::NcclCollective;
@@ -49,6 +50,8 @@ pub enum CollectiveError {
     Unsupported { op: &'static str, reason: String },
     #[error("backend {backend} is not available: {reason}")]
     Unavailable { backend: &'static str, reason: String },
+    #[error("connect: {reason} (rank {peer}); every rank of a gang must hold the same job token (RTRAIN_JOB_TOKEN)")]
+    Unauthenticated { peer: usize, reason: String },
 }
 
 /// A communicator over a fixed group of ranks. It has one owner (the training thread).

@@ -13,7 +13,7 @@
 //! let peers: Vec<String> = points.iter().map(|p| p.addr().to_string()).collect();
 //! // ... each rank, in its own thread or process:
 //! # let [point, _] = points;
-//! let mut comm = point.connect(0, &peers, Duration::from_secs(30))?;
+//! let mut comm = point.connect(0, &peers, "the job token", Duration::from_secs(30))?;
 //! let mut grads = vec![1.0f32; 1024];
 //! comm.all_reduce_f32(&mut grads, ReduceOp::Avg)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -59,19 +59,19 @@ impl TcpCollective {
     }
 
     /// `world` connected ranks on 127.0.0.1, indexed by rank, for in-process tests and benchmarks.
+    /// They share a token drawn at random here, so no other process can join them.
     pub fn loopback_group(world: usize, timeout: Duration) -> Result<Vec<TcpCollective>, CollectiveError> {
-        let points = (0..world)
-            .map(|_| Self::bind("127.0.0.1"))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| CollectiveError::Io { op: "bind", peer: 0, source: e })?;
+        let bind_err = |e| CollectiveError::Io { op: "bind", peer: 0, source: e };
+        let points = (0..world).map(|_| Self::bind("127.0.0.1")).collect::<io::Result<Vec<_>>>().map_err(bind_err)?;
+        let token = random_token().map_err(bind_err)?;
         let peers: Vec<String> = points.iter().map(|p| p.addr().to_string()).collect();
         std::thread::scope(|scope| {
             let joins: Vec<_> = points
                 .into_iter()
                 .enumerate()
                 .map(|(rank, point)| {
-                    let peers = &peers;
-                    scope.spawn(move || point.connect(rank, peers, timeout))
+                    let (peers, token) = (&peers, &token);
+                    scope.spawn(move || point.connect(rank, peers, token, timeout))
                 })
                 .collect();
             joins.into_iter().map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
@@ -274,6 +274,14 @@ impl Collective for TcpCollective {
         let schedule = ring_schedule::all_gather(self.rank, self.world, 1, self.segment_bytes);
         self.run("barrier", OpKind::Barrier, 0, &mut slots, &schedule)
     }
+}
+
+/// 32 random hex digits.
+fn random_token() -> io::Result<String> {
+    use std::io::Read;
+    let mut raw = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The bytes of a contiguous, dense CPU tensor.

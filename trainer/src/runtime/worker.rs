@@ -112,7 +112,8 @@ where
     let peers = control
         .rendezvous(point.addr(), spec.rendezvous_timeout, spec.heartbeat_interval)
         .map_err(|e| TrainError::other(e.to_string()))?;
-    let mut bootstrap = point.connect(env.rank, &peers, spec.collective_timeout)?;
+    let mut bootstrap =
+        point.with_session(env.attempt.into()).connect(env.rank, &peers, &env.token, spec.collective_timeout)?;
     let mut backend = spec.backend.name();
     let (device, collective): (Device, Box<dyn Collective>) = match (spec.device, spec.backend) {
         (DeviceKind::Cuda, BackendKind::Nccl) => {
