@@ -236,7 +236,7 @@ fn ranks_that_disagree_on_the_call_fail_with_a_message() {
             comm.all_reduce_f32(&mut data, ReduceOp::Sum)
         });
         let messages: Vec<String> = results.into_iter().map(|r| r.unwrap_err().to_string()).collect();
-        assert!(messages.iter().any(|m| m.contains("ranks disagree")), "{messages:?}");
+        assert!(messages.iter().all(|m| m.contains("ranks disagree")), "{messages:?}");
     });
 }
 

@@ -1,7 +1,9 @@
 //! Collective communication between the ranks of a trainer gang.
 //!
 //! Every operation has a timeout; a peer that stops answering turns into a
-//! [`CollectiveError::Timeout`] that the worker reports, never an endless wait.
+//! [`CollectiveError::Timeout`] that the worker reports, never an endless wait. Every operation
+//! is announced before its data moves (kind, dtype, reduce op, element count, root): when the
+//! ranks disagree, every one of them returns an error, never a wrong result with `Ok`.
 
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ pub mod nccl;
 #[cfg(not(feature = "nccl"))]
 #[path = "nccl_stub.rs"]
 pub mod nccl;
+mod op_desc;
 mod ring_schedule;
 mod ring_transfer;
 pub mod shm;

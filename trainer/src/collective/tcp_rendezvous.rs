@@ -159,7 +159,7 @@ impl Ring {
         for (stream, peer) in [(&next, self.next_rank()), (&prev, self.prev_rank())] {
             tune(stream, self.timeout).map_err(|e| CollectiveError::Io { op: "connect", peer, source: e })?;
         }
-        Ok(RingLinks { next, prev, next_rank: self.next_rank(), prev_rank: self.prev_rank() })
+        Ok(RingLinks { rank: self.rank, next, prev, next_rank: self.next_rank(), prev_rank: self.prev_rank() })
     }
 
     /// Connects to the successor and completes the handshake, retrying until the deadline
