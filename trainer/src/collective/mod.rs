@@ -19,6 +19,8 @@ mod op_desc;
 mod ring_schedule;
 mod ring_transfer;
 pub mod shm;
+mod shm_reduce;
+mod shm_segment;
 mod shm_setup;
 pub mod tcp;
 mod tcp_handshake;

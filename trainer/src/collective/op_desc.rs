@@ -17,6 +17,8 @@ pub(crate) enum OpKind {
     Broadcast = 2,
     AllGather = 3,
     Barrier = 4,
+    /// [`super::Collective::shared_zeros`]: every rank maps every rank's buffer.
+    SharedZeros = 5,
 }
 
 impl OpKind {

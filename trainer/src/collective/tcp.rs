@@ -170,6 +170,17 @@ impl TcpCollective {
         self.run("all_reduce", desc, bytes, &schedule)
     }
 
+    /// Shuts the ring down, so that both neighbours fail at once, and breaks this communicator.
+    /// For a backend built on the ring that has failed on its own.
+    pub(crate) fn abort(&mut self, reason: &str) {
+        if let Some(links) = &self.links {
+            links.shutdown();
+        }
+        if self.broken.is_none() {
+            self.broken = Some(reason.to_string());
+        }
+    }
+
     /// A ring neighbour whose connection has closed (its process has exited), found without
     /// blocking; `None` while both links are open. Lets a backend that waits on shared memory
     /// notice a dead peer at once instead of at its timeout.
