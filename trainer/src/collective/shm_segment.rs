@@ -86,7 +86,7 @@ impl GangSegment {
     /// so that every slot is aligned for f64).
     pub(super) fn new(map: MmapRaw, world: usize, slot_bytes: usize) -> Result<Self, String> {
         let needed = Self::len(world, slot_bytes);
-        if map.len() < needed || slot_bytes % 64 != 0 || map.as_mut_ptr() as usize % LINE != 0 {
+        if map.len() < needed || !slot_bytes.is_multiple_of(64) || !(map.as_mut_ptr() as usize).is_multiple_of(LINE) {
             return Err(format!("a gang segment of {} bytes cannot hold {needed}", map.len()));
         }
         Ok(GangSegment { map, world, slot_bytes })
@@ -150,6 +150,7 @@ impl GangSegment {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

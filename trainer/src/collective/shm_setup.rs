@@ -203,6 +203,7 @@ fn agree(tcp: &mut TcpCollective, ok: bool) -> Result<bool, CollectiveError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::time::Duration;
 

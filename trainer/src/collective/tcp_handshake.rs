@@ -215,6 +215,7 @@ fn invalid(message: String) -> io::Error {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
