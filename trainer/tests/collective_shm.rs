@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::sync::mpsc;
+use std::sync::{PoisonError, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
 use common::{input, within};
@@ -16,9 +16,22 @@ use tch::{Device, Kind, Tensor};
 
 const CONNECT: Duration = Duration::from_secs(10);
 
+/// Held shared by every test that makes a gang, and exclusively by the tests that look for
+/// files left in /dev/shm (a gang's files exist briefly while it is set up).
+static DEV_SHM: RwLock<()> = RwLock::new(());
+
 /// Runs `f(rank, comm)` for every rank of a fresh group with `slot_bytes` staging slots, each on
 /// its own thread.
 fn on_ranks<T: Send + 'static>(
+    world: usize,
+    slot_bytes: usize,
+    f: impl Fn(usize, &mut ShmCollective) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let _shared = DEV_SHM.read().unwrap_or_else(PoisonError::into_inner);
+    on_ranks_unlocked(world, slot_bytes, f)
+}
+
+fn on_ranks_unlocked<T: Send + 'static>(
     world: usize,
     slot_bytes: usize,
     f: impl Fn(usize, &mut ShmCollective) -> T + Send + Sync + Clone + 'static,
@@ -131,20 +144,35 @@ fn shared_buffers_are_reduced_without_staging_whole_or_in_slices() {
     });
 }
 
+/// Files of this process left in /dev/shm.
+fn our_shm_files() -> Vec<String> {
+    let prefix = format!("rtrain-{}-", std::process::id());
+    std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
 #[test]
 fn no_segment_is_left_in_dev_shm() {
     within(Duration::from_secs(60), || {
-        let prefix = format!("rtrain-{}-", std::process::id());
-        on_ranks(2, 4096, |_, comm| {
+        let _exclusive = DEV_SHM.write().unwrap_or_else(PoisonError::into_inner);
+        on_ranks_unlocked(2, 4096, |_, comm| {
             let mut shared = comm.shared_zeros(1000, Kind::Float).unwrap().expect("a shared buffer");
             comm.all_reduce(&mut shared, ReduceOp::Sum).unwrap();
         });
-        let left: Vec<String> = std::fs::read_dir("/dev/shm")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().map(String::from))
-            .filter(|n| n.starts_with(&prefix))
-            .collect();
+        // A rank that leaves before the others set up shared buffers: they fail, and clean up.
+        let results = on_ranks_unlocked(3, 4096, |rank, comm| {
+            comm.set_timeout(Duration::from_secs(60));
+            if rank == 2 {
+                return Ok(None);
+            }
+            comm.shared_zeros(1000, Kind::Float)
+        });
+        assert!(results[0].is_err() && results[1].is_err(), "{results:?}");
+        let left = our_shm_files();
         assert!(left.is_empty(), "left behind: {left:?}");
     });
 }
@@ -194,6 +222,61 @@ fn a_silent_peer_times_out() {
 }
 
 #[test]
+fn a_rank_that_drops_out_fails_every_peer_long_before_the_timeout() {
+    // The timeout is 60 s and the test must end within 30 s. Rank 2 leaves while the others wait
+    // in the all-reduce: its sockets close and its memory goes, as a killed process's would
+    // (nothing is poisoned on its behalf). Ranks 1 and 3 are its ring neighbours and notice;
+    // rank 0 is not, and must hear it from them.
+    within(Duration::from_secs(30), || {
+        let results = on_ranks(4, 4096, |rank, comm| {
+            comm.set_timeout(Duration::from_secs(60));
+            if rank == 2 {
+                std::thread::sleep(Duration::from_millis(200));
+                return None;
+            }
+            let mut data = vec![1.0f32; 100_000];
+            Some(comm.all_reduce_f32(&mut data, ReduceOp::Sum))
+        });
+        for (rank, result) in results.iter().enumerate().filter(|(r, _)| *r != 2) {
+            match result {
+                Some(Err(CollectiveError::Io { .. })) => {}
+                other => panic!("rank {rank}: expected an error about the lost peer, got {other:?}"),
+            }
+        }
+    });
+}
+
+#[test]
+fn a_rank_that_fails_fails_every_peer_long_before_the_timeout() {
+    // Rank 2 is alive but never calls; rank 1 gives up after 300 ms. Ranks 0 and 3 wait up to 60 s
+    // for rank 2 themselves, but must fail as soon as rank 1 has.
+    within(Duration::from_secs(30), || {
+        let (tx, rx) = mpsc::channel::<()>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let results = on_ranks(4, 4096, move |rank, comm| {
+            comm.set_timeout(if rank == 1 { Duration::from_millis(300) } else { Duration::from_secs(60) });
+            if rank == 2 {
+                // Stays alive, links open, until the three others have returned.
+                let rx = rx.lock().unwrap();
+                for _ in 0..3 {
+                    let _ = rx.recv_timeout(Duration::from_secs(25));
+                }
+                return None;
+            }
+            let mut data = vec![1.0f32; 1000];
+            let result = comm.all_reduce_f32(&mut data, ReduceOp::Sum).map_err(|e| e.to_string());
+            let _ = tx.send(());
+            Some(result)
+        });
+        let err = |r: usize| results[r].clone().unwrap().unwrap_err();
+        assert!(err(1).contains("timed out"), "{}", err(1));
+        for rank in [0, 3] {
+            assert!(!err(rank).contains("timed out after 60s"), "rank {rank}: {}", err(rank));
+        }
+    });
+}
+
+#[test]
 fn ranks_that_disagree_on_the_call_fail_with_a_message() {
     within(Duration::from_secs(30), || {
         let results = on_ranks(2, 4096, |rank, comm| {
@@ -203,7 +286,7 @@ fn ranks_that_disagree_on_the_call_fail_with_a_message() {
         });
         for r in &results {
             let e = r.as_ref().unwrap_err();
-            assert!(e.contains("another operation") && e.contains("same collective calls"), "{e}");
+            assert!(e.contains("ranks disagree") && e.contains("same collective calls"), "{e}");
         }
     });
 }

@@ -14,6 +14,7 @@ use rtrain_trainer::collective::{Collective, CollectiveError, ReduceOp, TcpColle
 use tch::{Device, Kind, Tensor};
 
 const CONNECT: Duration = Duration::from_secs(10);
+const TOKEN: &str = "collective-test-token";
 
 /// Runs `f(rank, comm)` for every rank of a fresh loopback group, each on its own thread.
 fn on_ranks<T: Send + 'static>(
@@ -235,7 +236,7 @@ fn ranks_that_disagree_on_the_call_fail_with_a_message() {
             comm.all_reduce_f32(&mut data, ReduceOp::Sum)
         });
         let messages: Vec<String> = results.into_iter().map(|r| r.unwrap_err().to_string()).collect();
-        assert!(messages.iter().any(|m| m.contains("ranks disagree")), "{messages:?}");
+        assert!(messages.iter().all(|m| m.contains("ranks disagree")), "{messages:?}");
     });
 }
 
@@ -249,7 +250,7 @@ fn stray_and_stale_connections_are_refused() {
         stray.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let stale_point = TcpCollective::bind("127.0.0.1").unwrap().with_session(6);
         let stale_peers = vec![stale_point.addr().to_string(), peers[1].clone()];
-        let stale = std::thread::spawn(move || stale_point.connect(0, &stale_peers, Duration::from_millis(500)));
+        let stale = std::thread::spawn(move || stale_point.connect(0, &stale_peers, TOKEN, Duration::from_millis(500)));
 
         let joins: Vec<_> = points
             .into_iter()
@@ -258,7 +259,7 @@ fn stray_and_stale_connections_are_refused() {
                 let peers = peers.clone();
                 std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_millis(100));
-                    let mut comm = point.connect(rank, &peers, CONNECT).unwrap();
+                    let mut comm = point.connect(rank, &peers, TOKEN, CONNECT).unwrap();
                     let mut data = vec![rank as f32 + 1.0; 10];
                     comm.all_reduce_f32(&mut data, ReduceOp::Sum).unwrap();
                     data
@@ -280,7 +281,7 @@ fn connect_gives_up_when_a_peer_never_comes() {
         let absent = TcpCollective::bind("127.0.0.1").unwrap();
         let peers = vec![point.addr().to_string(), absent.addr().to_string()];
         let start = Instant::now();
-        let err = point.connect(0, &peers, Duration::from_millis(300)).unwrap_err();
+        let err = point.connect(0, &peers, TOKEN, Duration::from_millis(300)).unwrap_err();
         assert!(matches!(err, CollectiveError::Timeout { op: "connect", .. }), "{err}");
         assert!(start.elapsed() < Duration::from_secs(2));
     });

@@ -1,7 +1,9 @@
 //! Collective communication between the ranks of a trainer gang.
 //!
 //! Every operation has a timeout; a peer that stops answering turns into a
-//! [`CollectiveError::Timeout`] that the worker reports, never an endless wait.
+//! [`CollectiveError::Timeout`] that the worker reports, never an endless wait. Every operation
+//! is announced before its data moves (kind, dtype, reduce op, element count, root): when the
+//! ranks disagree, every one of them returns an error, never a wrong result with `Ok`.
 
 use std::time::Duration;
 
@@ -13,11 +15,15 @@ pub mod nccl;
 #[cfg(not(feature = "nccl"))]
 #[path = "nccl_stub.rs"]
 pub mod nccl;
+mod op_desc;
 mod ring_schedule;
 mod ring_transfer;
 pub mod shm;
+mod shm_reduce;
+mod shm_segment;
 mod shm_setup;
 pub mod tcp;
+mod tcp_handshake;
 mod tcp_rendezvous;
 
 pub use nccl::NcclCollective;
@@ -49,6 +55,8 @@ pub enum CollectiveError {
     Unsupported { op: &'static str, reason: String },
     #[error("backend {backend} is not available: {reason}")]
     Unavailable { backend: &'static str, reason: String },
+    #[error("connect: {reason} (rank {peer}); every rank of a gang must hold the same job token (RTRAIN_JOB_TOKEN)")]
+    Unauthenticated { peer: usize, reason: String },
 }
 
 impl CollectiveError {

@@ -49,11 +49,26 @@ pub(crate) struct RecvStep {
     pub combine: Combine,
 }
 
+/// How the ranks make sure they agree on an operation before its data moves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Agreement {
+    /// Each rank sends its header ahead of its data and checks its predecessor's. Enough where
+    /// every rank's result depends on every link (all-reduce, all-gather, barrier): any mismatch
+    /// is seen by at least two ranks (a ring that changes value somewhere changes it twice), and
+    /// a refusing rank, which closes its links and sends no more, leaves every rank short of data.
+    #[default]
+    Neighbours,
+    /// The header goes once round the ring before any data (broadcast: the root receives nothing
+    /// and would otherwise return `Ok` while its peers refuse). `starts` on the root.
+    Lap { starts: bool },
+}
+
 /// The transfers one rank performs for one collective, in order on each link.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Schedule {
     pub sends: Vec<SendStep>,
     pub recvs: Vec<RecvStep>,
+    pub agreement: Agreement,
 }
 
 impl Schedule {
@@ -98,6 +113,7 @@ pub(crate) fn broadcast(rank: usize, world: usize, root: usize, len_bytes: usize
         return schedule;
     }
     let position = (rank + world - root) % world;
+    schedule.agreement = Agreement::Lap { starts: position == 0 };
     let segments = segment_ranges(0..len_bytes, segment_bytes.max(1));
     if position != world - 1 {
         schedule.sends = segments
@@ -265,6 +281,8 @@ mod tests {
         let single = broadcast(0, 1, 0, 10, 4);
         assert!(single.sends.is_empty() && single.recvs.is_empty(), "world 1 moves nothing");
         let first = broadcast(2, 3, 2, 10, 4);
+        assert_eq!(first.agreement, Agreement::Lap { starts: true });
+        assert_eq!(broadcast(0, 3, 2, 0, 4).agreement, Agreement::Lap { starts: false }, "even with no data");
         assert_eq!(first.sends.len(), 3);
         assert!(first.recvs.is_empty());
         let middle = broadcast(0, 3, 2, 10, 4);

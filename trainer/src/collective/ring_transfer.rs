@@ -2,8 +2,10 @@
 //! while the calling thread reads from the predecessor and reduces, segment by segment, so
 //! receiving, reducing and sending overlap.
 //!
-//! Any error shuts both sockets down, so the neighbours fail at once instead of waiting out their
-//! timeouts, and the communicator that owns the links is broken from then on.
+//! Every operation starts with an agreement on its [`OpDesc`] (see `ring_schedule::Agreement`).
+//! Any error, a disagreement included, shuts both sockets down, so the neighbours fail at once
+//! instead of waiting out their timeouts, and the communicator that owns the links is broken
+//! from then on.
 
 use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
@@ -13,7 +15,8 @@ use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::CollectiveError;
-use super::ring_schedule::{Combine, Elem, RecvStep, Schedule, SendStep};
+use super::op_desc::{OpDesc, OpWords};
+use super::ring_schedule::{Agreement, Combine, Elem, RecvStep, Schedule, SendStep};
 
 /// Below this many bytes sent per rank, one thread alternates sends and receives: everything in
 /// flight fits in the kernel's socket buffers, and a thread spawn would cost more than the data.
@@ -22,6 +25,7 @@ const INLINE_MAX_BYTES: usize = 32 * 1024;
 /// A rank's two ring connections: it only writes to `next` and only reads from `prev`.
 #[derive(Debug)]
 pub(crate) struct RingLinks {
+    pub rank: usize,
     pub next: TcpStream,
     pub prev: TcpStream,
     pub next_rank: usize,
@@ -29,77 +33,30 @@ pub(crate) struct RingLinks {
 }
 
 impl RingLinks {
-    fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         // Best effort: the socket may already be gone.
         let _ = self.next.shutdown(Shutdown::Both);
         let _ = self.prev.shutdown(Shutdown::Both);
     }
 }
 
-/// What kind of collective a header announces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub(crate) enum OpKind {
-    AllReduce = 1,
-    Broadcast = 2,
-    AllGather = 3,
-    Barrier = 4,
+/// The [`OpDesc`] as it travels ahead of each collective's data (little-endian words).
+const HEADER_LEN: usize = 24;
+
+fn encode_header(desc: &OpDesc) -> [u8; HEADER_LEN] {
+    let mut out = [0u8; HEADER_LEN];
+    for (chunk, word) in out.chunks_exact_mut(8).zip(desc.words()) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    out
 }
 
-impl OpKind {
-    fn name(code: u32) -> &'static str {
-        match code {
-            1 => "all_reduce",
-            2 => "broadcast",
-            3 => "all_gather",
-            4 => "barrier",
-            _ => "an unknown operation",
-        }
-    }
-}
-
-/// Sent ahead of each collective's data, so ranks that disagree about the call (op, size, dtype,
-/// root or sequence number) fail with a message instead of corrupting each other's buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct OpHeader {
-    pub kind: OpKind,
-    /// Op-specific detail: reduce op and dtype, or broadcast root.
-    pub arg: u32,
-    pub bytes: u64,
-    pub seq: u64,
-}
-
-impl OpHeader {
-    const LEN: usize = 24;
-
-    fn encode(&self) -> [u8; Self::LEN] {
-        let mut out = [0u8; Self::LEN];
-        out[0..4].copy_from_slice(&(self.kind as u32).to_le_bytes());
-        out[4..8].copy_from_slice(&self.arg.to_le_bytes());
-        out[8..16].copy_from_slice(&self.bytes.to_le_bytes());
-        out[16..24].copy_from_slice(&self.seq.to_le_bytes());
-        out
-    }
-
-    fn check(&self, raw: &[u8; Self::LEN], peer: usize) -> io::Result<()> {
-        let field = |r: Range<usize>| raw[r].iter().rev().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
-        let (kind, arg, bytes, seq) = (field(0..4) as u32, field(4..8) as u32, field(8..16), field(16..24));
-        if kind == self.kind as u32 && arg == self.arg && bytes == self.bytes && seq == self.seq {
-            return Ok(());
-        }
-        Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "ranks disagree: rank {peer} is in {} #{seq} (arg {arg}, {bytes} bytes) while this rank \
-                 is in {} #{} (arg {}, {} bytes)",
-                OpKind::name(kind),
-                OpKind::name(self.kind as u32),
-                self.seq,
-                self.arg,
-                self.bytes
-            ),
-        ))
-    }
+fn decode_header(raw: &[u8; HEADER_LEN]) -> OpWords {
+    std::array::from_fn(|i| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&raw[i * 8..(i + 1) * 8]);
+        u64::from_le_bytes(word)
+    })
 }
 
 /// Where an operation runs: its name for errors, and the per-read/per-write timeout.
@@ -127,12 +84,13 @@ impl OpContext {
     }
 }
 
-/// Runs `schedule` on `buf`, exchanging `header` first. `scratch` is reused across calls.
+/// Runs `schedule` on `buf` after the ranks have agreed on `desc` (see [`Agreement`]).
+/// `scratch` is reused across calls.
 pub(crate) fn run(
     links: &RingLinks,
     buf: &mut [u8],
     schedule: &Schedule,
-    header: OpHeader,
+    desc: OpDesc,
     scratch: &mut Vec<u64>,
     ctx: OpContext,
 ) -> Result<(), CollectiveError> {
@@ -143,10 +101,11 @@ pub(crate) fn run(
     }
     let view = SharedBytes { ptr: buf.as_mut_ptr(), len: buf.len() };
     let scratch = SharedBytes { ptr: scratch.as_mut_ptr().cast(), len: scratch.len() * 8 };
-    let result = if schedule.sent_bytes() <= INLINE_MAX_BYTES {
-        run_inline(links, view, schedule, header, scratch, ctx)
-    } else {
-        run_threaded(links, view, schedule, header, scratch, ctx)
+    let result = match schedule.agreement {
+        Agreement::Neighbours => transfer(links, view, schedule, Some(desc), scratch, ctx),
+        Agreement::Lap { starts } => agree_in_a_lap(links, &desc, starts)
+            .map_err(|(peer, e)| ctx.link_error(peer, e))
+            .and_then(|()| transfer(links, view, schedule, None, scratch, ctx)),
     };
     if result.is_err() {
         links.shutdown();
@@ -154,22 +113,54 @@ pub(crate) fn run(
     result
 }
 
+fn transfer(
+    links: &RingLinks,
+    buf: SharedBytes,
+    schedule: &Schedule,
+    header: Option<OpDesc>,
+    scratch: SharedBytes,
+    ctx: OpContext,
+) -> Result<(), CollectiveError> {
+    if schedule.sent_bytes() <= INLINE_MAX_BYTES {
+        run_inline(links, buf, schedule, header, scratch, ctx)
+    } else {
+        run_threaded(links, buf, schedule, header, scratch, ctx)
+    }
+}
+
+/// The header once round the ring before any data: the starting rank sends it and waits for it
+/// to come back; every other rank checks its predecessor's and only then passes its own on. A
+/// returning header thus means every rank agreed. A rank that refuses closes its links: the ranks
+/// after it never get the header, and the root and the ranks before it, which wait on it,
+/// never get their header back or their data. Costs `world` small sequential hops.
+fn agree_in_a_lap(links: &RingLinks, desc: &OpDesc, starts: bool) -> Result<(), (usize, io::Error)> {
+    let send = || write_all(&links.next, &encode_header(desc)).map_err(|e| (links.next_rank, e));
+    if starts {
+        send()?;
+    }
+    read_header(links, desc).map_err(|e| (links.prev_rank, e))?;
+    if !starts {
+        send()?;
+    }
+    Ok(())
+}
+
 /// One thread, greedy order: send whenever allowed, otherwise receive. Only for small payloads.
 fn run_inline(
     links: &RingLinks,
     buf: SharedBytes,
     schedule: &Schedule,
-    header: OpHeader,
+    header: Option<OpDesc>,
     scratch: SharedBytes,
     ctx: OpContext,
 ) -> Result<(), CollectiveError> {
     let send_err = |e| ctx.link_error(links.next_rank, e);
     let recv_err = |e| ctx.link_error(links.prev_rank, e);
-    if !schedule.sends.is_empty() {
-        write_all(&links.next, &header.encode()).map_err(send_err)?;
+    if let Some(desc) = header.filter(|_| !schedule.sends.is_empty()) {
+        write_all(&links.next, &encode_header(&desc)).map_err(send_err)?;
     }
-    if !schedule.recvs.is_empty() {
-        read_header(&links.prev, &header, links.prev_rank).map_err(recv_err)?;
+    if let Some(desc) = header.filter(|_| !schedule.recvs.is_empty()) {
+        read_header(links, &desc).map_err(recv_err)?;
     }
     let (mut sent, mut received) = (0, 0);
     while sent < schedule.sends.len() || received < schedule.recvs.len() {
@@ -194,7 +185,7 @@ fn run_threaded(
     links: &RingLinks,
     buf: SharedBytes,
     schedule: &Schedule,
-    header: OpHeader,
+    header: Option<OpDesc>,
     scratch: SharedBytes,
     ctx: OpContext,
 ) -> Result<(), CollectiveError> {
@@ -230,13 +221,13 @@ fn send_loop(
     links: &RingLinks,
     buf: SharedBytes,
     sends: &[SendStep],
-    header: OpHeader,
+    header: Option<OpDesc>,
     progress: &Progress,
     ctx: OpContext,
 ) -> Result<(), Stop> {
     let link_err = |e| Stop::Failed(ctx.link_error(links.next_rank, e));
-    if !sends.is_empty() {
-        write_all(&links.next, &header.encode()).map_err(link_err)?;
+    if let Some(desc) = header.filter(|_| !sends.is_empty()) {
+        write_all(&links.next, &encode_header(&desc)).map_err(link_err)?;
     }
     let mut received = 0;
     for (i, step) in sends.iter().enumerate() {
@@ -256,13 +247,13 @@ fn recv_loop(
     buf: SharedBytes,
     scratch: SharedBytes,
     recvs: &[RecvStep],
-    header: OpHeader,
+    header: Option<OpDesc>,
     progress: &Progress,
     ctx: OpContext,
 ) -> Result<(), Stop> {
     let link_err = |e| Stop::Failed(ctx.link_error(links.prev_rank, e));
-    if !recvs.is_empty() {
-        read_header(&links.prev, &header, links.prev_rank).map_err(link_err)?;
+    if let Some(desc) = header.filter(|_| !recvs.is_empty()) {
+        read_header(links, &desc).map_err(link_err)?;
     }
     let mut sent = 0;
     for (k, step) in recvs.iter().enumerate() {
@@ -347,10 +338,13 @@ fn cast<T: Copy>(bytes: &[u8]) -> &[T] {
     body
 }
 
-fn read_header(prev: &TcpStream, expected: &OpHeader, peer: usize) -> io::Result<()> {
-    let mut raw = [0u8; OpHeader::LEN];
-    read_exact(prev, &mut raw)?;
-    expected.check(&raw, peer)
+/// Reads the predecessor's header and refuses (`InvalidData`) one that is not `expected`.
+fn read_header(links: &RingLinks, expected: &OpDesc) -> io::Result<()> {
+    let mut raw = [0u8; HEADER_LEN];
+    read_exact(&links.prev, &mut raw)?;
+    expected
+        .check(decode_header(&raw), links.prev_rank, links.rank)
+        .map_err(|message| io::Error::new(io::ErrorKind::InvalidData, message))
 }
 
 fn read_exact(stream: &TcpStream, buf: &mut [u8]) -> io::Result<()> {

@@ -1,8 +1,9 @@
 //! `shm`: CPU tensors between ranks on one host, through shared memory.
 //!
 //! The gang maps one file of `/dev/shm`, created by rank 0 and unlinked as soon as every rank has
-//! it mapped (nothing is left behind, whatever happens later). It holds a control line per rank
-//! and two sets of staging slots. An all-reduce works chunk by chunk; for each chunk:
+//! it mapped (nothing is left behind, whatever happens later). It holds a header line, a control
+//! line per rank and two sets of staging slots (`shm_segment`). An all-reduce works chunk by
+//! chunk; for each chunk:
 //!
 //! 1. every rank copies the parts of the chunk that other ranks own into its slot;
 //! 2. (barrier) rank `r` sums part `r` in rank order, its own values straight from its tensor
@@ -15,50 +16,46 @@
 //! rank ends with identical bits: each part is summed once, in the same order, by its owner.
 //!
 //! A buffer from [`Collective::shared_zeros`] lives in shared memory itself (the DDP gradient
-//! buffer does): all-reducing it, or a slice of it, skips the staging copies. Rank `r` sums part
-//! `r` of every rank's buffer into every rank's buffer.
+//! buffer does): all-reducing a tensor over it, or over a slice of it, skips the staging copies.
+//! Rank `r` sums part `r` of every rank's buffer into every rank's buffer.
+//!
+//! Every operation starts with an agreement: each rank announces it on its control line (kind,
+//! dtype, reduce op, root, element count, buffer offset, sequence number), and after the first
+//! barrier every rank compares all announcements and refuses any difference. An announcement is
+//! only overwritten after a later barrier, which no rank passes before it has checked.
 //!
 //! A barrier is a counter per rank: arrive by incrementing your own, then wait until every
 //! counter has reached yours. Waiting spins briefly, then yields, then sleeps, and ends with an
-//! error at the collective timeout or as soon as a ring neighbour's TCP connection closes (its
-//! process died). Broadcast, all-gather and barrier go over the TCP ring that bootstrapped the
-//! gang; they carry little data.
+//! error at the collective timeout, as soon as a ring neighbour's TCP connection closes (its
+//! process died), or as soon as another rank has poisoned the gang. A rank that fails for any
+//! reason poisons it (the header records who and why) and shuts its TCP links, so every rank
+//! fails within a poll instead of at its timeout. Broadcast and all-gather move their data over
+//! the TCP ring that bootstrapped the gang; they carry little.
 
-use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ptr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use memmap2::MmapMut;
+use memmap2::{MmapOptions, MmapRaw};
 use tch::{Device, Kind, Tensor};
 
-use super::shm_setup::{check_one_host, map_gang_file, map_peer_buffers, unavailable};
-use super::tcp::cpu_bytes_mut;
+use super::op_desc::{DType, OpDesc, OpKind};
+use super::shm_reduce::{Element, divisor, parts, reduce_blocks};
+use super::shm_segment::{GangSegment, Poison, STAGED};
+use super::shm_setup::{PeerBuffers, check_one_host, map_gang_file, map_peer_buffers, unavailable};
+use super::tcp::{cpu_data, tensor_desc};
 use super::{Collective, CollectiveError, ReduceOp, TcpCollective};
 
 /// Bytes of one rank's staging slot. The gang file holds `2 × world` of them, so eight ranks fit
 /// in the 64 MiB `/dev/shm` a Docker container gets by default.
 pub const DEFAULT_SLOT_BYTES: usize = 1 << 20;
-/// Control line of one rank: two cache lines, so ranks never write the same line.
-const LINE: usize = 128;
-/// Elements summed per block: the block's running sum stays in L1.
-const BLOCK: usize = 2048;
-
-/// A rank's control line: its barrier counter and the operation it is in.
-#[repr(C)]
-struct ControlLine {
-    arrived: AtomicU64,
-    /// seq, kind, element count, offset in a shared buffer (or `u64::MAX`).
-    op: [AtomicU64; 4],
-}
 
 /// The shared-memory communicator of one rank. One owner; every wait has a timeout.
 pub struct ShmCollective {
     rank: usize,
     world: usize,
     tcp: TcpCollective,
-    /// Control lines, then slot set 0 (one slot per rank), then slot set 1.
-    gang: MmapMut,
-    slot_bytes: usize,
+    gang: GangSegment,
     /// This rank's barrier counter.
     arrived: u64,
     /// Chunks staged so far; chunk `c` uses slot set `c % 2`.
@@ -74,24 +71,29 @@ impl std::fmt::Debug for ShmCollective {
         f.debug_struct("ShmCollective")
             .field("rank", &self.rank)
             .field("world", &self.world)
-            .field("slot_bytes", &self.slot_bytes)
+            .field("slot_bytes", &self.gang.slot_bytes())
             .field("shared_buffers", &self.buffers.len())
             .finish()
     }
 }
 
-/// A buffer every rank mapped: the base address of each rank's copy, indexed by rank. The
-/// mappings are never unmapped (tensors made over them may live anywhere in the process), so the
-/// addresses stay valid for the life of the process.
+/// A buffer every rank mapped: `bytes` long, one mapping per rank (indexed by rank), never
+/// unmapped (tensors over it may live anywhere in the process).
 struct SharedBuffer {
     bytes: usize,
-    bases: Vec<usize>,
+    maps: PeerBuffers,
+}
+
+impl SharedBuffer {
+    fn base(&self, rank: usize) -> *mut u8 {
+        self.maps[rank].as_mut_ptr()
+    }
 }
 
 impl ShmCollective {
     /// Sets up shared memory for the ranks of `tcp` (a connected ring; it stays in use for
-    /// broadcast, all-gather, barrier and noticing dead peers). Every rank calls this together.
-    /// Fails on every rank alike when the ranks are not on one host or `/dev/shm` is too small.
+    /// broadcast, all-gather and noticing dead peers). Every rank calls this together. Fails on
+    /// every rank alike when the ranks are not on one host or `/dev/shm` is too small.
     pub fn new(tcp: TcpCollective) -> Result<Self, CollectiveError> {
         Self::try_new(tcp, DEFAULT_SLOT_BYTES).map_err(|(e, _)| e)
     }
@@ -109,29 +111,31 @@ impl ShmCollective {
     pub fn try_new(mut tcp: TcpCollective, slot_bytes: usize) -> Result<Self, (CollectiveError, TcpCollective)> {
         let (rank, world) = (tcp.rank(), tcp.world_size());
         let slot_bytes = (slot_bytes / 64).max(1) * 64;
-        let len = LINE * world + 2 * world * slot_bytes;
-        let gang = match check_one_host(&mut tcp).and_then(|()| {
-            if world == 1 {
-                MmapMut::map_anon(len).map_err(|e| unavailable(format!("cannot map {len} bytes: {e}")))
-            } else {
-                map_gang_file(&mut tcp, len)
-            }
-        }) {
-            Ok(gang) => gang,
-            Err(e) => return Err((e, tcp)),
-        };
-        Ok(ShmCollective {
-            rank,
-            world,
-            tcp,
-            gang,
-            slot_bytes,
-            arrived: 0,
-            chunks: 0,
-            seq: 0,
-            buffers: Vec::new(),
-            broken: None,
-        })
+        let len = GangSegment::len(world, slot_bytes);
+        let gang = check_one_host(&mut tcp)
+            .and_then(|()| {
+                if world == 1 {
+                    let map = MmapOptions::new().len(len).map_anon();
+                    map.map(MmapRaw::from).map_err(|e| unavailable(format!("cannot map {len} bytes: {e}")))
+                } else {
+                    map_gang_file(&mut tcp, len)
+                }
+            })
+            .and_then(|map| GangSegment::new(map, world, slot_bytes).map_err(unavailable));
+        match gang {
+            Ok(gang) => Ok(ShmCollective {
+                rank,
+                world,
+                tcp,
+                gang,
+                arrived: 0,
+                chunks: 0,
+                seq: 0,
+                buffers: Vec::new(),
+                broken: None,
+            }),
+            Err(e) => Err((e, tcp)),
+        }
     }
 
     /// Changes the wait limit of every operation; takes effect at the next one.
@@ -140,88 +144,95 @@ impl ShmCollective {
     }
 
     /// Sums (or averages) `data` across ranks in place; every rank ends with identical bits.
+    /// Always staged through the slots, even where `data` lies in a shared buffer: a `&mut`
+    /// slice promises that nobody else touches it, and in-place reduction has peers write it.
+    /// All-reduce a tensor over a buffer from [`Collective::shared_zeros`] for the in-place path.
     pub fn all_reduce_f32(&mut self, data: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError> {
-        self.all_reduce_slice(data, op)
+        self.all_reduce_at(data.as_mut_ptr(), data.len(), op, None)
     }
 
     /// [`Self::all_reduce_f32`] for f64.
     pub fn all_reduce_f64(&mut self, data: &mut [f64], op: ReduceOp) -> Result<(), CollectiveError> {
-        self.all_reduce_slice(data, op)
-    }
-
-    fn all_reduce_slice<T: Element>(&mut self, data: &mut [T], op: ReduceOp) -> Result<(), CollectiveError> {
-        self.check_usable()?;
-        self.seq += 1;
-        if self.world == 1 {
-            return Ok(());
-        }
-        let result = match self.shared_location(data.as_ptr() as usize, size_of_val(data)) {
-            Some((buffer, offset)) => self.reduce_shared::<T>(buffer, offset, data.len(), op),
-            None => self.reduce_staged(data, op),
-        };
-        if let Err(e) = &result {
-            tracing::warn!(rank = self.rank, error = %e, "shm collective failed; the gang must be rebuilt");
-            self.broken = Some(e.to_string());
-        }
-        result
+        self.all_reduce_at(data.as_mut_ptr(), data.len(), op, None)
     }
 
     /// Whether `tensor`'s memory lies in a buffer from [`Collective::shared_zeros`] of this
     /// communicator, so that all-reducing it needs no staging.
     pub fn holds(&self, tensor: &Tensor) -> bool {
-        tensor.defined()
-            && tensor.device() == Device::Cpu
-            && self
-                .shared_location(tensor.data_ptr() as usize, tensor.numel() * tensor.kind().elt_size_in_bytes())
-                .is_some()
+        let Ok((start, bytes)) = cpu_data("all_reduce", tensor) else {
+            return false;
+        };
+        bytes > 0 && self.shared_location(start as usize, bytes).is_some()
     }
 
     /// The shared buffer that `bytes` bytes at address `start` lie in, and their offset there.
     fn shared_location(&self, start: usize, bytes: usize) -> Option<(usize, usize)> {
-        let end = start + bytes;
+        let end = start.checked_add(bytes)?;
         self.buffers.iter().enumerate().find_map(|(i, b)| {
-            let base = b.bases[self.rank];
+            let base = b.base(self.rank) as usize;
             (start >= base && end <= base + b.bytes).then(|| (i, start - base))
         })
     }
 
-    fn reduce_staged<T: Element>(&mut self, data: &mut [T], op: ReduceOp) -> Result<(), CollectiveError> {
+    /// All-reduces `len` elements at `data`: in place when `shared` names where they lie in a
+    /// shared buffer, staged otherwise. `data` must be valid for `len` elements, aligned, and
+    /// touched by nothing else during the call (it may dangle when `len` is 0).
+    fn all_reduce_at<T: Element>(
+        &mut self,
+        data: *mut T,
+        len: usize,
+        op: ReduceOp,
+        shared: Option<(usize, usize)>,
+    ) -> Result<(), CollectiveError> {
+        let desc = OpDesc::new(OpKind::AllReduce, DType::Tensor(T::KIND), len).reducing(op);
+        self.guarded("all_reduce", |this| match shared {
+            Some((buffer, offset)) => this.reduce_shared::<T>(buffer, offset, len, desc),
+            None => this.reduce_staged(data, len, desc),
+        })
+    }
+
+    fn reduce_staged<T: Element>(&mut self, data: *mut T, len: usize, desc: OpDesc) -> Result<(), CollectiveError> {
         let (rank, world) = (self.rank, self.world);
-        let slot_elems = self.slot_bytes / size_of::<T>();
-        self.announce(T::KIND, data.len() as u64, u64::MAX);
-        let mut first = true;
-        for chunk in data.chunks_mut(slot_elems) {
+        let div = divisor::<T>(desc.reduce.unwrap_or(ReduceOp::Sum), world);
+        let slot_elems = self.gang.slot_bytes() / size_of::<T>();
+        if len == 0 {
+            return self.agree("all_reduce", desc, STAGED).and_then(|()| self.phase("all_reduce"));
+        }
+        self.announce(desc, STAGED);
+        let mut start = 0;
+        while start < len {
+            let n = slot_elems.min(len - start);
+            // SAFETY: start < len, within the caller's elements.
+            let chunk = unsafe { data.add(start) };
             let set = (self.chunks % 2) as usize;
             self.chunks += 1;
-            let parts = parts(chunk.len(), world);
-            let slots: Vec<*mut T> = (0..world).map(|k| self.slot_ptr(set, k).cast::<T>()).collect();
+            let parts = parts(n, world);
+            let slots: Vec<*mut T> = (0..world).map(|k| self.gang.slot(set, k).cast::<T>()).collect();
             for (_, part) in parts.iter().enumerate().filter(|(k, _)| *k != rank) {
-                // SAFETY: this rank's own slot holds slot_elems >= chunk.len() elements; peers
-                // read it only after the next barrier.
-                let mine = unsafe { std::slice::from_raw_parts_mut(slots[rank].add(part.start), part.len()) };
-                mine.copy_from_slice(&chunk[part.clone()]);
+                // SAFETY: this rank's own slot holds slot_elems >= n elements and no peer reads it
+                // before the next barrier; `chunk` is the caller's private memory.
+                unsafe { ptr::copy_nonoverlapping(chunk.add(part.start), slots[rank].add(part.start), part.len()) };
             }
             self.phase("all_reduce")?;
-            if first {
-                self.check_peers_agree()?;
-                first = false;
+            if start == 0 {
+                self.check_peers_agree("all_reduce", desc, STAGED)?;
             }
             let mine = parts[rank].clone();
-            let own = chunk[mine.clone()].as_mut_ptr();
-            let inputs: Vec<*const T> = (0..world)
-                .map(|k| if k == rank { own.cast_const() } else { slots[k].wrapping_add(mine.start).cast_const() })
-                .collect();
-            let outputs = [own, slots[rank].wrapping_add(mine.start)];
-            // SAFETY: part `rank` of every slot was written before the barrier and no rank writes
-            // it until the next barrier but this one; `own` is this rank's exclusive data.
-            unsafe { reduce_blocks(&inputs, &outputs, mine.len(), divisor(op, world)) };
+            // SAFETY: part `rank` of every slot was written before the barrier and no rank
+            // writes it until the next barrier but this one; `chunk` is this rank's own data.
+            unsafe {
+                let own = chunk.add(mine.start);
+                let inputs: Vec<*const T> =
+                    (0..world).map(|k| if k == rank { own } else { slots[k].add(mine.start) }.cast_const()).collect();
+                reduce_blocks(&inputs, &[own, slots[rank].add(mine.start)], mine.len(), div);
+            }
             self.phase("all_reduce")?;
             for (k, part) in parts.iter().enumerate().filter(|(k, _)| *k != rank) {
                 // SAFETY: rank k wrote part k of its slot before the barrier just passed, and
                 // writes that slot set again only after two more barriers.
-                let sums = unsafe { std::slice::from_raw_parts(slots[k].add(part.start).cast_const(), part.len()) };
-                chunk[part.clone()].copy_from_slice(sums);
+                unsafe { ptr::copy_nonoverlapping(slots[k].add(part.start), chunk.add(part.start), part.len()) };
             }
+            start += n;
         }
         Ok(())
     }
@@ -231,73 +242,104 @@ impl ShmCollective {
         buffer: usize,
         offset: usize,
         len: usize,
-        op: ReduceOp,
+        desc: OpDesc,
     ) -> Result<(), CollectiveError> {
         let (rank, world) = (self.rank, self.world);
-        self.announce(T::KIND, len as u64, offset as u64);
-        self.phase("all_reduce")?;
-        self.check_peers_agree()?;
+        self.agree("all_reduce", desc, offset as u64)?;
         let part = parts(len, world).swap_remove(rank);
-        let at = |k: usize| (self.buffers[buffer].bases[k] + offset) as *mut T;
-        let inputs: Vec<*const T> = (0..world).map(|k| at(k).wrapping_add(part.start).cast_const()).collect();
-        let outputs: Vec<*mut T> = (0..world).map(|k| at(k).wrapping_add(part.start)).collect();
+        let at = |k: usize| self.buffers[buffer].base(k).wrapping_add(offset).cast::<T>().wrapping_add(part.start);
+        let inputs: Vec<*const T> = (0..world).map(|k| at(k).cast_const()).collect();
+        let outputs: Vec<*mut T> = (0..world).map(at).collect();
         // SAFETY: every rank has written its data before the barrier, and until the next one
-        // only this rank touches part `rank` of the range, in every rank's buffer.
-        unsafe { reduce_blocks(&inputs, &outputs, part.len(), divisor(op, world)) };
+        // only this rank touches part `rank` of the range, in every rank's buffer. The range lies
+        // in the buffer on every rank: they agreed on offset and length.
+        unsafe { reduce_blocks(&inputs, &outputs, part.len(), divisor(desc.reduce.unwrap_or(ReduceOp::Sum), world)) };
         self.phase("all_reduce")
     }
 
-    fn slot_ptr(&mut self, set: usize, rank: usize) -> *mut u8 {
-        let at = LINE * self.world + (set * self.world + rank) * self.slot_bytes;
-        self.gang[at..].as_mut_ptr()
-    }
-
-    fn line(&self, rank: usize) -> &ControlLine {
-        // SAFETY: the mapping starts page-aligned and holds `world` lines of LINE bytes; the
-        // line is only accessed through atomics, by every process that maps the file.
-        unsafe { &*self.gang.as_ptr().add(rank * LINE).cast::<ControlLine>() }
-    }
-
-    /// Publishes the operation this rank is entering, for [`Self::check_peers_agree`].
-    fn announce(&self, kind: u64, len: u64, offset: u64) {
-        let line = self.line(self.rank);
-        for (slot, value) in line.op.iter().zip([self.seq, kind, len, offset]) {
-            slot.store(value, Ordering::Relaxed);
+    /// Runs one operation: refuses on a broken gang, numbers it, and on failure breaks and
+    /// poisons the gang and shuts the TCP ring, so that every peer fails within a poll.
+    fn guarded(
+        &mut self,
+        op: &'static str,
+        body: impl FnOnce(&mut Self) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
+        self.check_usable(op)?;
+        self.seq += 1;
+        if self.world == 1 {
+            return Ok(());
         }
+        let result = body(self);
+        if let Err(e) = &result {
+            let why = match e {
+                CollectiveError::Timeout { peer, .. } => Poison::TimedOut { peer: *peer },
+                CollectiveError::Unsupported { .. } => Poison::Disagreed,
+                CollectiveError::Io { peer, .. } => Poison::LostPeer { peer: *peer },
+                _ => Poison::Failed,
+            };
+            self.gang.poison(self.rank, why);
+            tracing::warn!(rank = self.rank, op, error = %e, "shm collective failed; the gang must be rebuilt");
+            self.tcp.abort("the shm collective failed");
+            self.broken = Some(e.to_string());
+        }
+        result
+    }
+
+    /// Announces `desc`, waits for every rank and refuses unless all announced the same.
+    /// Sync point. The caller must pass one more barrier before its next announcement, so that
+    /// this one stays readable until every rank has checked it.
+    fn agree(&mut self, op: &'static str, desc: OpDesc, offset: u64) -> Result<(), CollectiveError> {
+        self.announce(desc, offset);
+        self.phase(op)?;
+        self.check_peers_agree(op, desc, offset)
+    }
+
+    /// Publishes this rank's operation (numbered) on its control line.
+    fn announce(&self, desc: OpDesc, offset: u64) {
+        self.gang.announce(self.rank, desc.numbered(self.seq).words(), offset);
     }
 
     /// After the first barrier of an operation: every rank announced the same one. A mismatch
-    /// (a rank skipped a call, or passed another size) would otherwise mix unrelated memory.
-    fn check_peers_agree(&self) -> Result<(), CollectiveError> {
-        let read = |k: usize| -> [u64; 4] { std::array::from_fn(|i| self.line(k).op[i].load(Ordering::Relaxed)) };
-        let mine = read(self.rank);
-        match (0..self.world).find(|&k| read(k) != mine) {
-            None => Ok(()),
-            Some(k) => Err(CollectiveError::Unsupported {
-                op: "all_reduce",
-                reason: format!(
-                    "rank {k} is in another operation (seq, kind, elements, offset = {:?}) than rank {} ({mine:?}): \
-                     every rank must make the same collective calls in the same order",
-                    read(k),
-                    self.rank
-                ),
-            }),
+    /// (a skipped call, another size, op, dtype, root or buffer) would otherwise mix unrelated
+    /// memory. Every rank reads every line, so either all pass or all refuse.
+    fn check_peers_agree(&self, op: &'static str, desc: OpDesc, offset: u64) -> Result<(), CollectiveError> {
+        let desc = desc.numbered(self.seq);
+        for k in 0..self.world {
+            let (words, their_offset) = self.gang.announced(k);
+            desc.check(words, k, self.rank).map_err(|reason| CollectiveError::Unsupported { op, reason })?;
+            if their_offset != offset {
+                let place = |o: u64| if o == STAGED { "a staged buffer".to_string() } else { format!("offset {o}") };
+                let reason = format!(
+                    "ranks disagree: rank {k} reduces {} of its shared buffer while rank {} reduces {}; every rank \
+                     must pass the same slice of the buffer from shared_zeros",
+                    place(their_offset),
+                    self.rank,
+                    place(offset)
+                );
+                return Err(CollectiveError::Unsupported { op, reason });
+            }
         }
+        Ok(())
     }
 
     /// Arrives at the next barrier and waits for every rank.
     fn phase(&mut self, op: &'static str) -> Result<(), CollectiveError> {
         self.arrived += 1;
         let target = self.arrived;
-        self.line(self.rank).arrived.store(target, Ordering::Release);
+        self.gang.line(self.rank).arrived.store(target, Ordering::Release);
         let started = Instant::now();
         let timeout = self.tcp.timeout();
         let mut polls = 0u32;
         loop {
-            let lagging = (0..self.world).find(|&k| self.line(k).arrived.load(Ordering::Acquire) < target);
+            let lagging = (0..self.world).find(|&k| self.gang.line(k).arrived.load(Ordering::Acquire) < target);
             let Some(peer) = lagging else {
                 return Ok(());
             };
+            // Only while someone lags: a rank that passed this barrier and then failed does not
+            // take back its arrival.
+            if let Some((by, why)) = self.gang.poisoned() {
+                return Err(poisoned_error(op, by, why));
+            }
             polls = polls.wrapping_add(1);
             if polls.is_multiple_of(256) {
                 if let Some(dead) = self.tcp.lost_peer() {
@@ -319,11 +361,16 @@ impl ShmCollective {
         }
     }
 
-    fn check_usable(&self) -> Result<(), CollectiveError> {
+    fn check_usable(&mut self, op: &'static str) -> Result<(), CollectiveError> {
+        if self.broken.is_none()
+            && let Some((by, why)) = self.gang.poisoned()
+        {
+            self.broken = Some(poisoned_error(op, by, why).to_string());
+        }
         match &self.broken {
             None => Ok(()),
             Some(reason) => Err(CollectiveError::Io {
-                op: "all_reduce",
+                op,
                 peer: self.rank,
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotConnected,
@@ -331,6 +378,22 @@ impl ShmCollective {
                 ),
             }),
         }
+    }
+}
+
+/// The error of a rank that finds the gang poisoned by rank `by`: it names the rank at the root
+/// of the failure where that is known.
+fn poisoned_error(op: &'static str, by: usize, why: Poison) -> CollectiveError {
+    let (peer, message) = match why {
+        Poison::LostPeer { peer } => (peer, format!("rank {by} lost its connection to rank {peer}")),
+        Poison::TimedOut { peer } => (by, format!("rank {by} timed out waiting for rank {peer}")),
+        Poison::Disagreed => (by, format!("rank {by} found that the ranks disagree on the operation")),
+        Poison::Failed => (by, format!("rank {by} failed")),
+    };
+    CollectiveError::Io {
+        op,
+        peer,
+        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, format!("{message} (see its log)")),
     }
 }
 
@@ -344,13 +407,11 @@ impl Collective for ShmCollective {
     }
 
     fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError> {
-        let kind = tensor.f_kind();
-        // SAFETY: `tensor` is borrowed mutably for the whole call.
-        let bytes = unsafe { cpu_bytes_mut("all_reduce", tensor) }?;
-        match kind {
-            // SAFETY (both): a CPU tensor's storage is aligned for its element type.
-            Ok(Kind::Float) => self.all_reduce_slice(unsafe { cast_slice::<f32>(bytes) }, op),
-            Ok(Kind::Double) => self.all_reduce_slice(unsafe { cast_slice::<f64>(bytes) }, op),
+        let (start, bytes) = cpu_data("all_reduce", tensor)?;
+        let shared = if bytes == 0 { None } else { self.shared_location(start as usize, bytes) };
+        match tensor.f_kind() {
+            Ok(Kind::Float) => self.all_reduce_at(elements::<f32>(start, bytes)?, bytes / 4, op, shared),
+            Ok(Kind::Double) => self.all_reduce_at(elements::<f64>(start, bytes)?, bytes / 8, op, shared),
             other => Err(CollectiveError::Unsupported {
                 op: "all_reduce",
                 reason: format!("the shm backend reduces f32 and f64 tensors, got {other:?}"),
@@ -359,132 +420,83 @@ impl Collective for ShmCollective {
     }
 
     fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
-        self.tcp.broadcast(tensor, root)
+        cpu_data("broadcast", tensor)?;
+        let desc = tensor_desc("broadcast", OpKind::Broadcast, tensor)?.rooted(root);
+        if root >= self.world {
+            let reason = format!("root {root} is outside a world of {}", self.world);
+            return Err(CollectiveError::Unsupported { op: "broadcast", reason });
+        }
+        // Agreement before data, so the root too learns of a mismatch; the ring then checks again.
+        self.agreed("broadcast", desc, |tcp| tcp.broadcast(tensor, root))
     }
 
     fn all_gather(&mut self, input: &Tensor) -> Result<Vec<Tensor>, CollectiveError> {
-        self.tcp.all_gather(input)
+        let desc = tensor_desc("all_gather", OpKind::AllGather, input)?;
+        let mut gathered = Vec::new();
+        self.agreed("all_gather", desc, |tcp| tcp.all_gather(input).map(|g| gathered = g))?;
+        Ok(gathered)
     }
 
     fn barrier(&mut self) -> Result<(), CollectiveError> {
-        self.tcp.barrier()
+        // The agreement is itself a barrier.
+        self.agreed("barrier", OpDesc::new(OpKind::Barrier, DType::Bytes, 0), |_| Ok(()))
     }
 
     fn shared_zeros(&mut self, numel: i64, kind: Kind) -> Result<Option<Tensor>, CollectiveError> {
-        if self.world == 1 || !matches!(kind, Kind::Float | Kind::Double) || numel <= 0 {
-            return Ok(None);
-        }
-        let bytes = numel as usize * kind.elt_size_in_bytes();
-        let Some(bases) = map_peer_buffers(&mut self.tcp, bytes)? else {
+        let desc = OpDesc::new(OpKind::SharedZeros, DType::Tensor(kind), numel.max(0) as usize);
+        let mut made = None;
+        let world = self.world;
+        self.agreed("shared_zeros", desc, |tcp| {
+            if world == 1 || !matches!(kind, Kind::Float | Kind::Double) || numel <= 0 {
+                return Ok(());
+            }
+            let bytes = numel as usize * kind.elt_size_in_bytes();
+            made = map_peer_buffers(tcp, bytes)?;
+            Ok(())
+        })?;
+        let Some(maps) = made else {
             return Ok(None);
         };
-        let base = bases[self.rank];
-        self.buffers.push(SharedBuffer { bytes, bases });
+        let base = maps[self.rank].as_mut_ptr();
+        let bytes = numel as usize * kind.elt_size_in_bytes();
+        self.buffers.push(SharedBuffer { bytes, maps });
         // SAFETY: `base` is a zero-filled mapping of `bytes` bytes that is never unmapped.
-        let tensor = unsafe { Tensor::f_from_blob(base as *const u8, &[numel], &[1], kind, Device::Cpu) }
+        let tensor = unsafe { Tensor::f_from_blob(base.cast_const(), &[numel], &[1], kind, Device::Cpu) }
             .map_err(|e| unavailable(format!("cannot wrap the shared buffer in a tensor: {e}")))?;
         Ok(Some(tensor))
     }
 }
 
-/// f32 and f64, the element types the backend sums.
-trait Element: Copy + std::ops::AddAssign + std::ops::Div<Output = Self> + Default {
-    const KIND: u64;
-    fn from_usize(n: usize) -> Self;
-}
-
-impl Element for f32 {
-    const KIND: u64 = 1;
-    fn from_usize(n: usize) -> Self {
-        n as f32
-    }
-}
-
-impl Element for f64 {
-    const KIND: u64 = 2;
-    fn from_usize(n: usize) -> Self {
-        n as f64
-    }
-}
-
-fn divisor<T: Element>(op: ReduceOp, world: usize) -> Option<T> {
-    match op {
-        ReduceOp::Sum => None,
-        ReduceOp::Avg => Some(T::from_usize(world)),
-    }
-}
-
-/// `outputs[j][i] = (inputs[0][i] + inputs[1][i] + ...) / divisor` for `i < len`, in blocks.
-/// An output may be one of the inputs: each block is read completely before it is written.
-///
-/// # Safety
-/// Every pointer must be valid for `len` elements, and no other thread may write them meanwhile.
-unsafe fn reduce_blocks<T: Element>(inputs: &[*const T], outputs: &[*mut T], len: usize, divisor: Option<T>) {
-    let mut sum = [T::default(); BLOCK];
-    let mut start = 0;
-    while start < len {
-        let n = BLOCK.min(len - start);
-        let acc = &mut sum[..n];
-        // SAFETY (all blocks below): within the caller's `len` elements of each pointer.
-        acc.copy_from_slice(unsafe { std::slice::from_raw_parts(inputs[0].add(start), n) });
-        for input in &inputs[1..] {
-            let x = unsafe { std::slice::from_raw_parts(input.add(start), n) };
-            for (a, b) in acc.iter_mut().zip(x) {
-                *a += *b;
-            }
+impl ShmCollective {
+    /// Runs `body` on the ring once every rank has announced the same `desc` (two barriers: the
+    /// announcement stays until every rank has checked it). A world of one skips both.
+    fn agreed(
+        &mut self,
+        op: &'static str,
+        desc: OpDesc,
+        body: impl FnOnce(&mut TcpCollective) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
+        if self.world == 1 {
+            self.check_usable(op)?;
+            return body(&mut self.tcp);
         }
-        if let Some(d) = divisor {
-            for a in acc.iter_mut() {
-                *a = *a / d;
-            }
-        }
-        for out in outputs {
-            unsafe { std::slice::from_raw_parts_mut(out.add(start), n) }.copy_from_slice(acc);
-        }
-        start += n;
+        self.guarded(op, |this| {
+            this.agree(op, desc, STAGED)?;
+            this.phase(op)?;
+            body(&mut this.tcp)
+        })
     }
 }
 
-/// `len` elements split into `world` contiguous parts, as even as possible; part `r` is rank r's.
-fn parts(len: usize, world: usize) -> Vec<Range<usize>> {
-    (0..world).map(|r| (len * r / world)..(len * (r + 1) / world)).collect()
-}
-
-/// # Safety
-/// `bytes` must be aligned for `T` (it is: it comes from a tensor of element type `T`).
-unsafe fn cast_slice<T>(bytes: &mut [u8]) -> &mut [T] {
-    debug_assert_eq!(bytes.as_ptr() as usize % align_of::<T>(), 0);
-    // SAFETY: aligned per the caller; f32/f64 accept any bit pattern.
-    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<T>(), bytes.len() / size_of::<T>()) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parts_cover_the_range_in_order() {
-        for (len, world) in [(10, 3), (0, 2), (1, 4), (1 << 20, 2), (7, 7)] {
-            let p = parts(len, world);
-            assert_eq!(p.len(), world);
-            assert_eq!(p[0].start, 0);
-            assert_eq!(p[world - 1].end, len);
-            for w in p.windows(2) {
-                assert_eq!(w[0].end, w[1].start);
-            }
-        }
+/// `bytes` bytes at `start` as elements of `T`: a dangling pointer for none, an error when
+/// misaligned (a CPU tensor of `T` never is).
+fn elements<T>(start: *mut u8, bytes: usize) -> Result<*mut T, CollectiveError> {
+    if bytes == 0 {
+        return Ok(ptr::NonNull::<T>::dangling().as_ptr());
     }
-
-    #[test]
-    fn blocks_sum_in_rank_order_and_divide() {
-        let a: Vec<f32> = (0..5000).map(|i| i as f32).collect();
-        let b: Vec<f32> = (0..5000).map(|i| 0.5 * i as f32).collect();
-        let mut out = a.clone();
-        let outputs = [out.as_mut_ptr()];
-        // SAFETY: every pointer covers 5000 elements.
-        unsafe { reduce_blocks(&[a.as_ptr(), b.as_ptr()], &outputs, 5000, Some(2.0f32)) };
-        for i in 0..5000 {
-            assert_eq!(out[i], (a[i] + b[i]) / 2.0);
-        }
+    if !(start as usize).is_multiple_of(align_of::<T>()) {
+        let reason = format!("the tensor's data at {start:p} is not aligned for its element type");
+        return Err(CollectiveError::Unsupported { op: "all_reduce", reason });
     }
+    Ok(start.cast::<T>())
 }

@@ -13,7 +13,7 @@
 //! let peers: Vec<String> = points.iter().map(|p| p.addr().to_string()).collect();
 //! // ... each rank, in its own thread or process:
 //! # let [point, _] = points;
-//! let mut comm = point.connect(0, &peers, Duration::from_secs(30))?;
+//! let mut comm = point.connect(0, &peers, "the job token", Duration::from_secs(30))?;
 //! let mut grads = vec![1.0f32; 1024];
 //! comm.all_reduce_f32(&mut grads, ReduceOp::Avg)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -24,8 +24,9 @@ use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
+use super::op_desc::{DType, OpDesc, OpKind};
 use super::ring_schedule::{self, Elem, Schedule};
-use super::ring_transfer::{self, OpContext, OpHeader, OpKind, RingLinks};
+use super::ring_transfer::{self, OpContext, RingLinks};
 use super::tcp_rendezvous::{self, TcpRendezvousPoint, set_timeouts};
 use super::{Collective, CollectiveError, ReduceOp};
 
@@ -59,19 +60,19 @@ impl TcpCollective {
     }
 
     /// `world` connected ranks on 127.0.0.1, indexed by rank, for in-process tests and benchmarks.
+    /// They share a token drawn at random here, so no other process can join them.
     pub fn loopback_group(world: usize, timeout: Duration) -> Result<Vec<TcpCollective>, CollectiveError> {
-        let points = (0..world)
-            .map(|_| Self::bind("127.0.0.1"))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| CollectiveError::Io { op: "bind", peer: 0, source: e })?;
+        let bind_err = |e| CollectiveError::Io { op: "bind", peer: 0, source: e };
+        let points = (0..world).map(|_| Self::bind("127.0.0.1")).collect::<io::Result<Vec<_>>>().map_err(bind_err)?;
+        let token = random_token().map_err(bind_err)?;
         let peers: Vec<String> = points.iter().map(|p| p.addr().to_string()).collect();
         std::thread::scope(|scope| {
             let joins: Vec<_> = points
                 .into_iter()
                 .enumerate()
                 .map(|(rank, point)| {
-                    let peers = &peers;
-                    scope.spawn(move || point.connect(rank, peers, timeout))
+                    let (peers, token) = (&peers, &token);
+                    scope.spawn(move || point.connect(rank, peers, token, timeout))
                 })
                 .collect();
             joins.into_iter().map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
@@ -122,16 +123,26 @@ impl TcpCollective {
         self.all_reduce_bytes(bytes, Elem::F64, op)
     }
 
-    /// Copies `root`'s `data` into every rank's `data` (same length on every rank).
+    /// Copies `root`'s `data` into every rank's `data` (same length on every rank). Every rank,
+    /// the root included, returns an error when the ranks disagree on the call.
     pub fn broadcast_bytes(&mut self, data: &mut [u8], root: usize) -> Result<(), CollectiveError> {
-        self.check_root("broadcast", root)?;
+        let desc = OpDesc::new(OpKind::Broadcast, DType::Bytes, data.len()).rooted(root);
+        self.broadcast_as(data, desc)
+    }
+
+    fn broadcast_as(&mut self, data: &mut [u8], desc: OpDesc) -> Result<(), CollectiveError> {
+        self.check_root("broadcast", desc.root)?;
         let (rank, world, segment) = (self.rank, self.world, self.segment_bytes);
-        let schedule = ring_schedule::broadcast(rank, world, root, data.len(), segment);
-        self.run("broadcast", OpKind::Broadcast, root as u32, data, &schedule)
+        let schedule = ring_schedule::broadcast(rank, world, desc.root, data.len(), segment);
+        self.run("broadcast", desc, data, &schedule)
     }
 
     /// Gathers every rank's `input` into `output`, rank `r`'s at `output[r * len..(r + 1) * len]`.
     pub fn all_gather_bytes(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), CollectiveError> {
+        self.all_gather_as(input, output, OpDesc::new(OpKind::AllGather, DType::Bytes, input.len()))
+    }
+
+    fn all_gather_as(&mut self, input: &[u8], output: &mut [u8], desc: OpDesc) -> Result<(), CollectiveError> {
         let len = input.len();
         if output.len() != len * self.world {
             return Err(CollectiveError::Unsupported {
@@ -141,7 +152,7 @@ impl TcpCollective {
         }
         output[self.rank * len..(self.rank + 1) * len].copy_from_slice(input);
         let schedule = ring_schedule::all_gather(self.rank, self.world, len, self.segment_bytes);
-        self.run("all_gather", OpKind::AllGather, 0, output, &schedule)
+        self.run("all_gather", desc, output, &schedule)
     }
 
     fn all_reduce_bytes(&mut self, bytes: &mut [u8], elem: Elem, op: ReduceOp) -> Result<(), CollectiveError> {
@@ -151,8 +162,23 @@ impl TcpCollective {
         };
         let len = bytes.len() / elem.size();
         let schedule = ring_schedule::all_reduce(self.rank, self.world, len, elem, self.segment_bytes, divisor);
-        let arg = ((elem as u32) << 8) | op as u32;
-        self.run("all_reduce", OpKind::AllReduce, arg, bytes, &schedule)
+        let kind = match elem {
+            Elem::F32 => Kind::Float,
+            Elem::F64 => Kind::Double,
+        };
+        let desc = OpDesc::new(OpKind::AllReduce, DType::Tensor(kind), len).reducing(op);
+        self.run("all_reduce", desc, bytes, &schedule)
+    }
+
+    /// Shuts the ring down, so that both neighbours fail at once, and breaks this communicator.
+    /// For a backend built on the ring that has failed on its own.
+    pub(crate) fn abort(&mut self, reason: &str) {
+        if let Some(links) = &self.links {
+            links.shutdown();
+        }
+        if self.broken.is_none() {
+            self.broken = Some(reason.to_string());
+        }
     }
 
     /// A ring neighbour whose connection has closed (its process has exited), found without
@@ -182,8 +208,7 @@ impl TcpCollective {
     fn run(
         &mut self,
         op: &'static str,
-        kind: OpKind,
-        arg: u32,
+        desc: OpDesc,
         buf: &mut [u8],
         schedule: &Schedule,
     ) -> Result<(), CollectiveError> {
@@ -207,9 +232,8 @@ impl TcpCollective {
             }
             self.socket_timeout = self.timeout;
         }
-        let header = OpHeader { kind, arg, bytes: buf.len() as u64, seq: self.seq };
         let ctx = OpContext { op, timeout: self.timeout };
-        let result = ring_transfer::run(links, buf, schedule, header, &mut self.scratch, ctx);
+        let result = ring_transfer::run(links, buf, schedule, desc.numbered(self.seq), &mut self.scratch, ctx);
         if let Err(e) = &result {
             tracing::warn!(rank = self.rank, op, error = %e, "tcp collective failed; the ring is shut down");
             self.broken = Some(e.to_string());
@@ -244,24 +268,25 @@ impl Collective for TcpCollective {
     }
 
     fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        let desc = tensor_desc("broadcast", OpKind::Broadcast, tensor)?.rooted(root);
         // SAFETY: `tensor` is borrowed mutably for the whole call.
         let bytes = unsafe { cpu_bytes_mut("broadcast", tensor) }?;
-        self.broadcast_bytes(bytes, root)
+        self.broadcast_as(bytes, desc)
     }
 
     fn all_gather(&mut self, input: &Tensor) -> Result<Vec<Tensor>, CollectiveError> {
         let torch_err = |e: tch::TchError| CollectiveError::Unsupported { op: "all_gather", reason: e.to_string() };
         let input = input.f_contiguous().map_err(torch_err)?;
         let kind = input.f_kind().map_err(torch_err)?;
+        let desc = tensor_desc("all_gather", OpKind::AllGather, &input)?;
         let mut gathered =
             Tensor::f_empty([(self.world * input.numel()) as i64], (kind, Device::Cpu)).map_err(torch_err)?;
         {
-            let mut source = input.shallow_clone();
-            // SAFETY: `source` aliases `input`, which nothing writes during the call; `gathered`
-            // is a fresh tensor owned here.
+            // SAFETY: the input is only read, and nothing writes it during the call (its owner
+            // lent it for the call); `gathered` is a fresh tensor owned here, the only one written.
             let (input_bytes, output_bytes) =
-                unsafe { (cpu_bytes_mut("all_gather", &mut source)?, cpu_bytes_mut("all_gather", &mut gathered)?) };
-            self.all_gather_bytes(input_bytes, output_bytes)?;
+                unsafe { (cpu_bytes("all_gather", &input)?, cpu_bytes_mut("all_gather", &mut gathered)?) };
+            self.all_gather_as(input_bytes, output_bytes, desc)?;
         }
         let mut shape = vec![self.world as i64];
         shape.extend(input.size());
@@ -272,8 +297,44 @@ impl Collective for TcpCollective {
         // A one-byte all-gather: rank r finishes after hearing (via n - 1 hops) from every rank.
         let mut slots = vec![0u8; self.world];
         let schedule = ring_schedule::all_gather(self.rank, self.world, 1, self.segment_bytes);
-        self.run("barrier", OpKind::Barrier, 0, &mut slots, &schedule)
+        self.run("barrier", OpDesc::new(OpKind::Barrier, DType::Bytes, 0), &mut slots, &schedule)
     }
+}
+
+/// 32 random hex digits.
+fn random_token() -> io::Result<String> {
+    use std::io::Read;
+    let mut raw = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The [`OpDesc`] of `kind` on `tensor`: its element type and count.
+pub(super) fn tensor_desc(op: &'static str, kind: OpKind, tensor: &Tensor) -> Result<OpDesc, CollectiveError> {
+    let dtype = tensor.f_kind().map_err(|e| CollectiveError::Unsupported { op, reason: e.to_string() })?;
+    Ok(OpDesc::new(kind, DType::Tensor(dtype), tensor.numel()))
+}
+
+/// Start and length in bytes of a contiguous, dense CPU tensor's data. The start is null or
+/// dangling when the length is zero.
+pub(super) fn cpu_data(op: &'static str, tensor: &Tensor) -> Result<(*mut u8, usize), CollectiveError> {
+    let unsupported = |reason: String| CollectiveError::Unsupported { op, reason };
+    if !tensor.defined() || tensor.is_sparse() || tensor.is_mkldnn() {
+        return Err(unsupported("the tensor must be defined and dense".into()));
+    }
+    match tensor.device() {
+        Device::Cpu => {}
+        other => {
+            return Err(unsupported(format!(
+                "the tensor is on {other:?}; the tcp and shm backends move CPU tensors (use nccl for CUDA)"
+            )));
+        }
+    }
+    if !tensor.is_contiguous() {
+        return Err(unsupported("the tensor is not contiguous; pass tensor.contiguous()".into()));
+    }
+    let kind = tensor.f_kind().map_err(|e| unsupported(e.to_string()))?;
+    Ok((tensor.data_ptr().cast::<u8>(), tensor.numel() * kind.elt_size_in_bytes()))
 }
 
 /// The bytes of a contiguous, dense CPU tensor.
@@ -284,27 +345,24 @@ pub(super) unsafe fn cpu_bytes_mut<'a>(
     op: &'static str,
     tensor: &'a mut Tensor,
 ) -> Result<&'a mut [u8], CollectiveError> {
-    let unsupported = |reason: String| CollectiveError::Unsupported { op, reason };
-    if !tensor.defined() || tensor.is_sparse() || tensor.is_mkldnn() {
-        return Err(unsupported("the tcp backend needs a defined, dense tensor".into()));
-    }
-    match tensor.device() {
-        Device::Cpu => {}
-        other => {
-            return Err(unsupported(format!(
-                "the tensor is on {other:?}; the tcp backend moves CPU tensors (use nccl for CUDA)"
-            )));
-        }
-    }
-    if !tensor.is_contiguous() {
-        return Err(unsupported("the tensor is not contiguous; pass tensor.contiguous()".into()));
-    }
-    let kind = tensor.f_kind().map_err(|e| unsupported(e.to_string()))?;
-    let len = tensor.numel() * kind.elt_size_in_bytes();
+    let (ptr, len) = cpu_data(op, tensor)?;
     if len == 0 {
         return Ok(&mut []);
     }
     // SAFETY: a defined, contiguous CPU tensor owns `numel * element size` bytes from data_ptr;
     // exclusivity is the caller's contract.
-    Ok(unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr().cast::<u8>(), len) })
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
+/// [`cpu_bytes_mut`], read-only.
+///
+/// # Safety
+/// Nothing may write the tensor's storage while the slice lives.
+pub(super) unsafe fn cpu_bytes<'a>(op: &'static str, tensor: &'a Tensor) -> Result<&'a [u8], CollectiveError> {
+    let (ptr, len) = cpu_data(op, tensor)?;
+    if len == 0 {
+        return Ok(&[]);
+    }
+    // SAFETY: as in `cpu_bytes_mut`; only reads, and the caller rules out writers.
+    Ok(unsafe { std::slice::from_raw_parts(ptr.cast_const(), len) })
 }

@@ -111,7 +111,9 @@ where
     let point =
         TcpCollective::bind(&host).map_err(|source| TrainError::CollectivePort { host: host.clone(), source })?;
     let peers = control.rendezvous(point.addr(), spec.rendezvous_timeout, spec.heartbeat_interval)?;
-    let mut bootstrap = point.connect(env.rank, &peers, spec.collective_timeout)?;
+    // The ring's handshake proves the job token and covers the attempt.
+    let mut bootstrap =
+        point.with_session(env.attempt.into()).connect(env.rank, &peers, &env.token, spec.collective_timeout)?;
     let mut backend = spec.backend.name();
     let (device, collective): (Device, Box<dyn Collective>) = match (spec.device, spec.backend) {
         (DeviceKind::Cuda, BackendKind::Nccl) => {
