@@ -9,16 +9,14 @@
 
 pub mod agent;
 pub mod bench;
-pub mod checkpoint;
 pub mod cli;
-pub mod config;
-pub mod contract;
 pub mod coordinator;
 pub mod failure;
-pub mod job_client;
 pub mod launch;
 pub mod progress;
-pub mod proto;
 pub mod run_dir;
 pub mod scheduler;
 mod worker_env;
+
+/// The contract with the processes the launcher starts, from `rtrain-core`.
+pub use rtrain_core::{checkpoint, config, contract, exit, job_client, proto};

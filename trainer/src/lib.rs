@@ -21,5 +21,5 @@ pub mod train_loop;
 pub use engine::{Engine, MicroLoss, StepLoop, TrainStep};
 /// The job config, the control-plane protocol and the checkpoint format are shared with the
 /// launcher.
-pub use rtrain_launcher::{checkpoint, config, proto};
+pub use rtrain_core::{checkpoint, config, proto};
 pub use train_loop::{Fingerprint, LoopState, StepOutput, TrainContext, TrainError, TrainLoop};

@@ -15,9 +15,9 @@ use crate::launch::{LaunchOptions, Outcome, WorkerProgram, launch};
 use ckpt::CkptCommand;
 
 /// Exit code for a config or usage error.
-pub const EXIT_CONFIG: u8 = 2;
+pub const EXIT_CONFIG: u8 = crate::exit::USAGE;
 /// Exit code for a launch that failed.
-pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_FAILED: u8 = crate::exit::FAILED;
 
 /// The binary, installed beside `rtrain`, that runs the commands needing libtorch: built-in
 /// workers, `generate`, `score` and the tensor benchmarks. `rtrain` itself does not link libtorch

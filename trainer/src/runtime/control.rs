@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rtrain_launcher::job_client::{Client, JobClientError, connect};
+use rtrain_core::job_client::{Client, JobClientError, connect};
 use tokio::sync::mpsc;
 
 use crate::proto::{FailureReport, HeartbeatRequest, RegisterRequest, StepMetrics, WorkerId};

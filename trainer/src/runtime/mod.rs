@@ -7,6 +7,6 @@ mod worker;
 
 pub use control::{ControlError, ControlPlane};
 pub use resume::fingerprint_differences;
-pub use rtrain_launcher::contract::{EnvError, WorkerEnv, unix_now, vars};
-pub use rtrain_launcher::job_client::{AddressBook, Endpoint, JobClient, JobClientError, JobCommand};
+pub use rtrain_core::contract::{EnvError, WorkerEnv, unix_now, vars};
+pub use rtrain_core::job_client::{AddressBook, Endpoint, JobClient, JobClientError, JobCommand};
 pub use worker::{EXIT_BAD_START, EXIT_TRAIN_FAILED, run_worker};

@@ -21,9 +21,9 @@ use super::resume::resume;
 use super::{ControlPlane, WorkerEnv, unix_now};
 
 /// Exit code of a worker whose training loop failed.
-pub const EXIT_TRAIN_FAILED: u8 = 1;
+pub const EXIT_TRAIN_FAILED: u8 = rtrain_core::exit::FAILED;
 /// Exit code of a process started without a valid worker environment or config.
-pub const EXIT_BAD_START: u8 = 2;
+pub const EXIT_BAD_START: u8 = rtrain_core::exit::USAGE;
 
 static PANIC_BACKTRACE: Mutex<Option<String>> = Mutex::new(None);
 
