@@ -5,8 +5,12 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
+mod control_plane;
+mod peer_digest;
 mod recovery;
+mod thread_cpu;
 
+pub use control_plane::{ControlPlaneOptions, ControlPlaneReport, control_plane, control_plane_command};
 pub use recovery::recovery_command;
 
 #[derive(Subcommand, Debug)]
@@ -62,6 +66,23 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 4)]
         steps_between: u64,
         /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// N simulated ranks register, rendezvous and heartbeat at 1 Hz against one coordinator;
+    /// reports the rendezvous time (target: 4096 ranks in < 2 s) and the coordinator's CPU while
+    /// heartbeating (target: < 5% of one core).
+    ControlPlane {
+        /// Gang sizes, comma-separated; one coordinator each.
+        #[arg(long, default_value = "256,1024,4096", value_delimiter = ',')]
+        ranks: Vec<usize>,
+        /// Seconds of heartbeats measured per gang size.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// HTTP/2 connections the simulated ranks share (real workers open one each).
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// One JSON object per gang size instead of a table.
         #[arg(long)]
         json: bool,
     },
