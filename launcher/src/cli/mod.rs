@@ -140,6 +140,9 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Recovery { config, kills, steps_between, json }) => {
             bench::recovery_command(config, kills, steps_between, json)
         }
+        Command::Bench(BenchCommand::ControlPlane { ranks, seconds, connections, json }) => {
+            bench::control_plane_command(&ranks, seconds, connections, json)
+        }
         // Arguments are checked here; the command runs in the binary that links libtorch.
         Command::Bench(_) | Command::Generate(_) | Command::Score(_) | Command::Worker => exec_worker_binary(),
     }

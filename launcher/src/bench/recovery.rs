@@ -1,70 +1,10 @@
-//! `rtrain bench ...`: measurements printed beside their ceiling.
+//! `rtrain bench recovery`: kill -9 a worker of a running job and time training coming back.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Subcommand;
-
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// All-reduce (sum, f32) bus bandwidth for 1–256 MiB, against the machine's memcpy bandwidth.
-    Allreduce {
-        /// Ranks, each a thread with its own communicator on loopback.
-        #[arg(long, default_value_t = 2)]
-        ranks: usize,
-        /// Collective backend: shm (times a plain buffer, staged through shared memory, and a
-        /// shared buffer reduced in place, as DDP's gradients are) or tcp.
-        #[arg(long, default_value = "shm")]
-        backend: String,
-        /// Largest size in MiB (sizes go up by 4× from 1 MiB).
-        #[arg(long, default_value_t = 256)]
-        max_mib: usize,
-        /// Timed iterations per size (after one warm-up).
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
-        /// One JSON object per size instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Greedy generation tokens/s on a Hugging Face model folder for batches of random prompts,
-    /// every sequence run to its full length (compare with bench/hf_generate.py).
-    Generate {
-        #[arg(long)]
-        model: PathBuf,
-        /// Batch sizes, comma-separated.
-        #[arg(long, default_value = "1,32", value_delimiter = ',')]
-        batch: Vec<usize>,
-        #[arg(long, default_value_t = 16)]
-        prompt_len: usize,
-        #[arg(long, default_value_t = 64)]
-        new_tokens: usize,
-        /// Timed runs per batch size (after one warm-up); the best is reported.
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Kill a worker of a running job (kill -9) several times; report kill → training running
-    /// again (first optimizer step done by the new attempt), against the 2 s target, and the
-    /// async checkpoint stall against one step's time (target 5%).
-    Recovery {
-        /// Job to run; default: the GPT benchmark spec (configs/bench/ddp_gpt.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Kills, one per attempt.
-        #[arg(long, default_value_t = 3)]
-        kills: u64,
-        /// Steps each attempt trains before its kill.
-        #[arg(long, default_value_t = 4)]
-        steps_between: u64,
-        /// One JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// `rtrain bench recovery`. (The other benchmarks need libtorch and run in `rtrain-worker`.)
+/// `rtrain bench recovery`.
 pub fn recovery_command(config: Option<PathBuf>, kills: u64, steps_between: u64, json: bool) -> ExitCode {
     match recovery(config, kills, steps_between, json) {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,7 +16,7 @@ pub fn recovery_command(config: Option<PathBuf>, kills: u64, steps_between: u64,
 }
 
 /// The GPT benchmark spec, shipped with the binary so the benchmark runs from anywhere.
-const BENCH_GPT: &str = include_str!("../../configs/bench/ddp_gpt.toml");
+const BENCH_GPT: &str = include_str!("../../../configs/bench/ddp_gpt.toml");
 const RECOVERY_TARGET_S: f64 = 2.0;
 const STALL_TARGET: f64 = 0.05;
 const WAIT: Duration = Duration::from_secs(600);
