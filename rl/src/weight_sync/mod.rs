@@ -10,6 +10,7 @@
 //! Versions are the trainer's optimizer-step counts; a restarted publisher has a new
 //! generation, and subscribers take its versions even when they are lower.
 
+pub mod bench;
 mod error;
 mod segment;
 mod shm_publisher;
