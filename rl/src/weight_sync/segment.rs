@@ -20,7 +20,7 @@
 //! Everything but the atomics is written before the file gets its public name (created under a
 //! temporary name, then renamed), so a reader never sees a half-written header.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -132,13 +132,19 @@ impl Segment {
     /// Maps the segment at `path` read-only and checks its header. `Ok(None)` if there is none.
     pub(crate) fn open(path: &Path) -> SyncResult<Option<Self>> {
         let shm = |op, source| WeightSyncError::Shm { op, path: path.to_path_buf(), source };
-        let file = match File::open(path) {
+        // No symlinks: the name lives in a world-writable directory.
+        let file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(shm("cannot open", e)),
         };
         let meta = file.metadata().map_err(|e| shm("cannot stat", e))?;
         let bad = |reason: String| WeightSyncError::corrupt(path.display(), reason);
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(bad(format!("owned by uid {}, not by this user (uid {me})", meta.uid())));
+        }
         if meta.len() < TABLE as u64 {
             return Err(bad(format!("{} bytes, shorter than the header", meta.len())));
         }

@@ -9,7 +9,7 @@ use tch::{Device, Tensor};
 use super::error::{SyncResult, WeightSyncError};
 use super::segment::Segment;
 use super::shm_publisher::ShmChannel;
-use super::table::{WeightTable, direct_ptr};
+use super::table::{TensorEntry, WeightTable, direct_ptr};
 
 /// A published version as a subscriber knows it: the publisher's generation (new after every
 /// publisher restart) and the version number within it.
@@ -109,16 +109,8 @@ impl WeightSubscriber {
         self.refresh()?;
         let Some(segment) = &self.segment else { return Ok(SyncOutcome::NotPublished) };
         let entries = segment.table.match_tensors(tensors)?;
-        let mut staging: Vec<Option<Tensor>> = Vec::with_capacity(tensors.len());
-        for ((name, t), entry) in tensors.iter().zip(&entries) {
-            staging.push(match direct_ptr(t) {
-                Some(_) => None,
-                None => Some(
-                    Tensor::f_empty(&entry.shape, (entry.dtype.kind(), Device::Cpu))
-                        .map_err(|source| WeightSyncError::Torch { name: name.clone(), source })?,
-                ),
-            });
-        }
+        // Allocated once something newer is found: polls that find nothing stay cheap.
+        let mut staging: Option<Vec<Option<Tensor>>> = None;
         let start = Instant::now();
         let mut attempt = 0u32;
         let version = loop {
@@ -128,8 +120,12 @@ impl WeightSubscriber {
                 if let Some(held) = self.held.filter(|h| !h.is_superseded_by(found)) {
                     return Ok(SyncOutcome::UpToDate(held));
                 }
+                let staging = match &mut staging {
+                    Some(staging) => staging,
+                    None => staging.insert(staging_tensors(tensors, &entries)?),
+                };
                 let base = segment.slot_base(slot);
-                for (((_, t), entry), staged) in tensors.iter().zip(&entries).zip(&staging) {
+                for (((_, t), entry), staged) in tensors.iter().zip(&entries).zip(staging.iter()) {
                     let dst = staged.as_ref().unwrap_or(t);
                     if entry.bytes == 0 {
                         continue;
@@ -153,7 +149,7 @@ impl WeightSubscriber {
             attempt += 1;
         };
         let _guard = tch::no_grad_guard();
-        for ((name, t), staged) in tensors.iter_mut().zip(staging) {
+        for ((name, t), staged) in tensors.iter_mut().zip(staging.unwrap_or_default()) {
             if let Some(staged) = staged {
                 t.f_copy_(&staged).map_err(|source| WeightSyncError::Torch { name: name.clone(), source })?;
             }
@@ -186,6 +182,17 @@ impl WeightSubscriber {
     fn gone(&self) -> WeightSyncError {
         WeightSyncError::SegmentGone { path: self.path.clone(), last_version: self.held.map(|h| h.version) }
     }
+}
+
+/// A CPU staging tensor for each of `tensors` that cannot be written in place.
+fn staging_tensors(tensors: &[(String, Tensor)], entries: &[&TensorEntry]) -> SyncResult<Vec<Option<Tensor>>> {
+    let stage = |(name, t): &(String, Tensor), entry: &&TensorEntry| match direct_ptr(t) {
+        Some(_) => Ok(None),
+        None => Tensor::f_empty(&entry.shape, (entry.dtype.kind(), Device::Cpu))
+            .map(Some)
+            .map_err(|source| WeightSyncError::Torch { name: name.clone(), source }),
+    };
+    tensors.iter().zip(entries).map(|(t, e)| stage(t, e)).collect()
 }
 
 /// Waiting for the publisher to finish a write: spin briefly, then yield, then sleep.
