@@ -1,6 +1,7 @@
 //! RL post-training numerics for rtrain: the rollout sample schema and its collation, GRPO and
 //! GAE advantages, KL estimators, PPO policy and value losses, and loss aggregation whose scale
-//! never depends on how a batch is split across ranks or micro-batches.
+//! never depends on how a batch is split across ranks or micro-batches; and versioned weight sync
+//! from the trainer to rollout actors (shared memory on one host, TCP across hosts).
 //!
 //! Everything is a pure function of `tch` tensors, device-agnostic; conventions follow veRL and
 //! TRL, and each place they differ is documented where the choice is made.
@@ -16,6 +17,7 @@ pub mod masked;
 pub mod policy_loss;
 pub mod sample;
 pub mod value_loss;
+pub mod weight_sync;
 
 pub use advantages::{GroupAdvantages, GroupScale, broadcast_over_tokens, outcome_token_rewards, sequence_rewards};
 pub use aggregation::{LossAggregation, LossNormaliser};
@@ -28,3 +30,7 @@ pub use masked::{masked_mean, masked_sum, masked_var, masked_whiten};
 pub use policy_loss::{PolicyBatch, PolicyLoss, PolicyLossConfig, tis_weights};
 pub use sample::{FinishReason, Reward, Sample};
 pub use value_loss::{ValueLoss, ValueLossConfig};
+pub use weight_sync::{
+    FetchedWeights, ShmChannel, SyncOutcome, SyncedVersion, WeightClient, WeightPublisher, WeightServer,
+    WeightServerConfig, WeightSubscriber, WeightSyncError, fetch_weights,
+};
