@@ -1,6 +1,7 @@
 //! Job configuration: the TOML schema ([`JobConfig`]), `--set` overrides, and the resolved
 //! [`JobSpec`]. Errors name the file, the dotted key path and what would be valid.
 
+mod choice;
 mod error;
 mod overrides;
 mod resolve;
@@ -15,8 +16,8 @@ pub use resolve::{
     TRAINING_ROLE, TrainerKind, resolve,
 };
 pub use schema::{
-    CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, ModelSection, RendezvousSection, RestartMode,
-    RoleSection, TrainSection, Workers,
+    BackendChoice, CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, MetricChoice, ModelKind,
+    ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection, TrainSection, TrainerChoice, Workers,
 };
 
 /// A config file read, overridden, typed and resolved.

@@ -3,18 +3,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::choice::choice;
+use super::schema::{BackendChoice, ModelKind, OrderChoice, TrainerChoice};
 use super::{ConfigError, JobConfig, RestartMode, Workers};
 use crate::checkpoint::MetricOrder;
 
 /// Warm-up length when the config names none (shortened to train.steps for shorter runs).
 const DEFAULT_WARMUP_STEPS: u64 = 10;
 
-/// Where tensors live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    Cpu,
-    Cuda,
-}
+choice!(
+    /// Where tensors live (`train.device`).
+    DeviceKind, "a device", { Cpu = "cpu", Cuda = "cuda" }
+);
 
 /// The trainer gang's collective backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,33 +269,23 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             return Err(bad(key, format!("must be zero or positive, got {v}")));
         }
     }
-    let device = match train.device.as_str() {
-        "cpu" => DeviceKind::Cpu,
-        "cuda" => DeviceKind::Cuda,
-        other => return Err(bad("train.device", format!("`{other}` is not a device; use \"cpu\" or \"cuda\""))),
-    };
-    let backend = match (train.backend.as_str(), device) {
+    let device = train.device;
+    let backend = match (train.backend, device) {
         // Every rank of a job runs on the launcher's host, where shared memory is the fastest path.
-        ("auto", DeviceKind::Cpu) => BackendKind::Shm { or_tcp: true },
-        ("shm", DeviceKind::Cpu) => BackendKind::Shm { or_tcp: false },
-        ("tcp", DeviceKind::Cpu) => BackendKind::Tcp,
-        ("auto", DeviceKind::Cuda) | ("nccl", DeviceKind::Cuda) => BackendKind::Nccl,
-        (cpu @ ("tcp" | "shm"), DeviceKind::Cuda) => {
+        (BackendChoice::Auto, DeviceKind::Cpu) => BackendKind::Shm { or_tcp: true },
+        (BackendChoice::Shm, DeviceKind::Cpu) => BackendKind::Shm { or_tcp: false },
+        (BackendChoice::Tcp, DeviceKind::Cpu) => BackendKind::Tcp,
+        (BackendChoice::Auto | BackendChoice::Nccl, DeviceKind::Cuda) => BackendKind::Nccl,
+        (cpu @ (BackendChoice::Tcp | BackendChoice::Shm), DeviceKind::Cuda) => {
             return Err(bad(
                 "train.backend",
                 format!("{cpu} reduces CPU tensors; use \"nccl\" (or \"auto\") with device \"cuda\""),
             ));
         }
-        ("nccl", DeviceKind::Cpu) => {
+        (BackendChoice::Nccl, DeviceKind::Cpu) => {
             return Err(bad(
                 "train.backend",
                 "nccl needs CUDA tensors; use \"shm\", \"tcp\" (or \"auto\") with device \"cpu\"".into(),
-            ));
-        }
-        (other, _) => {
-            return Err(bad(
-                "train.backend",
-                format!("`{other}` is not a backend; use \"auto\", \"shm\", \"tcp\" or \"nccl\""),
             ));
         }
     };
@@ -305,9 +295,9 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         Duration::from_secs_f64(positive_f("train.collective_timeout_s", train.collective_timeout_s)?);
     let bucket_bytes = (positive_f("train.bucket_mb", train.bucket_mb)? * (1 << 20) as f64) as usize;
 
-    let trainer = match (train.trainer.as_str(), model.kind.as_str()) {
-        ("lm", "gpt") => TrainerKind::Lm,
-        ("sft", "hf") => {
+    let trainer = match (train.trainer, model.kind) {
+        (TrainerChoice::Lm, ModelKind::Gpt) => TrainerKind::Lm,
+        (TrainerChoice::Sft, ModelKind::Hf) => {
             if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
                 return Err(bad(
                     "model.path",
@@ -317,20 +307,17 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             let max_len = positive("data.max_len", data.max_len)? as usize;
             TrainerKind::Sft { model: PathBuf::from(&model.path), max_len }
         }
-        ("lm", other) => {
+        (TrainerChoice::Lm, other) => {
             return Err(bad(
                 "model.kind",
                 format!("`{other}` cannot be trained by train.trainer = \"lm\"; use \"gpt\""),
             ));
         }
-        ("sft", other) => {
+        (TrainerChoice::Sft, other) => {
             return Err(bad(
                 "model.kind",
                 format!("`{other}` cannot be fine-tuned; train.trainer = \"sft\" needs \"hf\" with model.path"),
             ));
-        }
-        (other, _) => {
-            return Err(bad("train.trainer", format!("`{other}` is not a built-in trainer; use \"lm\" or \"sft\"")));
         }
     };
     if trainer == TrainerKind::Lm {
@@ -388,13 +375,9 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     let heartbeat_interval = Duration::from_secs_f64(positive_f("rendezvous.heartbeat_s", rendezvous.heartbeat_s)?);
 
     let ck = &cfg.checkpoint;
-    if ck.metric != "loss" {
-        return Err(bad("checkpoint.metric", format!("`{}` is not a metric; use \"loss\"", ck.metric)));
-    }
-    let order = match ck.mode.as_str() {
-        "min" => MetricOrder::Min,
-        "max" => MetricOrder::Max,
-        other => return Err(bad("checkpoint.mode", format!("`{other}` is not an order; use \"min\" or \"max\""))),
+    let order = match ck.mode {
+        OrderChoice::Min => MetricOrder::Min,
+        OrderChoice::Max => MetricOrder::Max,
     };
     let checkpoint = CheckpointSpec {
         every: ck.every,

@@ -3,6 +3,30 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::choice::choice;
+use super::resolve::DeviceKind;
+
+choice!(
+    /// `train.trainer`: the built-in training loop.
+    TrainerChoice, "a built-in trainer", { Lm = "lm", Sft = "sft" }
+);
+choice!(
+    /// `train.backend`: the trainer gang's collective.
+    BackendChoice, "a backend", { Auto = "auto", Shm = "shm", Tcp = "tcp", Nccl = "nccl" }
+);
+choice!(
+    /// `model.kind`: the built-in GPT, or a Hugging Face model folder.
+    ModelKind, "a model kind", { Gpt = "gpt", Hf = "hf" }
+);
+choice!(
+    /// `checkpoint.metric`: what `keep_best` ranks checkpoints by.
+    MetricChoice, "a metric", { Loss = "loss" }
+);
+choice!(
+    /// `checkpoint.mode`: which end of the metric is best.
+    OrderChoice, "an order", { Min = "min", Max = "max" }
+);
+
 /// A job config file (`rtrain launch FILE`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -54,7 +78,7 @@ impl Default for JobSection {
 pub struct TrainSection {
     /// The built-in training loop: `lm` (language modelling on bytes) or `sft` (supervised
     /// fine-tuning of a Hugging Face model on prompt/response data).
-    pub trainer: String,
+    pub trainer: TrainerChoice,
     /// A fixed gang size, or `{ min = 1, max = 4 }` for an elastic one.
     pub workers: Workers,
     pub steps: u64,
@@ -70,8 +94,8 @@ pub struct TrainSection {
     pub beta2: f64,
     /// Global gradient-norm clip; 0 disables clipping.
     pub grad_clip: f64,
-    pub device: String,
-    pub backend: String,
+    pub device: DeviceKind,
+    pub backend: BackendChoice,
     /// CPU cores reserved per worker by the gang scheduler; may be fractional (`0.5`).
     pub cpus_per_worker: f64,
     /// Seconds any collective may wait for a peer before the attempt fails.
@@ -83,7 +107,7 @@ pub struct TrainSection {
 impl Default for TrainSection {
     fn default() -> Self {
         Self {
-            trainer: "lm".into(),
+            trainer: TrainerChoice::Lm,
             workers: Workers::Fixed(1),
             steps: 100,
             micro_batch: 16,
@@ -95,8 +119,8 @@ impl Default for TrainSection {
             beta1: 0.9,
             beta2: 0.95,
             grad_clip: 1.0,
-            device: "cpu".into(),
-            backend: "auto".into(),
+            device: DeviceKind::Cpu,
+            backend: BackendChoice::Auto,
             cpus_per_worker: 1.0,
             collective_timeout_s: 120.0,
             bucket_mb: 25.0,
@@ -109,7 +133,7 @@ impl Default for TrainSection {
 pub struct ModelSection {
     /// `gpt`: the built-in byte-level GPT, trained from scratch with the sizes below; `hf`: a
     /// Hugging Face model folder (`path`), for fine-tuning.
-    pub kind: String,
+    pub kind: ModelKind,
     /// The model folder of `kind = "hf"` (config.json, *.safetensors, tokenizer.json).
     pub path: String,
     pub n_layer: i64,
@@ -123,7 +147,7 @@ pub struct ModelSection {
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
-            kind: "gpt".into(),
+            kind: ModelKind::Gpt,
             path: String::new(),
             n_layer: 4,
             n_head: 4,
@@ -186,9 +210,9 @@ pub struct CheckpointSection {
     /// Best checkpoints kept by `metric`, besides the newest ones.
     pub keep_best: u64,
     /// What `keep_best` ranks by: the step's `loss`.
-    pub metric: String,
+    pub metric: MetricChoice,
     /// `min` or `max`: which end of `metric` is best.
-    pub mode: String,
+    pub mode: OrderChoice,
     /// Copy the tensors in memory and write in the background (the step loop stalls only for
     /// the copy); `false` writes before the next step.
     #[serde(rename = "async")]
@@ -197,7 +221,14 @@ pub struct CheckpointSection {
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        Self { every: 100, keep_last: 3, keep_best: 0, metric: "loss".into(), mode: "min".into(), async_save: true }
+        Self {
+            every: 100,
+            keep_last: 3,
+            keep_best: 0,
+            metric: MetricChoice::Loss,
+            mode: OrderChoice::Min,
+            async_save: true,
+        }
     }
 }
 
