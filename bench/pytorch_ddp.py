@@ -1,6 +1,7 @@
 """PyTorch DDP reference for the rtrain GPT benchmark spec (DESIGN.md section 11).
 
 Run with: torchrun --nproc-per-node 2 bench/pytorch_ddp.py --steps 20
+          (add --device cuda for one GPU per worker, DDP over nccl)
 
 GPT-2 block (pre-LayerNorm, fused QKV, causal SDPA, tanh-GELU MLP 4x), n_layer 4, n_head 4,
 n_embd 256, context 128, byte vocabulary 256, no dropout, fp32, AdamW lr 3e-4 (betas 0.9/0.95,
@@ -132,11 +133,17 @@ def main():
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads per worker (default: cores // local world size)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: one GPU per worker (LOCAL_RANK), DDP over nccl instead of gloo")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be >= 1")
 
-    dist.init_process_group(backend="gloo")
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank = dist.get_rank()
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -144,7 +151,7 @@ def main():
     torch.set_num_threads(args.threads or default_threads(local_world))
 
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    model = DDP(Gpt())
+    model = DDP(Gpt().to(device), device_ids=[device.index] if cuda else None)
     optimizer = make_optimizer(model)
     data_gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # each rank its own shard
 
@@ -158,12 +165,14 @@ def main():
             window_start = time.perf_counter()
         # Random bytes: one sequence of context+1 per sample, shifted for next-byte targets.
         seq = torch.randint(0, VOCAB, (MICRO_BATCH, BLOCK_SIZE + 1), generator=data_gen)
-        x, y = seq[:, :-1], seq[:, 1:]
+        x, y = seq[:, :-1].to(device), seq[:, 1:].to(device)
         loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces (averages) gradient buckets here
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize(device)  # the step is done when its kernels are
         if first_step_done_unix is None:
             first_step_done_unix = time.time()
         if step >= warmup:
@@ -176,6 +185,7 @@ def main():
     if rank == 0:
         print(json.dumps({
             "framework": "pytorch-ddp",
+            "device": args.device,
             "workers": world,
             "steps": args.steps,
             "tokens_per_s": tokens_per_step * window_steps / elapsed,

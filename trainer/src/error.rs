@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::checkpoint::CheckpointError;
 use crate::collective::CollectiveError;
 use crate::config::ConfigError;
+use crate::cuda::CudaError;
 use crate::data::DataError;
 use crate::hf::HfError;
 use crate::runtime::ControlError;
@@ -19,6 +20,9 @@ pub enum TrainError {
     Collective(#[from] CollectiveError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A GPU was asked for but this machine or its PyTorch install cannot provide it.
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
     /// The job config cannot be read or is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -115,6 +119,16 @@ mod tests {
         assert!(!TrainError::from(unsupported).is_infrastructure());
         assert!(!TrainError::other("the loss is NaN").is_infrastructure());
         assert!(!TrainError::setting("user.features", "must be at least 1").is_infrastructure());
+    }
+
+    #[test]
+    fn a_missing_gpu_or_nccl_is_not_retried_as_infrastructure() {
+        let nccl = CollectiveError::Unavailable { backend: "nccl", reason: "rank 1: no libnccl.so.2".into() };
+        assert!(!TrainError::from(nccl).is_infrastructure());
+        let cuda = CudaError::NoTorchCuda { tried: vec!["/opt/torch/lib/libtorch_cuda.so: no such file".into()] };
+        let err = TrainError::from(cuda);
+        assert!(!err.is_infrastructure());
+        assert!(err.to_string().contains("RTRAIN_TORCH_LIB"), "{err}");
     }
 
     #[test]

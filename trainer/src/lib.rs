@@ -5,6 +5,7 @@
 pub mod builtin;
 pub mod cli;
 pub mod collective;
+pub mod cuda;
 pub mod data;
 pub mod ddp;
 pub mod engine;

@@ -4,6 +4,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use rtrain_launcher::cli::{EXIT_CONFIG, EXIT_FAILED};
+
+use crate::collective::NcclCollective;
 use crate::collective::bench::{BenchBackend, allreduce_bench, memcpy_bandwidth_gbps};
 use crate::hf::{HfModel, SamplingParams, Tokenizer, generate};
 
@@ -28,12 +31,22 @@ pub fn generate_command(
 /// `rtrain bench allreduce`.
 pub fn allreduce_command(ranks: usize, backend: &str, max_mib: usize, iters: usize, json: bool) -> ExitCode {
     let Some(which) = BenchBackend::parse(backend) else {
-        eprintln!("error: --backend {backend}: this benchmark runs the CPU backends; use shm or tcp");
-        return ExitCode::from(2);
+        eprintln!("error: --backend {backend}: not a backend of this benchmark; use shm, tcp or nccl");
+        return ExitCode::from(EXIT_CONFIG);
     };
     if ranks < 2 || iters == 0 {
         eprintln!("error: --ranks must be at least 2 and --iters at least 1");
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if which == BenchBackend::Nccl {
+        // Before any other tch call: libtorch's CUDA backend is loaded here (see crate::cuda).
+        let ready = (0..ranks).try_for_each(crate::cuda::require_cuda).map_err(|e| e.to_string());
+        if let Err(e) = ready.and_then(|()| NcclCollective::probe().map_err(|e| e.to_string())) {
+            eprintln!(
+                "error: --backend nccl runs one rank per GPU ({ranks} ranks): {e}; use --backend shm or tcp on CPU"
+            );
+            return ExitCode::from(EXIT_FAILED);
+        }
     }
     let mut sizes = Vec::new();
     let mut mib = 1;
@@ -46,7 +59,7 @@ pub fn allreduce_command(ranks: usize, backend: &str, max_mib: usize, iters: usi
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: all-reduce benchmark failed: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(EXIT_FAILED);
         }
     };
     if json {
@@ -59,7 +72,15 @@ pub fn allreduce_command(ranks: usize, backend: &str, max_mib: usize, iters: usi
             println!("{v}");
         }
     } else {
-        println!("all-reduce sum f32, backend {backend}, {ranks} ranks on loopback; memcpy ceiling {memcpy:.2} GB/s");
+        if which == BenchBackend::Nccl {
+            println!(
+                "all-reduce sum f32, backend nccl, {ranks} ranks on CUDA devices 0..{ranks}; host memcpy {memcpy:.2} GB/s"
+            );
+        } else {
+            println!(
+                "all-reduce sum f32, backend {backend}, {ranks} ranks on loopback; memcpy ceiling {memcpy:.2} GB/s"
+            );
+        }
         println!(
             "{:>10} {:>10} {:>10} {:>12} {:>12} {:>11}",
             "size", "algorithm", "time", "algbw GB/s", "busbw GB/s", "% memcpy"

@@ -97,6 +97,10 @@ pub fn score_command(args: &ScoreArgs) -> ExitCode {
 }
 
 fn load(dir: &std::path::Path, cuda: Option<usize>) -> Result<(HfModel, Tokenizer), ExitCode> {
+    // Before any other tch call: libtorch's CUDA backend is loaded here (see crate::cuda).
+    if let Some(index) = cuda {
+        crate::cuda::require_cuda(index).map_err(|e| fail(format!("--cuda {index}: {e}")))?;
+    }
     let model = HfModel::load(dir, device(cuda)).map_err(fail)?;
     let tokenizer = Tokenizer::from_dir(dir).map_err(fail)?;
     Ok((model, tokenizer))

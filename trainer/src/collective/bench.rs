@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Collective, CollectiveError, ReduceOp, ShmCollective, TcpCollective};
+use super::{Collective, CollectiveError, NcclCollective, ReduceOp, ShmCollective, TcpCollective};
 
 /// Timing of one message size.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -30,6 +30,8 @@ pub struct AllReduceResult {
 pub enum BenchBackend {
     Tcp,
     Shm,
+    /// One CUDA device per rank (rank r on device r), bootstrapped over the loopback TCP ring.
+    Nccl,
 }
 
 impl BenchBackend {
@@ -37,6 +39,7 @@ impl BenchBackend {
         match name {
             "tcp" => Some(BenchBackend::Tcp),
             "shm" => Some(BenchBackend::Shm),
+            "nccl" => Some(BenchBackend::Nccl),
             _ => None,
         }
     }
@@ -44,11 +47,14 @@ impl BenchBackend {
 
 const WARMUP_ITERS: usize = 2;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// NCCL's limit on init and on one timed all-reduce.
+const NCCL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Times `iters` f32 sum all-reduces per size (after a warm-up) with `ranks` ranks as threads on
 /// 127.0.0.1. Sizes are rounded down to whole f32 elements. `shm` is timed twice per size: on a
 /// plain buffer (`staged` through the gang's slots) and on a slice of a buffer from
-/// `shared_zeros` (`in-place`, the way DDP reduces its gradient buffer).
+/// `shared_zeros` (`in-place`, the way DDP reduces its gradient buffer). `nccl` puts rank r on CUDA
+/// device r; [`crate::cuda::require_cuda`] must have succeeded for each before.
 pub fn allreduce_bench(
     backend: BenchBackend,
     ranks: usize,
@@ -60,6 +66,7 @@ pub fn allreduce_bench(
     let variants: &[&'static str] = match backend {
         BenchBackend::Tcp => &["ring"],
         BenchBackend::Shm => &["staged", "in-place"],
+        BenchBackend::Nccl => &["nccl"],
     };
     // per_rank[r][v][s][i]: rank r's time for iteration i of size s in variant v.
     let per_rank: Vec<Vec<Vec<Vec<f64>>>> = std::thread::scope(|scope| {
@@ -82,6 +89,7 @@ pub fn allreduce_bench(
                 backend: match backend {
                     BenchBackend::Tcp => "tcp",
                     BenchBackend::Shm => "shm",
+                    BenchBackend::Nccl => "nccl",
                 },
                 algorithm,
                 ranks: ranks.max(1),
@@ -97,17 +105,22 @@ pub fn allreduce_bench(
 
 fn time_rank(
     backend: BenchBackend,
-    tcp: TcpCollective,
+    mut tcp: TcpCollective,
     sizes_bytes: &[usize],
     iters: usize,
 ) -> Result<Vec<Vec<Vec<f64>>>, CollectiveError> {
-    let mut comm: Box<dyn Collective> = match backend {
-        BenchBackend::Tcp => Box::new(tcp),
-        BenchBackend::Shm => Box::new(ShmCollective::new(tcp)?),
+    let (device, mut comm): (Device, Box<dyn Collective>) = match backend {
+        BenchBackend::Tcp => (Device::Cpu, Box::new(tcp)),
+        BenchBackend::Shm => (Device::Cpu, Box::new(ShmCollective::new(tcp)?)),
+        BenchBackend::Nccl => {
+            let (rank, world) = (tcp.rank(), tcp.world_size());
+            let nccl = NcclCollective::new(rank, world, rank, &mut tcp, NCCL_TIMEOUT)?;
+            (Device::Cuda(rank), Box::new(nccl))
+        }
     };
     // Values grow by the rank count each iteration and may reach inf, which costs the same.
     let plain = sizes_bytes.iter().map(|&size| {
-        let mut data = Tensor::ones([size as i64 / 4], (Kind::Float, Device::Cpu));
+        let mut data = Tensor::ones([size as i64 / 4], (Kind::Float, device));
         time_size(comm.as_mut(), &mut data, iters)
     });
     let mut variants = vec![plain.collect::<Result<Vec<_>, _>>()?];

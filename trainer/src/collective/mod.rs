@@ -15,6 +15,9 @@ pub mod nccl;
 #[cfg(not(feature = "nccl"))]
 #[path = "nccl_stub.rs"]
 pub mod nccl;
+pub mod nccl_bootstrap;
+#[cfg(feature = "nccl")]
+mod nccl_lib;
 mod op_desc;
 mod ring_schedule;
 mod ring_transfer;

@@ -1,34 +1,41 @@
-//! `nccl`: CUDA tensors through NCCL, loaded at run time by `cudarc` (builds without CUDA).
+//! `nccl`: CUDA tensors through NCCL, loaded at run time (builds without CUDA; see [`nccl_lib`]).
 //!
 //! Operations are enqueued on the legacy default CUDA stream, the one libtorch uses unless told
-//! otherwise, so they are ordered with the surrounding tensor work. Each call then waits for the
-//! stream, polling NCCL's asynchronous error, and aborts the communicator when the timeout passes:
-//! a hung peer becomes a [`CollectiveError::Timeout`] instead of a stuck worker.
+//! otherwise, so they are ordered with the surrounding tensor work. The communicator is
+//! non-blocking: init and every call return at once and are polled (NCCL's asynchronous error,
+//! then the stream) until done, an error, or the timeout, which aborts the communicator: a hung
+//! peer becomes a [`CollectiveError::Timeout`] instead of a stuck worker, at init too.
+//!
+//! [`nccl_lib`]: super::nccl_lib
 
-use std::ffi::{CStr, CString, c_void};
+use std::ffi::c_void;
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, sys as cuda};
-use cudarc::nccl::{result, sys};
+use cudarc::nccl::sys;
 use tch::{Device, Kind, Tensor};
 
+use super::nccl_bootstrap::{InitReadiness, NCCL_ID_BYTES, agree_on_nccl_id};
+use super::nccl_lib::{NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclConfig, NcclLibrary, NcclStatus};
 use super::{Collective, CollectiveError, ReduceOp};
-
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-const NCCL_ID_BYTES: usize = 128;
 
 /// An NCCL communicator for one CUDA device. One owner: every operation takes `&mut self`.
 pub struct NcclCollective {
     rank: usize,
     world: usize,
     device_index: usize,
+    lib: &'static NcclLibrary,
     ctx: Arc<CudaContext>,
     comm: sys::ncclComm_t,
     timeout: Duration,
     /// Set when an operation failed or timed out; the communicator was aborted.
     broken: Option<String>,
+    /// The last operation was a completed barrier, so no peer is inside a collective and
+    /// dropping may finalize and destroy (which waits on peers) rather than abort.
+    quiescent: bool,
 }
 
 impl std::fmt::Debug for NcclCollective {
@@ -37,6 +44,7 @@ impl std::fmt::Debug for NcclCollective {
             .field("rank", &self.rank)
             .field("world", &self.world)
             .field("device_index", &self.device_index)
+            .field("nccl", &self.lib.path)
             .field("broken", &self.broken)
             .finish_non_exhaustive()
     }
@@ -47,20 +55,36 @@ impl std::fmt::Debug for NcclCollective {
 // the calling thread at the start of every call.
 unsafe impl Send for NcclCollective {}
 
+/// What a rank has ready before the gang agrees to create the communicator.
+struct Prepared {
+    lib: &'static NcclLibrary,
+    ctx: Arc<CudaContext>,
+    id: Option<[u8; NCCL_ID_BYTES]>,
+}
+
 impl NcclCollective {
-    /// Checks that the CUDA driver and NCCL can be loaded, without touching a device.
+    /// Checks that NCCL and the CUDA driver can be loaded, without touching a device.
     pub fn probe() -> Result<(), CollectiveError> {
-        probe_libraries().map_err(|reason| CollectiveError::Unavailable { backend: "nccl", reason })
+        let unavailable = |reason: String| CollectiveError::Unavailable { backend: "nccl", reason };
+        NcclLibrary::get().map_err(unavailable)?;
+        // SAFETY: only tries to open the driver library under cudarc's names; calls nothing.
+        if !unsafe { cuda::is_culib_present() } {
+            return Err(unavailable(NO_DRIVER.into()));
+        }
+        Ok(())
     }
 
-    /// Joins the NCCL communicator of `world` ranks on CUDA device `device_index`. Rank 0 creates
-    /// the NCCL unique id and sends it through `bootstrap` (e.g. the TCP ring), which must span
-    /// the same ranks; every rank must call this.
+    /// Joins the NCCL communicator of `world` ranks on CUDA device `device_index`; every rank
+    /// must call this. The ranks first agree over `bootstrap` (e.g. the TCP ring, spanning the
+    /// same ranks): each says whether its device and NCCL are ready and rank 0 sends the NCCL
+    /// id, so one rank's failure fails them all with its message (see [`agree_on_nccl_id`]).
+    /// Init, and every operation afterwards, gives up after `timeout`.
     pub fn new(
         rank: usize,
         world: usize,
         device_index: usize,
         bootstrap: &mut dyn Collective,
+        timeout: Duration,
     ) -> Result<Self, CollectiveError> {
         if bootstrap.rank() != rank || bootstrap.world_size() != world {
             return Err(CollectiveError::Unsupported {
@@ -72,34 +96,42 @@ impl NcclCollective {
                 ),
             });
         }
-        // Every rank probes and then votes, so that a rank without NCCL fails the whole gang with
-        // a clear message instead of leaving the others blocked in ncclCommInitRank.
-        let local = probe_libraries();
-        let id = match (&local, rank) {
-            (Ok(()), 0) => result::get_uniqueid().map_err(|e| format!("ncclGetUniqueId: {}", nccl_error_text(&e))),
-            (Err(reason), _) => Err(reason.clone()),
-            (Ok(()), _) => Ok(sys::ncclUniqueId { internal: [0; NCCL_ID_BYTES] }),
-        };
-        let id = exchange_id(bootstrap, rank, id.as_ref().ok())?;
-        let failures = count_failures(bootstrap, id.is_none() || local.is_err())?;
-        let (Some(id), 0) = (id, failures) else {
-            let reason = match local {
-                Err(reason) => reason,
-                Ok(()) => format!("{failures} rank(s) of the gang cannot run NCCL; use backend tcp on CPU"),
-            };
-            return Err(CollectiveError::Unavailable { backend: "nccl", reason });
-        };
+        let prepared = prepare(rank, device_index);
+        let readiness: InitReadiness = prepared.as_ref().map(|p| p.id).map_err(Clone::clone);
+        let id_bytes = agree_on_nccl_id(bootstrap, readiness)?;
+        let Prepared { lib, ctx, .. } =
+            prepared.map_err(|reason| CollectiveError::Unavailable { backend: "nccl", reason })?;
 
-        let unavailable = |reason: String| CollectiveError::Unavailable { backend: "nccl", reason };
-        let ctx =
-            CudaContext::new(device_index).map_err(|e| unavailable(format!("CUDA device {device_index}: {e:?}")))?;
-        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-        // Blocks until all `world` ranks have joined; the vote above means they are all alive.
-        // SAFETY: `comm` is a valid out-pointer; the context for `device_index` is current.
-        unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
-            .map_err(|e| unavailable(format!("ncclCommInitRank: {}", nccl_error_text(&e))))?;
-        tracing::debug!(rank, world, device_index, "nccl communicator ready");
-        Ok(NcclCollective { rank, world, device_index, ctx, comm, timeout: DEFAULT_TIMEOUT, broken: None })
+        let mut id = sys::ncclUniqueId { internal: [0; NCCL_ID_BYTES] };
+        for (dst, src) in id.internal.iter_mut().zip(id_bytes) {
+            *dst = src as _;
+        }
+        let mut this = NcclCollective {
+            rank,
+            world,
+            device_index,
+            lib,
+            ctx,
+            comm: std::ptr::null_mut(),
+            timeout,
+            broken: None,
+            quiescent: false,
+        };
+        this.ctx
+            .bind_to_thread()
+            .map_err(|e| this.io_error("nccl init", format!("binding the CUDA context: {e:?}")))?;
+        let mut config = NcclConfig::nonblocking();
+        // SAFETY: `comm` and `config` are valid pointers for the call; the context of
+        // `device_index` is current, which is the device NCCL binds the communicator to.
+        let status = unsafe { (lib.comm_init_rank_config)(&mut this.comm, world as i32, id, rank as i32, &mut config) };
+        if status != NCCL_SUCCESS && status != NCCL_IN_PROGRESS {
+            let reason = format!("ncclCommInitRankConfig: {}", lib.describe(status, this.comm));
+            return Err(this.fail("nccl init", reason));
+        }
+        // Bounded: every rank voted ready, but one may still die before joining.
+        this.wait("nccl init", false)?;
+        tracing::debug!(rank, world, device_index, nccl = %lib.version_text(), "nccl communicator ready");
+        Ok(this)
     }
 
     /// The limit on one operation, from enqueue to completion on the device.
@@ -130,38 +162,50 @@ impl NcclCollective {
     fn run(
         &mut self,
         op: &'static str,
-        enqueue: impl FnOnce(sys::ncclComm_t) -> Result<(), result::NcclError>,
+        enqueue: impl FnOnce(&NcclLibrary, sys::ncclComm_t) -> NcclStatus,
     ) -> Result<(), CollectiveError> {
         if let Some(reason) = &self.broken {
             return Err(self.io_error(op, format!("the communicator was aborted by an earlier error: {reason}")));
         }
+        self.quiescent = false;
         self.ctx.bind_to_thread().map_err(|e| self.io_error(op, format!("binding the CUDA context: {e:?}")))?;
-        if let Err(e) = enqueue(self.comm) {
-            let reason = nccl_error_text(&e);
+        let status = enqueue(self.lib, self.comm);
+        // A non-blocking communicator may still be setting up connections: in progress.
+        if status != NCCL_SUCCESS && status != NCCL_IN_PROGRESS {
+            let reason = self.lib.describe(status, self.comm);
             return Err(self.fail(op, reason));
         }
-        self.wait(op)
+        self.wait(op, true)
     }
 
-    /// Polls the default stream until the enqueued work finishes, NCCL reports an error, or the
-    /// timeout passes; the last two abort the communicator. Sync point.
-    fn wait(&mut self, op: &'static str) -> Result<(), CollectiveError> {
+    /// Polls until NCCL has no call in progress and (with `stream`) the default stream has run
+    /// the enqueued work, NCCL reports an error, or the timeout passes; the last two abort the
+    /// communicator. Sync point.
+    fn wait(&mut self, op: &'static str, stream: bool) -> Result<(), CollectiveError> {
         let start = Instant::now();
         let mut polls = 0u32;
         loop {
-            // SAFETY: the null stream is the legacy default stream of the current context.
-            match unsafe { cuda::cuStreamQuery(std::ptr::null_mut()) } {
-                cuda::CUresult::CUDA_SUCCESS => return Ok(()),
-                cuda::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(self.fail(op, format!("CUDA stream error {other:?}"))),
-            }
-            let mut async_error = sys::ncclResult_t::ncclSuccess;
+            let mut async_status: NcclStatus = NCCL_SUCCESS;
             // SAFETY: `comm` is a live communicator owned by `self`.
-            let queried = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_error) };
-            if queried != sys::ncclResult_t::ncclSuccess
-                || !matches!(async_error, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress)
-            {
-                return Err(self.fail(op, format!("NCCL asynchronous error {async_error:?}")));
+            let queried = unsafe { (self.lib.comm_get_async_error)(self.comm, &mut async_status) };
+            if queried != NCCL_SUCCESS {
+                let reason = format!("ncclCommGetAsyncError: {}", self.lib.describe(queried, self.comm));
+                return Err(self.fail(op, reason));
+            }
+            match async_status {
+                NCCL_IN_PROGRESS => {}
+                NCCL_SUCCESS if !stream => return Ok(()),
+                // SAFETY: the null stream is the legacy default stream of the current context;
+                // cuStreamQuery was resolved (and so cannot panic) in `prepare`.
+                NCCL_SUCCESS => match unsafe { cuda::cuStreamQuery(std::ptr::null_mut()) } {
+                    cuda::CUresult::CUDA_SUCCESS => return Ok(()),
+                    cuda::CUresult::CUDA_ERROR_NOT_READY => {}
+                    other => return Err(self.fail(op, format!("CUDA stream error {other:?}"))),
+                },
+                error => {
+                    let reason = format!("NCCL asynchronous error: {}", self.lib.describe(error, self.comm));
+                    return Err(self.fail(op, reason));
+                }
             }
             if start.elapsed() > self.timeout {
                 self.abort();
@@ -184,13 +228,15 @@ impl NcclCollective {
         self.io_error(op, reason)
     }
 
+    /// Frees the communicator without waiting for peers or pending work: the way out of a hung
+    /// or failed collective.
     fn abort(&mut self) {
         if self.broken.is_none() {
             self.broken = Some("aborted".into());
         }
         if !self.comm.is_null() {
-            // SAFETY: `comm` is live; abort is the documented way out of a hung collective.
-            let _ = unsafe { result::comm_abort(self.comm) };
+            // SAFETY: `comm` is live and owned by `self`; it is not used after this.
+            let _ = unsafe { (self.lib.comm_abort)(self.comm) };
             self.comm = std::ptr::null_mut();
         }
     }
@@ -207,8 +253,20 @@ impl Drop for NcclCollective {
             return;
         }
         let _ = self.ctx.bind_to_thread();
-        // SAFETY: `comm` is live and no operation is in flight (every call waits for its work).
-        let _ = unsafe { result::comm_destroy(self.comm) };
+        // After a completed barrier every peer is finalizing too, so the orderly teardown
+        // (finalize, polled within the timeout, then destroy) cannot hang. On any other exit
+        // (an error, a panic) peers may be stuck in a collective and only abort is safe.
+        if self.quiescent && self.broken.is_none() && !std::thread::panicking() {
+            // SAFETY: `comm` is live, idle (every call waited for its work) and owned by `self`.
+            let status = unsafe { (self.lib.comm_finalize)(self.comm) };
+            if (status == NCCL_SUCCESS || status == NCCL_IN_PROGRESS) && self.wait("finalize", false).is_ok() {
+                // SAFETY: finalized and not used after this.
+                let _ = unsafe { (self.lib.comm_destroy)(self.comm) };
+                self.comm = std::ptr::null_mut();
+                return;
+            }
+        }
+        self.abort();
     }
 }
 
@@ -232,10 +290,10 @@ impl Collective for NcclCollective {
             ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
         };
         let count = tensor.numel();
-        self.run("all_reduce", |comm| {
+        self.run("all_reduce", |lib, comm| {
             // SAFETY: `ptr` addresses `count` elements of `dtype` on this communicator's device,
             // and `tensor` stays borrowed until the stream has finished.
-            unsafe { result::all_reduce(ptr, ptr, count, dtype, red, comm, std::ptr::null_mut()) }.map(drop)
+            unsafe { (lib.all_reduce)(ptr, ptr, count, dtype, red, comm, std::ptr::null_mut()) }
         })
     }
 
@@ -247,10 +305,10 @@ impl Collective for NcclCollective {
             });
         }
         let (ptr, bytes) = self.device_buffer("broadcast", tensor)?;
-        self.run("broadcast", |comm| {
+        self.run("broadcast", |lib, comm| {
             // SAFETY: `ptr` addresses `bytes` bytes on this communicator's device.
             unsafe {
-                result::broadcast(
+                (lib.broadcast)(
                     ptr,
                     ptr,
                     bytes,
@@ -260,7 +318,6 @@ impl Collective for NcclCollective {
                     std::ptr::null_mut(),
                 )
             }
-            .map(drop)
         })
     }
 
@@ -271,10 +328,9 @@ impl Collective for NcclCollective {
         let options = (input.f_kind().map_err(torch_err)?, Device::Cuda(self.device_index));
         let gathered = Tensor::f_empty([(self.world * input.numel()) as i64], options).map_err(torch_err)?;
         let recv = gathered.data_ptr();
-        self.run("all_gather", |comm| {
+        self.run("all_gather", |lib, comm| {
             // SAFETY: `send` holds `bytes` bytes and `recv` `world * bytes`, both on this device.
-            unsafe { result::all_gather(send, recv, bytes, sys::ncclDataType_t::ncclUint8, comm, std::ptr::null_mut()) }
-                .map(drop)
+            unsafe { (lib.all_gather)(send, recv, bytes, sys::ncclDataType_t::ncclUint8, comm, std::ptr::null_mut()) }
         })?;
         let mut shape = vec![self.world as i64];
         shape.extend(input.size());
@@ -285,8 +341,62 @@ impl Collective for NcclCollective {
         let options = (Kind::Float, Device::Cuda(self.device_index));
         let mut token = Tensor::f_zeros([1], options)
             .map_err(|e| CollectiveError::Unsupported { op: "barrier", reason: e.to_string() })?;
-        self.all_reduce(&mut token, ReduceOp::Sum)
+        self.all_reduce(&mut token, ReduceOp::Sum)?;
+        self.quiescent = true;
+        Ok(())
     }
+}
+
+const NO_DRIVER: &str = "backend nccl needs a CUDA GPU, but the NVIDIA driver library (libcuda.so.1) cannot be \
+                         loaded; use backend tcp on CPU";
+
+/// Everything this rank can check alone before the gang agrees: NCCL loads, libtorch has CUDA and
+/// the device, the driver answers, and (rank 0) the NCCL id. The error is the message every rank
+/// will report.
+fn prepare(rank: usize, device_index: usize) -> Result<Prepared, String> {
+    // First: libtorch's CUDA backend loads the NCCL it was built with, which NcclLibrary prefers.
+    crate::cuda::require_cuda(device_index).map_err(|e| e.to_string())?;
+    let lib = NcclLibrary::get()?;
+    // SAFETY: only tries to open the driver library under cudarc's names; calls nothing.
+    if !unsafe { cuda::is_culib_present() } {
+        return Err(NO_DRIVER.into());
+    }
+    // cudarc resolves each driver symbol on its first call and panics when the driver lacks it
+    // (one older than its CUDA 13 bindings); every symbol used later is resolved here.
+    let ctx = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Arc<CudaContext>, String> {
+        let ctx = CudaContext::new(device_index).map_err(|e| format!("CUDA device {device_index}: {e:?}"))?;
+        // SAFETY: the null stream is the legacy default stream of the context just made current.
+        match unsafe { cuda::cuStreamQuery(std::ptr::null_mut()) } {
+            cuda::CUresult::CUDA_SUCCESS | cuda::CUresult::CUDA_ERROR_NOT_READY => Ok(ctx),
+            other => Err(format!("CUDA device {device_index}: stream query failed with {other:?}")),
+        }
+    }))
+    .map_err(|panic| {
+        let text = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        format!(
+            "the NVIDIA driver lacks what rtrain's CUDA 13 bindings call ({text}); update the driver (580 or newer)"
+        )
+    })??;
+    let id = if rank == 0 {
+        let mut id = sys::ncclUniqueId { internal: [0; NCCL_ID_BYTES] };
+        // SAFETY: `id` is a valid out-pointer.
+        let status = unsafe { (lib.get_unique_id)(&mut id) };
+        if status != NCCL_SUCCESS {
+            return Err(format!("ncclGetUniqueId: {}", lib.describe(status, std::ptr::null_mut())));
+        }
+        let mut bytes = [0u8; NCCL_ID_BYTES];
+        for (dst, src) in bytes.iter_mut().zip(id.internal) {
+            *dst = src as u8;
+        }
+        Some(bytes)
+    } else {
+        None
+    };
+    Ok(Prepared { lib, ctx, id })
 }
 
 fn nccl_dtype(kind: Kind) -> Option<sys::ncclDataType_t> {
@@ -302,98 +412,4 @@ fn nccl_dtype(kind: Kind) -> Option<sys::ncclDataType_t> {
         Kind::Uint8 => D::ncclUint8,
         _ => return None,
     })
-}
-
-/// Sends rank 0's NCCL id (or its failure) to every rank through the bootstrap collective.
-/// Byte 0 says whether an id follows.
-fn exchange_id(
-    bootstrap: &mut dyn Collective,
-    rank: usize,
-    id: Option<&sys::ncclUniqueId>,
-) -> Result<Option<sys::ncclUniqueId>, CollectiveError> {
-    let mut payload = [0u8; NCCL_ID_BYTES + 1];
-    if let (0, Some(id)) = (rank, id) {
-        payload[0] = 1;
-        for (dst, src) in payload[1..].iter_mut().zip(id.internal.iter()) {
-            *dst = *src as u8;
-        }
-    }
-    let mut tensor = Tensor::from_slice(&payload);
-    bootstrap.broadcast(&mut tensor, 0)?;
-    tensor
-        .f_copy_data(&mut payload, NCCL_ID_BYTES + 1)
-        .map_err(|e| CollectiveError::Unsupported { op: "nccl init", reason: e.to_string() })?;
-    if payload[0] != 1 {
-        return Ok(None);
-    }
-    let mut id = sys::ncclUniqueId { internal: [0; NCCL_ID_BYTES] };
-    for (dst, src) in id.internal.iter_mut().zip(payload[1..].iter()) {
-        *dst = *src as _;
-    }
-    Ok(Some(id))
-}
-
-/// How many ranks of the gang report a failure (sum of 0/1 votes).
-fn count_failures(bootstrap: &mut dyn Collective, failed: bool) -> Result<usize, CollectiveError> {
-    let mut vote = Tensor::from_slice(&[if failed { 1.0f32 } else { 0.0 }]);
-    bootstrap.all_reduce(&mut vote, ReduceOp::Sum)?;
-    let total = vote
-        .f_double_value(&[0])
-        .map_err(|e| CollectiveError::Unsupported { op: "nccl init", reason: e.to_string() })?;
-    Ok(total.round() as usize)
-}
-
-/// Loads the CUDA driver and NCCL the way cudarc will, turning their absence into a message
-/// (cudarc itself panics on the first call when a library is missing).
-fn probe_libraries() -> Result<(), String> {
-    if let Err(e) = dlopen("libcuda.so.1") {
-        return Err(format!(
-            "backend nccl needs a CUDA GPU, but the NVIDIA driver library cannot be loaded ({e}); use backend tcp on CPU"
-        ));
-    }
-    let nccl = ["libnccl.so.2", "libnccl.so"].into_iter().find(|name| dlopen(name).is_ok());
-    let Some(found) = nccl else {
-        return Err("backend nccl needs NCCL, but neither libnccl.so.2 nor libnccl.so is on the library path \
-                    (LD_LIBRARY_PATH); use backend tcp on CPU"
-            .into());
-    };
-    // SAFETY: only tries to open the libraries cudarc would open; no symbol is called.
-    let (cuda_ok, nccl_ok) = unsafe { (cuda::is_culib_present(), sys::is_culib_present()) };
-    if !cuda_ok {
-        return Err("the CUDA driver library loads, but not under the names cudarc looks for (libcuda.so)".into());
-    }
-    if !nccl_ok {
-        return Err(format!(
-            "NCCL is installed as {found}, but cudarc 0.19 loads it as libnccl.so: add a libnccl.so symlink to it \
-             in a directory on LD_LIBRARY_PATH"
-        ));
-    }
-    Ok(())
-}
-
-/// Opens (and keeps open) a shared library, returning `dlerror`'s message on failure.
-fn dlopen(name: &str) -> Result<(), String> {
-    let cname = CString::new(name).map_err(|e| e.to_string())?;
-    // SAFETY: a valid C string; the handle is intentionally leaked so the library stays loaded.
-    let handle = unsafe { libc::dlopen(cname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    if !handle.is_null() {
-        return Ok(());
-    }
-    // SAFETY: dlerror returns null or a valid C string owned by the loader.
-    let err = unsafe { libc::dlerror() };
-    if err.is_null() {
-        return Err(format!("{name}: not found"));
-    }
-    // SAFETY: non-null C string from dlerror, copied before the next dl call.
-    Err(unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned())
-}
-
-fn nccl_error_text(e: &result::NcclError) -> String {
-    // SAFETY: ncclGetErrorString returns a static C string for any result code; NCCL is loaded.
-    let text = unsafe { sys::ncclGetErrorString(e.0) };
-    if text.is_null() {
-        return format!("{:?}", e.0);
-    }
-    // SAFETY: non-null, NUL-terminated, static.
-    format!("{:?}: {}", e.0, unsafe { CStr::from_ptr(text) }.to_string_lossy())
 }

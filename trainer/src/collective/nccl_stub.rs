@@ -28,6 +28,7 @@ impl NcclCollective {
         _world: usize,
         _device_index: usize,
         _bootstrap: &mut dyn Collective,
+        _timeout: Duration,
     ) -> Result<Self, CollectiveError> {
         Err(CollectiveError::Unavailable { backend: "nccl", reason: REASON.into() })
     }
@@ -71,7 +72,7 @@ mod tests {
     #[test]
     fn stub_reports_how_to_get_nccl() {
         let mut bootstrap = TcpCollective::loopback_group(1, Duration::from_secs(1)).unwrap().remove(0);
-        let err = NcclCollective::new(0, 1, 0, &mut bootstrap).unwrap_err();
+        let err = NcclCollective::new(0, 1, 0, &mut bootstrap, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, CollectiveError::Unavailable { backend: "nccl", .. }));
         assert!(err.to_string().contains("--features nccl"), "{err}");
     }

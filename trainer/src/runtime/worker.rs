@@ -103,6 +103,14 @@ where
     }
     let global_batch = env.global_batch.unwrap_or(spec.global_batch);
     let spec = spec.with_world(env.world_size, global_batch);
+    // libtorch resolves its CUDA backend once, on the first call that asks (manual_seed does): it
+    // is loaded here, before any tch call. A failure is reported once the gang has agreed on it
+    // (in NcclCollective::new), so that every rank fails with this rank's message.
+    if spec.device == DeviceKind::Cuda
+        && let Err(e) = crate::cuda::require_cuda(env.local_rank)
+    {
+        tracing::error!(error = %e, "CUDA is not available");
+    }
     let threads = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     tch::set_num_threads(threads);
     tch::manual_seed(spec.seed as i64);
@@ -117,7 +125,9 @@ where
     let mut backend = spec.backend.name();
     let (device, collective): (Device, Box<dyn Collective>) = match (spec.device, spec.backend) {
         (DeviceKind::Cuda, BackendKind::Nccl) => {
-            let nccl = NcclCollective::new(env.rank, env.world_size, env.local_rank, &mut bootstrap)?;
+            // LOCAL_RANK indexes the devices of CUDA_VISIBLE_DEVICES, which lists the gang's GPUs.
+            let nccl =
+                NcclCollective::new(env.rank, env.world_size, env.local_rank, &mut bootstrap, spec.collective_timeout)?;
             (Device::Cuda(env.local_rank), Box::new(nccl))
         }
         (DeviceKind::Cpu, BackendKind::Shm { or_tcp }) => {
@@ -134,7 +144,19 @@ where
                 Err((e, _)) => return Err(e.into()),
             }
         }
-        _ => (Device::Cpu, Box::new(bootstrap)),
+        (DeviceKind::Cpu, BackendKind::Tcp) => (Device::Cpu, Box::new(bootstrap)),
+        // The config's resolve() refuses these pairs; a worker given one by other means says so.
+        (device @ DeviceKind::Cpu, backend @ BackendKind::Nccl)
+        | (device @ DeviceKind::Cuda, backend @ (BackendKind::Tcp | BackendKind::Shm { .. })) => {
+            return Err(TrainError::setting(
+                "train.backend",
+                format!(
+                    "backend {} cannot reduce tensors on device {device:?}; use \"nccl\" with \"cuda\", or \"shm\"/\"tcp\" \
+                     with \"cpu\"",
+                    backend.name()
+                ),
+            ));
+        }
     };
     tracing::info!(
         rank = env.rank,
