@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::policy::{FailureClass, root_cause};
 use super::side_roles::SideState;
 use super::{AttemptEnd, Launch, LaunchError, STOP_GRACE, WorkerProgram, describe};
-use crate::agent::{Agent, ProcId, WorkerExit, WorkerLaunch, log_tail};
+use crate::agent::{Agent, ExitKind, ProcId, WorkerExit, WorkerLaunch, log_tail};
 use crate::config::DeviceKind;
 use crate::coordinator::CoordinatorEvent;
 use crate::failure::{FailureSummary, RankFailure};
@@ -20,6 +20,9 @@ use crate::worker_env::{free_port, pinned_cpus, worker_env};
 /// root cause: a rank killed by a signal takes its peers down with it within milliseconds, and
 /// the killed rank, not a peer that lost its connection, is the cause.
 const SETTLE: Duration = Duration::from_millis(50);
+/// When every rank that failed so far only lost a peer, how long to wait for the rank that
+/// caused it to exit and report on its own (it is usually on its way out already).
+const LOST_PEER_GRACE: Duration = Duration::from_secs(3);
 /// How often heartbeats are checked for hung workers.
 const HEALTH_TICK: Duration = Duration::from_millis(250);
 
@@ -146,12 +149,22 @@ impl Launch<'_> {
                     let detected = Instant::now();
                     // Let the rest of a cascade arrive, then stop whoever is left.
                     let mut failed = vec![exit];
-                    let settle = tokio::time::Instant::now() + SETTLE;
+                    let (quick, patient) = (tokio::time::Instant::now() + SETTLE, tokio::time::Instant::now() + LOST_PEER_GRACE);
                     while !agent.live().is_empty() {
-                        let Ok(Some(other)) = tokio::time::timeout_at(settle, exits.recv()).await else { break };
-                        agent.reaped(&other.id);
-                        if !other.kind.success() {
-                            failed.push(other);
+                        let deadline = if reports && only_lost_peers(&failed, &reported) { patient } else { quick };
+                        tokio::select! {
+                            Some(other) = exits.recv() => {
+                                agent.reaped(&other.id);
+                                if !other.kind.success() {
+                                    failed.push(other);
+                                }
+                            }
+                            Some(event) = self.events.recv() => match self.on_event(event) {
+                                Some(CoordinatorEvent::Failure(report)) => reported.push(report),
+                                Some(CoordinatorEvent::Step(m)) => self.record_step(&m, attempt),
+                                _ => {}
+                            },
+                            _ = tokio::time::sleep_until(deadline) => break,
                         }
                     }
                     let stopped = agent.stop_all(STOP_GRACE, &mut exits).await;
@@ -214,10 +227,11 @@ impl Launch<'_> {
             Ending::Interrupted { signal } => AttemptEnd::Interrupted { signal },
             Ending::JobFailed(summary) => AttemptEnd::JobFailed(*summary),
             Ending::WorkersFailed { failed, stopped, detected } => {
-                let Some((cause, class)) = root_cause(&failed, &reported) else {
+                let Some((cause, class)) = root_cause(&failed, &stopped, &reported) else {
                     return Ok(AttemptEnd::Finished);
                 };
-                let mut summary = failure_summary(&spec.name, attempt, &cause, &reported, &logs);
+                let stopped_by_us = stopped.iter().any(|e| e.id == cause.id);
+                let mut summary = failure_summary(&spec.name, attempt, &cause, stopped_by_us, &reported, &logs);
                 summary.stopped = stopped_list(&stopped);
                 AttemptEnd::Failed { summary, class, detected }
             }
@@ -260,16 +274,30 @@ impl Launch<'_> {
     }
 }
 
+/// Every rank that failed exited on its own with a code and reported (or has not yet reported)
+/// only a lost peer: the rank that caused it has not shown itself yet.
+fn only_lost_peers(failed: &[WorkerExit], reported: &[FailureReport]) -> bool {
+    failed.iter().all(|e| {
+        let report = reported.iter().find(|r| r.id.as_ref().is_some_and(|id| id.rank as usize == e.id.rank));
+        matches!(e.kind, ExitKind::Code(_)) && report.is_none_or(|r| r.collective)
+    })
+}
+
+/// The summary of a failed attempt whose root cause is `first`; `stopped_by_us`: rtrain stopped it
+/// while it was failing on its own (its reported error says what happened).
 fn failure_summary(
     job: &str,
     attempt: u32,
     first: &WorkerExit,
+    stopped_by_us: bool,
     reported: &[FailureReport],
     logs: &Path,
 ) -> FailureSummary {
     let log_path = logs.join(format!("{}-{}.log", first.id.role, first.id.rank));
     let error = reported.iter().find(|r| r.id.as_ref().is_some_and(|id| id.rank as usize == first.id.rank));
-    let mut summary = FailureSummary::new(job, attempt, format!("{} {}", first.id, describe(first.kind)));
+    let how =
+        if stopped_by_us { "failed (its error below; rtrain stopped it)".to_string() } else { describe(first.kind) };
+    let mut summary = FailureSummary::new(job, attempt, format!("{} {how}", first.id));
     summary.failed = Some(RankFailure {
         rank: first.id.rank,
         exit: first.kind.to_string(),

@@ -45,8 +45,13 @@ pub enum RestartDecision {
 }
 
 /// The failure that caused the others, and its budget: a worker killed by a signal first, then
-/// one whose own code failed, and only then one that merely lost a peer in a collective.
-pub fn root_cause(failed: &[WorkerExit], reported: &[FailureReport]) -> Option<(WorkerExit, FailureClass)> {
+/// one whose own code failed, then one rtrain `stopped` while it was failing on its own (it had
+/// reported an error that is not a lost peer), and only then one that merely lost a peer.
+pub fn root_cause(
+    failed: &[WorkerExit],
+    stopped: &[WorkerExit],
+    reported: &[FailureReport],
+) -> Option<(WorkerExit, FailureClass)> {
     let report = |e: &WorkerExit| {
         reported.iter().find(|r| r.id.as_ref().is_some_and(|id| id.role == e.id.role && id.rank as usize == e.id.rank))
     };
@@ -54,6 +59,9 @@ pub fn root_cause(failed: &[WorkerExit], reported: &[FailureReport]) -> Option<(
         return Some((e.clone(), FailureClass::Infrastructure));
     }
     if let Some(e) = failed.iter().find(|e| !report(e).is_some_and(|r| r.collective)) {
+        return Some((e.clone(), FailureClass::User));
+    }
+    if let Some(e) = stopped.iter().find(|e| report(e).is_some_and(|r| !r.collective)) {
         return Some((e.clone(), FailureClass::User));
     }
     failed.first().map(|e| (e.clone(), FailureClass::Infrastructure))
@@ -120,18 +128,27 @@ mod tests {
     #[test]
     fn a_signal_is_the_root_cause_before_errors_and_lost_peers() {
         let failed = [exit(0, ExitKind::Code(1)), exit(1, ExitKind::Signal(9)), exit(2, ExitKind::Code(1))];
-        let (e, class) = root_cause(&failed, &[report(0, true), report(2, false)]).unwrap();
+        let (e, class) = root_cause(&failed, &[], &[report(0, true), report(2, false)]).unwrap();
         assert_eq!((e.id.rank, class), (1, FailureClass::Infrastructure));
 
         // No signal: the rank whose own code failed, not the one that lost a peer.
         let failed = [exit(0, ExitKind::Code(1)), exit(2, ExitKind::Code(1))];
-        let (e, class) = root_cause(&failed, &[report(0, true), report(2, false)]).unwrap();
+        let (e, class) = root_cause(&failed, &[], &[report(0, true), report(2, false)]).unwrap();
         assert_eq!((e.id.rank, class), (2, FailureClass::User));
 
         // Only lost peers: the first, as infrastructure.
-        let (e, class) = root_cause(&failed, &[report(0, true), report(2, true)]).unwrap();
+        let (e, class) = root_cause(&failed, &[], &[report(0, true), report(2, true)]).unwrap();
         assert_eq!((e.id.rank, class), (0, FailureClass::Infrastructure));
-        assert!(root_cause(&[], &[]).is_none());
+        assert!(root_cause(&[], &[], &[]).is_none());
+
+        // A rank stopped by rtrain while it was failing on its own (it reported its error)
+        // caused the lost peers, not them; a stopped rank with no error of its own did not.
+        let lost = [exit(1, ExitKind::Code(1))];
+        let stopped = [exit(0, ExitKind::Signal(15)), exit(2, ExitKind::Signal(15))];
+        let (e, class) = root_cause(&lost, &stopped, &[report(1, true), report(2, false)]).unwrap();
+        assert_eq!((e.id.rank, class), (2, FailureClass::User));
+        let (e, class) = root_cause(&lost, &stopped, &[report(1, true), report(0, true)]).unwrap();
+        assert_eq!((e.id.rank, class), (1, FailureClass::Infrastructure));
     }
 
     fn fault(max_restarts: u32, max_user_restarts: u32) -> FaultSpec {
