@@ -117,3 +117,21 @@ fn rtrain_alone_validates_and_names_a_missing_worker_binary() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("{} is missing", dir.path().join("rtrain-worker").display())), "{err}");
 }
+
+#[test]
+fn overrides_that_would_overflow_or_be_dropped_are_refused() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/gpt_demo.toml");
+    for (set, says) in [
+        ("rendezvous.timeout_s=1e19", "rendezvous.timeout_s"),
+        ("train.collective_timeout_s=1e300", "train.collective_timeout_s"),
+        ("train.steps=3\ntrain.lr=2", "one TOML value"),
+        ("train.workers={min=1,max=2,foo=3}", "train.workers"),
+        ("fault.max_restarts=100000000000", "fault.max_restarts"),
+    ] {
+        let out =
+            common::run(&["validate", config.to_str().unwrap(), "--set", set], std::time::Duration::from_secs(60));
+        let err = common::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{set}: {err}");
+        assert!(err.contains(says) && !err.contains("panicked"), "{set}: {err}");
+    }
+}

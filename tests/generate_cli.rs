@@ -83,3 +83,50 @@ fn a_bad_model_folder_is_one_clear_error() {
     let err = stderr(&out);
     assert!(err.contains("config.json") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn nonsense_sampling_settings_are_refused_before_loading_anything() {
+    let m = model("llama_tiny");
+    let base = ["generate", "--model", m.to_str().unwrap(), "--prompt", "hi"];
+    for (extra, says) in [
+        (&["--temperature", "nan"][..], "--temperature"),
+        (&["--temperature=-1"][..], "--temperature"),
+        (&["--top-p", "nan"][..], "--top-p"),
+        (&["--stop", ""][..], "--stop"),
+        (&["--num-samples", "0"][..], "--num-samples"),
+    ] {
+        let out = run(&[&base[..], extra].concat(), LIMIT);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(says) && !err.contains("panicked"), "{extra:?}: {err}");
+    }
+}
+
+#[test]
+fn a_printing_command_ends_quietly_when_its_reader_goes_away() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let m = model("llama_tiny");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/gpt_demo.toml");
+    for args in [
+        vec!["validate", config.to_str().unwrap()],
+        vec!["score", "--model", m.to_str().unwrap(), "--text", "The quick brown fox", "--json"],
+    ] {
+        // A pipe whose reading end is closed before the command writes: every write fails.
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two new descriptors, owned below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read);
+        let child = std::process::Command::new(RTRAIN)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(write))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_output(Guard(Some(child)), LIMIT);
+        let err = stderr(&out);
+        assert!(!err.contains("panicked") && out.status.code() != Some(101), "{args:?}: {:?} {err}", out.status);
+    }
+}

@@ -125,6 +125,9 @@ pub struct ScoreArgs {
 pub fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Launch(_) | Command::Worker) {
+        end_quietly_when_the_reader_goes();
+    }
     match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Launch(args) => {
@@ -145,6 +148,16 @@ pub fn main() -> ExitCode {
         }
         // Arguments are checked here; the command runs in the binary that links libtorch.
         Command::Bench(_) | Command::Generate(_) | Command::Score(_) | Command::Worker => exec_worker_binary(),
+    }
+}
+
+/// A command that prints ends quietly when its reader goes away (`rtrain ckpt inspect RUN | head`),
+/// as Unix tools do: SIGPIPE ends the process, instead of the failed write panicking. Not for
+/// `launch`, whose workers must not die with a closed terminal pipe.
+pub fn end_quietly_when_the_reader_goes() {
+    // SAFETY: restoring a signal's default disposition has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

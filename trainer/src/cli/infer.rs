@@ -18,8 +18,19 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 pub fn generate_command(args: &GenerateArgs) -> ExitCode {
-    if args.num_samples == 0 || !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 || args.temperature < 0.0 {
-        eprintln!("error: --num-samples must be at least 1, --top-p in (0, 1], --temperature at least 0");
+    let bad = if args.num_samples == 0 {
+        Some("--num-samples must be at least 1".to_string())
+    } else if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        Some(format!("--top-p must be in (0, 1], got {}", args.top_p))
+    } else if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        Some(format!("--temperature must be a number from 0 (greedy) up, got {}", args.temperature))
+    } else if args.stop.iter().any(String::is_empty) {
+        Some("--stop takes a non-empty text (an empty one would end every sequence at once)".to_string())
+    } else {
+        None
+    };
+    if let Some(message) = bad {
+        eprintln!("error: {message}");
         return ExitCode::from(EXIT_CONFIG);
     }
     let (model, tokenizer) = match load(&args.model, args.cuda) {

@@ -21,6 +21,9 @@ use crate::train_loop::{TrainContext, TrainError, TrainLoop};
 /// The `rtrain-worker` binary: `rtrain`'s command line, for the commands that need libtorch.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Worker) {
+        rtrain_launcher::cli::end_quietly_when_the_reader_goes();
+    }
     match cli.command {
         Command::Worker => run_worker(BuiltIn::new),
         Command::Generate(args) => infer::generate_command(&args),

@@ -151,6 +151,30 @@ mod tests {
     }
 
     #[test]
+    fn huge_durations_and_budgets_are_refused_not_wrapped() {
+        for key in [
+            "rendezvous.timeout_s",
+            "rendezvous.heartbeat_s",
+            "fault.heartbeat_timeout_s",
+            "fault.backoff_s",
+            "fault.max_backoff_s",
+            "train.collective_timeout_s",
+        ] {
+            for v in ["1e300", "1e19", "nan", "inf", "-1"] {
+                let e = load_str("", &[&format!("{key}={v}")]).unwrap_err().to_string();
+                assert!(e.contains(key) && e.contains("a week"), "{key}={v}: {e}");
+            }
+        }
+        let e = load_str("", &["fault.max_restarts=100000000000"]).unwrap_err().to_string();
+        assert!(e.contains("fault.max_restarts: must be at most 1000000"), "{e}");
+        let e = load_str("[roles.a]\nsize = 1\nentrypoint = [\"x\"]\nbackoff_s = 1e300", &[]).unwrap_err().to_string();
+        assert!(e.contains("roles.a.backoff_s"), "{e}");
+        let e = load_str("", &["train.workers={min=1,max=2,foo=3}"]).unwrap_err().to_string();
+        assert!(e.contains("train.workers") && e.contains("no other keys"), "{e}");
+        assert!(load_str("", &["fault.backoff_s=0", "rendezvous.timeout_s=604800"]).is_ok());
+    }
+
+    #[test]
     fn missing_file_is_reported_with_its_path() {
         let e = load(Path::new("/nonexistent/job.toml"), &[]).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/job.toml") && e.contains("cannot read"), "{e}");

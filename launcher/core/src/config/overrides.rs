@@ -11,7 +11,8 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigE
     if keys.iter().any(|k| k.is_empty()) {
         return Err(err("the key path has an empty part"));
     }
-    let value = parse_value(raw.trim());
+    let value = parse_value(raw.trim())
+        .ok_or_else(|| err("the value must be one TOML value (a second line or key is not part of it)"))?;
     let (last, parents) = keys.split_last().ok_or_else(|| err("empty key path"))?;
     let mut node = table;
     for key in parents {
@@ -22,11 +23,17 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigE
     Ok(())
 }
 
-fn parse_value(raw: &str) -> toml::Value {
-    // Parse as the right-hand side of an assignment, so TOML decides the type.
+/// The value `raw` as TOML reads the right-hand side of an assignment (so TOML decides the
+/// type); text that is no TOML value is taken as a plain string. `None` when `raw` smuggles in
+/// more than one value (`3\ntrain.lr=2`).
+fn parse_value(raw: &str) -> Option<toml::Value> {
+    if raw.contains(['\n', '\r']) {
+        return None;
+    }
     match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
-        Err(_) => toml::Value::String(raw.to_string()),
+        Ok(mut t) if t.len() == 1 => t.remove("v"),
+        Ok(_) => None,
+        Err(_) => Some(toml::Value::String(raw.to_string())),
     }
 }
 
@@ -54,5 +61,7 @@ mod tests {
         assert!(apply_override(&mut t, "train..workers=1").is_err());
         apply_override(&mut t, "x=1").unwrap();
         assert!(apply_override(&mut t, "x.y=1").is_err());
+        // One value per --set: a smuggled second line or key is refused, not dropped.
+        assert!(apply_override(&mut t, "train.steps=3\ntrain.lr=2").is_err());
     }
 }

@@ -10,6 +10,31 @@ use crate::checkpoint::MetricOrder;
 
 /// Warm-up length when the config names none (shortened to train.steps for shorter runs).
 const DEFAULT_WARMUP_STEPS: u64 = 10;
+/// The longest duration any setting takes: a week. Longer ones would overflow the clock
+/// arithmetic of timers and deadlines.
+const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+/// The most restarts a budget may allow.
+const MAX_RESTARTS: u64 = 1_000_000;
+
+/// A duration setting in seconds: finite, at most [`MAX_SECONDS`], above zero unless `zero_ok`.
+fn seconds(key: &str, v: f64, zero_ok: bool) -> Result<Duration, (String, String)> {
+    let low_ok = if zero_ok { v >= 0.0 } else { v > 0.0 };
+    if v.is_finite() && low_ok && v <= MAX_SECONDS {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        let low = if zero_ok { "from 0" } else { "above 0" };
+        Err((key.to_string(), format!("must be a number of seconds {low} up to {MAX_SECONDS} (a week), got {v}")))
+    }
+}
+
+/// A restart budget: at most [`MAX_RESTARTS`].
+fn restarts(key: &str, v: u64) -> Result<u32, (String, String)> {
+    if v <= MAX_RESTARTS {
+        Ok(v as u32)
+    } else {
+        Err((key.to_string(), format!("must be at most {MAX_RESTARTS}, got {v}")))
+    }
+}
 
 choice!(
     /// Where tensors live (`train.device`).
@@ -210,6 +235,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     let positive = |key: &str, v: u64| {
         if v == 0 { Err(bad(key, "must be at least 1".into())) } else { Ok(v) }
     };
+    let keyed = |(key, message): (String, String)| bad(&key, message);
     let positive_f = |key: &str, v: f64| {
         if v.is_finite() && v > 0.0 { Ok(v) } else { Err(bad(key, format!("must be a positive number, got {v}"))) }
     };
@@ -291,8 +317,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     };
     let cpus_per_worker =
         cpu_share("train.cpus_per_worker", train.cpus_per_worker).map_err(|m| bad("train.cpus_per_worker", m))?;
-    let collective_timeout =
-        Duration::from_secs_f64(positive_f("train.collective_timeout_s", train.collective_timeout_s)?);
+    let collective_timeout = seconds("train.collective_timeout_s", train.collective_timeout_s, false).map_err(keyed)?;
     let bucket_bytes = (positive_f("train.bucket_mb", train.bucket_mb)? * (1 << 20) as f64) as usize;
 
     let trainer = match (train.trainer, model.kind) {
@@ -371,8 +396,8 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     };
 
     let rendezvous = &cfg.rendezvous;
-    let rendezvous_timeout = Duration::from_secs_f64(positive_f("rendezvous.timeout_s", rendezvous.timeout_s)?);
-    let heartbeat_interval = Duration::from_secs_f64(positive_f("rendezvous.heartbeat_s", rendezvous.heartbeat_s)?);
+    let rendezvous_timeout = seconds("rendezvous.timeout_s", rendezvous.timeout_s, false).map_err(keyed)?;
+    let heartbeat_interval = seconds("rendezvous.heartbeat_s", rendezvous.heartbeat_s, false).map_err(keyed)?;
 
     let ck = &cfg.checkpoint;
     let order = match ck.mode {
@@ -387,16 +412,12 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         async_save: ck.async_save,
     };
     let f = &cfg.fault;
-    let backoff_s = f.backoff_s;
-    if !(backoff_s.is_finite() && backoff_s >= 0.0) {
-        return Err(bad("fault.backoff_s", format!("must be zero or positive, got {backoff_s}")));
-    }
     let fault = FaultSpec {
-        max_restarts: f.max_restarts.min(u32::MAX as u64) as u32,
-        max_user_restarts: f.max_user_restarts.min(u32::MAX as u64) as u32,
-        heartbeat_timeout: Duration::from_secs_f64(positive_f("fault.heartbeat_timeout_s", f.heartbeat_timeout_s)?),
-        backoff: Duration::from_secs_f64(backoff_s),
-        max_backoff: Duration::from_secs_f64(positive_f("fault.max_backoff_s", f.max_backoff_s)?),
+        max_restarts: restarts("fault.max_restarts", f.max_restarts).map_err(keyed)?,
+        max_user_restarts: restarts("fault.max_user_restarts", f.max_user_restarts).map_err(keyed)?,
+        heartbeat_timeout: seconds("fault.heartbeat_timeout_s", f.heartbeat_timeout_s, false).map_err(keyed)?,
+        backoff: seconds("fault.backoff_s", f.backoff_s, true).map_err(keyed)?,
+        max_backoff: seconds("fault.max_backoff_s", f.max_backoff_s, false).map_err(keyed)?,
     };
     if fault.heartbeat_timeout <= heartbeat_interval {
         return Err(bad(
@@ -511,9 +532,8 @@ fn resolve_role(name: &str, role: &super::RoleSection) -> Result<RoleSpec, (Stri
     }
     let cpus_per_worker =
         cpu_share(&key("cpus_per_worker"), role.cpus_per_worker).map_err(|m| (key("cpus_per_worker"), m))?;
-    if !(role.backoff_s.is_finite() && (0.0..=3600.0).contains(&role.backoff_s)) {
-        return Err((key("backoff_s"), format!("must be between 0 and 3600 seconds, got {}", role.backoff_s)));
-    }
+    let backoff = seconds(&key("backoff_s"), role.backoff_s, true)?;
+    let max_restarts = restarts(&key("max_restarts"), role.max_restarts)?;
     Ok(RoleSpec {
         name: name.to_string(),
         size: size as usize,
@@ -522,8 +542,8 @@ fn resolve_role(name: &str, role: &super::RoleSection) -> Result<RoleSpec, (Stri
         restart: role.restart,
         cpus_per_worker,
         gpus_per_worker: role.gpus_per_worker.min(64) as usize,
-        max_restarts: role.max_restarts.min(u32::MAX as u64) as u32,
-        backoff: Duration::from_secs_f64(role.backoff_s),
+        max_restarts,
+        backoff,
         training: false,
     })
 }

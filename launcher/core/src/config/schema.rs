@@ -194,7 +194,7 @@ impl Default for RendezvousSection {
 /// `train.workers`: `4`, or `{ min = 1, max = 4 }`. An elastic gang starts with as many workers
 /// as can be placed (at least `min`) and keeps the global batch of `max` workers.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(untagged, expecting = "an integer, or a table like { min = 1, max = 4 }")]
+#[serde(untagged, deny_unknown_fields, expecting = "an integer, or a table like { min = 1, max = 4 } (no other keys)")]
 pub enum Workers {
     Fixed(u64),
     Elastic { min: u64, max: u64 },
