@@ -141,6 +141,9 @@ fn callers_without_the_token_or_from_a_stale_attempt_are_refused() {
     let http_addr = handle.http_addr;
     assert_eq!(http(http_addr, "GET", "/v1/addresses", None, "").0, 401);
     assert_eq!(http(http_addr, "GET", "/v1/addresses", Some("0123456789abcdef0123456789abcdeX"), "").0, 401);
+    // The token is checked before the body is read: no parse errors for strangers.
+    assert_eq!(http(http_addr, "POST", "/v1/publish", None, "not json").0, 401);
+    assert_eq!(http(http_addr, "GET", "/v1/commands?role=actor", None, "").0, 401);
     let stale = r#"{"role": "actor", "rank": 1, "attempt": 0, "name": "svc", "addr": "a:1"}"#;
     handle.restart_rank("actor", 1, 1);
     let (status, body) = http(http_addr, "POST", "/v1/publish", Some(TOKEN), stale);

@@ -37,6 +37,8 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>
         .route("/v1/metrics", post(metrics))
         .route("/v1/broadcast", post(broadcast))
         .route("/v1/commands", get(commands))
+        // The token is checked before anything else of a request is read.
+        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), require_token))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "coordinator HTTP endpoint stopped");
@@ -63,6 +65,17 @@ fn from_status(s: tonic::Status) -> (StatusCode, Json<Value>) {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     fail(code, s.message())
+}
+
+async fn require_token(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorize(request.headers(), &shared) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
+    }
 }
 
 fn authorize(headers: &HeaderMap, shared: &Shared) -> Result<(), (StatusCode, Json<Value>)> {
@@ -94,12 +107,7 @@ fn ok() -> Response {
     Json(json!({})).into_response()
 }
 
-async fn addresses(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
-) -> Reply {
-    authorize(&headers, &shared)?;
+async fn addresses(State(shared): State<Arc<Shared>>, Query(query): Query<HashMap<String, String>>) -> Reply {
     let reply = shared.lookup(query.get("role").map_or("", String::as_str));
     let endpoints: Vec<Value> = reply
         .endpoints
@@ -117,8 +125,7 @@ struct Publish {
     addr: String,
 }
 
-async fn publish(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Publish>) -> Reply {
-    authorize(&headers, &shared)?;
+async fn publish(State(shared): State<Arc<Shared>>, Json(body): Json<Publish>) -> Reply {
     let req = PublishRequest { id: Some(body.caller.id()), name: body.name, addr: body.addr };
     shared.publish(&req).map_err(from_status)?;
     Ok(ok())
@@ -132,8 +139,7 @@ struct Heartbeat {
     step: u64,
 }
 
-async fn heartbeat(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Heartbeat>) -> Reply {
-    authorize(&headers, &shared)?;
+async fn heartbeat(State(shared): State<Arc<Shared>>, Json(body): Json<Heartbeat>) -> Reply {
     shared.book().heartbeat(&body.caller.id(), body.step).map_err(|r| from_status(super::service::refused(r)))?;
     Ok(ok())
 }
@@ -147,8 +153,7 @@ struct Metrics {
     metrics: HashMap<String, f64>,
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Metrics>) -> Reply {
-    authorize(&headers, &shared)?;
+async fn metrics(State(shared): State<Arc<Shared>>, Json(body): Json<Metrics>) -> Reply {
     let report = MetricsReport { id: Some(body.caller.id()), step: body.step, metrics: body.metrics, time: unix_now() };
     shared.report_metrics(report).map_err(from_status)?;
     Ok(ok())
@@ -165,8 +170,7 @@ struct Broadcast {
     payload: Value,
 }
 
-async fn broadcast(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Broadcast>) -> Reply {
-    authorize(&headers, &shared)?;
+async fn broadcast(State(shared): State<Arc<Shared>>, Json(body): Json<Broadcast>) -> Reply {
     let req = BroadcastRequest {
         id: Some(body.caller.id()),
         to_role: body.to_role,
@@ -178,8 +182,7 @@ async fn broadcast(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(b
     Ok(ok())
 }
 
-async fn commands(State(shared): State<Arc<Shared>>, headers: HeaderMap, Query(caller): Query<Caller>) -> Reply {
-    authorize(&headers, &shared)?;
+async fn commands(State(shared): State<Arc<Shared>>, Query(caller): Query<Caller>) -> Reply {
     let id = shared.admit(Some(&caller.id())).map_err(from_status)?;
     let rx = shared.subscribe(&id);
     let lines = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |c| {
