@@ -343,6 +343,11 @@ impl ShmCollective {
             polls = polls.wrapping_add(1);
             if polls.is_multiple_of(256) {
                 if let Some(dead) = self.tcp.lost_peer() {
+                    // A failing rank poisons the gang before it closes its links: its reason,
+                    // if it left one, says more than the closed connection.
+                    if let Some((by, why)) = self.gang.poisoned() {
+                        return Err(poisoned_error(op, by, why));
+                    }
                     return Err(CollectiveError::Io {
                         op,
                         peer: dead,
