@@ -32,6 +32,21 @@ pub struct FailureSummary {
     pub budget: Option<String>,
 }
 
+impl RankFailure {
+    /// The failed rank as its exit, its reported error (if it reported one) and the end of its
+    /// log show it.
+    pub fn new(rank: usize, exit: String, report: Option<&crate::proto::FailureReport>, log_path: PathBuf) -> Self {
+        Self {
+            rank,
+            exit,
+            error: report.map(|r| r.message.clone()),
+            backtrace: report.map(|r| r.backtrace.clone()).filter(|b| !b.is_empty()),
+            log_tail: crate::agent::log_tail(&log_path, 15),
+            log_path,
+        }
+    }
+}
+
 impl FailureSummary {
     pub fn new(job: &str, attempt: u32, root_cause: String) -> Self {
         Self {

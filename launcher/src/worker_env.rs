@@ -1,63 +1,32 @@
 //! What a worker process gets from the launcher: the torchrun environment plus rtrain's own
 //! variables, its CPU cores, and the job's token and rendezvous port.
 
-use std::path::PathBuf;
-
-use crate::config::DeviceKind;
 use crate::contract::{WorkerEnv, unix_now};
 use crate::scheduler::{RankPlacement, device_list};
 
-/// What every process of one role's attempt is told.
-pub(crate) struct WorkerCommon {
-    pub(crate) coordinator: String,
-    /// The coordinator's HTTP/JSON endpoint, for programs in any language.
-    pub(crate) http: String,
-    pub(crate) token: String,
-    pub(crate) config: PathBuf,
-    pub(crate) run_dir: PathBuf,
-    pub(crate) run_id: String,
-    pub(crate) role: String,
-    pub(crate) master_port: u16,
-    /// The role's attempt, or the incarnation of a process that restarts alone.
-    pub(crate) attempt: u32,
-    pub(crate) max_restarts: u32,
-    pub(crate) world_size: usize,
-    /// Sequences per optimizer step (the training role only).
-    pub(crate) global_batch: Option<usize>,
-    pub(crate) resume: Option<PathBuf>,
-    pub(crate) device: DeviceKind,
-    /// The launcher's visible GPUs, which placement indices refer to.
-    pub(crate) visible_devices: Vec<String>,
-}
-
-/// The environment of one process: [`WorkerEnv`] for rank `p` of the role placed as `all`.
-/// OMP_NUM_THREADS follows the cores it was given, unless the launcher's own environment sets it.
-pub(crate) fn worker_env(c: &WorkerCommon, p: &RankPlacement, all: &[RankPlacement]) -> Vec<(String, String)> {
-    let cuda_visible_devices = (c.device == DeviceKind::Cuda || !p.gpus.is_empty()).then(|| {
+/// The environment of rank `p` of a role placed as `all`: the role's `env` (what every process of
+/// the role's attempt is told) with the rank's own numbers, threads and devices. OMP_NUM_THREADS
+/// follows the cores it was given, unless the launcher's own environment sets it.
+/// `visible_devices` are the launcher's GPUs, which placement indices refer to; `cuda` gives the
+/// process CUDA_VISIBLE_DEVICES even without GPUs of its own.
+pub(crate) fn worker_env(
+    env: &WorkerEnv,
+    p: &RankPlacement,
+    all: &[RankPlacement],
+    cuda: bool,
+    visible_devices: &[String],
+) -> Vec<(String, String)> {
+    let cuda_visible_devices = (cuda || !p.gpus.is_empty()).then(|| {
         let gpus: Vec<usize> = all.iter().flat_map(|q| q.gpus.iter().copied()).collect();
-        device_list(&gpus, &c.visible_devices)
+        device_list(&gpus, visible_devices)
     });
     WorkerEnv {
         rank: p.rank,
         local_rank: p.local_rank,
-        world_size: c.world_size,
         local_world_size: all.len(),
-        node_rank: 0,
-        role: c.role.clone(),
-        attempt: c.attempt,
-        max_restarts: c.max_restarts,
-        run_id: c.run_id.clone(),
-        master_addr: "127.0.0.1".into(),
-        master_port: c.master_port,
-        coordinator: c.coordinator.clone(),
-        http: Some(c.http.clone()),
-        token: c.token.clone(),
-        config: c.config.clone(),
-        run_dir: Some(c.run_dir.clone()),
-        global_batch: c.global_batch,
-        resume_from: c.resume.clone(),
         threads: std::env::var_os("OMP_NUM_THREADS").is_none().then_some(p.threads),
         cuda_visible_devices,
+        ..env.clone()
     }
     .to_env()
 }

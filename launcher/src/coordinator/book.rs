@@ -189,7 +189,7 @@ impl JobBook {
             .unwrap_or_default()
     }
 
-    /// Ranks of `role`, or an empty list for a role the job does not have.
+    /// The number of ranks of `role`; `None` for a role the job does not have.
     pub fn size(&self, role: &str) -> Option<usize> {
         self.roles.get(role).map(|r| r.size)
     }

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use super::policy::{FailureClass, root_cause};
 use super::side_roles::SideState;
 use super::{AttemptEnd, Launch, LaunchError, STOP_GRACE, WorkerProgram, describe};
-use crate::agent::{Agent, ExitKind, ProcId, WorkerExit, WorkerLaunch, log_tail};
+use crate::agent::{Agent, ExitKind, ProcId, WorkerExit, WorkerLaunch};
 use crate::config::DeviceKind;
 use crate::coordinator::CoordinatorEvent;
 use crate::failure::{FailureSummary, RankFailure};
 use crate::proto::FailureReport;
 use crate::scheduler::RankPlacement;
-use crate::worker_env::{free_port, pinned_cpus, worker_env};
+use crate::worker_env::{free_port, pinned_cpus};
 
 /// After a first worker failure, how long to wait for the others' exits before choosing the
 /// root cause: a rank killed by a signal takes its peers down with it within milliseconds, and
@@ -85,14 +85,14 @@ impl Launch<'_> {
             WorkerProgram::External(cmd) => (cmd.clone(), false),
         };
         let max_restarts = spec.fault.max_restarts.saturating_add(spec.fault.max_user_restarts);
-        let mut common = self.job.common(&role, attempt, max_restarts, world_size, master_port);
-        common.global_batch = Some(global_batch);
-        common.resume = resume.map(Path::to_path_buf);
+        let mut role_env = self.job.role_env(&role, attempt, max_restarts, world_size, master_port);
+        role_env.global_batch = Some(global_batch);
+        role_env.resume_from = resume.map(Path::to_path_buf);
         for p in placement {
             let launch = WorkerLaunch {
                 id: ProcId::new(&role, p.rank),
                 command: command.clone(),
-                env: worker_env(&common, p, placement),
+                env: self.job.env_of(&role_env, p, placement),
                 log_path: logs.join(format!("{role}-{}.log", p.rank)),
                 cpus: if spec.device == DeviceKind::Cpu { pinned_cpus(p, &self.job.allowed_cpus) } else { Vec::new() },
             };
@@ -246,14 +246,7 @@ impl Launch<'_> {
                         spec.fault.heartbeat_timeout.as_secs_f64()
                     ),
                 );
-                summary.failed = Some(RankFailure {
-                    rank,
-                    exit: "hung; killed by rtrain".into(),
-                    error: None,
-                    backtrace: None,
-                    log_tail: log_tail(&log_path, 15),
-                    log_path,
-                });
+                summary.failed = Some(RankFailure::new(rank, "hung; killed by rtrain".into(), None, log_path));
                 summary.stopped = stopped_list(&stopped);
                 AttemptEnd::Failed { summary, class: FailureClass::Infrastructure, detected }
             }
@@ -298,13 +291,6 @@ fn failure_summary(
     let how =
         if stopped_by_us { "failed (its error below; rtrain stopped it)".to_string() } else { describe(first.kind) };
     let mut summary = FailureSummary::new(job, attempt, format!("{} {how}", first.id));
-    summary.failed = Some(RankFailure {
-        rank: first.id.rank,
-        exit: first.kind.to_string(),
-        error: error.map(|e| e.message.clone()),
-        backtrace: error.map(|e| e.backtrace.clone()).filter(|b| !b.is_empty()),
-        log_path: log_path.clone(),
-        log_tail: log_tail(&log_path, 15),
-    });
+    summary.failed = Some(RankFailure::new(first.id.rank, first.kind.to_string(), error, log_path));
     summary
 }

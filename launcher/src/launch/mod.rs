@@ -20,14 +20,16 @@ use tokio::sync::mpsc;
 use crate::agent::{ExitKind, SpawnError};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{DeviceKind, JobSpec, LoadedConfig};
+use crate::contract::WorkerEnv;
 use crate::contract::unix_now;
 use crate::coordinator::{CoordinatorEvent, CoordinatorHandle, start_coordinator};
 use crate::failure::FailureSummary;
 use crate::progress::RunProgress;
 use crate::proto::{MetricsReport, StepMetrics};
 use crate::run_dir::{RunDir, RunDirError};
+use crate::scheduler::RankPlacement;
 use crate::scheduler::{GroupRequest, NodeResources, ScheduleError, place_job};
-use crate::worker_env::{WorkerCommon, allowed_cpus, job_token};
+use crate::worker_env::{allowed_cpus, job_token, worker_env};
 use policy::{FailureClass, RestartDecision, Restarts, gang_restart};
 use side_roles::{SideRoles, SideState};
 pub use summary::{AttemptRecord, RoleSummary, RunSummary, StartupPhases};
@@ -100,24 +102,36 @@ pub(crate) struct JobContext {
 }
 
 impl JobContext {
-    fn common(&self, role: &str, attempt: u32, max_restarts: u32, world_size: usize, master_port: u16) -> WorkerCommon {
-        WorkerCommon {
-            coordinator: self.coordinator.clone(),
-            http: self.http.clone(),
-            token: self.token.clone(),
-            config: self.config.clone(),
-            run_dir: self.run_dir.clone(),
-            run_id: self.run_id.clone(),
+    /// What every process of `role`'s attempt `attempt` is told (its rank's own numbers are
+    /// filled in by [`JobContext::env_of`]).
+    fn role_env(&self, role: &str, attempt: u32, max_restarts: u32, world_size: usize, master_port: u16) -> WorkerEnv {
+        WorkerEnv {
+            rank: 0,
+            local_rank: 0,
+            world_size,
+            local_world_size: world_size,
+            node_rank: 0,
             role: role.to_string(),
-            master_port,
             attempt,
             max_restarts,
-            world_size,
+            run_id: self.run_id.clone(),
+            master_addr: "127.0.0.1".into(),
+            master_port,
+            coordinator: self.coordinator.clone(),
+            http: Some(self.http.clone()),
+            token: self.token.clone(),
+            config: self.config.clone(),
+            run_dir: Some(self.run_dir.clone()),
             global_batch: None,
-            resume: None,
-            device: self.device,
-            visible_devices: self.visible_devices.clone(),
+            resume_from: None,
+            threads: None,
+            cuda_visible_devices: None,
         }
+    }
+
+    /// The environment of rank `p` of a role placed as `all`.
+    fn env_of(&self, role_env: &WorkerEnv, p: &RankPlacement, all: &[RankPlacement]) -> Vec<(String, String)> {
+        worker_env(role_env, p, all, self.device == DeviceKind::Cuda, &self.visible_devices)
     }
 
     /// `logs/<role>/<role>-<rank>.log`: one file per process of a side role, across restarts.
@@ -330,7 +344,7 @@ impl Launch<'_> {
                     return Ok((Outcome::Finished, state.world_size, global_batch));
                 }
             }
-            let side_sizes: Vec<usize> = self.side.summaries().iter().map(|(_, s)| s.size).collect();
+            let side_sizes = self.side.sizes();
             let placement = match place_job(&group_requests(spec, Some(&side_sizes)), NodeResources::local()) {
                 Ok(mut p) => p.swap_remove(0),
                 Err(e) if self.attempts.is_empty() => return Err(e.into()),

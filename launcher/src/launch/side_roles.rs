@@ -11,13 +11,13 @@ use tokio::sync::mpsc;
 use super::policy::{RestartDecision, role_restart};
 use super::summary::{RoleAttempt, RoleSummary};
 use super::{JobContext, STOP_GRACE};
-use crate::agent::{Agent, ProcId, SpawnError, WorkerExit, WorkerLaunch, log_tail};
+use crate::agent::{Agent, ProcId, SpawnError, WorkerExit, WorkerLaunch};
 use crate::config::{DeviceKind, RestartMode, RoleSpec};
 use crate::coordinator::CoordinatorHandle;
 use crate::failure::{FailureSummary, RankFailure};
 use crate::proto::FailureReport;
 use crate::scheduler::RankPlacement;
-use crate::worker_env::{free_port, pinned_cpus, worker_env};
+use crate::worker_env::{free_port, pinned_cpus};
 
 /// A process that ran at least this long before failing starts a new run of failures.
 const STEADY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -128,8 +128,8 @@ impl SideRoles {
     fn spawn(&mut self, job: &JobContext, r: usize, rank: usize) -> Result<(), SpawnError> {
         let role = &mut self.roles[r];
         let attempt = role.attempt[rank];
-        let common =
-            job.common(&role.spec.name, attempt, role.spec.max_restarts, role.placement.len(), role.master_port);
+        let role_env =
+            job.role_env(&role.spec.name, attempt, role.spec.max_restarts, role.placement.len(), role.master_port);
         let p = &role.placement[rank];
         let log_path = job.role_log(&role.spec.name, rank);
         let header = format!("--- rtrain: {}:{rank} attempt {attempt} starting ---\n", role.spec.name);
@@ -142,7 +142,7 @@ impl SideRoles {
         let launch = WorkerLaunch {
             id: ProcId::new(&role.spec.name, rank),
             command: role.spec.entrypoint.clone().unwrap_or_default(),
-            env: worker_env(&common, p, &role.placement),
+            env: job.env_of(&role_env, p, &role.placement),
             log_path,
             cpus: if job.device == DeviceKind::Cpu { pinned_cpus(p, &job.allowed_cpus) } else { Vec::new() },
         };
@@ -280,14 +280,7 @@ impl SideRoles {
                         .as_ref()
                         .is_some_and(|id| id.role == exit.id.role && id.rank as usize == rank && id.attempt == attempt)
                 });
-                summary.failed = Some(RankFailure {
-                    rank,
-                    exit: exit.kind.to_string(),
-                    error: error.map(|e| e.message.clone()),
-                    backtrace: error.map(|e| e.backtrace.clone()).filter(|b| !b.is_empty()),
-                    log_tail: log_tail(&log_path, 15),
-                    log_path,
-                });
+                summary.failed = Some(RankFailure::new(rank, exit.kind.to_string(), error, log_path));
                 summary.previous_attempts = self.roles[r]
                     .records
                     .iter()
@@ -341,6 +334,11 @@ impl SideRoles {
     pub(crate) async fn stop_all(&mut self) {
         self.timers.clear();
         self.agent.stop_all(STOP_GRACE, &mut self.exits).await;
+    }
+
+    /// Each role's number of processes, in order.
+    pub(crate) fn sizes(&self) -> Vec<usize> {
+        self.roles.iter().map(|r| r.placement.len()).collect()
     }
 
     /// Each role's size, restarts and restart records.
