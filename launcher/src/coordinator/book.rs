@@ -123,10 +123,17 @@ impl JobBook {
         self.version += 1;
         // The peer list is built once per gang, not per registration.
         let addrs = || role.joined.values().cloned().collect::<Vec<String>>();
+        // A registered process is watched from the moment it may start working, so one that
+        // falls silent before its first heartbeat is still found hung.
+        let now = Instant::now();
         if !role.gang {
+            role.heartbeats.entry(id.rank).or_insert((now, 0));
             return Ok(Registered::Alone(addrs()));
         }
         if role.joined.len() == role.size {
+            for rank in role.joined.keys() {
+                role.heartbeats.entry(*rank).or_insert((now, 0));
+            }
             let addrs = addrs();
             role.complete.send_replace(Some(addrs.clone()));
             return Ok(Registered::Complete(addrs));
@@ -208,12 +215,15 @@ mod tests {
         let mut book = JobBook::default();
         book.add_role("trainer", 2, true, 0);
         assert!(matches!(book.register(&id("trainer", 1, 0), "b"), Ok(Registered::Wait(_))));
+        assert!(book.heartbeats("trainer").is_empty(), "a waiting rank is not watched yet");
         assert_eq!(book.missing_ranks("trainer"), vec![0]);
         match book.register(&id("trainer", 0, 0), "a") {
             Ok(Registered::Complete(peers)) => assert_eq!(peers, vec!["a", "b"]),
             _ => panic!("gang not complete"),
         }
         assert!(matches!(book.register(&id("trainer", 0, 0), "a"), Err(Refusal::AlreadyRegistered { .. })));
+        // Both ranks are watched from the gang's completion, heartbeat or not.
+        assert_eq!(book.heartbeats("trainer").keys().copied().collect::<Vec<_>>(), vec![0, 1]);
     }
 
     #[test]
