@@ -108,6 +108,8 @@ pub enum SpawnError {
     Log { path: PathBuf, source: std::io::Error },
     #[error("cannot start `{program}` for {id}: {source}")]
     Exec { program: String, id: ProcId, source: std::io::Error },
+    #[error("{0}")]
+    Program(String),
 }
 
 impl Agent {

@@ -15,7 +15,12 @@ pub mod kl;
 pub mod logits;
 pub mod masked;
 pub mod policy_loss;
+pub mod programs;
+pub mod prompts;
+pub mod reward;
+pub mod rollout;
 pub mod sample;
+pub mod trainer;
 pub mod value_loss;
 pub mod weight_sync;
 

@@ -140,9 +140,11 @@ pub struct SftTrainer {
 }
 
 impl SftTrainer {
-    pub fn new(ctx: &TrainContext, model_dir: &Path, max_len: usize) -> Result<Self, TrainError> {
+    /// Fine-tuning of the model folder `model_dir`: its weights, or random ones (`random_init`).
+    pub fn new(ctx: &TrainContext, model_dir: &Path, max_len: usize, random_init: bool) -> Result<Self, TrainError> {
         let model_error = |source| TrainError::Model { context: "model.path", source };
-        let model = HfModel::load(model_dir, ctx.device).map_err(model_error)?;
+        let model = if random_init { HfModel::random(model_dir, ctx.device) } else { HfModel::load(model_dir, ctx.device) }
+            .map_err(model_error)?;
         let tokenizer = Tokenizer::from_dir(model_dir).map_err(model_error)?;
         let limit = model.config.max_positions() as usize;
         if max_len > limit {
@@ -258,25 +260,27 @@ impl TrainStep for SftTrainer {
         if ctx.rank != 0 {
             return Ok(());
         }
-        let out = ctx.run_dir.join("model");
-        self.model
-            .save(&out, Kind::Float, 2 << 30)
-            .map_err(|source| TrainError::Model { context: "export", source })?;
-        for file in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "generation_config.json",
-            "chat_template.jinja",
-        ] {
-            let src = self.tokenizer_dir.join(file);
-            if src.exists() {
-                std::fs::copy(&src, out.join(file)).map_err(|source| TrainError::Io { path: src.clone(), source })?;
-            }
-        }
-        tracing::info!(model = %out.display(), "fine-tuned model exported");
-        Ok(())
+        export_model(&self.model, &self.tokenizer_dir, &ctx.run_dir.join("model"))
     }
+}
+
+/// Writes `model` with the tokenizer files of `tokenizer_dir` as a Hugging Face folder `out`.
+pub fn export_model(model: &HfModel, tokenizer_dir: &Path, out: &Path) -> Result<(), TrainError> {
+    model.save(out, Kind::Float, 2 << 30).map_err(|source| TrainError::Model { context: "export", source })?;
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
+        let src = tokenizer_dir.join(file);
+        if src.exists() {
+            std::fs::copy(&src, out.join(file)).map_err(|source| TrainError::Io { path: src.clone(), source })?;
+        }
+    }
+    tracing::info!(model = %out.display(), "model exported");
+    Ok(())
 }
 
 #[cfg(test)]

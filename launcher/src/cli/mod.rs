@@ -52,6 +52,9 @@ pub enum Command {
     /// Run as a built-in worker (started by `rtrain launch`, not by hand).
     #[command(hide = true)]
     Worker,
+    /// Run a built-in role program such as `rollout` (started by `rtrain launch`, not by hand).
+    #[command(hide = true)]
+    Role { name: String },
 }
 
 #[derive(Args, Debug)]
@@ -125,7 +128,7 @@ pub struct ScoreArgs {
 pub fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Launch(_) | Command::Worker) {
+    if !matches!(cli.command, Command::Launch(_) | Command::Worker | Command::Role { .. }) {
         end_quietly_when_the_reader_goes();
     }
     match cli.command {
@@ -147,7 +150,9 @@ pub fn main() -> ExitCode {
             bench::control_plane_command(&ranks, seconds, connections, json)
         }
         // Arguments are checked here; the command runs in the binary that links libtorch.
-        Command::Bench(_) | Command::Generate(_) | Command::Score(_) | Command::Worker => exec_worker_binary(),
+        Command::Bench(_) | Command::Generate(_) | Command::Score(_) | Command::Worker | Command::Role { .. } => {
+            exec_worker_binary()
+        }
     }
 }
 
@@ -252,8 +257,16 @@ fn print_training(s: &config::JobSpec) {
             "  worker: built-in GPT (n_layer {}, n_head {}, n_embd {}, n_ctx {})",
             s.model.n_layer, s.model.n_head, s.model.n_embd, s.model.n_ctx
         ),
-        (None, TrainerKind::Sft { model, max_len }) => {
-            println!("  worker: fine-tuning {} (examples cut to {max_len} tokens)", model.display())
+        (None, TrainerKind::Sft { model, max_len, random_init }) => {
+            let from = if *random_init { " from random weights" } else { "" };
+            println!("  worker: fine-tuning {}{from} (examples cut to {max_len} tokens)", model.display())
+        }
+        (None, TrainerKind::Rl { model, max_len, rl }) => {
+            println!(
+                "  worker: {:?} post-training of {} ({} prompts × {} samples per step, up to {} new tokens, sequences cut to {max_len}; max_staleness {}, kl_coef {})",
+                rl.algorithm, model.display(), rl.prompts_per_step, rl.group_size, rl.max_new_tokens, rl.max_staleness, rl.kl_coef
+            );
+            println!("  reward: {:?}", rl.reward);
         }
     }
 }
@@ -273,14 +286,29 @@ fn print_role(s: &config::JobSpec, r: &config::RoleSpec) {
         };
         format!("{how} (max_restarts = {}, backoff {} s)", r.max_restarts, r.backoff.as_secs_f64())
     };
-    let program = match &r.entrypoint {
-        Some(cmd) => cmd.join(" "),
-        None => "built-in trainer".into(),
+    let program = match (&r.program, &s.trainer) {
+        (config::RoleProgram::Worker, TrainerKind::Rl { rl, .. }) => format!("built-in {:?} trainer", rl.algorithm).to_lowercase(),
+        (config::RoleProgram::Worker, _) => "built-in trainer".into(),
+        (other, _) => other.to_string(),
     };
     println!(
         "    {}: {size} × ({} CPU, {} GPU); {restart}; runs: {program}",
         r.name, r.cpus_per_worker, r.gpus_per_worker
     );
+}
+
+/// The before/after table of an RL run's held-out evaluation.
+fn print_rl_eval(rl: &serde_json::Value) {
+    let cell = |which: &str, key: &str| match rl.get(which).and_then(|e| e.get(key)).and_then(|v| v.as_f64()) {
+        Some(v) if key == "accuracy" => format!("{:>7.1}%", v * 100.0),
+        Some(v) => format!("{v:>8.3}"),
+        None => format!("{:>8}", "-"),
+    };
+    let prompts = rl.get("eval_before").or(rl.get("eval_after")).and_then(|e| e.get("prompts")).and_then(|v| v.as_u64());
+    eprintln!("  held-out evaluation ({} prompts, greedy):", prompts.unwrap_or(0));
+    eprintln!("              before    after");
+    eprintln!("    accuracy {} {}", cell("eval_before", "accuracy"), cell("eval_after", "accuracy"));
+    eprintln!("    reward   {} {}", cell("eval_before", "reward"), cell("eval_after", "reward"));
 }
 
 /// `rtrain launch`: `program` says what each worker runs.
@@ -301,7 +329,7 @@ pub fn launch_command(
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    let opts = LaunchOptions { fresh: args.fresh, started, program };
+    let opts = LaunchOptions { fresh: args.fresh, started, program, builtin_exe: worker_exe().ok() };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -323,6 +351,9 @@ pub fn launch_command(
             let speed = s.tokens_per_s.map(|t| format!(", {t:.0} tokens/s")).unwrap_or_default();
             eprintln!("{} finished: {} steps{loss}{speed} in {:.1} s", s.name, s.final_step, s.wall_time_s);
             eprintln!("  run directory: {} (metrics.jsonl, summary.json, logs/)", report.run_path.display());
+            if let Some(rl) = &s.rl {
+                print_rl_eval(rl);
+            }
             ExitCode::SUCCESS
         }
         Outcome::Failed(summary) => {

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::{ExitKind, SpawnError};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
-use crate::config::{DeviceKind, JobSpec, LoadedConfig};
+use crate::config::{DeviceKind, JobSpec, LoadedConfig, RoleProgram, RoleSpec};
 use crate::contract::WorkerEnv;
 use crate::contract::unix_now;
 use crate::coordinator::{CoordinatorEvent, CoordinatorHandle, start_coordinator};
@@ -54,6 +54,9 @@ pub struct LaunchOptions {
     /// When the launch began (process start), for the start-up timings.
     pub started: Instant,
     pub program: WorkerProgram,
+    /// `rtrain-worker`, which runs the built-in role programs (`rtrain-worker role NAME`), when
+    /// it was found.
+    pub builtin_exe: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,9 +102,28 @@ pub(crate) struct JobContext {
     /// Every role's name, to tell them all of a restart.
     roles: Vec<String>,
     progress: RunProgress,
+    builtin_exe: Option<PathBuf>,
 }
 
 impl JobContext {
+    /// The command a side role's processes run.
+    fn command_of(&self, role: &RoleSpec) -> Result<Vec<String>, SpawnError> {
+        match &role.program {
+            RoleProgram::Command(cmd) => Ok(cmd.clone()),
+            RoleProgram::BuiltIn(name) => match &self.builtin_exe {
+                Some(exe) => Ok(vec![exe.display().to_string(), "role".into(), name.clone()]),
+                None => Err(SpawnError::Program(format!(
+                    "role {}: the built-in program {name} is run by rtrain-worker, which is not installed beside this executable",
+                    role.name
+                ))),
+            },
+            RoleProgram::Worker => Err(SpawnError::Program(format!(
+                "role {}: only the training role runs the job's worker program",
+                role.name
+            ))),
+        }
+    }
+
     /// What every process of `role`'s attempt `attempt` is told (its rank's own numbers are
     /// filled in by [`JobContext::env_of`]).
     fn role_env(&self, role: &str, attempt: u32, max_restarts: u32, world_size: usize, master_port: u16) -> WorkerEnv {
@@ -238,6 +260,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         visible_devices: NodeResources::local_devices(),
         roles: spec.roles.iter().map(|r| r.name.clone()).collect(),
         progress: RunProgress::new(spec.training_role().map(|_| spec.steps), &side_names),
+        builtin_exe: opts.builtin_exe.clone(),
     };
     let mut side = SideRoles::new(side_specs, spec.fault.heartbeat_timeout).map_err(LaunchError::Coordinator)?;
     if let Err(e) = side.start(&job, &coordinator) {
@@ -298,6 +321,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         attempts,
         failure,
         roles,
+        rl: std::fs::read(run.path.join(crate::config::rl::EVAL_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok()),
     };
     run.write_summary(&summary)?;
     Ok(LaunchReport { outcome, summary, run_path: run.path.clone() })

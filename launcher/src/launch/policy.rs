@@ -194,7 +194,7 @@ mod tests {
             name: "actor".into(),
             size: 2,
             min_size: 2,
-            entrypoint: Some(vec!["true".into()]),
+            program: crate::config::RoleProgram::Command(vec!["true".into()]),
             restart: RestartMode::Alone,
             cpus_per_worker: 0.5,
             gpus_per_worker: 0,

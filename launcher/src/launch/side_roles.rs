@@ -141,7 +141,7 @@ impl SideRoles {
             .and_then(|mut f| std::io::Write::write_all(&mut f, header.as_bytes()));
         let launch = WorkerLaunch {
             id: ProcId::new(&role.spec.name, rank),
-            command: role.spec.entrypoint.clone().unwrap_or_default(),
+            command: job.command_of(&role.spec)?,
             env: job.env_of(&role_env, p, &role.placement),
             log_path,
             cpus: if job.device == DeviceKind::Cpu { pinned_cpus(p, &job.allowed_cpus) } else { Vec::new() },

@@ -72,4 +72,8 @@ pub struct RunSummary {
     pub failure: Option<FailureSummary>,
     /// Every role of the job, the training role included.
     pub roles: BTreeMap<String, RoleSummary>,
+    /// RL runs: held-out scores before and after training (`eval_before`, `eval_after`), as
+    /// the trainer recorded them in the run directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rl: Option<serde_json::Value>,
 }

@@ -13,19 +13,32 @@ use rtrain_launcher::bench::BenchCommand;
 use rtrain_launcher::cli::{Cli, Command, EXIT_CONFIG, LaunchArgs, launch_command};
 use rtrain_launcher::launch::WorkerProgram;
 
-use crate::builtin::BuiltIn;
+use crate::builtin::{BuiltIn, Extensions};
 use crate::engine::{StepLoop, TrainStep};
 use crate::runtime::{WorkerEnv, run_worker};
 use crate::train_loop::{TrainContext, TrainError, TrainLoop};
 
-/// The `rtrain-worker` binary: `rtrain`'s command line, for the commands that need libtorch.
+/// The `rtrain-worker` binary without the trainers and programs of other crates.
 pub fn main() -> ExitCode {
+    main_with(Extensions::none())
+}
+
+/// The `rtrain-worker` binary: `rtrain`'s command line, for the commands that need libtorch,
+/// with the trainers and role programs of crates built on this one.
+pub fn main_with(extensions: Extensions) -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Worker) {
+    if !matches!(cli.command, Command::Worker | Command::Role { .. }) {
         rtrain_launcher::cli::end_quietly_when_the_reader_goes();
     }
     match cli.command {
-        Command::Worker => run_worker(BuiltIn::new),
+        Command::Worker => run_worker(|ctx| BuiltIn::new(ctx, extensions)),
+        Command::Role { name } => match (extensions.role)(&name) {
+            Some(code) => code,
+            None => {
+                eprintln!("error: `{name}` is not a built-in role program of this rtrain-worker");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
         Command::Generate(args) => infer::generate_command(&args),
         Command::Score(args) => infer::score_command(&args),
         Command::Bench(BenchCommand::Allreduce { ranks, backend, max_mib, iters, json }) => {

@@ -63,15 +63,28 @@ fn is_conv1d(name: &str) -> bool {
 }
 
 impl HfModel {
+    /// The architecture of `dir`'s config.json on `device`, with random weights (tch's default
+    /// initialisation under the process's seed); the folder needs no weight files.
+    pub fn random(dir: &Path, device: Device) -> Result<Self, HfError> {
+        let (config, raw_config) = HfConfig::load(dir)?;
+        let vs = VarStore::new(device);
+        let network = Self::network(&vs, &config);
+        Ok(Self { vs, network, config, raw_config })
+    }
+
+    fn network(vs: &VarStore, config: &HfConfig) -> Network {
+        let root = vs.root();
+        match config {
+            HfConfig::Llama(c) => Network::Llama(Llama::new(&root, c)),
+            HfConfig::Gpt2(c) => Network::Gpt2(c.gpt.init(&root)),
+        }
+    }
+
     /// Loads `dir` onto `device` (weights converted to f32).
     pub fn load(dir: &Path, device: Device) -> Result<Self, HfError> {
         let (config, raw_config) = HfConfig::load(dir)?;
         let vs = VarStore::new(device);
-        let root = vs.root();
-        let network = match &config {
-            HfConfig::Llama(c) => Network::Llama(Llama::new(&root, c)),
-            HfConfig::Gpt2(c) => Network::Gpt2(c.gpt.init(&root)),
-        };
+        let network = Self::network(&vs, &config);
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let mut tensors = weights::read_dir_tensors(dir)?;
         let ignore: fn(&str) -> bool = match &config {
@@ -147,6 +160,23 @@ impl HfModel {
         match &self.network {
             Network::Llama(m) => m.forward(ids, positions, Some(mask), Some(cache)),
             Network::Gpt2(m) => m.forward_at(ids, positions, Some(mask), Some(cache)),
+        }
+    }
+
+    /// Logits `[B, T, vocab]` for token ids `[B, T]` in which `present` (`[B, T]`, nonzero on
+    /// real tokens) marks left padding: padded keys are masked out of attention and positions
+    /// count real tokens only. Right padding needs no mask (causal attention never sees it).
+    pub fn logits_padded(&self, ids: &Tensor, present: &Tensor) -> Tensor {
+        let (t, device) = (ids.size()[1], ids.device());
+        let present = present.to_kind(Kind::Bool);
+        let positions = (present.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
+        let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+        // A padded query may see itself, so no attention row is empty (its output is unused).
+        let eye = Tensor::eye(t, (Kind::Bool, device));
+        let mask = causal.unsqueeze(0).logical_and(&present.unsqueeze(1)).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
+        match &self.network {
+            Network::Llama(m) => m.forward(ids, &positions, Some(&mask), None),
+            Network::Gpt2(m) => m.forward_at(ids, &positions, Some(&mask), None),
         }
     }
 

@@ -9,4 +9,4 @@ pub use control::{ControlError, ControlPlane};
 pub use resume::fingerprint_differences;
 pub use rtrain_core::contract::{EnvError, WorkerEnv, unix_now, vars};
 pub use rtrain_core::job_client::{AddressBook, Endpoint, JobClient, JobClientError, JobCommand};
-pub use worker::{EXIT_BAD_START, EXIT_TRAIN_FAILED, run_worker};
+pub use worker::{EXIT_BAD_START, EXIT_TRAIN_FAILED, init_logging, run_worker};

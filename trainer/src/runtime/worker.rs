@@ -253,7 +253,9 @@ where
     Ok(())
 }
 
-fn init_logging() {
+/// Logging of a process the launcher started: `RTRAIN_LOG` filters (default `info`), plain text
+/// on stderr, which the launcher writes to the process's log file.
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RTRAIN_LOG").unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

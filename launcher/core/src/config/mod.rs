@@ -5,6 +5,8 @@ mod choice;
 mod error;
 mod overrides;
 mod resolve;
+pub mod reward;
+pub mod rl;
 mod schema;
 
 use std::path::{Path, PathBuf};
@@ -12,11 +14,11 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use overrides::apply_override;
 pub use resolve::{
-    BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, RoleSpec,
-    TRAINING_ROLE, TrainerKind, resolve,
+    BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, RoleProgram,
+    RoleSpec, BUILTIN_PROGRAMS, TRAINING_ROLE, TrainerKind, resolve,
 };
 pub use schema::{
-    BackendChoice, CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, MetricChoice, ModelKind,
+    BackendChoice, CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, MetricChoice, ModelInit, ModelKind,
     ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection, TrainSection, TrainerChoice, Workers,
 };
 

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::choice::choice;
-use super::schema::{BackendChoice, ModelKind, OrderChoice, TrainerChoice};
+use super::rl::{ROLLOUT_ROLE, RlAlgorithm, RlSpec, resolve_rl};
+use super::schema::{BackendChoice, ModelInit, ModelKind, OrderChoice, TrainerChoice};
 use super::{ConfigError, JobConfig, RestartMode, Workers};
 use crate::checkpoint::MetricOrder;
 
@@ -70,12 +71,15 @@ pub enum DataSpec {
 }
 
 /// Which built-in training loop runs (when the job has no entrypoint of its own).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum TrainerKind {
     /// The byte-level GPT, from scratch.
     Lm,
-    /// Supervised fine-tuning of a Hugging Face model folder on JSONL examples.
-    Sft { model: PathBuf, max_len: usize },
+    /// Supervised fine-tuning of a Hugging Face model folder on JSONL examples; with
+    /// `random_init` the folder's architecture and tokenizer start from random weights.
+    Sft { model: PathBuf, max_len: usize, random_init: bool },
+    /// RL post-training of a Hugging Face model folder on JSONL prompts, fed by rollout actors.
+    Rl { model: PathBuf, max_len: usize, rl: Box<RlSpec> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -150,8 +154,7 @@ pub struct RoleSpec {
     pub size: usize,
     /// Fewest processes the role runs with.
     pub min_size: usize,
-    /// The command; `None` runs the launcher's own worker program (the built-in trainer).
-    pub entrypoint: Option<Vec<String>>,
+    pub program: RoleProgram,
     pub restart: RestartMode,
     pub cpus_per_worker: f64,
     pub gpus_per_worker: usize,
@@ -161,6 +164,30 @@ pub struct RoleSpec {
     pub backoff: Duration,
     /// The training role: the job ends when it finishes.
     pub training: bool,
+}
+
+/// Built-in programs a role may run instead of a command (`program = "NAME"`).
+pub const BUILTIN_PROGRAMS: &[&str] = &[ROLLOUT_ROLE];
+
+/// What the processes of a role run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleProgram {
+    /// The launch's own worker program (the built-in trainer, or the binary of a custom loop).
+    Worker,
+    /// A command of the user's.
+    Command(Vec<String>),
+    /// A program built into rtrain (`rtrain-worker role NAME`), one of [`BUILTIN_PROGRAMS`].
+    BuiltIn(String),
+}
+
+impl std::fmt::Display for RoleProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoleProgram::Worker => f.write_str("the job's worker program"),
+            RoleProgram::Command(cmd) => f.write_str(&cmd.join(" ")),
+            RoleProgram::BuiltIn(name) => write!(f, "built-in {name}"),
+        }
+    }
 }
 
 impl RoleSpec {
@@ -330,7 +357,31 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
                 ));
             }
             let max_len = positive("data.max_len", data.max_len)? as usize;
-            TrainerKind::Sft { model: PathBuf::from(&model.path), max_len }
+            TrainerKind::Sft { model: PathBuf::from(&model.path), max_len, random_init: model.init == ModelInit::Random }
+        }
+        (choice @ (TrainerChoice::Grpo | TrainerChoice::Ppo), ModelKind::Hf) => {
+            if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
+                return Err(bad(
+                    "model.path",
+                    format!("`{}` is not a model folder (no config.json there)", model.path),
+                ));
+            }
+            if model.init == ModelInit::Random {
+                return Err(bad("model.init", format!("RL starts from a trained policy; \"random\" is for train.trainer = \"sft\"")));
+            }
+            let Some(section) = &cfg.rl else {
+                return Err(bad("rl", format!("train.trainer = \"{choice}\" needs an [rl] section (at least [rl.reward])")));
+            };
+            let algorithm = if choice == TrainerChoice::Grpo { RlAlgorithm::Grpo } else { RlAlgorithm::Ppo };
+            let rl = resolve_rl(section, algorithm, workers).map_err(keyed)?;
+            let max_len = positive("data.max_len", data.max_len)? as usize;
+            TrainerKind::Rl { model: PathBuf::from(&model.path), max_len, rl: Box::new(rl) }
+        }
+        (TrainerChoice::Grpo | TrainerChoice::Ppo, other) => {
+            return Err(bad(
+                "model.kind",
+                format!("`{other}` cannot be post-trained; RL needs \"hf\" with model.path"),
+            ));
         }
         (TrainerChoice::Lm, other) => {
             return Err(bad(
@@ -372,7 +423,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     }
     let data_spec = match data.source.as_str() {
         "" => return Err(bad("data.source", "use \"synthetic\" or a path to a text file".into())),
-        "synthetic" if matches!(trainer, TrainerKind::Sft { .. }) => {
+        "synthetic" if !matches!(trainer, TrainerKind::Lm) => {
             return Err(bad(
                 "data.source",
                 "fine-tuning reads a JSONL file of {\"prompt\", \"response\"} or {\"messages\"} lines; name it here"
@@ -392,7 +443,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     // Token slots per sequence: the context of the built-in GPT, the cut of fine-tuning examples.
     let seq_len = match &trainer {
         TrainerKind::Lm => model.n_ctx,
-        TrainerKind::Sft { max_len, .. } => *max_len as i64,
+        TrainerKind::Sft { max_len, .. } | TrainerKind::Rl { max_len, .. } => *max_len as i64,
     };
 
     let rendezvous = &cfg.rendezvous;
@@ -436,7 +487,10 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             name: TRAINING_ROLE.into(),
             size: workers,
             min_size: min_workers,
-            entrypoint: entrypoint.clone(),
+            program: match &entrypoint {
+                Some(cmd) => RoleProgram::Command(cmd.clone()),
+                None => RoleProgram::Worker,
+            },
             restart: RestartMode::Gang,
             cpus_per_worker,
             gpus_per_worker: usize::from(device == DeviceKind::Cuda),
@@ -446,7 +500,21 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         });
     }
     for (name, role) in &cfg.roles {
-        roles.push(resolve_role(name, role).map_err(|(key, message)| bad(&key, message))?);
+        roles.push(resolve_role(name, role, &trainer).map_err(|(key, message)| bad(&key, message))?);
+    }
+    if let TrainerKind::Rl { rl, .. } = &trainer {
+        roles.push(RoleSpec {
+            name: ROLLOUT_ROLE.into(),
+            size: rl.rollout_workers,
+            min_size: rl.rollout_workers,
+            program: RoleProgram::BuiltIn(ROLLOUT_ROLE.into()),
+            restart: RestartMode::Alone,
+            cpus_per_worker: rl.rollout_cpus,
+            gpus_per_worker: usize::from(device == DeviceKind::Cuda),
+            max_restarts: rl.rollout_max_restarts as u32,
+            backoff: fault.backoff,
+            training: false,
+        });
     }
     Ok(JobSpec {
         name: job.name.clone(),
@@ -504,7 +572,7 @@ fn cpu_share(key: &str, v: f64) -> Result<f64, String> {
 }
 
 /// Checks one `[roles.NAME]` table; errors carry the dotted key.
-fn resolve_role(name: &str, role: &super::RoleSection) -> Result<RoleSpec, (String, String)> {
+fn resolve_role(name: &str, role: &super::RoleSection, trainer: &TrainerKind) -> Result<RoleSpec, (String, String)> {
     let key = |k: &str| format!("roles.{name}.{k}");
     let valid_name = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
     if !valid_name {
@@ -527,9 +595,37 @@ fn resolve_role(name: &str, role: &super::RoleSection) -> Result<RoleSpec, (Stri
     if size > 4096 {
         return Err((key("size"), format!("at most 4096 processes per role, got {size}")));
     }
-    if role.entrypoint.first().is_none_or(|p| p.is_empty()) {
-        return Err((key("entrypoint"), "name the command each process runs, e.g. [\"python3\", \"actor.py\"]".into()));
+    if name == ROLLOUT_ROLE && matches!(trainer, TrainerKind::Rl { .. }) {
+        return Err((
+            format!("roles.{name}"),
+            "the rollout actors of [rl] are this role; size them with rl.rollout_workers and rl.rollout_cpus".into(),
+        ));
     }
+    let program = match (&role.program, role.entrypoint.is_empty()) {
+        (Some(_), false) => {
+            return Err((key("program"), "give either a command (entrypoint) or a built-in program, not both".into()));
+        }
+        (Some(p), true) if !BUILTIN_PROGRAMS.contains(&p.as_str()) => {
+            return Err((
+                key("program"),
+                format!("`{p}` is not a built-in program; built-in: {}", BUILTIN_PROGRAMS.join(", ")),
+            ));
+        }
+        (Some(p), true) if p == ROLLOUT_ROLE && !matches!(trainer, TrainerKind::Rl { .. }) => {
+            return Err((
+                key("program"),
+                "rollout actors feed an RL trainer; set train.trainer = \"grpo\" or \"ppo\" with an [rl] section (which adds them)".into(),
+            ));
+        }
+        (Some(p), true) => RoleProgram::BuiltIn(p.clone()),
+        (None, _) if role.entrypoint.first().is_none_or(|p| p.is_empty()) => {
+            return Err((
+                key("entrypoint"),
+                "name the command each process runs, e.g. [\"python3\", \"actor.py\"], or a built-in program".into(),
+            ));
+        }
+        (None, _) => RoleProgram::Command(role.entrypoint.clone()),
+    };
     let cpus_per_worker =
         cpu_share(&key("cpus_per_worker"), role.cpus_per_worker).map_err(|m| (key("cpus_per_worker"), m))?;
     let backoff = seconds(&key("backoff_s"), role.backoff_s, true)?;
@@ -538,7 +634,7 @@ fn resolve_role(name: &str, role: &super::RoleSection) -> Result<RoleSpec, (Stri
         name: name.to_string(),
         size: size as usize,
         min_size: min_size as usize,
-        entrypoint: Some(role.entrypoint.clone()),
+        program,
         restart: role.restart,
         cpus_per_worker,
         gpus_per_worker: role.gpus_per_worker.min(64) as usize,

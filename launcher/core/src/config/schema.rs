@@ -8,7 +8,7 @@ use super::resolve::DeviceKind;
 
 choice!(
     /// `train.trainer`: the built-in training loop.
-    TrainerChoice, "a built-in trainer", { Lm = "lm", Sft = "sft" }
+    TrainerChoice, "a built-in trainer", { Lm = "lm", Sft = "sft", Grpo = "grpo", Ppo = "ppo" }
 );
 choice!(
     /// `train.backend`: the trainer gang's collective.
@@ -17,6 +17,10 @@ choice!(
 choice!(
     /// `model.kind`: the built-in GPT, or a Hugging Face model folder.
     ModelKind, "a model kind", { Gpt = "gpt", Hf = "hf" }
+);
+choice!(
+    /// `model.init`: a Hugging Face folder's weights, or its architecture from random weights.
+    ModelInit, "a model initialisation", { Load = "load", Random = "random" }
 );
 choice!(
     /// `checkpoint.metric`: what `keep_best` ranks checkpoints by.
@@ -50,6 +54,9 @@ pub struct JobConfig {
     /// Further roles of the job, by name: actors, services, anything beside the trainer gang.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub roles: std::collections::BTreeMap<String, RoleSection>,
+    /// RL post-training (`train.trainer = "grpo"` or `"ppo"`): rollouts, rewards, losses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rl: Option<super::rl::RlSection>,
     /// Free-form settings handed to custom training loops (like Ray Train's `train_loop_config`).
     #[serde(default)]
     pub user: toml::Table,
@@ -136,6 +143,9 @@ pub struct ModelSection {
     pub kind: ModelKind,
     /// The model folder of `kind = "hf"` (config.json, *.safetensors, tokenizer.json).
     pub path: String,
+    /// `load` the folder's weights, or start from `random` ones (its config.json and tokenizer
+    /// only; supervised fine-tuning from scratch).
+    pub init: ModelInit,
     pub n_layer: i64,
     pub n_head: i64,
     pub n_embd: i64,
@@ -149,6 +159,7 @@ impl Default for ModelSection {
         Self {
             kind: ModelKind::Gpt,
             path: String::new(),
+            init: ModelInit::Load,
             n_layer: 4,
             n_head: 4,
             n_embd: 256,
@@ -263,7 +274,11 @@ pub struct RoleSection {
     /// How many processes: `2`, or `{ min = 1, max = 4 }` (as many as fit, at least `min`).
     pub size: Workers,
     /// The command each process runs (`ROLE_NAME`, `ROLE_RANK`, `RTRAIN_*` tell it who it is).
+    #[serde(default)]
     pub entrypoint: Vec<String>,
+    /// A program built into rtrain instead of a command (see `BUILTIN_PROGRAMS`).
+    #[serde(default)]
+    pub program: Option<String>,
     /// `alone`: a process that dies or hangs restarts by itself; `gang`: the whole role restarts.
     #[serde(default)]
     pub restart: RestartMode,

@@ -1,0 +1,265 @@
+//! The rollout actor: the built-in program of the `rollout` role (`rtrain-worker role rollout`).
+//!
+//! It loads the policy's model folder, finds the trainer's rollout controller through the job's
+//! address book, and then loops: ask for prompts, bring its weights up to the version the work
+//! needs (through shared memory from the trainer), generate `rl.group_size` samples per prompt,
+//! score them and hand them in. When the trainer restarts, the connection breaks: the actor looks
+//! the new controller up and goes on with the restored weights. When the actor dies, the launcher
+//! restarts it alone and the controller gives its unfinished prompts to another.
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use rtrain_core::config::rl::{ROLLOUT_ROLE, RlSpec};
+use rtrain_core::config::{JobSpec, TRAINING_ROLE, TrainerKind};
+use rtrain_core::contract::WorkerEnv;
+use rtrain_core::job_client::JobClient;
+use rtrain_trainer::hf::{HfModel, SamplingParams, Tokenizer, generate};
+use tch::{Device, Tensor};
+
+use super::wire::{Conn, FromActor, GroupResult, ToActor, WireError, WorkItem, proof};
+use crate::prompts::Prompt;
+use crate::reward::{RewardFn, RewardInput, build_reward};
+use crate::sample::{FinishReason, Reward, Sample};
+use crate::trainer::{RlSetup, policy_channel};
+use crate::weight_sync::{SyncOutcome, SyncedVersion, WeightSubscriber};
+
+/// The address name under which the trainer's rank 0 publishes its controller.
+pub const CONTROLLER_ADDR: &str = "rollout";
+/// How long an actor waits for the weights a work item needs.
+const WEIGHTS_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Errors that end an actor (the launcher restarts it).
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("rollout controller: {0}")]
+    Wire(#[from] WireError),
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("generation: {0}")]
+    Generate(String),
+    #[error("reward: {0}")]
+    Reward(String),
+}
+
+/// `rtrain-worker role rollout`.
+pub fn main() -> ExitCode {
+    rtrain_trainer::runtime::init_logging();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "rollout actor failed");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Actor {
+    env: WorkerEnv,
+    rl: RlSpec,
+    model: HfModel,
+    vars: Vec<(String, Tensor)>,
+    tokenizer: Tokenizer,
+    prompts: Vec<Prompt>,
+    reward: Box<dyn RewardFn>,
+    weights: WeightSubscriber,
+    job: JobClient,
+}
+
+fn run() -> Result<(), ActorError> {
+    let env = WorkerEnv::from_env().map_err(|e| ActorError::Setup(e.to_string()))?;
+    let spec: JobSpec = rtrain_core::config::load(&env.config, &[]).map_err(|e| ActorError::Setup(e.to_string()))?.spec;
+    let TrainerKind::Rl { model, .. } = &spec.trainer else {
+        return Err(ActorError::Setup(format!("the {ROLLOUT_ROLE} program feeds an RL trainer; this job has none")));
+    };
+    let setup = RlSetup::load(&spec).map_err(|e| ActorError::Setup(e.to_string()))?;
+    let mut loaded = HfModel::load(model, Device::Cpu).map_err(|e| ActorError::Setup(e.to_string()))?;
+    loaded.vs.freeze();
+    let mut vars: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let channel = policy_channel(&env.run_id, &env.token).map_err(|e| ActorError::Setup(e.to_string()))?;
+    let reward = build_reward(&setup.rl.reward).map_err(|e| ActorError::Setup(e.to_string()))?;
+    let job = JobClient::from_env().map_err(|e| ActorError::Setup(e.to_string()))?;
+    let mut actor = Actor {
+        rl: setup.rl,
+        model: loaded,
+        vars,
+        tokenizer: setup.tokenizer,
+        prompts: setup.train,
+        reward,
+        weights: WeightSubscriber::new(&channel),
+        job,
+        env,
+    };
+    tracing::info!(actor = actor.env.rank, prompts = actor.prompts.len(), "rollout actor ready");
+    loop {
+        let addr = actor.find_controller()?;
+        match actor.serve(addr) {
+            Ok(()) => return Ok(()),
+            // The trainer went away (restart) or the connection broke: find it again.
+            Err(ActorError::Wire(e)) => {
+                tracing::info!(error = %e, "lost the rollout controller; looking it up again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Actor {
+    /// The controller's address, once the trainer's rank 0 has published it.
+    fn find_controller(&self) -> Result<SocketAddr, ActorError> {
+        let started = Instant::now();
+        loop {
+            match self.job.lookup(TRAINING_ROLE) {
+                Ok(book) => {
+                    if let Some(addr) = book.addr(TRAINING_ROLE, 0, CONTROLLER_ADDR)
+                        && let Ok(addr) = addr.parse()
+                    {
+                        return Ok(addr);
+                    }
+                }
+                Err(e) if started.elapsed() > Duration::from_secs(600) => {
+                    return Err(ActorError::Setup(format!("cannot reach the coordinator: {e}")));
+                }
+                Err(_) => {}
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Works for the controller at `addr` until it says stop (`Ok`) or the connection fails.
+    fn serve(&mut self, addr: SocketAddr) -> Result<(), ActorError> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(WireError::from)?;
+        let mut conn = Conn::new(stream).map_err(WireError::from)?;
+        let ToActor::Challenge { nonce } = conn.recv()? else {
+            return Err(WireError::Malformed("expected a challenge".into()).into());
+        };
+        let hello = FromActor::Hello { rank: self.env.rank as u32, attempt: self.env.attempt, proof: proof(&self.env.token, &nonce) };
+        conn.send(&hello)?;
+        let ToActor::Welcome { trainer_attempt } = conn.recv()? else {
+            return Err(WireError::Malformed("expected a welcome".into()).into());
+        };
+        tracing::info!(%addr, trainer_attempt, "connected to the rollout controller");
+        // Enough prompts per request to keep generation batched, but a share of a step only, so
+        // every actor gets some.
+        let max = self.rl.prompts_per_step.div_ceil(self.rl.rollout_workers).max(1);
+        loop {
+            conn.send(&FromActor::Want { max })?;
+            match conn.recv()? {
+                ToActor::Work { items, generation, min_version } => {
+                    let sync_started = Instant::now();
+                    let held = self.sync_weights(generation, min_version)?;
+                    let sync_seconds = sync_started.elapsed().as_secs_f64();
+                    let results = self.generate(&items, held, sync_seconds)?;
+                    for result in results {
+                        conn.send(&FromActor::Done(result))?;
+                        match conn.recv()? {
+                            ToActor::Accepted => {}
+                            ToActor::Rejected { reason } => tracing::warn!(%reason, "samples refused"),
+                            other => return Err(WireError::Malformed(format!("unexpected {other:?}")).into()),
+                        }
+                    }
+                }
+                ToActor::Wait { ms } => std::thread::sleep(Duration::from_millis(ms.min(1000))),
+                ToActor::Stop => {
+                    tracing::info!("training is over");
+                    return Ok(());
+                }
+                other => return Err(WireError::Malformed(format!("unexpected {other:?}")).into()),
+            }
+        }
+    }
+
+    /// Loads new weights until they are of `generation` and at least `min_version`.
+    fn sync_weights(&mut self, generation: u64, min_version: u64) -> Result<SyncedVersion, ActorError> {
+        let started = Instant::now();
+        loop {
+            let held = match self.weights.sync_into(&mut self.vars) {
+                Ok(SyncOutcome::Loaded { version, .. } | SyncOutcome::UpToDate(version)) => Some(version),
+                Ok(SyncOutcome::NotPublished) => None,
+                Err(e) if e.is_retryable() => None,
+                Err(e) => return Err(ActorError::Weights(e.to_string())),
+            };
+            if let Some(v) = held
+                && v.generation == generation
+                && v.version >= min_version
+            {
+                return Ok(v);
+            }
+            if started.elapsed() > WEIGHTS_PATIENCE {
+                return Err(ActorError::Weights(format!(
+                    "no weights of version {min_version} (publisher generation {generation}) after {WEIGHTS_PATIENCE:?}; holding {held:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Generates and scores the groups of `items` in one batch.
+    fn generate(&mut self, items: &[WorkItem], held: SyncedVersion, sync_seconds: f64) -> Result<Vec<GroupResult>, ActorError> {
+        let started = Instant::now();
+        let g = self.rl.group_size;
+        let mut prompts = Vec::with_capacity(items.len() * g);
+        for item in items {
+            let prompt = self.prompts.get(item.prompt).ok_or_else(|| {
+                ActorError::Setup(format!("prompt {} asked for, {} known: do trainer and actors read the same data?", item.prompt, self.prompts.len()))
+            })?;
+            prompts.extend(std::iter::repeat_n(prompt.token_ids.clone(), g));
+        }
+        let params = SamplingParams {
+            max_new_tokens: self.rl.max_new_tokens,
+            temperature: self.rl.temperature,
+            top_p: self.rl.top_p,
+            seed: items.first().map_or(0, |i| i.seed),
+            ..SamplingParams::default()
+        };
+        let generations =
+            generate(&self.model, &self.tokenizer, &prompts, &params).map_err(|e| ActorError::Generate(e.to_string()))?;
+        let inputs: Vec<RewardInput<'_>> = generations
+            .iter()
+            .enumerate()
+            .map(|(i, out)| {
+                let prompt = &self.prompts[items[i / g].prompt];
+                RewardInput { prompt: &prompt.text, response: &out.text, record: &prompt.record }
+            })
+            .collect();
+        let scores = self.reward.score(&inputs).map_err(|e| ActorError::Reward(e.to_string()))?;
+        let gen_seconds = started.elapsed().as_secs_f64() / items.len() as f64;
+        let mut results = Vec::with_capacity(items.len());
+        let mut scored = generations.into_iter().zip(scores);
+        for item in items {
+            let prompt = &self.prompts[item.prompt];
+            let samples = scored
+                .by_ref()
+                .take(g)
+                .map(|(out, score)| {
+                    let mut reward = Reward { total: score.reward, components: Default::default() };
+                    if let Some(correct) = score.correct {
+                        reward.components.insert("correct".into(), f64::from(u8::from(correct)));
+                    }
+                    Sample {
+                        prompt_id: prompt.id.clone(),
+                        group_id: item.id,
+                        prompt_token_ids: prompt.token_ids.clone(),
+                        loss_mask: vec![true; out.token_ids.len()],
+                        behaviour_log_probs: out.logprobs.iter().map(|&l| l as f32).collect(),
+                        response_token_ids: out.token_ids,
+                        policy_version: held.version,
+                        reward,
+                        finish_reason: match out.finish_reason {
+                            rtrain_trainer::hf::FinishReason::Stop => FinishReason::Stop,
+                            rtrain_trainer::hf::FinishReason::Length => FinishReason::Length,
+                        },
+                    }
+                })
+                .collect();
+            results.push(GroupResult { id: item.id, samples, gen_seconds, sync_seconds, actor: self.env.rank as u32 });
+        }
+        Ok(results)
+    }
+}

@@ -1,0 +1,435 @@
+//! GRPO on the trainer gang: each RL step takes one batch of rollouts (rank 0 collects it from
+//! the actors and broadcasts it), computes group-normalised advantages, runs `rl.ppo_epochs`
+//! passes of `rl.mini_batch`-prompt optimizer steps through the engine (DDP, AdamW, clipping),
+//! and rank 0 publishes the new weights to the actors.
+//!
+//! Loss scale: every mini-batch's normaliser counts the loss tokens (or sequences) of the whole
+//! mini-batch over all ranks, and each micro-batch adds its share, so the gradient does not depend
+//! on how the batch is split over ranks or micro-batches.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rtrain_core::config::rl::{KlEstimatorChoice, KlPlacementChoice, LossAggChoice, RlAlgorithm};
+use rtrain_trainer::collective::ReduceOp;
+use rtrain_trainer::engine::Engine;
+use rtrain_trainer::hf::HfModel;
+use rtrain_trainer::runtime::JobClient;
+use rtrain_trainer::sft::export_model;
+use rtrain_trainer::{Fingerprint, LoopState, MicroLoss, StepOutput, TrainContext, TrainError, TrainLoop};
+use tch::{Device, Kind, Tensor};
+
+use super::eval::{EvalResult, evaluate};
+use super::setup::{RlSetup, policy_channel};
+use crate::advantages::{GroupAdvantages, GroupScale, broadcast_over_tokens};
+use crate::aggregation::{LossAggregation, LossNormaliser};
+use crate::batch::collate;
+use crate::kl::{KlEstimator, KlPenalty, KlPlacement};
+use crate::logits::entropy_from_logits;
+use crate::masked::masked_sum;
+use crate::policy_loss::{PolicyBatch, PolicyLossConfig};
+use crate::reward::{RewardFn, build_reward};
+use crate::rollout::actor::CONTROLLER_ADDR;
+use crate::rollout::{RolloutController, RolloutPlan, StepRollouts};
+use crate::sample::Sample;
+use crate::weight_sync::WeightPublisher;
+
+/// How long rank 0 waits for rollouts that make no progress.
+const ROLLOUT_PATIENCE: Duration = Duration::from_secs(300);
+use rtrain_core::config::rl::EVAL_FILE;
+
+/// What only rank 0 does: talk to the actors, publish weights, evaluate, report.
+struct Coordinator {
+    controller: RolloutController,
+    publisher: Option<WeightPublisher>,
+    channel: crate::weight_sync::ShmChannel,
+    job: JobClient,
+    reward: Box<dyn RewardFn>,
+    /// The version last published.
+    published: Option<u64>,
+    /// Seconds the last publication took.
+    sync_seconds: f64,
+}
+
+/// The GRPO training loop of every trainer rank.
+pub struct RlLoop {
+    setup: RlSetup,
+    model: HfModel,
+    /// The starting policy, frozen, for the KL penalty (only with `rl.kl_coef > 0`).
+    reference: Option<HfModel>,
+    engine: Engine,
+    pad: i64,
+    policy_loss: PolicyLossConfig,
+    kl_in_reward: Option<KlPenalty>,
+    advantages: GroupAdvantages,
+    rank0: Option<Coordinator>,
+}
+
+impl RlLoop {
+    pub fn new(ctx: &mut TrainContext) -> Result<Self, TrainError> {
+        let setup = RlSetup::load(&ctx.spec).map_err(|e| TrainError::other(e.to_string()))?;
+        if setup.rl.algorithm == RlAlgorithm::Ppo {
+            return Err(TrainError::setting(
+                "train.trainer",
+                "\"ppo\" (with a critic) is not available yet; use \"grpo\"".to_string(),
+            ));
+        }
+        let load = |device| HfModel::load(&setup.model_dir, device).map_err(|source| TrainError::Model { context: "model.path", source });
+        let model = load(ctx.device)?;
+        let reference = if setup.rl.kl_coef > 0.0 {
+            let mut r = load(ctx.device)?;
+            r.vs.freeze();
+            Some(r)
+        } else {
+            None
+        };
+        let engine = Engine::for_job(&model.vs, ctx)?;
+        let pad = setup.tokenizer.pad.as_ref().or(setup.tokenizer.eos.as_ref()).map_or(0, |s| i64::from(s.id));
+        let rl = &setup.rl;
+        let aggregation = match rl.loss_agg {
+            LossAggChoice::TokenMean => LossAggregation::TokenMean,
+            LossAggChoice::SeqMeanTokenMean => LossAggregation::SeqMeanTokenMean,
+            LossAggChoice::SeqMeanTokenSumNorm => LossAggregation::SeqMeanTokenSumNorm { length: rl.max_new_tokens as f64 },
+        };
+        let kl = (rl.kl_coef > 0.0).then(|| KlPenalty {
+            estimator: match rl.kl_estimator {
+                KlEstimatorChoice::K1 => KlEstimator::K1,
+                KlEstimatorChoice::K2 => KlEstimator::K2,
+                KlEstimatorChoice::K3 => KlEstimator::K3,
+            },
+            coef: rl.kl_coef,
+            placement: match rl.kl_in {
+                KlPlacementChoice::Loss => KlPlacement::Loss,
+                KlPlacementChoice::Reward => KlPlacement::Reward,
+            },
+        });
+        let policy_loss = PolicyLossConfig {
+            clip_low: rl.clip_low,
+            clip_high: rl.clip_high,
+            dual_clip: None,
+            tis_cap: rl.tis_cap,
+            kl: kl.filter(|k| k.placement == KlPlacement::Loss),
+            aggregation,
+        };
+        policy_loss.validate().map_err(|e| TrainError::setting("rl", e.to_string()))?;
+        let advantages = GroupAdvantages {
+            scale: if rl.scale_rewards { GroupScale::UnbiasedStd } else { GroupScale::None },
+            eps: 1e-6,
+        };
+        Ok(Self {
+            kl_in_reward: kl.filter(|k| k.placement == KlPlacement::Reward),
+            setup,
+            model,
+            reference,
+            engine,
+            pad,
+            policy_loss,
+            advantages,
+            rank0: None,
+        })
+    }
+
+    /// Rank 0's batch for `step`, broadcast to every rank: the groups in slot order.
+    fn step_groups(&mut self, ctx: &mut TrainContext, step: u64) -> Result<(Vec<Vec<Sample>>, Option<StepRollouts>), TrainError> {
+        let (bytes, rollouts) = match &mut self.rank0 {
+            Some(r0) => {
+                r0.publish(&self.engine, step)?;
+                let rollouts = r0.controller.take_step(step, ROLLOUT_PATIENCE).map_err(|e| TrainError::other(e.to_string()))?;
+                let groups: Vec<&Vec<Sample>> = rollouts.groups.iter().map(|g| &g.samples).collect();
+                let bytes = serde_json::to_vec(&groups).map_err(|e| TrainError::other(e.to_string()))?;
+                (bytes, Some(rollouts))
+            }
+            None => (Vec::new(), None),
+        };
+        let mut len = Tensor::from_slice(&[bytes.len() as i64]);
+        ctx.collective.broadcast(&mut len, 0)?;
+        let len = len.int64_value(&[0]) as usize;
+        let mut data = if bytes.is_empty() { Tensor::zeros([len as i64], (Kind::Uint8, Device::Cpu)) } else { Tensor::from_slice(&bytes) };
+        ctx.collective.broadcast(&mut data, 0)?;
+        let bytes = Vec::<u8>::try_from(&data).map_err(|e| TrainError::other(e.to_string()))?;
+        let groups: Vec<Vec<Sample>> = serde_json::from_slice(&bytes).map_err(|e| TrainError::other(format!("rollout batch: {e}")))?;
+        Ok((groups, rollouts))
+    }
+
+    /// Log-probs `[B, R]` of the response tokens of `samples` under `model`, with the logits.
+    fn response_log_probs(&self, model: &HfModel, batch: &crate::batch::RolloutBatch) -> Result<(Tensor, Tensor), TrainError> {
+        let logits = model.logits_padded(&batch.input_ids, &batch.attention_mask).to_kind(Kind::Float);
+        let log_probs = batch.response_log_probs(&logits).map_err(rl_error)?;
+        let r = batch.response_ids.size()[1];
+        Ok((log_probs, logits.narrow(1, batch.prompt_len - 1, r)))
+    }
+}
+
+fn rl_error(e: crate::error::RlError) -> TrainError {
+    TrainError::other(e.to_string())
+}
+
+impl Coordinator {
+    fn start(ctx: &TrainContext, setup: &RlSetup, first_step: u64) -> Result<Self, TrainError> {
+        let env = rtrain_trainer::runtime::WorkerEnv::from_env().map_err(|e| TrainError::other(e.to_string()))?;
+        let plan = RolloutPlan {
+            first_step,
+            steps: ctx.spec.steps,
+            prompts_per_step: setup.rl.prompts_per_step,
+            group_size: setup.rl.group_size,
+            max_staleness: setup.rl.max_staleness,
+            seed: ctx.spec.seed,
+            prompt_count: setup.train.len(),
+            trainer_attempt: ctx.attempt,
+        };
+        let controller = RolloutController::start(SocketAddr::from(([127, 0, 0, 1], 0)), &env.token, plan)
+            .map_err(|e| TrainError::other(format!("rollout controller: {e}")))?;
+        let job = JobClient::from_env().map_err(|e| TrainError::other(e.to_string()))?;
+        job.publish(CONTROLLER_ADDR, &controller.addr().to_string()).map_err(|e| TrainError::other(e.to_string()))?;
+        let channel = policy_channel(&env.run_id, &env.token).map_err(|e| TrainError::other(e.to_string()))?;
+        let reward = build_reward(&setup.rl.reward).map_err(|e| TrainError::setting("rl.reward", e.to_string()))?;
+        Ok(Self { controller, publisher: None, channel, job, reward, published: None, sync_seconds: 0.0 })
+    }
+
+    /// Publishes the engine's weights as policy version `version` (once per version).
+    fn publish(&mut self, engine: &Engine, version: u64) -> Result<(), TrainError> {
+        if self.published == Some(version) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let weights = engine.weights()?;
+        let sync = |e: crate::weight_sync::WeightSyncError| TrainError::other(format!("weight sync: {e}"));
+        let publisher = match &mut self.publisher {
+            Some(p) => p,
+            None => self.publisher.insert(WeightPublisher::create(&self.channel, &weights.tensors).map_err(sync)?),
+        };
+        publisher.publish(version, &weights.tensors).map_err(sync)?;
+        self.published = Some(version);
+        self.sync_seconds = started.elapsed().as_secs_f64();
+        self.controller.published(publisher.generation(), version);
+        Ok(())
+    }
+}
+
+/// Sums of the step's diagnostics over ranks, each a share of the global value.
+#[derive(Default)]
+struct Diagnostics {
+    clip_fraction: f64,
+    approx_kl: f64,
+    entropy_sum: f64,
+    ref_kl_sum: f64,
+    tokens: f64,
+}
+
+impl TrainLoop for RlLoop {
+    fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError> {
+        let step_started = Instant::now();
+        // Rank 0 starts serving the actors at the first step, when the weights (restored or
+        // not) and the step training starts from are known.
+        if ctx.is_rank_zero() && self.rank0.is_none() {
+            self.rank0 = Some(Coordinator::start(ctx, &self.setup, step)?);
+        }
+        if step == 0
+            && let Some(r0) = &mut self.rank0
+            && !ctx.run_dir.join(EVAL_FILE).exists()
+        {
+            let before = r0.evaluate(&self.model, &self.setup)?;
+            write_eval(&ctx.run_dir, Some(before), None)?;
+        }
+        let (groups, rollouts) = self.step_groups(ctx, step)?;
+        let rl = self.setup.rl.clone();
+        let (world, rank) = (ctx.world_size, ctx.rank);
+        // Advantages of every sample of the step (cheap, identical on every rank).
+        let all: Vec<&Sample> = groups.iter().flatten().collect();
+        let scores = Tensor::from_slice(&all.iter().map(|s| s.reward.total).collect::<Vec<_>>());
+        let ids: Vec<u64> = all.iter().map(|s| s.group_id).collect();
+        let advantages = Vec::<f64>::try_from(self.advantages.per_sequence(&scores.to_kind(Kind::Double), &ids).map_err(rl_error)?)
+            .map_err(|e| TrainError::other(e.to_string()))?;
+        let g = rl.group_size;
+        let (mut loss_sum, mut tokens, mut grad_norm, mut lr) = (0.0, 0usize, None, 0.0);
+        let mut diag = Diagnostics::default();
+        let micro = ctx.spec.micro_batch.max(1);
+        // With one pass over one mini-batch the policy before the update is the current one:
+        // the ratio is exactly 1 and the old log-probs need no extra forward pass.
+        let single_update = rl.ppo_epochs == 1 && rl.mini_batch == rl.prompts_per_step;
+        let per_rank = rl.mini_batch / world;
+        let mut old_cache: std::collections::HashMap<usize, Tensor> = std::collections::HashMap::new();
+        for epoch in 0..rl.ppo_epochs {
+            for (m, first) in (0..rl.prompts_per_step).step_by(rl.mini_batch).enumerate() {
+                let mine = first + rank * per_rank..first + (rank + 1) * per_rank;
+                let mini: Vec<&Sample> = groups[first..first + rl.mini_batch].iter().flatten().collect();
+                let norm = normaliser(&mini)?;
+                let samples: Vec<(usize, &Sample)> = (mine.start * g..mine.end * g).map(|i| (i, all[i])).collect();
+                for (c, chunk) in samples.chunks(micro).enumerate() {
+                    let owned: Vec<Sample> = chunk.iter().map(|(_, s)| (*s).clone()).collect();
+                    let batch = collate(&owned, self.pad, Kind::Float, ctx.device).map_err(rl_error)?;
+                    let (log_probs, logits) = self.response_log_probs(&self.model, &batch)?;
+                    let key = m * 1_000_000 + c;
+                    let old = if single_update {
+                        log_probs.detach()
+                    } else {
+                        if epoch == 0 {
+                            old_cache.insert(key, log_probs.detach());
+                        }
+                        old_cache.get(&key).map_or_else(|| log_probs.detach(), Tensor::shallow_clone)
+                    };
+                    let reference = match &self.reference {
+                        Some(r) => Some(tch::no_grad(|| self.response_log_probs(r, &batch))?.0),
+                        None => None,
+                    };
+                    let mut seq_adv: Vec<f64> = chunk.iter().map(|(i, _)| advantages[*i]).collect();
+                    if let (Some(kl), Some(reference)) = (&self.kl_in_reward, &reference) {
+                        let per_token = kl.estimator.per_token(&old, reference).map_err(rl_error)?;
+                        let seq_kl = Vec::<f64>::try_from((&per_token * &batch.loss_mask).sum_dim_intlist(-1, false, Kind::Float).to_kind(Kind::Double))
+                            .map_err(|e| TrainError::other(e.to_string()))?;
+                        for (a, k) in seq_adv.iter_mut().zip(seq_kl) {
+                            *a -= kl.coef * k;
+                        }
+                    }
+                    let adv = broadcast_over_tokens(&Tensor::from_slice(&seq_adv).to_kind(Kind::Float).to_device(ctx.device), &batch.loss_mask)
+                        .map_err(rl_error)?;
+                    let out = self
+                        .policy_loss
+                        .compute(
+                            &PolicyBatch {
+                                log_probs: &log_probs,
+                                old_log_probs: &old,
+                                advantages: &adv,
+                                mask: &batch.loss_mask,
+                                behaviour_log_probs: Some(&batch.behaviour_log_probs),
+                                ref_log_probs: reference.as_ref(),
+                            },
+                            &norm,
+                        )
+                        .map_err(rl_error)?;
+                    let n_tokens = chunk.iter().map(|(_, s)| s.prompt_token_ids.len() + s.response_token_ids.len()).sum();
+                    self.engine.backward(MicroLoss::sum(out.loss).with_tokens(n_tokens), 1.0)?;
+                    if epoch == 0 {
+                        let ent = tch::no_grad(|| entropy_from_logits(&logits.detach()));
+                        diag.entropy_sum += masked_sum(&ent, &batch.loss_mask).map_err(rl_error)?.double_value(&[]);
+                        diag.tokens += batch.loss_mask.sum(Kind::Double).double_value(&[]);
+                        diag.clip_fraction += out.clip_fraction.double_value(&[]);
+                        diag.approx_kl += out.approx_kl.double_value(&[]);
+                        if let Some(reference) = &reference {
+                            let d = KlEstimator::K3.per_token(&log_probs.detach(), reference).map_err(rl_error)?;
+                            diag.ref_kl_sum += masked_sum(&d, &batch.loss_mask).map_err(rl_error)?.double_value(&[]);
+                        }
+                    }
+                }
+                let out = self.engine.optimizer_step(ctx.collective.as_mut(), step)?;
+                loss_sum += out.loss;
+                tokens += out.tokens;
+                grad_norm = out.grad_norm;
+                lr = out.lr;
+            }
+        }
+        let mut reduced = Tensor::from_slice(&[diag.clip_fraction, diag.approx_kl, diag.entropy_sum, diag.ref_kl_sum, diag.tokens]);
+        ctx.collective.all_reduce(&mut reduced, ReduceOp::Sum)?;
+        let r = Vec::<f64>::try_from(&reduced).map_err(|e| TrainError::other(e.to_string()))?;
+        let updates = rl.updates_per_step() as f64;
+        let mini_batches = (rl.prompts_per_step / rl.mini_batch) as f64;
+        if let Some(r0) = &mut self.rank0 {
+            r0.publish(&self.engine, step + 1)?;
+            if let Some(rollouts) = rollouts {
+                let train_seconds = step_started.elapsed().as_secs_f64();
+                let tokens_per_s = tokens as f64 / train_seconds.max(1e-9);
+                r0.report(step, &rollouts, &r, mini_batches, tokens_per_s, self.reference.is_some());
+            }
+        }
+        Ok(StepOutput { loss: loss_sum / updates, lr, tokens, grad_norm })
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        self.model.config.architecture()
+    }
+
+    fn state(&self) -> Result<Option<LoopState>, TrainError> {
+        self.engine.state().map(Some)
+    }
+
+    fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
+        self.engine.restore(state)
+    }
+
+    fn finish(&mut self, ctx: &mut TrainContext) -> Result<(), TrainError> {
+        let Some(r0) = &mut self.rank0 else { return Ok(()) };
+        r0.controller.stop();
+        let after = r0.evaluate(&self.model, &self.setup)?;
+        write_eval(&ctx.run_dir, None, Some(after))?;
+        export_model(&self.model, &self.setup.model_dir, &ctx.run_dir.join("model"))
+    }
+}
+
+/// The global loss-token and sequence counts of a mini-batch.
+fn normaliser(samples: &[&Sample]) -> Result<LossNormaliser, TrainError> {
+    let tokens: usize = samples.iter().map(|s| s.loss_mask.iter().filter(|m| **m).count()).sum();
+    let sequences = samples.iter().filter(|s| s.loss_mask.iter().any(|m| *m)).count();
+    LossNormaliser::new(tokens as f64, sequences as f64).map_err(rl_error)
+}
+
+impl Coordinator {
+    fn evaluate(&mut self, model: &HfModel, setup: &RlSetup) -> Result<EvalResult, TrainError> {
+        let started = Instant::now();
+        let result = tch::no_grad(|| evaluate(model, &setup.tokenizer, &setup.eval, self.reward.as_mut(), setup.rl.max_new_tokens))
+            .map_err(|e| TrainError::other(format!("held-out evaluation: {e}")))?;
+        tracing::info!(accuracy = ?result.accuracy, reward = result.reward, prompts = result.prompts, seconds = started.elapsed().as_secs_f64(), "held-out evaluation");
+        Ok(result)
+    }
+
+    /// Reports the step's RL metrics (metrics.jsonl, with the trainer's rank 0).
+    fn report(
+        &self,
+        step: u64,
+        rollouts: &StepRollouts,
+        reduced: &[f64],
+        mini_batches: f64,
+        trainer_tokens_per_s: f64,
+        with_reference: bool,
+    ) {
+        let samples: Vec<&Sample> = rollouts.groups.iter().flat_map(|g| &g.samples).collect();
+        let n = samples.len().max(1) as f64;
+        let rewards: Vec<f64> = samples.iter().map(|s| s.reward.total).collect();
+        let mean = rewards.iter().sum::<f64>() / n;
+        let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let correct: Vec<f64> = samples.iter().filter_map(|s| s.reward.components.get("correct").copied()).collect();
+        let generated: usize = samples.iter().map(|s| s.response_token_ids.len()).sum();
+        let stale: Vec<f64> = samples.iter().map(|s| step.saturating_sub(s.policy_version) as f64).collect();
+        let staleness = stale.iter().sum::<f64>() / n;
+        let actor_sync = rollouts.groups.iter().map(|g| g.sync_seconds).fold(0.0, f64::max);
+        let mut metrics = vec![
+            ("reward_mean", mean),
+            ("reward_std", std),
+            ("response_length", generated as f64 / n),
+            ("clip_fraction", reduced[0] / mini_batches),
+            ("policy_kl", reduced[1] / mini_batches),
+            ("entropy", reduced[2] / reduced[4].max(1.0)),
+            ("samples", samples.len() as f64),
+            ("staleness", staleness),
+            ("staleness_max", stale.iter().copied().fold(0.0, f64::max)),
+            ("rollout_tokens_per_s", generated as f64 / rollouts.wall_seconds.max(1e-9)),
+            ("trainer_tokens_per_s", trainer_tokens_per_s),
+            ("weight_publish_s", self.sync_seconds),
+            ("actor_sync_s", actor_sync),
+        ];
+        if !correct.is_empty() {
+            metrics.push(("accuracy", correct.iter().sum::<f64>() / correct.len() as f64));
+        }
+        if with_reference {
+            metrics.push(("ref_kl", reduced[3] / reduced[4].max(1.0)));
+        }
+        // Best effort: a lost metric is not worth failing a step for.
+        if let Err(e) = self.job.report_metrics(step + 1, &metrics) {
+            tracing::warn!(error = %e, "RL metrics not reported");
+        }
+    }
+}
+
+/// Records held-out scores in `<run>/rl_eval.json`, keeping what is there.
+fn write_eval(run_dir: &std::path::Path, before: Option<EvalResult>, after: Option<EvalResult>) -> Result<(), TrainError> {
+    let path = run_dir.join(EVAL_FILE);
+    let mut doc: serde_json::Map<String, serde_json::Value> =
+        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    for (key, value) in [("eval_before", before), ("eval_after", after)] {
+        if let Some(v) = value {
+            doc.insert(key.into(), serde_json::to_value(v).map_err(|e| TrainError::other(e.to_string()))?);
+        }
+    }
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(&doc).map_err(|e| TrainError::other(e.to_string()))?;
+    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| TrainError::Io { path, source })
+}

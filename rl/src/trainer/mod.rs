@@ -1,0 +1,10 @@
+//! The RL trainers (`train.trainer = "grpo"`), run by the trainer gang, and what they share with
+//! the rollout actors.
+
+mod eval;
+mod grpo;
+mod setup;
+
+pub use eval::{EvalResult, evaluate};
+pub use grpo::RlLoop;
+pub use setup::{RlSetup, SetupError, policy_channel};
