@@ -125,7 +125,7 @@ fn grpo_trains_on_actor_rollouts_and_records_the_held_out_scores() {
     assert_eq!(steps.iter().map(|m| m["step"].as_u64().unwrap()).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
     for m in &steps {
         // Every step trained on exactly its 4 × 4 samples, all from the current policy.
-        assert_eq!(m["samples"], 16, "{m}");
+        assert_eq!(m["samples"], 16.0, "{m}");
         assert_eq!(m["staleness_max"], 0.0, "{m}");
         // One pass over one mini-batch: the policy before the update is the behaviour policy
         // (up to float rounding between the actors' and the trainer's forward passes).
@@ -160,7 +160,7 @@ fn killing_an_actor_restarts_it_alone_and_every_step_still_gets_all_its_samples(
     let steps = rl_metrics(&run);
     assert!(steps.iter().all(|m| m["attempt"] == 0), "the trainer was restarted");
     for m in &steps {
-        assert_eq!(m["samples"], 16, "a step lost or doubled samples: {m}");
+        assert_eq!(m["samples"], 16.0, "a step lost or doubled samples: {m}");
         assert_eq!(m["staleness_max"], 0.0, "{m}");
     }
     let s = summary(&run);
@@ -185,7 +185,7 @@ fn killing_the_trainer_resumes_it_and_the_actors_generate_with_the_restored_weig
     // restored weights (staleness 0 under rl.max_staleness = 0), not from the lost attempt's.
     let first = resumed[0]["step"].as_u64().unwrap();
     assert!(first >= 4 && (first - 1) % 3 == 0, "resumed at step {first}, not after a checkpoint");
-    assert!(resumed.iter().all(|m| m["staleness_max"] == 0.0 && m["samples"] == 16), "{resumed:?}");
+    assert!(resumed.iter().all(|m| m["staleness_max"] == 0.0 && m["samples"] == 16.0), "{resumed:?}");
     let s = summary(&run);
     assert_eq!(s["roles"]["rollout"]["restarts"], 0, "{s}");
 }
@@ -193,7 +193,8 @@ fn killing_the_trainer_resumes_it_and_the_actors_generate_with_the_restored_weig
 #[test]
 fn with_max_staleness_one_generation_runs_ahead_but_never_trains_on_older_samples() {
     let dir = tempfile::tempdir().unwrap();
-    let out = rtrain_in_repo(&["launch", "configs/grpo_arith.toml"], &grpo_sets(dir.path(), 8, &["rl.max_staleness=1"]));
+    let out =
+        rtrain_in_repo(&["launch", "configs/grpo_arith.toml"], &grpo_sets(dir.path(), 8, &["rl.max_staleness=1"]));
     assert!(out.status.success(), "{}", stderr(&out));
     let steps = rl_metrics(&dir.path().join("grpo_arith"));
     assert_eq!(steps.len(), 8);

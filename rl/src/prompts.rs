@@ -32,12 +32,13 @@ pub enum PromptError {
 /// Reads and tokenizes every prompt of `path`. Prompts longer than `max_prompt_tokens` are an
 /// error naming the line (cutting a prompt would change the task).
 pub fn load_prompts(path: &Path, tokenizer: &Tokenizer, max_prompt_tokens: usize) -> Result<Vec<Prompt>, PromptError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PromptError::Read { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| PromptError::Read { path: path.to_path_buf(), source })?;
     let mut prompts = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |reason: String| PromptError::Line { path: path.to_path_buf(), line: n + 1, reason };
-        let record: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(line).map_err(|e| bad(format!("{e}; expected a JSON object with \"prompt\" or \"messages\"")))?;
+        let record: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line)
+            .map_err(|e| bad(format!("{e}; expected a JSON object with \"prompt\" or \"messages\"")))?;
         let (text, messages) = match (record.get("prompt"), record.get("messages")) {
             (Some(serde_json::Value::String(p)), None) => {
                 (p.clone(), vec![ChatMessage { role: "user".into(), content: p.clone() }])
@@ -117,6 +118,7 @@ impl PromptOrder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -132,7 +134,12 @@ mod tests {
 
     #[test]
     fn held_out_split_keeps_both_sides() {
-        let p = |i: usize| Prompt { text: i.to_string(), token_ids: vec![1], record: Default::default(), id: i.to_string() };
+        let p = |i: usize| Prompt {
+            text: i.to_string(),
+            token_ids: vec![1],
+            record: Default::default(),
+            id: i.to_string(),
+        };
         let (train, eval) = split_held_out((0..10).map(p).collect(), 0.2).unwrap();
         assert_eq!((train.len(), eval.len()), (8, 2));
         let (train, eval) = split_held_out((0..2).map(p).collect(), 0.01).unwrap();

@@ -41,8 +41,14 @@ impl RewardFn for Verifiable {
                         other => other.to_string() == i.response.trim(),
                     }),
                     RewardSpec::Numeric { field, tolerance } => {
-                        let want = i.record.get(field).and_then(|v| v.as_f64().or_else(|| v.as_str()?.trim().parse().ok()));
-                        let got = i.response.split(|c: char| !(c.is_ascii_digit() || c == '-' || c == '.')).filter(|t| !t.is_empty()).last().and_then(|t| t.parse::<f64>().ok());
+                        let want =
+                            i.record.get(field).and_then(|v| v.as_f64().or_else(|| v.as_str()?.trim().parse().ok()));
+                        let got = i
+                            .response
+                            .split(|c: char| !(c.is_ascii_digit() || c == '-' || c == '.'))
+                            .filter(|t| !t.is_empty())
+                            .last()
+                            .and_then(|t| t.parse::<f64>().ok());
                         matches!((want, got), (Some(w), Some(g)) if (w - g).abs() <= *tolerance)
                     }
                     _ => false,

@@ -143,8 +143,9 @@ impl SftTrainer {
     /// Fine-tuning of the model folder `model_dir`: its weights, or random ones (`random_init`).
     pub fn new(ctx: &TrainContext, model_dir: &Path, max_len: usize, random_init: bool) -> Result<Self, TrainError> {
         let model_error = |source| TrainError::Model { context: "model.path", source };
-        let model = if random_init { HfModel::random(model_dir, ctx.device) } else { HfModel::load(model_dir, ctx.device) }
-            .map_err(model_error)?;
+        let model =
+            if random_init { HfModel::random(model_dir, ctx.device) } else { HfModel::load(model_dir, ctx.device) }
+                .map_err(model_error)?;
         let tokenizer = Tokenizer::from_dir(model_dir).map_err(model_error)?;
         let limit = model.config.max_positions() as usize;
         if max_len > limit {

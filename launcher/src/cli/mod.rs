@@ -264,7 +264,13 @@ fn print_training(s: &config::JobSpec) {
         (None, TrainerKind::Rl { model, max_len, rl }) => {
             println!(
                 "  worker: {:?} post-training of {} ({} prompts × {} samples per step, up to {} new tokens, sequences cut to {max_len}; max_staleness {}, kl_coef {})",
-                rl.algorithm, model.display(), rl.prompts_per_step, rl.group_size, rl.max_new_tokens, rl.max_staleness, rl.kl_coef
+                rl.algorithm,
+                model.display(),
+                rl.prompts_per_step,
+                rl.group_size,
+                rl.max_new_tokens,
+                rl.max_staleness,
+                rl.kl_coef
             );
             println!("  reward: {:?}", rl.reward);
         }
@@ -287,7 +293,9 @@ fn print_role(s: &config::JobSpec, r: &config::RoleSpec) {
         format!("{how} (max_restarts = {}, backoff {} s)", r.max_restarts, r.backoff.as_secs_f64())
     };
     let program = match (&r.program, &s.trainer) {
-        (config::RoleProgram::Worker, TrainerKind::Rl { rl, .. }) => format!("built-in {:?} trainer", rl.algorithm).to_lowercase(),
+        (config::RoleProgram::Worker, TrainerKind::Rl { rl, .. }) => {
+            format!("built-in {:?} trainer", rl.algorithm).to_lowercase()
+        }
         (config::RoleProgram::Worker, _) => "built-in trainer".into(),
         (other, _) => other.to_string(),
     };
@@ -304,7 +312,8 @@ fn print_rl_eval(rl: &serde_json::Value) {
         Some(v) => format!("{v:>8.3}"),
         None => format!("{:>8}", "-"),
     };
-    let prompts = rl.get("eval_before").or(rl.get("eval_after")).and_then(|e| e.get("prompts")).and_then(|v| v.as_u64());
+    let prompts =
+        rl.get("eval_before").or(rl.get("eval_after")).and_then(|e| e.get("prompts")).and_then(|v| v.as_u64());
     eprintln!("  held-out evaluation ({} prompts, greedy):", prompts.unwrap_or(0));
     eprintln!("              before    after");
     eprintln!("    accuracy {} {}", cell("eval_before", "accuracy"), cell("eval_after", "accuracy"));

@@ -321,7 +321,9 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         attempts,
         failure,
         roles,
-        rl: std::fs::read(run.path.join(crate::config::rl::EVAL_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok()),
+        rl: std::fs::read(run.path.join(crate::config::rl::EVAL_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
     };
     run.write_summary(&summary)?;
     Ok(LaunchReport { outcome, summary, run_path: run.path.clone() })

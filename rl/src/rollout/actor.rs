@@ -139,7 +139,11 @@ impl Actor {
         let ToActor::Challenge { nonce } = conn.recv()? else {
             return Err(WireError::Malformed("expected a challenge".into()).into());
         };
-        let hello = FromActor::Hello { rank: self.env.rank as u32, attempt: self.env.attempt, proof: proof(&self.env.token, &nonce) };
+        let hello = FromActor::Hello {
+            rank: self.env.rank as u32,
+            attempt: self.env.attempt,
+            proof: proof(&self.env.token, &nonce),
+        };
         conn.send(&hello)?;
         let ToActor::Welcome { trainer_attempt } = conn.recv()? else {
             return Err(WireError::Malformed("expected a welcome".into()).into());
@@ -201,13 +205,22 @@ impl Actor {
     }
 
     /// Generates and scores the groups of `items` in one batch.
-    fn generate(&mut self, items: &[WorkItem], held: SyncedVersion, sync_seconds: f64) -> Result<Vec<GroupResult>, ActorError> {
+    fn generate(
+        &mut self,
+        items: &[WorkItem],
+        held: SyncedVersion,
+        sync_seconds: f64,
+    ) -> Result<Vec<GroupResult>, ActorError> {
         let started = Instant::now();
         let g = self.rl.group_size;
         let mut prompts = Vec::with_capacity(items.len() * g);
         for item in items {
             let prompt = self.prompts.get(item.prompt).ok_or_else(|| {
-                ActorError::Setup(format!("prompt {} asked for, {} known: do trainer and actors read the same data?", item.prompt, self.prompts.len()))
+                ActorError::Setup(format!(
+                    "prompt {} asked for, {} known: do trainer and actors read the same data?",
+                    item.prompt,
+                    self.prompts.len()
+                ))
             })?;
             prompts.extend(std::iter::repeat_n(prompt.token_ids.clone(), g));
         }
@@ -218,8 +231,8 @@ impl Actor {
             seed: items.first().map_or(0, |i| i.seed),
             ..SamplingParams::default()
         };
-        let generations =
-            generate(&self.model, &self.tokenizer, &prompts, &params).map_err(|e| ActorError::Generate(e.to_string()))?;
+        let generations = generate(&self.model, &self.tokenizer, &prompts, &params)
+            .map_err(|e| ActorError::Generate(e.to_string()))?;
         let inputs: Vec<RewardInput<'_>> = generations
             .iter()
             .enumerate()

@@ -13,8 +13,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::wire::{Conn, FromActor, GroupResult, ToActor, WireError, WorkItem, nonce, verify};
 use super::RolloutError;
+use super::wire::{Conn, FromActor, GroupResult, ToActor, WireError, WorkItem, nonce, verify};
 use crate::prompts::PromptOrder;
 
 /// How an actor that has nothing to do is told to wait.
@@ -291,11 +291,7 @@ fn serve_actor(stream: TcpStream, shared: &Shared, conn_id: u64) -> Result<(), W
             FromActor::Hello { .. } => return Err(WireError::Malformed("a second hello".into())),
             FromActor::Want { max } => {
                 let mut state = shared.lock();
-                if state.stopped {
-                    ToActor::Stop
-                } else {
-                    hand_out(&mut state, conn_id, max.max(1))
-                }
+                if state.stopped { ToActor::Stop } else { hand_out(&mut state, conn_id, max.max(1)) }
             }
             FromActor::Done(result) => {
                 let mut state = shared.lock();

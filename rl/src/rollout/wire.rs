@@ -38,26 +38,44 @@ pub struct WorkItem {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToActor {
-    Challenge { nonce: String },
-    Welcome { trainer_attempt: u32 },
+    Challenge {
+        nonce: String,
+    },
+    Welcome {
+        trainer_attempt: u32,
+    },
     /// Generate for these prompts with weights of publisher `generation`, version at least
     /// `min_version`.
-    Work { items: Vec<WorkItem>, generation: u64, min_version: u64 },
+    Work {
+        items: Vec<WorkItem>,
+        generation: u64,
+        min_version: u64,
+    },
     /// Nothing to do yet; ask again after this many milliseconds.
-    Wait { ms: u64 },
+    Wait {
+        ms: u64,
+    },
     /// Training is over.
     Stop,
     Accepted,
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 /// Messages from an actor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FromActor {
-    Hello { rank: u32, attempt: u32, proof: String },
+    Hello {
+        rank: u32,
+        attempt: u32,
+        proof: String,
+    },
     /// Up to `max` prompts.
-    Want { max: usize },
+    Want {
+        max: usize,
+    },
     Done(GroupResult),
 }
 
@@ -160,6 +178,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -74,7 +74,10 @@ impl RlLoop {
                 "\"ppo\" (with a critic) is not available yet; use \"grpo\"".to_string(),
             ));
         }
-        let load = |device| HfModel::load(&setup.model_dir, device).map_err(|source| TrainError::Model { context: "model.path", source });
+        let load = |device| {
+            HfModel::load(&setup.model_dir, device)
+                .map_err(|source| TrainError::Model { context: "model.path", source })
+        };
         let model = load(ctx.device)?;
         let reference = if setup.rl.kl_coef > 0.0 {
             let mut r = load(ctx.device)?;
@@ -89,9 +92,11 @@ impl RlLoop {
         let aggregation = match rl.loss_agg {
             LossAggChoice::TokenMean => LossAggregation::TokenMean,
             LossAggChoice::SeqMeanTokenMean => LossAggregation::SeqMeanTokenMean,
-            LossAggChoice::SeqMeanTokenSumNorm => LossAggregation::SeqMeanTokenSumNorm { length: rl.max_new_tokens as f64 },
+            LossAggChoice::SeqMeanTokenSumNorm => {
+                LossAggregation::SeqMeanTokenSumNorm { length: rl.max_new_tokens as f64 }
+            }
         };
-        let kl = (rl.kl_coef > 0.0).then(|| KlPenalty {
+        let kl = (rl.kl_coef > 0.0).then_some(KlPenalty {
             estimator: match rl.kl_estimator {
                 KlEstimatorChoice::K1 => KlEstimator::K1,
                 KlEstimatorChoice::K2 => KlEstimator::K2,
@@ -130,11 +135,16 @@ impl RlLoop {
     }
 
     /// Rank 0's batch for `step`, broadcast to every rank: the groups in slot order.
-    fn step_groups(&mut self, ctx: &mut TrainContext, step: u64) -> Result<(Vec<Vec<Sample>>, Option<StepRollouts>), TrainError> {
+    fn step_groups(
+        &mut self,
+        ctx: &mut TrainContext,
+        step: u64,
+    ) -> Result<(Vec<Vec<Sample>>, Option<StepRollouts>), TrainError> {
         let (bytes, rollouts) = match &mut self.rank0 {
             Some(r0) => {
                 r0.publish(&self.engine, step)?;
-                let rollouts = r0.controller.take_step(step, ROLLOUT_PATIENCE).map_err(|e| TrainError::other(e.to_string()))?;
+                let rollouts =
+                    r0.controller.take_step(step, ROLLOUT_PATIENCE).map_err(|e| TrainError::other(e.to_string()))?;
                 let groups: Vec<&Vec<Sample>> = rollouts.groups.iter().map(|g| &g.samples).collect();
                 let bytes = serde_json::to_vec(&groups).map_err(|e| TrainError::other(e.to_string()))?;
                 (bytes, Some(rollouts))
@@ -144,15 +154,24 @@ impl RlLoop {
         let mut len = Tensor::from_slice(&[bytes.len() as i64]);
         ctx.collective.broadcast(&mut len, 0)?;
         let len = len.int64_value(&[0]) as usize;
-        let mut data = if bytes.is_empty() { Tensor::zeros([len as i64], (Kind::Uint8, Device::Cpu)) } else { Tensor::from_slice(&bytes) };
+        let mut data = if bytes.is_empty() {
+            Tensor::zeros([len as i64], (Kind::Uint8, Device::Cpu))
+        } else {
+            Tensor::from_slice(&bytes)
+        };
         ctx.collective.broadcast(&mut data, 0)?;
         let bytes = Vec::<u8>::try_from(&data).map_err(|e| TrainError::other(e.to_string()))?;
-        let groups: Vec<Vec<Sample>> = serde_json::from_slice(&bytes).map_err(|e| TrainError::other(format!("rollout batch: {e}")))?;
+        let groups: Vec<Vec<Sample>> =
+            serde_json::from_slice(&bytes).map_err(|e| TrainError::other(format!("rollout batch: {e}")))?;
         Ok((groups, rollouts))
     }
 
     /// Log-probs `[B, R]` of the response tokens of `samples` under `model`, with the logits.
-    fn response_log_probs(&self, model: &HfModel, batch: &crate::batch::RolloutBatch) -> Result<(Tensor, Tensor), TrainError> {
+    fn response_log_probs(
+        &self,
+        model: &HfModel,
+        batch: &crate::batch::RolloutBatch,
+    ) -> Result<(Tensor, Tensor), TrainError> {
         let logits = model.logits_padded(&batch.input_ids, &batch.attention_mask).to_kind(Kind::Float);
         let log_probs = batch.response_log_probs(&logits).map_err(rl_error)?;
         let r = batch.response_ids.size()[1];
@@ -238,8 +257,9 @@ impl TrainLoop for RlLoop {
         let all: Vec<&Sample> = groups.iter().flatten().collect();
         let scores = Tensor::from_slice(&all.iter().map(|s| s.reward.total).collect::<Vec<_>>());
         let ids: Vec<u64> = all.iter().map(|s| s.group_id).collect();
-        let advantages = Vec::<f64>::try_from(self.advantages.per_sequence(&scores.to_kind(Kind::Double), &ids).map_err(rl_error)?)
-            .map_err(|e| TrainError::other(e.to_string()))?;
+        let advantages =
+            Vec::<f64>::try_from(self.advantages.per_sequence(&scores.to_kind(Kind::Double), &ids).map_err(rl_error)?)
+                .map_err(|e| TrainError::other(e.to_string()))?;
         let g = rl.group_size;
         let (mut loss_sum, mut tokens, mut grad_norm, mut lr) = (0.0, 0usize, None, 0.0);
         let mut diag = Diagnostics::default();
@@ -275,14 +295,21 @@ impl TrainLoop for RlLoop {
                     let mut seq_adv: Vec<f64> = chunk.iter().map(|(i, _)| advantages[*i]).collect();
                     if let (Some(kl), Some(reference)) = (&self.kl_in_reward, &reference) {
                         let per_token = kl.estimator.per_token(&old, reference).map_err(rl_error)?;
-                        let seq_kl = Vec::<f64>::try_from((&per_token * &batch.loss_mask).sum_dim_intlist(-1, false, Kind::Float).to_kind(Kind::Double))
-                            .map_err(|e| TrainError::other(e.to_string()))?;
+                        let seq_kl = Vec::<f64>::try_from(
+                            (&per_token * &batch.loss_mask)
+                                .sum_dim_intlist(-1, false, Kind::Float)
+                                .to_kind(Kind::Double),
+                        )
+                        .map_err(|e| TrainError::other(e.to_string()))?;
                         for (a, k) in seq_adv.iter_mut().zip(seq_kl) {
                             *a -= kl.coef * k;
                         }
                     }
-                    let adv = broadcast_over_tokens(&Tensor::from_slice(&seq_adv).to_kind(Kind::Float).to_device(ctx.device), &batch.loss_mask)
-                        .map_err(rl_error)?;
+                    let adv = broadcast_over_tokens(
+                        &Tensor::from_slice(&seq_adv).to_kind(Kind::Float).to_device(ctx.device),
+                        &batch.loss_mask,
+                    )
+                    .map_err(rl_error)?;
                     let out = self
                         .policy_loss
                         .compute(
@@ -297,7 +324,8 @@ impl TrainLoop for RlLoop {
                             &norm,
                         )
                         .map_err(rl_error)?;
-                    let n_tokens = chunk.iter().map(|(_, s)| s.prompt_token_ids.len() + s.response_token_ids.len()).sum();
+                    let n_tokens =
+                        chunk.iter().map(|(_, s)| s.prompt_token_ids.len() + s.response_token_ids.len()).sum();
                     self.engine.backward(MicroLoss::sum(out.loss).with_tokens(n_tokens), 1.0)?;
                     if epoch == 0 {
                         let ent = tch::no_grad(|| entropy_from_logits(&logits.detach()));
@@ -318,7 +346,8 @@ impl TrainLoop for RlLoop {
                 lr = out.lr;
             }
         }
-        let mut reduced = Tensor::from_slice(&[diag.clip_fraction, diag.approx_kl, diag.entropy_sum, diag.ref_kl_sum, diag.tokens]);
+        let mut reduced =
+            Tensor::from_slice(&[diag.clip_fraction, diag.approx_kl, diag.entropy_sum, diag.ref_kl_sum, diag.tokens]);
         ctx.collective.all_reduce(&mut reduced, ReduceOp::Sum)?;
         let r = Vec::<f64>::try_from(&reduced).map_err(|e| TrainError::other(e.to_string()))?;
         let updates = rl.updates_per_step() as f64;
@@ -365,8 +394,10 @@ fn normaliser(samples: &[&Sample]) -> Result<LossNormaliser, TrainError> {
 impl Coordinator {
     fn evaluate(&mut self, model: &HfModel, setup: &RlSetup) -> Result<EvalResult, TrainError> {
         let started = Instant::now();
-        let result = tch::no_grad(|| evaluate(model, &setup.tokenizer, &setup.eval, self.reward.as_mut(), setup.rl.max_new_tokens))
-            .map_err(|e| TrainError::other(format!("held-out evaluation: {e}")))?;
+        let result = tch::no_grad(|| {
+            evaluate(model, &setup.tokenizer, &setup.eval, self.reward.as_mut(), setup.rl.max_new_tokens)
+        })
+        .map_err(|e| TrainError::other(format!("held-out evaluation: {e}")))?;
         tracing::info!(accuracy = ?result.accuracy, reward = result.reward, prompts = result.prompts, seconds = started.elapsed().as_secs_f64(), "held-out evaluation");
         Ok(result)
     }
@@ -420,7 +451,11 @@ impl Coordinator {
 }
 
 /// Records held-out scores in `<run>/rl_eval.json`, keeping what is there.
-fn write_eval(run_dir: &std::path::Path, before: Option<EvalResult>, after: Option<EvalResult>) -> Result<(), TrainError> {
+fn write_eval(
+    run_dir: &std::path::Path,
+    before: Option<EvalResult>,
+    after: Option<EvalResult>,
+) -> Result<(), TrainError> {
     let path = run_dir.join(EVAL_FILE);
     let mut doc: serde_json::Map<String, serde_json::Value> =
         std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
@@ -431,5 +466,7 @@ fn write_eval(run_dir: &std::path::Path, before: Option<EvalResult>, after: Opti
     }
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(&doc).map_err(|e| TrainError::other(e.to_string()))?;
-    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| TrainError::Io { path, source })
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| TrainError::Io { path, source })
 }

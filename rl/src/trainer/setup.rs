@@ -51,7 +51,9 @@ impl RlSetup {
         let prompts = load_prompts(source, &tokenizer, max_prompt)?;
         let (train, mut eval) = match &rl.eval {
             EvalSet::File(path) => (prompts, load_prompts(path, &tokenizer, max_prompt)?),
-            EvalSet::Fraction(f) => split_held_out(prompts, *f).ok_or_else(|| SetupError::TooFew { path: source.clone() })?,
+            EvalSet::Fraction(f) => {
+                split_held_out(prompts, *f).ok_or_else(|| SetupError::TooFew { path: source.clone() })?
+            }
         };
         eval.truncate(rl.eval_max);
         Ok(Self { rl: (**rl).clone(), model_dir: model.clone(), max_len: *max_len, tokenizer, train, eval })

@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use overrides::apply_override;
 pub use resolve::{
-    BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, RoleProgram,
-    RoleSpec, BUILTIN_PROGRAMS, TRAINING_ROLE, TrainerKind, resolve,
+    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec,
+    RoleProgram, RoleSpec, TRAINING_ROLE, TrainerKind, resolve,
 };
 pub use schema::{
-    BackendChoice, CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, MetricChoice, ModelInit, ModelKind,
-    ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection, TrainSection, TrainerChoice, Workers,
+    BackendChoice, CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, MetricChoice, ModelInit,
+    ModelKind, ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection, TrainSection, TrainerChoice,
+    Workers,
 };
 
 /// A config file read, overridden, typed and resolved.

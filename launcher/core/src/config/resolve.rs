@@ -357,7 +357,11 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
                 ));
             }
             let max_len = positive("data.max_len", data.max_len)? as usize;
-            TrainerKind::Sft { model: PathBuf::from(&model.path), max_len, random_init: model.init == ModelInit::Random }
+            TrainerKind::Sft {
+                model: PathBuf::from(&model.path),
+                max_len,
+                random_init: model.init == ModelInit::Random,
+            }
         }
         (choice @ (TrainerChoice::Grpo | TrainerChoice::Ppo), ModelKind::Hf) => {
             if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
@@ -367,10 +371,16 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
                 ));
             }
             if model.init == ModelInit::Random {
-                return Err(bad("model.init", format!("RL starts from a trained policy; \"random\" is for train.trainer = \"sft\"")));
+                return Err(bad(
+                    "model.init",
+                    "RL starts from a trained policy; \"random\" is for train.trainer = \"sft\"".to_string(),
+                ));
             }
             let Some(section) = &cfg.rl else {
-                return Err(bad("rl", format!("train.trainer = \"{choice}\" needs an [rl] section (at least [rl.reward])")));
+                return Err(bad(
+                    "rl",
+                    format!("train.trainer = \"{choice}\" needs an [rl] section (at least [rl.reward])"),
+                ));
             };
             let algorithm = if choice == TrainerChoice::Grpo { RlAlgorithm::Grpo } else { RlAlgorithm::Ppo };
             let rl = resolve_rl(section, algorithm, workers).map_err(keyed)?;

@@ -196,16 +196,22 @@ pub fn resolve_rl(rl: &RlSection, algorithm: RlAlgorithm, workers: usize) -> Res
     };
     let rollout_workers = count("rollout_workers", rl.rollout_workers, 1, 4096)?;
     if !(rl.rollout_cpus.is_finite() && rl.rollout_cpus > 0.0 && rl.rollout_cpus <= 1024.0) {
-        return err("rollout_cpus", format!("must be a number of cores above 0 (fractions share a core), got {}", rl.rollout_cpus));
+        return err(
+            "rollout_cpus",
+            format!("must be a number of cores above 0 (fractions share a core), got {}", rl.rollout_cpus),
+        );
     }
     let low_group = if algorithm == RlAlgorithm::Grpo { 2 } else { 1 };
-    let group_size = count("group_size", rl.group_size, low_group, 4096)
-        .map_err(|(k, m)| (k, if algorithm == RlAlgorithm::Grpo { format!("{m} (GRPO compares the samples of a prompt)") } else { m }))?;
+    let group_size = count("group_size", rl.group_size, low_group, 4096).map_err(|(k, m)| {
+        (k, if algorithm == RlAlgorithm::Grpo { format!("{m} (GRPO compares the samples of a prompt)") } else { m })
+    })?;
     let prompts_per_step = count("prompts_per_step", rl.prompts_per_step, 1, 1 << 20)?;
-    if prompts_per_step % workers != 0 {
+    if !prompts_per_step.is_multiple_of(workers) {
         return err(
             "prompts_per_step",
-            format!("must be a multiple of train.workers ({workers}) so every rank trains on whole groups, got {prompts_per_step}"),
+            format!(
+                "must be a multiple of train.workers ({workers}) so every rank trains on whole groups, got {prompts_per_step}"
+            ),
         );
     }
     let max_new_tokens = count("max_new_tokens", rl.max_new_tokens, 1, 1 << 16)?;
@@ -229,13 +235,13 @@ pub fn resolve_rl(rl: &RlSection, algorithm: RlAlgorithm, workers: usize) -> Res
     let ppo_epochs = count("ppo_epochs", rl.ppo_epochs, 1, 100)?;
     let mini_batch = match rl.mini_batch {
         0 => prompts_per_step,
-        m if m as usize > prompts_per_step || prompts_per_step % m as usize != 0 => {
+        m if m as usize > prompts_per_step || !prompts_per_step.is_multiple_of(m as usize) => {
             return err(
                 "mini_batch",
                 format!("must divide rl.prompts_per_step ({prompts_per_step}), or be 0 for the whole batch; got {m}"),
             );
         }
-        m if m as usize % workers != 0 => {
+        m if !(m as usize).is_multiple_of(workers) => {
             return err("mini_batch", format!("must be a multiple of train.workers ({workers}), got {m}"));
         }
         m => m as usize,

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GRPO demo, both phases: supervised fine-tuning of a tiny Llama from random weights (brief,
+# so it gets fewer than half of the held-out sums right), then GRPO with two rollout actors until
+# it gets most of them right. Prints the held-out accuracy before and after.
+#   bash examples/arith/run.sh                        (strictly on-policy)
+#   bash examples/arith/run.sh --set rl.max_staleness=1
+# Extra arguments go to the GRPO launch.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+bash scripts/setup-libtorch.sh
+cargo build --release
+R=target/release/rtrain
+$R launch configs/grpo_arith_sft.toml --fresh
+$R launch configs/grpo_arith.toml --fresh "$@"
