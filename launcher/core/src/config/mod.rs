@@ -5,6 +5,7 @@ mod choice;
 mod error;
 mod overrides;
 mod resolve;
+pub mod reward;
 mod schema;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ pub use resolve::{
     BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec, RoleSpec,
     TRAINING_ROLE, TrainerKind, resolve,
 };
+pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
 pub use schema::{
     BackendChoice, CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, MetricChoice, ModelKind,
     ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection, TrainSection, TrainerChoice, Workers,
