@@ -49,6 +49,10 @@ pub enum BenchCommand {
         /// Timed runs per batch size (after one warm-up); the best is reported.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Above 1: each batch is batch / group_size prompts sampled group_size times, timed both
+        /// as repeated prompts (`generate`) and as groups sharing one prefill (`generate_groups`).
+        #[arg(long, default_value_t = 1)]
+        group_size: usize,
         #[arg(long)]
         json: bool,
     },

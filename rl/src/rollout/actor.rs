@@ -15,7 +15,7 @@ use rtrain_core::config::rl::{ROLLOUT_ROLE, RlSpec};
 use rtrain_core::config::{JobSpec, TRAINING_ROLE, TrainerKind};
 use rtrain_core::contract::WorkerEnv;
 use rtrain_core::job_client::JobClient;
-use rtrain_trainer::hf::{HfModel, SamplingParams, Tokenizer, generate};
+use rtrain_trainer::hf::{HfModel, SamplingParams, Tokenizer, generate_groups};
 use tch::{Device, Tensor};
 
 use super::wire::{Conn, FromActor, GroupResult, ToActor, WireError, WorkItem, proof};
@@ -213,7 +213,7 @@ impl Actor {
     ) -> Result<Vec<GroupResult>, ActorError> {
         let started = Instant::now();
         let g = self.rl.group_size;
-        let mut prompts = Vec::with_capacity(items.len() * g);
+        let mut prompts = Vec::with_capacity(items.len());
         for item in items {
             let prompt = self.prompts.get(item.prompt).ok_or_else(|| {
                 ActorError::Setup(format!(
@@ -222,7 +222,7 @@ impl Actor {
                     self.prompts.len()
                 ))
             })?;
-            prompts.extend(std::iter::repeat_n(prompt.token_ids.clone(), g));
+            prompts.push(prompt.token_ids.clone());
         }
         let params = SamplingParams {
             max_new_tokens: self.rl.max_new_tokens,
@@ -231,8 +231,12 @@ impl Actor {
             seed: items.first().map_or(0, |i| i.seed),
             ..SamplingParams::default()
         };
-        let generations = generate(&self.model, &self.tokenizer, &prompts, &params)
-            .map_err(|e| ActorError::Generate(e.to_string()))?;
+        // The group_size samples of a prompt share its prefill (its KV cache is computed once).
+        let generations: Vec<_> = generate_groups(&self.model, &self.tokenizer, &prompts, g, &params)
+            .map_err(|e| ActorError::Generate(e.to_string()))?
+            .into_iter()
+            .flatten()
+            .collect();
         let inputs: Vec<RewardInput<'_>> = generations
             .iter()
             .enumerate()

@@ -8,7 +8,7 @@ use rtrain_launcher::cli::{EXIT_CONFIG, EXIT_FAILED};
 
 use crate::collective::NcclCollective;
 use crate::collective::bench::{BenchBackend, allreduce_bench, memcpy_bandwidth_gbps};
-use crate::hf::{HfModel, SamplingParams, Tokenizer, generate};
+use crate::hf::{Generation, HfModel, SamplingParams, Tokenizer, generate, generate_groups};
 
 /// `rtrain bench generate`.
 pub fn generate_command(
@@ -17,9 +17,10 @@ pub fn generate_command(
     prompt_len: usize,
     new_tokens: usize,
     repeats: usize,
+    group_size: usize,
     json: bool,
 ) -> ExitCode {
-    match generate_bench(model, batch, prompt_len, new_tokens, repeats.max(1), json) {
+    match generate_bench(model, batch, prompt_len, new_tokens, repeats.max(1), group_size, json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: generation benchmark: {e}");
@@ -100,12 +101,16 @@ pub fn allreduce_command(ranks: usize, backend: &str, max_mib: usize, iters: usi
     ExitCode::SUCCESS
 }
 
+/// Greedy tokens/s per batch size. With `group_size` > 1 a batch is `batch / group_size`
+/// prompts, each sampled `group_size` times, timed as repeated prompts and as shared-prefill
+/// groups.
 fn generate_bench(
     model_dir: &Path,
     batches: &[usize],
     prompt_len: usize,
     new_tokens: usize,
     repeats: usize,
+    group_size: usize,
     json: bool,
 ) -> Result<(), String> {
     let model = HfModel::load(model_dir, tch::Device::Cpu).map_err(|e| e.to_string())?;
@@ -113,9 +118,13 @@ fn generate_bench(
     // Every sequence runs to its full length, as the transformers side forces with min_new_tokens.
     tokenizer.stop_ids.clear();
     let params = SamplingParams { max_new_tokens: new_tokens, temperature: 0.0, ..SamplingParams::default() };
+    let g = group_size.max(1);
     let mut state = 0x5eed_u64;
     for &batch in batches {
-        let prompts: Vec<Vec<u32>> = (0..batch)
+        if batch % g != 0 {
+            return Err(format!("--batch {batch} is not a multiple of --group-size {g}"));
+        }
+        let prompts: Vec<Vec<u32>> = (0..batch / g)
             .map(|_| {
                 (0..prompt_len)
                     .map(|_| {
@@ -125,26 +134,37 @@ fn generate_bench(
                     .collect()
             })
             .collect();
-        generate(&model, &tokenizer, &prompts, &params).map_err(|e| e.to_string())?; // warm-up
-        let mut best = f64::INFINITY;
-        for _ in 0..repeats {
-            let t0 = Instant::now();
-            let out = generate(&model, &tokenizer, &prompts, &params).map_err(|e| e.to_string())?;
-            best = best.min(t0.elapsed().as_secs_f64());
-            if out.iter().any(|g| g.token_ids.len() != new_tokens) {
-                return Err("a sequence ended early".into());
-            }
+        let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), g)).collect();
+        let flat = || generate(&model, &tokenizer, &repeated, &params);
+        let grouped = || Ok(generate_groups(&model, &tokenizer, &prompts, g, &params)?.into_iter().flatten().collect());
+        let mut cases: Vec<(&str, &dyn Fn() -> Result<Vec<Generation>, crate::hf::HfError>)> =
+            vec![("generate", &flat)];
+        if g > 1 {
+            cases.push(("generate_groups", &grouped));
         }
-        let tokens_per_s = (batch * new_tokens) as f64 / best;
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({ "framework": "rtrain", "batch": batch, "new_tokens": new_tokens, "time_s": best, "tokens_per_s": tokens_per_s, "threads": tch::get_num_threads() })
-            );
-        } else {
-            println!(
-                "batch {batch:>3}: {tokens_per_s:>9.1} generated tokens/s ({new_tokens} new tokens in {best:.3} s)"
-            );
+        for (method, run) in cases {
+            run().map_err(|e| e.to_string())?; // warm-up
+            let mut best = f64::INFINITY;
+            for _ in 0..repeats {
+                let t0 = Instant::now();
+                let out = run().map_err(|e| e.to_string())?;
+                best = best.min(t0.elapsed().as_secs_f64());
+                if out.len() != batch || out.iter().any(|g| g.token_ids.len() != new_tokens) {
+                    return Err("a sequence ended early".into());
+                }
+            }
+            let tokens_per_s = (batch * new_tokens) as f64 / best;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "framework": "rtrain", "method": method, "batch": batch, "group_size": g, "prompt_len": prompt_len, "new_tokens": new_tokens, "time_s": best, "tokens_per_s": tokens_per_s, "threads": tch::get_num_threads() })
+                );
+            } else {
+                let label = if g > 1 { format!(" {method:<15} (groups of {g})") } else { String::new() };
+                println!(
+                    "batch {batch:>3}{label}: {tokens_per_s:>9.1} generated tokens/s ({new_tokens} new tokens in {best:.3} s)"
+                );
+            }
         }
     }
     Ok(())

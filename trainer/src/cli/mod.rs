@@ -44,8 +44,8 @@ pub fn main_with(extensions: Extensions) -> ExitCode {
         Command::Bench(BenchCommand::Allreduce { ranks, backend, max_mib, iters, json }) => {
             bench::allreduce_command(ranks, &backend, max_mib, iters, json)
         }
-        Command::Bench(BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, json }) => {
-            bench::generate_command(&model, &batch, prompt_len, new_tokens, repeats, json)
+        Command::Bench(BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, group_size, json }) => {
+            bench::generate_command(&model, &batch, prompt_len, new_tokens, repeats, group_size, json)
         }
         _ => {
             eprintln!(

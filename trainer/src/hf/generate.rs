@@ -6,7 +6,8 @@
 //! Llama-family and GPT-2 models alike. Prompts of different lengths are left-padded into one batch; padded positions are masked out
 //! of attention and rotary positions count real tokens only, so a prompt generates the same
 //! tokens alone or in a batch (up to float rounding). Sampling runs on the host in f64 from each
-//! row's logits, with one random stream per sequence.
+//! row's logits, with one random stream per sequence. A group of samples per prompt
+//! ([`generate_groups`]) shares the prompt's prefill.
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -70,6 +71,26 @@ pub fn generate(
     prompts: &[Vec<u32>],
     params: &SamplingParams,
 ) -> Result<Vec<Generation>, HfError> {
+    let groups = generate_groups(model, tokenizer, prompts, 1, params)?;
+    Ok(groups.into_iter().flatten().collect())
+}
+
+/// Generates `group_size` continuations per prompt (as GRPO samples a group per prompt),
+/// prefilling each prompt once: the prompts' KV cache is computed as one left-padded batch of P
+/// rows, then repeated to P × G rows for decoding.
+///
+/// Sample j of prompt i draws from the random stream of row i * G + j, so the result equals
+/// [`generate`] on each prompt repeated G times (up to float rounding in the log-probs).
+pub fn generate_groups(
+    model: &HfModel,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    group_size: usize,
+    params: &SamplingParams,
+) -> Result<Vec<Vec<Generation>>, HfError> {
+    if group_size == 0 {
+        return Err(HfError::Config { path: "group_size".into(), message: "must be at least 1".into() });
+    }
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(HfError::Config { path: "prompt".into(), message: "a prompt must hold at least one token".into() });
     }
@@ -84,10 +105,8 @@ pub fn generate(
     let budget = params.max_new_tokens.min(limit - max_len);
     let mut stop_ids = tokenizer.stop_ids.clone();
     stop_ids.extend(&params.stop_token_ids);
-    let mut rows: Vec<Row> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, _)| Row {
+    let mut rows: Vec<Row> = (0..prompts.len() * group_size)
+        .map(|i| Row {
             tokens: Vec::new(),
             logprobs: Vec::new(),
             cut: None,
@@ -95,8 +114,14 @@ pub fn generate(
             rng: SplitMix64::new(params.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         })
         .collect();
-    tch::no_grad(|| decode(model, prompts, budget, params, tokenizer, &stop_ids, &mut rows))?;
-    rows.into_iter()
+    if !rows.is_empty() && budget > 0 {
+        tch::no_grad(|| {
+            let state = Prefilled::new(model, prompts, budget).repeat_rows(group_size as i64);
+            decode(model, state, budget, params, tokenizer, &stop_ids, &mut rows)
+        })?;
+    }
+    let mut generations = rows
+        .into_iter()
         .map(|r| {
             let text = match r.cut {
                 Some(text) => text,
@@ -109,7 +134,9 @@ pub fn generate(
                 finish_reason: r.finish.unwrap_or(FinishReason::Length),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, HfError>>()?
+        .into_iter();
+    Ok((0..prompts.len()).map(|_| generations.by_ref().take(group_size).collect()).collect())
 }
 
 struct Row {
@@ -146,10 +173,72 @@ impl Row {
     }
 }
 
-/// One prefill of the left-padded batch, then one token per step from the cache.
+/// The decoding state after a prefill: per row, the KV cache, which cache positions hold
+/// tokens, the next token's position and the logits that pick it.
+struct Prefilled {
+    cache: Vec<LayerKv>,
+    /// `[B, S]`, grown by one column per step.
+    present: Tensor,
+    /// `[B]`.
+    next_pos: Tensor,
+    /// `[B, vocab]`.
+    last: Tensor,
+}
+
+impl Prefilled {
+    /// One forward pass over the left-padded batch of `prompts`, with cache room for `budget`
+    /// more tokens.
+    fn new(model: &HfModel, prompts: &[Vec<u32>], budget: usize) -> Self {
+        let device = model.device();
+        let (b, p) = (prompts.len() as i64, prompts.iter().map(Vec::len).max().unwrap_or(0) as i64);
+        let mut ids = vec![0i64; (b * p) as usize];
+        let mut mask = vec![false; (b * p) as usize];
+        for (r, prompt) in prompts.iter().enumerate() {
+            let offset = p as usize - prompt.len();
+            for (j, &t) in prompt.iter().enumerate() {
+                ids[r * p as usize + offset + j] = i64::from(t);
+                mask[r * p as usize + offset + j] = true;
+            }
+        }
+        let ids = Tensor::from_slice(&ids).view([b, p]).to_device(device);
+        let present = Tensor::from_slice(&mask).view([b, p]).to_device(device);
+        let positions = (present.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
+        let causal = Tensor::ones([p, p], (Kind::Bool, device)).tril(0);
+        // A padded query may see itself, so no attention row is empty (its output is never used).
+        let eye = Tensor::eye(p, (Kind::Bool, device));
+        let attn = (causal.unsqueeze(0).logical_and(&present.unsqueeze(1))).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
+        let capacity = p + budget as i64;
+        let mut cache: Vec<LayerKv> = (0..model.num_layers()).map(|_| LayerKv::with_capacity(capacity)).collect();
+        let logits = model.forward_cached(&ids, &positions, &attn, &mut cache);
+        let last = logits.select(1, p - 1);
+        let next_pos = positions.select(1, p - 1) + 1;
+        Self { cache, present, next_pos, last }
+    }
+
+    /// Each row repeated `times` times in place (row r becomes rows r * times ..): the cache
+    /// is copied, not recomputed.
+    fn repeat_rows(mut self, times: i64) -> Self {
+        if times == 1 {
+            return self;
+        }
+        for layer in &mut self.cache {
+            layer.repeat_rows(times);
+        }
+        let repeat = |t: &Tensor| t.repeat_interleave_self_int(times, 0, None);
+        Self {
+            present: repeat(&self.present),
+            next_pos: repeat(&self.next_pos),
+            last: repeat(&self.last),
+            cache: self.cache,
+        }
+    }
+}
+
+/// One token per step from the cache for every row of `state` (`rows` in the same order) until
+/// all rows stop or `budget` tokens.
 fn decode(
     model: &HfModel,
-    prompts: &[Vec<u32>],
+    state: Prefilled,
     budget: usize,
     params: &SamplingParams,
     tokenizer: &Tokenizer,
@@ -157,29 +246,8 @@ fn decode(
     rows: &mut [Row],
 ) -> Result<(), HfError> {
     let device = model.device();
-    let (b, p) = (prompts.len() as i64, prompts.iter().map(Vec::len).max().unwrap_or(0) as i64);
-    let mut ids = vec![0i64; (b * p) as usize];
-    let mut mask = vec![false; (b * p) as usize];
-    for (r, prompt) in prompts.iter().enumerate() {
-        let offset = p as usize - prompt.len();
-        for (j, &t) in prompt.iter().enumerate() {
-            ids[r * p as usize + offset + j] = i64::from(t);
-            mask[r * p as usize + offset + j] = true;
-        }
-    }
-    let ids = Tensor::from_slice(&ids).view([b, p]).to_device(device);
-    // Which positions of each row hold tokens: [B, S], grown by one column per step.
-    let mut present = Tensor::from_slice(&mask).view([b, p]).to_device(device);
-    let positions = (present.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
-    let causal = Tensor::ones([p, p], (Kind::Bool, device)).tril(0);
-    // A padded query may see itself, so no attention row is empty (its output is never used).
-    let eye = Tensor::eye(p, (Kind::Bool, device));
-    let attn = (causal.unsqueeze(0).logical_and(&present.unsqueeze(1))).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
-    let capacity = p + budget as i64;
-    let mut cache: Vec<LayerKv> = (0..model.num_layers()).map(|_| LayerKv::with_capacity(capacity)).collect();
-    let logits = model.forward_cached(&ids, &positions, &attn, &mut cache);
-    let mut last = logits.select(1, p - 1);
-    let mut next_pos = positions.select(1, p - 1) + 1;
+    let Prefilled { mut cache, mut present, mut next_pos, mut last } = state;
+    let b = rows.len() as i64;
     for step in 0..budget {
         let host = rows_to_host(&last)?;
         let mut next = Vec::with_capacity(rows.len());

@@ -15,7 +15,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 pub use config::{Gpt2Config, HfConfig, LlamaConfig, RopeScaling};
-pub use generate::{FinishReason, Generation, SamplingParams, generate, score};
+pub use generate::{FinishReason, Generation, SamplingParams, generate, generate_groups, score};
 pub use llama::{LayerKv, Llama};
 pub use tokenizer::{ChatMessage, Tokenizer};
 

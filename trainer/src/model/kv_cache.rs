@@ -44,4 +44,14 @@ impl LayerKv {
         self.len = needed;
         (bk.narrow(2, 0, needed), bv.narrow(2, 0, needed))
     }
+
+    /// Repeats each cached sequence `times` times along the batch (row r becomes rows
+    /// r * times .. (r + 1) * times), so samples of one prompt continue from its single prefill.
+    /// Copies the whole buffer once, capacity included.
+    pub(crate) fn repeat_rows(&mut self, times: i64) {
+        if let Some((k, v)) = self.buffers.take() {
+            self.buffers =
+                Some((k.repeat_interleave_self_int(times, 0, None), v.repeat_interleave_self_int(times, 0, None)));
+        }
+    }
 }

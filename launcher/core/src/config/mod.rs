@@ -17,6 +17,7 @@ pub use resolve::{
     BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec,
     RoleProgram, RoleSpec, TRAINING_ROLE, TrainerKind, resolve,
 };
+pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
 pub use schema::{
     BackendChoice, CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, MetricChoice, ModelInit,
     ModelKind, ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection, TrainSection, TrainerChoice,

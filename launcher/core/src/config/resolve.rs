@@ -18,7 +18,7 @@ const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 const MAX_RESTARTS: u64 = 1_000_000;
 
 /// A duration setting in seconds: finite, at most [`MAX_SECONDS`], above zero unless `zero_ok`.
-fn seconds(key: &str, v: f64, zero_ok: bool) -> Result<Duration, (String, String)> {
+pub(super) fn seconds(key: &str, v: f64, zero_ok: bool) -> Result<Duration, (String, String)> {
     let low_ok = if zero_ok { v >= 0.0 } else { v > 0.0 };
     if v.is_finite() && low_ok && v <= MAX_SECONDS {
         Ok(Duration::from_secs_f64(v))
