@@ -113,6 +113,8 @@ fn generate_bench(
     // Every sequence runs to its full length, as the transformers side forces with min_new_tokens.
     tokenizer.stop_ids.clear();
     let params = SamplingParams { max_new_tokens: new_tokens, temperature: 0.0, ..SamplingParams::default() };
+    // Prompt ids are drawn below the model's vocabulary (and the usual 256 byte-level ids).
+    let vocab = u64::try_from(model.config.vocab_size()).unwrap_or(1).clamp(1, 256);
     let mut state = 0x5eed_u64;
     for &batch in batches {
         let prompts: Vec<Vec<u32>> = (0..batch)
@@ -120,7 +122,7 @@ fn generate_bench(
                 (0..prompt_len)
                     .map(|_| {
                         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        ((state >> 33) % 256) as u32
+                        ((state >> 33) % vocab) as u32
                     })
                     .collect()
             })
