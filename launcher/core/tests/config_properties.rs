@@ -113,7 +113,8 @@ fn specs() -> impl Strategy<Value = Vec<String>> {
 
 fn cases() -> ProptestConfig {
     // Each case loads a config from disk: 256 keep the test to a few seconds.
-    ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
 }
 
 proptest! {
