@@ -138,3 +138,29 @@ fn a_bad_jsonl_line_is_named() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("bad.jsonl:2") && err.contains("expected {\"prompt\", \"response\"}"), "{err}");
 }
+
+#[test]
+fn a_failed_export_is_redone_by_the_next_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = sft_job(dir.path(), "export", 1, 1, 4);
+    let run_path = dir.path().join("export");
+    // A file where the model folder goes: the export after the final checkpoint fails.
+    std::fs::create_dir_all(&run_path).unwrap();
+    std::fs::write(run_path.join("model"), "in the way").unwrap();
+    let out = run(&["launch", cfg.to_str().unwrap(), "--set", "fault.max_user_restarts=0"], LIMIT);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("export"), "{err}");
+    assert!(run_path.join("checkpoints/step-000004").is_dir(), "the final checkpoint was saved");
+
+    std::fs::remove_file(run_path.join("model")).unwrap();
+    let out = run(&["launch", cfg.to_str().unwrap()], LIMIT);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("its last launch did not finish; running its final stage again"), "{err}");
+    assert!(run_path.join("model/config.json").is_file() && run_path.join("model/tokenizer.json").is_file());
+    assert_eq!(summary(&run_path)["status"], "finished");
+    // Now it is complete: a third launch runs nothing.
+    let out = run(&["launch", cfg.to_str().unwrap()], LIMIT);
+    assert!(stderr(&out).contains("already complete at step 4"), "{}", stderr(&out));
+}

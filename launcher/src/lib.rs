@@ -15,6 +15,7 @@ pub mod failure;
 pub mod launch;
 pub mod progress;
 pub mod run_dir;
+pub mod run_lock;
 pub mod scheduler;
 mod worker_env;
 

@@ -2,11 +2,12 @@
 //! and summary.json.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::config::JobConfig;
 use crate::proto::{MetricsReport, StepMetrics};
+use crate::run_lock::{RunLock, RunLockError};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,8 @@ pub enum RunDirError {
     Exists { path: PathBuf, moved_to: PathBuf },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Locked(#[from] RunLockError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
@@ -27,14 +30,23 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
 /// An opened run directory.
 pub struct RunDir {
     pub path: PathBuf,
-    metrics: BufWriter<File>,
+    metrics: File,
+    /// metrics.jsonl's length after its last whole line: a line that fails half-way (a full
+    /// disk) is cut back to it, so the file never ends in a partial line.
+    metrics_len: u64,
+    /// Held for as long as the run directory is open: a second launch on it is refused.
+    _lock: RunLock,
 }
 
 impl RunDir {
     /// Opens the run directory and writes the effective config. An earlier run there with
     /// checkpoints is continued (metrics are appended); one without is refused. With `fresh`
     /// an earlier run is moved aside (never deleted) and this one starts over.
+    /// The directory is locked first (see [`RunLock`]): a launch already running there is named
+    /// and nothing is touched.
     pub fn open(path: &Path, config: &JobConfig, fresh: bool) -> Result<Self, RunDirError> {
+        std::fs::create_dir_all(path).map_err(io(path))?;
+        let mut lock = RunLock::acquire(path)?;
         let has_checkpoints = !crate::checkpoint::list(path)
             .map_err(|e| RunDirError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?
             .is_empty();
@@ -48,15 +60,18 @@ impl RunDir {
                 return Err(RunDirError::Exists { path: path.to_path_buf(), moved_to });
             }
             std::fs::rename(path, &moved_to).map_err(io(path))?;
+            // The old lock went aside with the old run; this run's is in the new directory.
+            std::fs::create_dir_all(path).map_err(io(path))?;
+            lock = RunLock::acquire(path)?;
         }
-        std::fs::create_dir_all(path).map_err(io(path))?;
         let config_path = path.join("config.toml");
         let text = toml::to_string(config)
             .map_err(|e| RunDirError::Io { path: config_path.clone(), source: std::io::Error::other(e) })?;
         std::fs::write(&config_path, text).map_err(io(&config_path))?;
         let metrics_path = path.join("metrics.jsonl");
         let metrics = File::options().create(true).append(true).open(&metrics_path).map_err(io(&metrics_path))?;
-        Ok(Self { path: path.to_path_buf(), metrics: BufWriter::new(metrics) })
+        let metrics_len = metrics.metadata().map_err(io(&metrics_path))?.len();
+        Ok(Self { path: path.to_path_buf(), metrics, metrics_len, _lock: lock })
     }
 
     /// The number the next attempt gets: attempts continue across launches of the same run, so
@@ -69,6 +84,13 @@ impl RunDir {
             .map(|n| n + 1)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Whether the summary.json left by an earlier launch says it finished (not failed,
+    /// interrupted or killed before writing one).
+    pub fn finished_before(&self) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.path.join("summary.json")) else { return false };
+        serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|s| s["status"] == "finished")
     }
 
     /// The effective config the workers read.
@@ -117,20 +139,42 @@ impl RunDir {
         self.append_line(&line)
     }
 
-    /// One JSON line, flushed so a crash loses nothing already reported.
+    /// One whole JSON line in one write, so a crash loses nothing already reported; a write
+    /// that fails half-way is cut back, leaving the file's earlier lines whole.
     fn append_line(&mut self, line: &impl Serialize) -> Result<(), RunDirError> {
         let path = self.path.join("metrics.jsonl");
         let text = serde_json::to_string(line).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
-        writeln!(self.metrics, "{text}").and_then(|_| self.metrics.flush()).map_err(io(&path))
+        let bytes = format!("{text}\n");
+        match self.metrics.write_all(bytes.as_bytes()) {
+            Ok(()) => {
+                self.metrics_len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let cut = self.metrics.set_len(self.metrics_len);
+                let what = match cut {
+                    Ok(()) => "this line was not written",
+                    Err(_) => "this line may be cut short",
+                };
+                Err(RunDirError::Io { path, source: std::io::Error::new(e.kind(), format!("{e} ({what})")) })
+            }
+        }
     }
 
+    /// Writes summary.json by rename, so it is whole or absent; a write that fails leaves no
+    /// partial temporary file behind.
     pub fn write_summary(&self, summary: &impl Serialize) -> Result<(), RunDirError> {
         let path = self.path.join("summary.json");
         let tmp = self.path.join("summary.json.tmp");
         let text = serde_json::to_string_pretty(summary)
             .map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
-        std::fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
+        let written = std::fs::write(&tmp, text + "\n")
+            .map_err(io(&path))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(io(&path)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 }
 

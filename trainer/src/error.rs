@@ -75,6 +75,13 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// Training diverged: step `step` gave a non-finite `what` (loss, gradient norm, learning
+    /// rate). Retrying from the last checkpoint replays the same numbers, so it is not retried.
+    #[error(
+        "step {step}: the {what} is {value}: training diverged; this step was not checkpointed (the earlier \
+         checkpoints are intact); lower train.lr, or check the data and the model's initialisation"
+    )]
+    NonFinite { step: u64, what: &'static str, value: f64 },
     /// An error of a user's loop that fits no other variant.
     #[error("{0}")]
     Other(String),
@@ -100,6 +107,12 @@ impl TrainError {
             _ => false,
         }
     }
+
+    /// Whether a restart is bound to fail the same way (a diverged loss replays identically from
+    /// the checkpoint): the launcher ends the run instead of spending a restart on it.
+    pub fn is_deterministic(&self) -> bool {
+        matches!(self, TrainError::NonFinite { .. })
+    }
 }
 
 #[cfg(test)]
@@ -118,6 +131,9 @@ mod tests {
         let unsupported = CollectiveError::Unsupported { op: "all_reduce", reason: "int8".into() };
         assert!(!TrainError::from(unsupported).is_infrastructure());
         assert!(!TrainError::other("the loss is NaN").is_infrastructure());
+        let nan = TrainError::NonFinite { step: 2, what: "loss", value: f64::NAN };
+        assert!(!nan.is_infrastructure() && nan.is_deterministic());
+        assert!(nan.to_string().starts_with("step 2: the loss is NaN: training diverged"), "{nan}");
         assert!(!TrainError::setting("user.features", "must be at least 1").is_infrastructure());
     }
 

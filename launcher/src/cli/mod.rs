@@ -349,11 +349,14 @@ pub fn launch_command(
     let report = match runtime.block_on(launch(&loaded, &opts)) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {}: {e}", args.config.file.display());
+            eprintln!("error: {e}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
     let s = &report.summary;
+    if let Some(e) = &report.summary_error {
+        eprintln!("warning: summary.json not written: {e}");
+    }
     match report.outcome {
         Outcome::Finished => {
             let loss = s.final_loss.map(|l| format!(", loss {l:.4}")).unwrap_or_default();

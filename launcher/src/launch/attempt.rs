@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::policy::{FailureClass, root_cause};
+use super::policy::{FailureClass, root_cause, signature};
 use super::side_roles::SideState;
 use super::{AttemptEnd, Launch, LaunchError, STOP_GRACE, WorkerProgram, describe};
 use crate::agent::{Agent, ExitKind, ProcId, WorkerExit, WorkerLaunch};
@@ -231,9 +231,13 @@ impl Launch<'_> {
                     return Ok(AttemptEnd::Finished);
                 };
                 let stopped_by_us = stopped.iter().any(|e| e.id == cause.id);
+                let report =
+                    reported.iter().find(|r| r.id.as_ref().is_some_and(|id| id.rank as usize == cause.id.rank));
+                let signature = signature(&cause, report);
+                let deterministic = report.is_some_and(|r| r.deterministic);
                 let mut summary = failure_summary(&spec.name, attempt, &cause, stopped_by_us, &reported, &logs);
                 summary.stopped = stopped_list(&stopped);
-                AttemptEnd::Failed { summary, class, detected }
+                AttemptEnd::Failed { summary, class, detected, signature, deterministic }
             }
             Ending::Hung { rank, age, step, stopped, detected } => {
                 let log_path = logs.join(format!("{role}-{rank}.log"));
@@ -248,7 +252,13 @@ impl Launch<'_> {
                 );
                 summary.failed = Some(RankFailure::new(rank, "hung; killed by rtrain".into(), None, log_path));
                 summary.stopped = stopped_list(&stopped);
-                AttemptEnd::Failed { summary, class: FailureClass::Infrastructure, detected }
+                AttemptEnd::Failed {
+                    summary,
+                    class: FailureClass::Infrastructure,
+                    detected,
+                    signature: None,
+                    deterministic: false,
+                }
             }
             Ending::RendezvousTimeout { missing, stopped, detected } => {
                 let mut summary = FailureSummary::new(
@@ -261,7 +271,13 @@ impl Launch<'_> {
                     ),
                 );
                 summary.stopped = stopped_list(&stopped);
-                AttemptEnd::Failed { summary, class: FailureClass::Infrastructure, detected }
+                AttemptEnd::Failed {
+                    summary,
+                    class: FailureClass::Infrastructure,
+                    detected,
+                    signature: None,
+                    deterministic: false,
+                }
             }
         })
     }

@@ -30,7 +30,7 @@ use crate::run_dir::{RunDir, RunDirError};
 use crate::scheduler::RankPlacement;
 use crate::scheduler::{GroupRequest, NodeResources, ScheduleError, place_job};
 use crate::worker_env::{allowed_cpus, job_token, worker_env};
-use policy::{FailureClass, RestartDecision, Restarts, gang_restart};
+use policy::{FailureClass, GangFailure, RestartDecision, Restarts, after_gang_failure};
 use side_roles::{SideRoles, SideState};
 pub use summary::{AttemptRecord, RoleSummary, RunSummary, StartupPhases};
 
@@ -85,6 +85,8 @@ pub struct LaunchReport {
     pub outcome: Outcome,
     pub summary: RunSummary,
     pub run_path: PathBuf,
+    /// Why summary.json could not be written, if it could not.
+    pub summary_error: Option<RunDirError>,
 }
 
 /// What every process of the job is told, and where its log goes.
@@ -325,8 +327,10 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok()),
     };
-    run.write_summary(&summary)?;
-    Ok(LaunchReport { outcome, summary, run_path: run.path.clone() })
+    // The outcome stands even when it cannot be recorded (a full disk): it is reported, and so
+    // is what was not written.
+    let summary_error = run.write_summary(&summary).err();
+    Ok(LaunchReport { outcome, summary, run_path: run.path.clone(), summary_error })
 }
 
 /// How one attempt of the training gang ended.
@@ -339,6 +343,10 @@ enum AttemptEnd {
         summary: FailureSummary,
         class: FailureClass,
         detected: Instant,
+        /// How the root cause failed, to compare with the next attempt (see [`policy::signature`]).
+        signature: Option<String>,
+        /// The root cause said a restart would fail the same way.
+        deterministic: bool,
     },
     /// Another role spent its budget: the job fails, whatever the trainer's budgets.
     JobFailed(FailureSummary),
@@ -354,20 +362,40 @@ impl Launch<'_> {
         let mut global_batch = spec.global_batch;
         // Consecutive failed attempts that did not complete a step.
         let mut streak = 0u32;
+        let mut previous_failure: Option<GangFailure> = None;
         loop {
             self.job.progress.set_phase("scheduling");
-            let resume = self.pick_checkpoint()?;
+            let resume = match self.pick_checkpoint() {
+                Ok(resume) => resume,
+                Err(e) if self.attempts.is_empty() => return Err(e),
+                Err(e) => {
+                    let mut summary = FailureSummary::new(&spec.name, attempt, format!("cannot restart: {e}"));
+                    summary.previous_attempts = self.previous_causes();
+                    return Ok((Outcome::Failed(summary), workers, global_batch));
+                }
+            };
             if let Some((_, state)) = &resume {
                 global_batch = state.global_batch;
                 self.job.progress.set_position(state.step);
                 if state.step >= spec.steps {
-                    self.job.println(&format!(
-                        "{} is already complete at step {} of train.steps = {}; nothing to run (pass --fresh to train again)",
-                        spec.name, state.step, spec.steps
-                    ));
                     let done = state.metric.unwrap_or(f64::NAN);
                     self.progressed.last_step = Some((state.step, done, unix_now()));
-                    return Ok((Outcome::Finished, state.world_size, global_batch));
+                    if self.run.finished_before() {
+                        self.job.println(&format!(
+                            "{} is already complete at step {} of train.steps = {}; nothing to run (pass --fresh to train again)",
+                            spec.name, state.step, spec.steps
+                        ));
+                        return Ok((Outcome::Finished, state.world_size, global_batch));
+                    }
+                    // The final checkpoint is there but the launch that wrote it did not finish: the
+                    // loop's last stage (an SFT export) is run again from it, with no step to train.
+                    if self.attempts.is_empty() {
+                        self.job.println(&format!(
+                            "{} reached step {} of train.steps = {}, but its last launch did not finish; \
+                             running its final stage again from the final checkpoint",
+                            spec.name, state.step, spec.steps
+                        ));
+                    }
                 }
             }
             let side_sizes = self.side.sizes();
@@ -401,14 +429,21 @@ impl Launch<'_> {
             });
             let resume_path = resume.map(|(c, _)| c.path);
             let end = self.run_attempt(attempt, &placement, resume_path.as_deref(), global_batch).await?;
-            let (summary, class, detected) = match end {
+            let (summary, failure, detected) = match end {
                 AttemptEnd::Finished => return Ok((Outcome::Finished, workers, global_batch)),
                 AttemptEnd::Interrupted { signal } => {
                     return Ok((Outcome::Interrupted { signal }, workers, global_batch));
                 }
                 AttemptEnd::JobFailed(summary) => return Ok((Outcome::Failed(summary), workers, global_batch)),
-                AttemptEnd::Failed { summary, class, detected } => (summary, class, detected),
+                AttemptEnd::Failed { summary, class, detected, signature, deterministic } => {
+                    let trained = match self.opts.program {
+                        WorkerProgram::Runtime(_) => Some(self.progressed.attempt_first.is_some()),
+                        WorkerProgram::External(_) => None,
+                    };
+                    (summary, GangFailure { class, signature, deterministic, trained }, detected)
+                }
             };
+            let class = failure.class;
             if let Some(record) = self.attempts.last_mut() {
                 record.cause = Some(summary.root_cause.clone());
                 record.class = Some(class);
@@ -417,7 +452,10 @@ impl Launch<'_> {
             let previous = previous[..previous.len().saturating_sub(1)].to_vec();
             // Back off exponentially over consecutive failures; an attempt that trained resets it.
             streak = if self.progressed.attempt_first.is_some() { 1 } else { streak + 1 };
-            let (delay, used, budget, key) = match gang_restart(class, &mut self.restarts, &spec.fault, streak) {
+            let decision =
+                after_gang_failure(&failure, previous_failure.as_ref(), &mut self.restarts, &spec.fault, streak);
+            previous_failure = Some(failure);
+            let (delay, used, budget, key) = match decision {
                 RestartDecision::Restart { delay, used, budget, key } => (delay, used, budget, key),
                 RestartDecision::GiveUp { reason } => {
                     let mut summary = summary;
@@ -540,10 +578,16 @@ impl Launch<'_> {
             self.job.println(&format!("warning: skipping checkpoint {}: {why}", ckpt.path.display()));
         }
         let Some((ckpt, checkpoint::Verified { state, .. })) = scan.newest else {
-            if !scan.skipped.is_empty() {
-                self.job.println("warning: no valid checkpoint left; starting from step 0");
+            if scan.skipped.is_empty() {
+                return Ok(None);
             }
-            return Ok(None);
+            // Starting over would train from step 0 and rotate the damaged ones away.
+            return Err(LaunchError::Resume(format!(
+                "every checkpoint in {} is damaged ({} of them, reasons above), so there is nothing to resume \
+                 from; restore one, or pass --fresh to start over (the old run is kept beside it)",
+                run_path.join(checkpoint::CHECKPOINTS_DIR).display(),
+                scan.skipped.len()
+            )));
         };
         // The architecture is checked by the worker against its loop's own fingerprint, before it
         // restores anything: only the loop knows what makes two of its models compatible.
@@ -581,6 +625,13 @@ impl Launch<'_> {
             }
         }
         self.job.progress.on_step(m);
+        if let Some(error) = &m.checkpoint_error {
+            self.job.println(&format!(
+                "warning: a checkpoint was not saved (reported at step {}): {error}; the previous checkpoints are \
+                 intact, training goes on",
+                m.step
+            ));
+        }
         if let Err(e) = self.run.record_step(m, attempt, self.restarts.total()) {
             self.job.println(&format!("warning: {e}"));
         }

@@ -86,6 +86,62 @@ pub fn gang_restart(class: FailureClass, used: &mut Restarts, fault: &FaultSpec,
     RestartDecision::Restart { delay: fault.backoff_before(streak), used: *count, budget, key: key.to_string() }
 }
 
+/// A failed attempt of the training gang, as the restart decision sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GangFailure {
+    pub class: FailureClass,
+    /// How the root cause failed, to compare attempts: see [`signature`].
+    pub signature: Option<String>,
+    /// The worker said a restart fails the same way (a non-finite loss replays identically).
+    pub deterministic: bool,
+    /// Whether the attempt completed a step; `None` for a program that reports no steps.
+    pub trained: Option<bool>,
+}
+
+/// How the root cause `cause` failed, without its rank (whichever rank fails first, a
+/// configuration error fails them all): its exit and its reported error. `None` for signals that
+/// come from outside the process (a kill, a stop by rtrain), which say nothing of the next
+/// attempt.
+pub fn signature(cause: &WorkerExit, report: Option<&FailureReport>) -> Option<String> {
+    if let ExitKind::Signal(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP) = cause.kind {
+        return None;
+    }
+    Some(match report {
+        Some(r) => format!("{}: {}", cause.kind, r.message),
+        None => cause.kind.to_string(),
+    })
+}
+
+/// Why restarting after `failure` cannot help, if it cannot: the worker said so, or the attempt
+/// failed exactly as the one before it (`previous`) without completing a step in between.
+pub fn will_repeat(failure: &GangFailure, previous: Option<&GangFailure>) -> Option<String> {
+    if failure.deterministic {
+        return Some("not restarted: this failure is deterministic, a restart would fail the same way".into());
+    }
+    let previous = previous?;
+    match (&failure.signature, &previous.signature, failure.trained) {
+        (Some(now), Some(before), Some(false)) if now == before => Some(format!(
+            "not restarted: the same failure as the attempt before ({now}) with no step completed in between;              a restart would repeat it"
+        )),
+        _ => None,
+    }
+}
+
+/// After a failed attempt of the training gang: give up if a restart would fail the same way
+/// (see [`will_repeat`]), else as [`gang_restart`] says. `previous` is the attempt before it.
+pub fn after_gang_failure(
+    failure: &GangFailure,
+    previous: Option<&GangFailure>,
+    used: &mut Restarts,
+    fault: &FaultSpec,
+    streak: u32,
+) -> RestartDecision {
+    match will_repeat(failure, previous) {
+        Some(reason) => RestartDecision::GiveUp { reason },
+        None => gang_restart(failure.class, used, fault, streak),
+    }
+}
+
 /// After a process of `role` failed (or, for a gang role, the role): restart while the role's
 /// budget lasts, `used` restarts being spent so far and `in_a_row` failures (this one included)
 /// having come without the process running steadily in between.
@@ -122,6 +178,7 @@ mod tests {
             message: "x".into(),
             backtrace: String::new(),
             collective,
+            deterministic: false,
         }
     }
 
@@ -187,6 +244,60 @@ mod tests {
         let d = gang_restart(FailureClass::User, &mut used, &f, 1);
         assert!(matches!(&d, RestartDecision::GiveUp { reason } if reason.contains("training code")));
         assert_eq!(used, Restarts { infrastructure: 2, user: 1 });
+    }
+
+    fn gang_failure(signature: Option<&str>, trained: Option<bool>) -> GangFailure {
+        GangFailure {
+            class: FailureClass::Infrastructure,
+            signature: signature.map(str::to_string),
+            deterministic: false,
+            trained,
+        }
+    }
+
+    #[test]
+    fn a_failure_that_will_repeat_ends_the_run_without_spending_a_restart() {
+        let f = fault(3, 3);
+        let mut used = Restarts::default();
+        let abort = gang_failure(Some("signal 6 (SIGABRT)"), Some(false));
+        // The first time it may be the machine's doing: restart.
+        assert!(matches!(after_gang_failure(&abort, None, &mut used, &f, 1), RestartDecision::Restart { .. }));
+        // The same way again, no step done since: give up, saying why, with the budget left.
+        let d = after_gang_failure(&abort, Some(&abort), &mut used, &f, 2);
+        assert!(
+            matches!(&d, RestartDecision::GiveUp { reason } if reason.contains("the same failure as the attempt before (signal 6 (SIGABRT))")),
+            "{d:?}"
+        );
+        assert_eq!(used.total(), 1);
+        // A step done in between, another failure, or a program that reports no steps: restart.
+        let trained = gang_failure(Some("signal 6 (SIGABRT)"), Some(true));
+        assert!(will_repeat(&trained, Some(&abort)).is_none());
+        assert!(will_repeat(&gang_failure(Some("exit code 1: disk"), Some(false)), Some(&abort)).is_none());
+        let external = gang_failure(Some("exit code 3"), None);
+        assert!(will_repeat(&external, Some(&external)).is_none());
+        // Kills from outside compare as nothing: kill -9 twice in a row is restarted twice.
+        let killed = gang_failure(None, Some(false));
+        assert!(will_repeat(&killed, Some(&killed)).is_none());
+        // A worker that says its failure is deterministic is not restarted even once.
+        let nan = GangFailure { deterministic: true, ..gang_failure(Some("exit code 1: step 2: NaN"), Some(false)) };
+        let d = after_gang_failure(&nan, None, &mut used, &f, 1);
+        assert!(matches!(&d, RestartDecision::GiveUp { reason } if reason.contains("deterministic")), "{d:?}");
+        assert_eq!(used.total(), 1);
+    }
+
+    #[test]
+    fn a_signature_names_the_exit_and_error_but_not_the_rank() {
+        let mut r = report(1, false);
+        r.message = "out of memory".into();
+        let a = signature(&exit(0, ExitKind::Code(1)), Some(&r));
+        assert_eq!(a.as_deref(), Some("exit code 1: out of memory"));
+        assert_eq!(
+            signature(&exit(1, ExitKind::Signal(libc::SIGABRT)), None),
+            signature(&exit(0, ExitKind::Signal(libc::SIGABRT)), None)
+        );
+        for sig in [libc::SIGKILL, libc::SIGTERM, libc::SIGINT] {
+            assert_eq!(signature(&exit(0, ExitKind::Signal(sig)), None), None);
+        }
     }
 
     fn actor(max_restarts: u32) -> RoleSpec {

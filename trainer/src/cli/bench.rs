@@ -119,6 +119,8 @@ fn generate_bench(
     tokenizer.stop_ids.clear();
     let params = SamplingParams { max_new_tokens: new_tokens, temperature: 0.0, ..SamplingParams::default() };
     let g = group_size.max(1);
+    // Prompt ids are drawn below the model's vocabulary (and the usual 256 byte-level ids).
+    let vocab = u64::try_from(model.config.vocab_size()).unwrap_or(1).clamp(1, 256);
     let mut state = 0x5eed_u64;
     for &batch in batches {
         if batch % g != 0 {
@@ -129,7 +131,7 @@ fn generate_bench(
                 (0..prompt_len)
                     .map(|_| {
                         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        ((state >> 33) % 256) as u32
+                        ((state >> 33) % vocab) as u32
                     })
                     .collect()
             })

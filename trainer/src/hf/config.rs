@@ -213,6 +213,35 @@ impl HfConfig {
         keys.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
 
+    /// How many parameters the architecture holds (embeddings, layers, head), or `None` when
+    /// the count does not even fit in 64 bits: read before anything is allocated.
+    pub fn parameter_count(&self) -> Option<u64> {
+        let n = |v: i64| u64::try_from(v).ok();
+        match self {
+            HfConfig::Llama(c) => {
+                let (h, q, kv) = (
+                    n(c.hidden_size)?,
+                    n(c.num_attention_heads)?.checked_mul(n(c.head_dim)?)?,
+                    n(c.num_key_value_heads)?.checked_mul(n(c.head_dim)?)?,
+                );
+                let embeddings =
+                    n(c.vocab_size)?.checked_mul(h)?.checked_mul(if c.tie_word_embeddings { 1 } else { 2 })?;
+                // q, k, v, o projections, gate/up/down, two norms.
+                let attention = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
+                let mlp = h.checked_mul(n(c.intermediate_size)?)?.checked_mul(3)?;
+                let layer = attention.checked_add(mlp)?.checked_add(h.checked_mul(2)?)?;
+                embeddings.checked_add(layer.checked_mul(n(c.num_hidden_layers)?)?)?.checked_add(h)
+            }
+            HfConfig::Gpt2(c) => {
+                let e = n(c.gpt.n_embd)?;
+                let embeddings = n(c.gpt.vocab_size)?.checked_add(n(c.gpt.n_ctx)?)?.checked_mul(e)?;
+                // attention (4 e²), MLP (8 e²), biases and norms (13 e).
+                let layer = e.checked_mul(e)?.checked_mul(12)?.checked_add(e.checked_mul(13)?)?;
+                embeddings.checked_add(layer.checked_mul(n(c.gpt.n_layer)?)?)?.checked_add(e.checked_mul(2)?)
+            }
+        }
+    }
+
     /// Longest sequence the model supports.
     pub fn max_positions(&self) -> i64 {
         match self {

@@ -94,6 +94,9 @@ pub fn generate_groups(
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(HfError::Config { path: "prompt".into(), message: "a prompt must hold at least one token".into() });
     }
+    for prompt in prompts {
+        model.check_tokens("the prompt", prompt)?;
+    }
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let limit = model.config.max_positions() as usize;
     if max_len >= limit {
@@ -329,6 +332,7 @@ fn log_softmax(xs: impl Iterator<Item = f64> + Clone) -> Vec<f64> {
 /// Per-token log-probabilities of `ids` under the model: entry t is log p(ids[t] | ids[..t]),
 /// `None` for the first token.
 pub fn score(model: &HfModel, ids: &[u32]) -> Result<Vec<Option<f64>>, HfError> {
+    model.check_tokens("the text", ids)?;
     let input = Tensor::from_slice(&ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>())
         .view([1, -1])
         .to_device(model.device());

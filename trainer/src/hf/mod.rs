@@ -81,8 +81,11 @@ impl HfModel {
     }
 
     /// Loads `dir` onto `device` (weights converted to f32).
+    /// A config.json whose sizes would not fit in this machine's memory is refused before
+    /// anything is allocated (libtorch aborts the process on a failed allocation).
     pub fn load(dir: &Path, device: Device) -> Result<Self, HfError> {
         let (config, raw_config) = HfConfig::load(dir)?;
+        check_fits_in_memory(&config, &dir.join("config.json"))?;
         let vs = VarStore::new(device);
         let network = Self::network(&vs, &config);
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
@@ -180,6 +183,21 @@ impl HfModel {
         }
     }
 
+    /// Refuses token ids the model cannot take: an id past its vocabulary, or more tokens than
+    /// its positions (`what` names them in the message, e.g. "the prompt").
+    pub fn check_tokens(&self, what: &str, ids: &[u32]) -> Result<(), HfError> {
+        let vocab = self.config.vocab_size();
+        let limit = self.config.max_positions();
+        let message = if let Some(id) = ids.iter().find(|&&id| i64::from(id) >= vocab) {
+            format!("{what} holds token id {id}, past the model's vocabulary of {vocab} tokens")
+        } else if ids.len() as i64 > limit {
+            format!("{what} is {} tokens long, more than the model's {limit} positions; shorten it", ids.len())
+        } else {
+            return Ok(());
+        };
+        Err(HfError::Config { path: what.into(), message })
+    }
+
     /// Logits `[B, T, vocab]` for token ids `[B, T]` (no padding, positions from 0).
     pub fn logits(&self, ids: &Tensor) -> Tensor {
         match &self.network {
@@ -191,4 +209,28 @@ impl HfModel {
             Network::Gpt2(m) => m.forward(ids),
         }
     }
+}
+
+/// Refuses a model whose f32 parameters alone would not fit in this machine's memory.
+fn check_fits_in_memory(config: &HfConfig, path: &Path) -> Result<(), HfError> {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let memory = u64::try_from(pages).ok().zip(u64::try_from(page).ok()).and_then(|(n, p)| n.checked_mul(p));
+    let (Some(memory), bytes) = (memory, config.parameter_count().and_then(|n| n.checked_mul(4))) else {
+        return Ok(());
+    };
+    let gb = |b: u64| b as f64 / 1e9;
+    let size = match bytes {
+        Some(b) if b <= memory => return Ok(()),
+        Some(b) => format!("{:.1} GB of f32 parameters", gb(b)),
+        None => "more parameters than 64 bits can count".to_string(),
+    };
+    Err(HfError::Config {
+        path: path.to_path_buf(),
+        message: format!(
+            "describes a model of {size}, more than this machine's {:.1} GB of memory; check vocab_size and \
+             the layer sizes (hidden_size, intermediate_size, num_hidden_layers or n_embd, n_layer)",
+            gb(memory)
+        ),
+    })
 }

@@ -14,11 +14,18 @@ pub struct CheckpointWriter {
     config_text: String,
     spec: CheckpointSpec,
     pending: Option<JoinHandle<Result<PathBuf, CheckpointError>>>,
+    /// The error of a background write that failed, until the step loop reports it.
+    failed: Option<String>,
 }
 
 impl CheckpointWriter {
     pub fn new(run: &Path, config_text: String, spec: CheckpointSpec) -> Self {
-        Self { run: run.to_path_buf(), config_text, spec, pending: None }
+        Self { run: run.to_path_buf(), config_text, spec, pending: None, failed: None }
+    }
+
+    /// The error of a background write that failed since the last call, to report upward.
+    pub fn take_failure(&mut self) -> Option<String> {
+        self.failed.take()
     }
 
     /// Saves `snapshot`: in the background when the config says `async`, else before
@@ -60,6 +67,7 @@ impl CheckpointWriter {
     fn wait_pending(&mut self) {
         if let Err(e) = self.finish() {
             tracing::warn!(error = %e, "checkpoint not saved; the previous checkpoints are intact, training goes on");
+            self.failed = Some(e.to_string());
         }
     }
 }

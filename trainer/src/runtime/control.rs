@@ -153,12 +153,13 @@ impl ControlPlane {
     }
 
     /// Sends a structured error to the coordinator; best effort, bounded in time.
-    pub fn report_failure(&self, message: &str, backtrace: &str, collective: bool) {
+    pub fn report_failure(&self, message: &str, backtrace: &str, collective: bool, deterministic: bool) {
         let report = FailureReport {
             id: Some(self.id.clone()),
             message: message.into(),
             backtrace: backtrace.into(),
             collective,
+            deterministic,
         };
         let mut client = self.client.clone();
         let _ = self

@@ -14,7 +14,7 @@ use crate::collective::{Collective, CollectiveError, NcclCollective, ShmCollecti
 use crate::config::{self, BackendKind, DeviceKind};
 use crate::proto::StepMetrics;
 use crate::snapshot::Snapshot;
-use crate::train_loop::{TrainContext, TrainError, TrainLoop};
+use crate::train_loop::{StepOutput, TrainContext, TrainError, TrainLoop};
 
 use super::checkpoint_writer::CheckpointWriter;
 use super::resume::resume;
@@ -64,12 +64,12 @@ where
         tracing::error!(panic = %info, "worker panicked");
     }));
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| train(&env, &mut control, build)));
-    let (message, backtrace, collective) = match outcome {
+    let (message, backtrace, collective, deterministic) = match outcome {
         Ok(Ok(())) => {
             control.finish();
             return ExitCode::SUCCESS;
         }
-        Ok(Err(e)) => (e.to_string(), String::new(), e.is_infrastructure()),
+        Ok(Err(e)) => (e.to_string(), String::new(), e.is_infrastructure(), e.is_deterministic()),
         Err(payload) => {
             let text = payload
                 .downcast_ref::<String>()
@@ -77,11 +77,11 @@ where
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "panic with a non-text payload".into());
             let trace = PANIC_BACKTRACE.lock().ok().and_then(|mut s| s.take()).unwrap_or_default();
-            (format!("panic: {text}"), trace, false)
+            (format!("panic: {text}"), trace, false, false)
         }
     };
     tracing::error!(error = %message, "training failed");
-    control.report_failure(&message, &backtrace, collective);
+    control.report_failure(&message, &backtrace, collective, deterministic);
     ExitCode::from(EXIT_TRAIN_FAILED)
 }
 
@@ -206,6 +206,8 @@ where
         };
         let step_time = started.elapsed().as_secs_f64();
         let completed = step + 1;
+        // Before any save: a diverged step must not become the checkpoint a restart resumes from.
+        check_finite(completed, &out)?;
         let mut stall = None;
         if let Some(ck) = writer.as_mut().filter(|_| ctx.spec.checkpoint.due(completed, steps)) {
             let saving = Instant::now();
@@ -242,6 +244,7 @@ where
             attempt: env.attempt,
             checkpoint_stall_s: stall,
             extra: Default::default(),
+            checkpoint_error: writer.as_mut().and_then(CheckpointWriter::take_failure),
         });
     }
     if let Some(ck) = writer.as_mut() {
@@ -251,6 +254,16 @@ where
     // Every rank leaves together, so no peer sees a closed socket mid-collective.
     ctx.collective.barrier()?;
     Ok(())
+}
+
+/// A non-finite loss, gradient norm or learning rate ends the run: the weights are already
+/// poisoned, and replaying the same steps from the last checkpoint gives the same numbers.
+fn check_finite(step: u64, out: &StepOutput) -> Result<(), TrainError> {
+    let values = [("loss", Some(out.loss)), ("gradient norm", out.grad_norm), ("learning rate", Some(out.lr))];
+    match values.into_iter().find_map(|(what, v)| v.filter(|v| !v.is_finite()).map(|v| (what, v))) {
+        Some((what, value)) => Err(TrainError::NonFinite { step, what, value }),
+        None => Ok(()),
+    }
 }
 
 /// Logging of a process the launcher started: `RTRAIN_LOG` filters (default `info`), plain text

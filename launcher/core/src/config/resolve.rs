@@ -247,10 +247,11 @@ impl JobSpec {
     /// accumulation recomputed (rounded up; the last micro-batches of some ranks then hold
     /// fewer samples, and the loss is weighted by sample count, so the step is the same).
     pub fn with_world(mut self, world_size: usize, global_batch: usize) -> Self {
-        let per_pass = world_size.max(1) * self.micro_batch;
+        // Saturating: `global_batch` may come from a checkpoint's file.
+        let per_pass = world_size.max(1).saturating_mul(self.micro_batch);
         self.grad_accum = global_batch.div_ceil(per_pass);
         self.global_batch = global_batch;
-        self.tokens_per_step = global_batch * self.model.n_ctx as usize;
+        self.tokens_per_step = global_batch.saturating_mul(self.model.n_ctx as usize);
         self
     }
 }
@@ -490,7 +491,20 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         ));
     }
 
-    let global_batch = workers * micro_batch * grad_accum;
+    // Sizes no machine holds are refused here rather than overflowing below.
+    let global_batch = workers
+        .checked_mul(micro_batch)
+        .and_then(|b| b.checked_mul(grad_accum))
+        .filter(|b| b.checked_mul(seq_len as usize).is_some())
+        .ok_or_else(|| {
+            bad(
+                "train.micro_batch",
+                format!(
+                    "train.workers × train.micro_batch × train.grad_accum × the sequence length ({workers} × {micro_batch} × \
+                     {grad_accum} × {seq_len}) is past any batch a machine can hold"
+                ),
+            )
+        })?;
     let mut roles = Vec::new();
     if has_training {
         roles.push(RoleSpec {
