@@ -56,7 +56,7 @@ fn bad_configs_fail_with_one_message_naming_file_and_key() {
         ("[train]\nsteps = \"two\"", &[], &["train.steps", "invalid type"]),
         ("[train]\nworkers = { min = 3, max = 2 }", &[], &["train.workers.max", "at least train.workers.min (3)"]),
         ("[checkpoint]\nmode = \"lowest\"", &[], &["checkpoint.mode", "\"min\" or \"max\""]),
-        ("[train]\ntrainer = \"rl\"", &[], &["train.trainer", "\"lm\" or \"sft\""]),
+        ("[train]\ntrainer = \"rl\"", &[], &["train.trainer", "\"lm\", \"sft\", \"grpo\" or \"ppo\""]),
         ("[train]\ntrainer = \"sft\"", &[], &["model.kind", "needs \"hf\" with model.path"]),
         (
             "[train]\ntrainer = \"sft\"\n[model]\nkind = \"hf\"\npath = \"/nonexistent\"",
