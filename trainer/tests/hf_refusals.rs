@@ -24,16 +24,15 @@ fn text_past_the_context_and_ids_past_the_vocabulary_are_refused() {
         // Exactly the model's positions: scored. One more: refused, naming both numbers.
         assert_eq!(score(&model, &vec![1; limit]).unwrap().len(), limit, "{name}");
         let err = score(&model, &vec![1; limit + 1]).unwrap_err().to_string();
-        assert!(
-            err.contains(&format!("{} tokens long, more than the model's {limit} positions", limit + 1)),
-            "{name}: {err}"
-        );
+        let want = format!("the text: {} tokens are more than the model's {limit} positions", limit + 1);
+        assert!(err.contains(&want), "{name}: {err}");
 
         let err = score(&model, &[1, vocab, 2]).unwrap_err().to_string();
-        assert!(err.contains(&format!("token id {vocab}, past the model's vocabulary of {vocab}")), "{name}: {err}");
+        let want = format!("the text: token id {vocab} is past the model's vocabulary of {vocab} tokens");
+        assert!(err.contains(&want), "{name}: {err}");
         let params = SamplingParams { max_new_tokens: 2, temperature: 0.0, ..SamplingParams::default() };
         let err = generate(&model, &tokenizer, &[vec![1, 2], vec![vocab + 7]], &params).unwrap_err().to_string();
-        assert!(err.contains("the prompt holds token id"), "{name}: {err}");
+        assert!(err.contains(&format!("the prompt: token id {} is past", vocab + 7)), "{name}: {err}");
     }
 }
 
