@@ -491,6 +491,8 @@ fn a_failing_checkpoint_write_is_reported_and_damages_nothing() {
     );
     let log = std::fs::read_to_string(run_path.join("logs/attempt-1/trainer-0.log")).unwrap();
     assert!(log.contains("checkpoint not saved; the previous checkpoints are intact, training goes on"), "{log}");
+    // The lost periodic save reaches the terminal too, not only the worker's log.
+    assert!(err.contains("warning: a checkpoint was not saved") && err.contains("training goes on"), "{err}");
     // The file-size limit also keeps the shared-memory segment from being reserved: backend
     // "auto" says so and reduces over TCP instead.
     assert!(log.contains("shared memory is unavailable; using the tcp backend"), "{log}");

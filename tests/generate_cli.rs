@@ -130,3 +130,34 @@ fn a_printing_command_ends_quietly_when_its_reader_goes_away() {
         assert!(!err.contains("panicked") && out.status.code() != Some(101), "{args:?}: {:?} {err}", out.status);
     }
 }
+
+#[test]
+fn bench_generate_draws_prompt_ids_inside_a_small_vocabulary() {
+    // gpt2_tiny cut to 14 tokens: its (tied) embedding keeps its first 14 rows.
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model("gpt2_tiny")).unwrap().flatten() {
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let weights = dir.path().join("model.safetensors");
+    let cut: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&weights)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| if name.ends_with("wte.weight") { (name, t.narrow(0, 0, 14)) } else { (name, t) })
+        .collect();
+    tch::Tensor::write_safetensors(&cut, &weights).unwrap();
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["vocab_size"] = 14.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+
+    let m = dir.path().to_str().unwrap();
+    let args =
+        ["bench", "generate", "--model", m, "--batch", "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1"];
+    let out = run(&args, LIMIT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A prompt id past the vocabulary is an error with a message, not a panic in the embedding.
+    let out = run(&["score", "--model", m, "--text", "The quick brown fox", "--json"], LIMIT);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("past the model's vocabulary of 14 tokens"), "{err}");
+}

@@ -1,6 +1,7 @@
 //! What a run does when it cannot go on safely, with real launches: a diverged loss, a failure
 //! that repeats on every restart, a run directory another launch is using, checkpoints that are
-//! all damaged.
+//! all damaged, a full disk.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -129,7 +129,7 @@ impl HfConfig {
                     num_hidden_layers: need("num_hidden_layers", raw.num_hidden_layers)?,
                     num_attention_heads: heads,
                     num_key_value_heads: kv_heads,
-                    head_dim: raw.head_dim.unwrap_or(hidden_size / heads),
+                    head_dim: need("head_dim", Some(raw.head_dim.unwrap_or(hidden_size / heads)))?,
                     rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
                     rope_theta: raw
                         .rope_parameters
@@ -140,7 +140,10 @@ impl HfConfig {
                         .unwrap_or(10000.0),
                     rope_scaling: rope_scaling(raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref()))
                         .map_err(err)?,
-                    max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+                    max_position_embeddings: need(
+                        "max_position_embeddings",
+                        Some(raw.max_position_embeddings.unwrap_or(2048)),
+                    )?,
                     tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
                     qkv_bias: qwen || attention_bias,
                     o_bias: !qwen && attention_bias,

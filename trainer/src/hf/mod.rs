@@ -184,14 +184,14 @@ impl HfModel {
     }
 
     /// Refuses token ids the model cannot take: an id past its vocabulary, or more tokens than
-    /// its positions (`what` names them in the message, e.g. "the prompt").
+    /// its positions (`what` names them in the message: "the prompt: token id ...").
     pub fn check_tokens(&self, what: &str, ids: &[u32]) -> Result<(), HfError> {
         let vocab = self.config.vocab_size();
         let limit = self.config.max_positions();
         let message = if let Some(id) = ids.iter().find(|&&id| i64::from(id) >= vocab) {
-            format!("{what} holds token id {id}, past the model's vocabulary of {vocab} tokens")
+            format!("token id {id} is past the model's vocabulary of {vocab} tokens")
         } else if ids.len() as i64 > limit {
-            format!("{what} is {} tokens long, more than the model's {limit} positions; shorten it", ids.len())
+            format!("{} tokens are more than the model's {limit} positions; shorten it", ids.len())
         } else {
             return Ok(());
         };
