@@ -221,7 +221,8 @@ fn a_refused_connection_names_the_endpoint() {
 
 #[test]
 fn malformed_answers_fail_at_once() {
-    let cases: [(&'static str, fn(&EndpointFailure) -> bool); 7] = [
+    type Check = fn(&EndpointFailure) -> bool;
+    let cases: [(&'static str, Check); 7] = [
         ("<html>oops</html>", |f| matches!(f, EndpointFailure::BadJson(_))),
         (r#"{"scores": [1, 1]}"#, |f| matches!(f, EndpointFailure::BadJson(m) if m.contains("rewards"))),
         (r#"{"rewards": [1]}"#, |f| matches!(f, EndpointFailure::WrongCount { expected: 2, got: 1 })),

@@ -1,5 +1,6 @@
 //! What can go wrong while scoring, naming the input, record field or endpoint involved.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Errors of the reward functions. [`RewardError::is_retryable`] tells a rollout actor whether
@@ -18,9 +19,9 @@ pub enum RewardError {
     #[error("reward endpoint {url}: {failure} (after {attempts} attempt{})", if *attempts == 1 { "" } else { "s" })]
     Endpoint { url: String, attempts: u32, failure: EndpointFailure },
 
-    /// A reward kind this build cannot score yet.
-    #[error("reward kind \"{kind}\" is not supported yet: {why}")]
-    Unsupported { kind: &'static str, why: &'static str },
+    /// A reward model folder failed to load or to score (bad config, weights or input).
+    #[error("reward model {}: {message}", path.display())]
+    Model { path: PathBuf, message: String },
 }
 
 impl RewardError {

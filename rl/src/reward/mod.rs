@@ -1,16 +1,20 @@
 //! Rewards for rollout samples: the [`RewardFn`] trait a custom reward implements, the built-in
-//! verifiable rewards (exact match, numeric answer, regex format), a remote HTTP endpoint, and
-//! [`build_reward`], which makes one from the resolved `[rl.reward]` config.
+//! verifiable rewards (exact match, numeric answer, regex format), a remote HTTP endpoint, a
+//! learned reward model, and [`build_reward`], which makes one from the resolved `[rl.reward]`
+//! config.
 
 mod error;
 mod http;
+mod model;
 mod verifiable;
 
 use rtrain_core::config::RewardSpec;
 use serde_json::{Map, Value};
+use tch::Device;
 
 pub use error::{EndpointFailure, RewardError};
 pub use http::HttpReward;
+pub use model::ModelReward;
 pub use verifiable::{ExactMatch, NumericAnswer, RegexFormat, last_number};
 
 /// One sample to score: the prompt as text, the generated response, and the dataset record it
@@ -37,18 +41,14 @@ pub trait RewardFn: Send {
     fn score(&mut self, inputs: &[RewardInput<'_>]) -> Result<Vec<Scored>, RewardError>;
 }
 
-/// The reward `spec` describes.
+/// The reward `spec` describes. A reward model runs on the CPU here; [`ModelReward::load`] takes
+/// a device.
 pub fn build_reward(spec: &RewardSpec) -> Result<Box<dyn RewardFn>, RewardError> {
     Ok(match spec {
         RewardSpec::Exact { field } => Box::new(ExactMatch::new(field)),
         RewardSpec::Numeric { field, tolerance } => Box::new(NumericAnswer::new(field, *tolerance)),
         RewardSpec::Regex { pattern } => Box::new(RegexFormat::new(pattern)?),
         RewardSpec::Http { url, timeout, retries } => Box::new(HttpReward::new(url, *timeout, *retries)),
-        RewardSpec::Model { .. } => {
-            return Err(RewardError::Unsupported {
-                kind: "model",
-                why: "learned reward models (sequence-classification folders) are not wired in; use exact, numeric, regex or http",
-            });
-        }
+        RewardSpec::Model { path, batch } => Box::new(ModelReward::load(path, *batch, Device::Cpu)?),
     })
 }

@@ -8,7 +8,7 @@ use rtrain_launcher::cli::{EXIT_CONFIG, EXIT_FAILED};
 
 use crate::collective::NcclCollective;
 use crate::collective::bench::{BenchBackend, allreduce_bench, memcpy_bandwidth_gbps};
-use crate::hf::{Generation, HfModel, SamplingParams, Tokenizer, generate, generate_groups};
+use crate::hf::{Generation, HfError, HfModel, SamplingParams, Tokenizer, generate, generate_groups};
 
 /// `rtrain bench generate`.
 pub fn generate_command(
@@ -137,14 +137,15 @@ fn generate_bench(
             })
             .collect();
         let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), g)).collect();
-        let flat = || generate(&model, &tokenizer, &repeated, &params);
-        let grouped = || Ok(generate_groups(&model, &tokenizer, &prompts, g, &params)?.into_iter().flatten().collect());
-        let mut cases: Vec<(&str, &dyn Fn() -> Result<Vec<Generation>, crate::hf::HfError>)> =
-            vec![("generate", &flat)];
-        if g > 1 {
-            cases.push(("generate_groups", &grouped));
-        }
-        for (method, run) in cases {
+        let methods: &[&str] = if g > 1 { &["generate", "generate_groups"] } else { &["generate"] };
+        for &method in methods {
+            let run = || -> Result<Vec<Generation>, HfError> {
+                if method == "generate" {
+                    generate(&model, &tokenizer, &repeated, &params)
+                } else {
+                    Ok(generate_groups(&model, &tokenizer, &prompts, g, &params)?.into_iter().flatten().collect())
+                }
+            };
             run().map_err(|e| e.to_string())?; // warm-up
             let mut best = f64::INFINITY;
             for _ in 0..repeats {

@@ -113,6 +113,19 @@ impl Llama {
         ids: &Tensor,
         positions: &Tensor,
         mask: Option<&Tensor>,
+        cache: Option<&mut [LayerKv]>,
+    ) -> Tensor {
+        let x = self.hidden(ids, positions, mask, cache);
+        x.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tr())
+    }
+
+    /// The final hidden states `[B, T, hidden]` (after the last norm), which a task head such as
+    /// a reward model's `score` reads; arguments as for [`Llama::forward`].
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
         mut cache: Option<&mut [LayerKv]>,
     ) -> Tensor {
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
@@ -127,8 +140,7 @@ impl Llama {
             let m = &layer.mlp;
             x = &x + m.down_proj.forward(&(m.gate_proj.forward(&h).silu() * m.up_proj.forward(&h)));
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps);
-        x.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tr())
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 
     fn attention(

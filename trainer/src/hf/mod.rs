@@ -5,6 +5,7 @@
 pub mod config;
 pub mod generate;
 pub mod llama;
+pub mod reward_model;
 pub mod tokenizer;
 pub mod weights;
 
@@ -17,6 +18,7 @@ use tch::{Device, Kind, Tensor};
 pub use config::{Gpt2Config, HfConfig, LlamaConfig, RopeScaling};
 pub use generate::{FinishReason, Generation, SamplingParams, generate, generate_groups, score};
 pub use llama::{LayerKv, Llama};
+pub use reward_model::RewardModel;
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 use crate::model::Gpt;

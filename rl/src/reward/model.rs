@@ -1,0 +1,46 @@
+//! A learned reward: a Hugging Face sequence-classification folder scoring prompt + response.
+
+use std::path::{Path, PathBuf};
+
+use rtrain_trainer::hf::{HfError, RewardModel, Tokenizer};
+use tch::Device;
+
+use super::{RewardError, RewardFn, RewardInput, Scored};
+
+/// Scores each sample with a reward model, `batch` samples per forward pass. The model reads
+/// `prompt + response` as one text, tokenized as transformers' `tokenizer(text)` does (special
+/// tokens included); a prompt that needs the model's chat template must already carry it.
+#[derive(Debug)]
+pub struct ModelReward {
+    path: PathBuf,
+    model: RewardModel,
+    tokenizer: Tokenizer,
+    batch: usize,
+}
+
+impl ModelReward {
+    /// Loads the folder at `path` (config.json, weights, tokenizer.json) onto `device`.
+    pub fn load(path: &Path, batch: usize, device: Device) -> Result<Self, RewardError> {
+        let failed = |e: HfError| RewardError::Model { path: path.to_path_buf(), message: e.to_string() };
+        let model = RewardModel::load(path, device).map_err(failed)?;
+        let tokenizer = Tokenizer::from_dir(path).map_err(failed)?;
+        Ok(Self { path: path.to_path_buf(), model, tokenizer, batch: batch.max(1) })
+    }
+}
+
+impl RewardFn for ModelReward {
+    fn score(&mut self, inputs: &[RewardInput<'_>]) -> Result<Vec<Scored>, RewardError> {
+        let failed = |e: HfError| RewardError::Model { path: self.path.clone(), message: e.to_string() };
+        let mut scores = Vec::with_capacity(inputs.len());
+        for chunk in inputs.chunks(self.batch) {
+            let ids = chunk
+                .iter()
+                .map(|i| self.tokenizer.encode(&format!("{}{}", i.prompt, i.response), true))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(failed)?;
+            let rewards = self.model.score(&ids).map_err(failed)?;
+            scores.extend(rewards.into_iter().map(|reward| Scored { reward, correct: None }));
+        }
+        Ok(scores)
+    }
+}
