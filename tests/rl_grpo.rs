@@ -219,3 +219,22 @@ fn rl_configs_with_mistakes_are_refused_naming_the_key() {
         assert!(err.contains(key), "{sets:?} should name {key}: {err}");
     }
 }
+
+#[test]
+fn ppo_trains_a_critic_and_resumes_it_after_the_trainer_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("ppo_arith");
+    let guard = spawn_in_repo(&["launch", "configs/ppo_arith.toml"], &grpo_sets(dir.path(), 1_000_000, &[]));
+    assert!(wait_until(LIMIT, || last_rl_step(&run) >= 5), "no PPO step");
+    signal(pid_of(&run, "trainer", 0).expect("trainer:0"), libc::SIGKILL);
+    let back = wait_until(LIMIT, || rl_metrics(&run).iter().filter(|m| m["attempt"] == 1).count() >= 2);
+    assert!(back, "the PPO trainer did not resume (policy and critic from the checkpoint)");
+    interrupt(guard, &run);
+    let steps = rl_metrics(&run);
+    for m in &steps {
+        assert!(m["value_loss"].as_f64().is_some_and(|v| v.is_finite() && v >= 0.0), "no critic loss: {m}");
+        assert_eq!(m["samples"], 16.0, "{m}");
+    }
+    let s = summary(&run);
+    assert!(s["attempts"][1]["resumed_from_step"].as_u64().is_some_and(|step| step >= 3), "{s}");
+}

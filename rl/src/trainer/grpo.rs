@@ -19,11 +19,13 @@ use rtrain_trainer::sft::export_model;
 use rtrain_trainer::{Fingerprint, LoopState, MicroLoss, StepOutput, TrainContext, TrainError, TrainLoop};
 use tch::{Device, Kind, Tensor};
 
+use super::critic::Critic;
 use super::eval::{EvalResult, evaluate};
 use super::setup::{RlSetup, policy_channel};
-use crate::advantages::{GroupAdvantages, GroupScale, broadcast_over_tokens};
+use crate::advantages::{GroupAdvantages, GroupScale, broadcast_over_tokens, outcome_token_rewards};
 use crate::aggregation::{LossAggregation, LossNormaliser};
 use crate::batch::collate;
+use crate::gae::Gae;
 use crate::kl::{KlEstimator, KlPenalty, KlPlacement};
 use crate::logits::entropy_from_logits;
 use crate::masked::masked_sum;
@@ -32,6 +34,7 @@ use crate::reward::{RewardFn, build_reward};
 use crate::rollout::actor::CONTROLLER_ADDR;
 use crate::rollout::{RolloutController, RolloutPlan, StepRollouts};
 use crate::sample::Sample;
+use crate::value_loss::ValueLossConfig;
 use crate::weight_sync::WeightPublisher;
 
 /// How long rank 0 waits for rollouts that make no progress.
@@ -62,18 +65,14 @@ pub struct RlLoop {
     policy_loss: PolicyLossConfig,
     kl_in_reward: Option<KlPenalty>,
     advantages: GroupAdvantages,
+    /// PPO's value model; `None` for GRPO.
+    critic: Option<Critic>,
     rank0: Option<Coordinator>,
 }
 
 impl RlLoop {
     pub fn new(ctx: &mut TrainContext) -> Result<Self, TrainError> {
         let setup = RlSetup::load(&ctx.spec).map_err(|e| TrainError::other(e.to_string()))?;
-        if setup.rl.algorithm == RlAlgorithm::Ppo {
-            return Err(TrainError::setting(
-                "train.trainer",
-                "\"ppo\" (with a critic) is not available yet; use \"grpo\"".to_string(),
-            ));
-        }
         let load = |device| {
             HfModel::load(&setup.model_dir, device)
                 .map_err(|source| TrainError::Model { context: "model.path", source })
@@ -87,6 +86,10 @@ impl RlLoop {
             None
         };
         let engine = Engine::for_job(&model.vs, ctx)?;
+        let critic = match setup.rl.algorithm {
+            RlAlgorithm::Ppo => Some(Critic::new(ctx, &setup.model_dir)?),
+            RlAlgorithm::Grpo => None,
+        };
         let pad = setup.tokenizer.pad.as_ref().or(setup.tokenizer.eos.as_ref()).map_or(0, |s| i64::from(s.id));
         let rl = &setup.rl;
         let aggregation = match rl.loss_agg {
@@ -130,6 +133,7 @@ impl RlLoop {
             pad,
             policy_loss,
             advantages,
+            critic,
             rank0: None,
         })
     }
@@ -176,6 +180,93 @@ impl RlLoop {
         let log_probs = batch.response_log_probs(&logits).map_err(rl_error)?;
         let r = batch.response_ids.size()[1];
         Ok((log_probs, logits.narrow(1, batch.prompt_len - 1, r)))
+    }
+}
+
+/// PPO's per-token targets of one sample (response length each): whitened advantages, GAE
+/// returns, and the critic's values at rollout time.
+struct TokenTargets {
+    advantages: Vec<f32>,
+    returns: Vec<f32>,
+    old_values: Vec<f32>,
+}
+
+/// Rows of different lengths right-padded with 0 into `[B, r]`.
+fn pad_rows<'a>(rows: impl Iterator<Item = &'a [f32]>, r: i64, device: Device) -> Tensor {
+    let mut flat = Vec::new();
+    let mut b = 0;
+    for row in rows {
+        flat.extend_from_slice(row);
+        flat.extend(std::iter::repeat_n(0.0, r as usize - row.len()));
+        b += 1;
+    }
+    Tensor::from_slice(&flat).view([b, r]).to_device(device)
+}
+
+impl RlLoop {
+    /// PPO's targets for every sample of the step, computed by every rank over the whole batch
+    /// (so whitening sees the global statistics and no split changes them): the critic's values,
+    /// outcome rewards on the last token (minus the KL penalty when it is placed in the reward),
+    /// GAE with γ and λ, then advantage whitening.
+    fn ppo_targets(
+        &self,
+        critic: &Critic,
+        all: &[&Sample],
+        micro: usize,
+        device: Device,
+    ) -> Result<Vec<TokenTargets>, TrainError> {
+        let rl = &self.setup.rl;
+        let gae = Gae { gamma: rl.gamma, lambda: rl.lam };
+        let host = |t: &Tensor| {
+            Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view([-1]))
+                .map_err(|e| TrainError::other(e.to_string()))
+        };
+        let mut targets = Vec::with_capacity(all.len());
+        for chunk in all.chunks(micro) {
+            let owned: Vec<Sample> = chunk.iter().map(|s| (*s).clone()).collect();
+            let batch = collate(&owned, self.pad, Kind::Float, device).map_err(rl_error)?;
+            let est = tch::no_grad(|| -> Result<_, TrainError> {
+                let values = critic.values(&batch)?;
+                let mut rewards = outcome_token_rewards(&batch.scores, &batch.loss_mask).map_err(rl_error)?;
+                if let (Some(kl), Some(reference)) = (&self.kl_in_reward, &self.reference) {
+                    let (old, _) = self.response_log_probs(&self.model, &batch)?;
+                    let (ref_lp, _) = self.response_log_probs(reference, &batch)?;
+                    let penalty = kl.estimator.per_token(&old, &ref_lp).map_err(rl_error)? * kl.coef;
+                    rewards = rewards - penalty * &batch.loss_mask;
+                }
+                let est = gae.estimate(&rewards, &values, &batch.loss_mask).map_err(rl_error)?;
+                Ok((est, values))
+            })?;
+            let (est, values) = est;
+            let (adv, ret, val) = (host(&est.advantages)?, host(&est.returns)?, host(&values)?);
+            let r = batch.response_ids.size()[1] as usize;
+            for (row, s) in chunk.iter().enumerate() {
+                let n = s.response_token_ids.len();
+                let cut = |v: &[f32]| v[row * r..row * r + n].to_vec();
+                targets.push(TokenTargets { advantages: cut(&adv), returns: cut(&ret), old_values: cut(&val) });
+            }
+        }
+        if rl.whiten_advantages {
+            let masked: Vec<f64> = targets
+                .iter()
+                .zip(all)
+                .flat_map(|(t, s)| {
+                    t.advantages.iter().zip(&s.loss_mask).filter(|(_, m)| **m).map(|(a, _)| f64::from(*a))
+                })
+                .collect();
+            let n = masked.len() as f64;
+            if n > 1.0 {
+                let mean = masked.iter().sum::<f64>() / n;
+                let var = masked.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (n - 1.0);
+                let scale = 1.0 / (var + 1e-8).sqrt();
+                for (t, s) in targets.iter_mut().zip(all) {
+                    for (a, m) in t.advantages.iter_mut().zip(&s.loss_mask) {
+                        *a = if *m { ((f64::from(*a) - mean) * scale) as f32 } else { 0.0 };
+                    }
+                }
+            }
+        }
+        Ok(targets)
     }
 }
 
@@ -261,9 +352,14 @@ impl TrainLoop for RlLoop {
             Vec::<f64>::try_from(self.advantages.per_sequence(&scores.to_kind(Kind::Double), &ids).map_err(rl_error)?)
                 .map_err(|e| TrainError::other(e.to_string()))?;
         let g = rl.group_size;
-        let (mut loss_sum, mut tokens, mut grad_norm, mut lr) = (0.0, 0usize, None, 0.0);
-        let mut diag = Diagnostics::default();
         let micro = ctx.spec.micro_batch.max(1);
+        let ppo = match &self.critic {
+            Some(critic) => Some(self.ppo_targets(critic, &all, micro, ctx.device)?),
+            None => None,
+        };
+        let (mut loss_sum, mut tokens, mut grad_norm, mut lr) = (0.0, 0usize, None, 0.0);
+        let mut value_loss_sum = 0.0;
+        let mut diag = Diagnostics::default();
         // With one pass over one mini-batch the policy before the update is the current one:
         // the ratio is exactly 1 and the old log-probs need no extra forward pass.
         let single_update = rl.ppo_epochs == 1 && rl.mini_batch == rl.prompts_per_step;
@@ -305,11 +401,19 @@ impl TrainLoop for RlLoop {
                             *a -= kl.coef * k;
                         }
                     }
-                    let adv = broadcast_over_tokens(
-                        &Tensor::from_slice(&seq_adv).to_kind(Kind::Float).to_device(ctx.device),
-                        &batch.loss_mask,
-                    )
-                    .map_err(rl_error)?;
+                    let r = batch.response_ids.size()[1];
+                    let rows = |pick: fn(&TokenTargets) -> &Vec<f32>| -> Option<Tensor> {
+                        let ppo = ppo.as_ref()?;
+                        Some(pad_rows(chunk.iter().map(|(i, _)| pick(&ppo[*i]).as_slice()), r, ctx.device))
+                    };
+                    let adv = match rows(|t| &t.advantages) {
+                        Some(adv) => adv,
+                        None => broadcast_over_tokens(
+                            &Tensor::from_slice(&seq_adv).to_kind(Kind::Float).to_device(ctx.device),
+                            &batch.loss_mask,
+                        )
+                        .map_err(rl_error)?,
+                    };
                     let out = self
                         .policy_loss
                         .compute(
@@ -327,6 +431,19 @@ impl TrainLoop for RlLoop {
                     let n_tokens =
                         chunk.iter().map(|(_, s)| s.prompt_token_ids.len() + s.response_token_ids.len()).sum();
                     self.engine.backward(MicroLoss::sum(out.loss).with_tokens(n_tokens), 1.0)?;
+                    if let (Some(critic), Some(old_values), Some(returns)) =
+                        (&mut self.critic, rows(|t| &t.old_values), rows(|t| &t.returns))
+                    {
+                        let values = critic.values(&batch)?;
+                        let config = ValueLossConfig {
+                            clip: (rl.value_clip > 0.0).then_some(rl.value_clip),
+                            aggregation: self.policy_loss.aggregation,
+                        };
+                        let vl = config
+                            .compute(&values, &old_values, &returns, &batch.loss_mask, &norm)
+                            .map_err(rl_error)?;
+                        value_loss_sum += critic.engine.backward(MicroLoss::sum(vl.loss * rl.vf_coef), 1.0)?;
+                    }
                     if epoch == 0 {
                         let ent = tch::no_grad(|| entropy_from_logits(&logits.detach()));
                         diag.entropy_sum += masked_sum(&ent, &batch.loss_mask).map_err(rl_error)?.double_value(&[]);
@@ -340,14 +457,23 @@ impl TrainLoop for RlLoop {
                     }
                 }
                 let out = self.engine.optimizer_step(ctx.collective.as_mut(), step)?;
+                if let Some(critic) = &mut self.critic {
+                    critic.engine.optimizer_step(ctx.collective.as_mut(), step)?;
+                }
                 loss_sum += out.loss;
                 tokens += out.tokens;
                 grad_norm = out.grad_norm;
                 lr = out.lr;
             }
         }
-        let mut reduced =
-            Tensor::from_slice(&[diag.clip_fraction, diag.approx_kl, diag.entropy_sum, diag.ref_kl_sum, diag.tokens]);
+        let mut reduced = Tensor::from_slice(&[
+            diag.clip_fraction,
+            diag.approx_kl,
+            diag.entropy_sum,
+            diag.ref_kl_sum,
+            diag.tokens,
+            value_loss_sum,
+        ]);
         ctx.collective.all_reduce(&mut reduced, ReduceOp::Sum)?;
         let r = Vec::<f64>::try_from(&reduced).map_err(|e| TrainError::other(e.to_string()))?;
         let updates = rl.updates_per_step() as f64;
@@ -357,7 +483,8 @@ impl TrainLoop for RlLoop {
             if let Some(rollouts) = rollouts {
                 let train_seconds = step_started.elapsed().as_secs_f64();
                 let tokens_per_s = tokens as f64 / train_seconds.max(1e-9);
-                r0.report(step, &rollouts, &r, mini_batches, tokens_per_s, self.reference.is_some());
+                let value_loss = self.critic.is_some().then(|| r[5] / mini_batches);
+                r0.report(step, &rollouts, &r, mini_batches, tokens_per_s, self.reference.is_some(), value_loss);
             }
         }
         Ok(StepOutput { loss: loss_sum / updates, lr, tokens, grad_norm })
@@ -368,10 +495,17 @@ impl TrainLoop for RlLoop {
     }
 
     fn state(&self) -> Result<Option<LoopState>, TrainError> {
-        self.engine.state().map(Some)
+        let mut state = self.engine.state()?;
+        if let Some(critic) = &self.critic {
+            critic.add_state(&mut state)?;
+        }
+        Ok(Some(state))
     }
 
-    fn restore(&mut self, state: LoopState) -> Result<(), TrainError> {
+    fn restore(&mut self, mut state: LoopState) -> Result<(), TrainError> {
+        if let Some(critic) = &mut self.critic {
+            critic.restore_from(&mut state)?;
+        }
         self.engine.restore(state)
     }
 
@@ -411,6 +545,7 @@ impl Coordinator {
         mini_batches: f64,
         trainer_tokens_per_s: f64,
         with_reference: bool,
+        value_loss: Option<f64>,
     ) {
         let samples: Vec<&Sample> = rollouts.groups.iter().flat_map(|g| &g.samples).collect();
         let n = samples.len().max(1) as f64;
@@ -442,6 +577,9 @@ impl Coordinator {
         }
         if with_reference {
             metrics.push(("ref_kl", reduced[3] / reduced[4].max(1.0)));
+        }
+        if let Some(value_loss) = value_loss {
+            metrics.push(("value_loss", value_loss));
         }
         // Best effort: a lost metric is not worth failing a step for.
         if let Err(e) = self.job.report_metrics(step + 1, &metrics) {

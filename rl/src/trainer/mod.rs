@@ -1,6 +1,7 @@
-//! The RL trainers (`train.trainer = "grpo"`), run by the trainer gang, and what they share with
+//! The RL trainers (`train.trainer = "grpo"` or `"ppo"`), run by the trainer gang, and what they share with
 //! the rollout actors.
 
+mod critic;
 mod eval;
 mod grpo;
 mod setup;

@@ -58,6 +58,19 @@ impl std::fmt::Debug for HfModel {
     }
 }
 
+/// Positions counting real tokens only, and the causal attention mask `[B, 1, T, T]` that hides
+/// left padding, for ids `[B, T]` whose real tokens `present` marks.
+fn padded_attention(ids: &Tensor, present: &Tensor) -> (Tensor, Tensor) {
+    let (t, device) = (ids.size()[1], ids.device());
+    let present = present.to_kind(Kind::Bool);
+    let positions = (present.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
+    let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+    // A padded query may see itself, so no attention row is empty (its output is unused).
+    let eye = Tensor::eye(t, (Kind::Bool, device));
+    let mask = causal.unsqueeze(0).logical_and(&present.unsqueeze(1)).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
+    (positions, mask)
+}
+
 /// GPT-2 weights stored transposed by Hugging Face (`Conv1D`).
 fn is_conv1d(name: &str) -> bool {
     name.ends_with(".weight")
@@ -172,16 +185,31 @@ impl HfModel {
     /// real tokens) marks left padding: padded keys are masked out of attention and positions
     /// count real tokens only. Right padding needs no mask (causal attention never sees it).
     pub fn logits_padded(&self, ids: &Tensor, present: &Tensor) -> Tensor {
-        let (t, device) = (ids.size()[1], ids.device());
-        let present = present.to_kind(Kind::Bool);
-        let positions = (present.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
-        let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
-        // A padded query may see itself, so no attention row is empty (its output is unused).
-        let eye = Tensor::eye(t, (Kind::Bool, device));
-        let mask = causal.unsqueeze(0).logical_and(&present.unsqueeze(1)).logical_or(&eye.unsqueeze(0)).unsqueeze(1);
+        let (positions, mask) = padded_attention(ids, present);
         match &self.network {
             Network::Llama(m) => m.forward(ids, &positions, Some(&mask), None),
             Network::Gpt2(m) => m.forward_at(ids, &positions, Some(&mask), None),
+        }
+    }
+
+    /// The final hidden states `[B, T, hidden]` for left-padded `ids`, as [`HfModel::logits_padded`]
+    /// reads them (Llama family only: the value head of a PPO critic reads these).
+    pub fn hidden_padded(&self, ids: &Tensor, present: &Tensor) -> Result<Tensor, HfError> {
+        let (positions, mask) = padded_attention(ids, present);
+        match &self.network {
+            Network::Llama(m) => Ok(m.hidden(ids, &positions, Some(&mask), None)),
+            Network::Gpt2(_) => Err(HfError::Config {
+                path: "config.json".into(),
+                message: "hidden states are read from Llama-family models only (not GPT-2)".into(),
+            }),
+        }
+    }
+
+    /// The width of the hidden states.
+    pub fn hidden_size(&self) -> i64 {
+        match &self.config {
+            HfConfig::Llama(c) => c.hidden_size,
+            HfConfig::Gpt2(c) => c.gpt.n_embd,
         }
     }
 
