@@ -224,7 +224,10 @@ fn rl_configs_with_mistakes_are_refused_naming_the_key() {
 fn ppo_trains_a_critic_and_resumes_it_after_the_trainer_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("ppo_arith");
-    let guard = spawn_in_repo(&["launch", "configs/ppo_arith.toml"], &grpo_sets(dir.path(), 1_000_000, &[]));
+    // Two passes over mini-batches of 2 prompts: the old log-probs and values of a batch are
+    // kept across its four updates.
+    let sets = grpo_sets(dir.path(), 1_000_000, &["rl.mini_batch=2", "rl.ppo_epochs=2"]);
+    let guard = spawn_in_repo(&["launch", "configs/ppo_arith.toml"], &sets);
     assert!(wait_until(LIMIT, || last_rl_step(&run) >= 5), "no PPO step");
     signal(pid_of(&run, "trainer", 0).expect("trainer:0"), libc::SIGKILL);
     let back = wait_until(LIMIT, || rl_metrics(&run).iter().filter(|m| m["attempt"] == 1).count() >= 2);

@@ -15,7 +15,13 @@ pub struct RunProgress {
     restarts: std::sync::atomic::AtomicU32,
     /// One line per role beside the trainer: its processes, restarts and latest metrics.
     roles: Vec<(String, ProgressBar, std::sync::Mutex<(String, String)>)>,
+    /// The training role's own headline metrics (an RL trainer's reward and accuracy), shown
+    /// on the bar after the loss.
+    trainer_metrics: std::sync::Mutex<String>,
 }
+
+/// Metrics of the training role worth a place on the bar, in this order.
+const BAR_METRICS: &[(&str, &str)] = &[("reward_mean", "reward"), ("accuracy", "accuracy"), ("staleness", "staleness")];
 
 impl RunProgress {
     /// `total_steps` of the training role (`None`: the job has none); `roles`: the other roles.
@@ -49,7 +55,14 @@ impl RunProgress {
         } else {
             multi.set_draw_target(ProgressDrawTarget::hidden());
         }
-        Self { bar, total: total_steps, interactive, restarts: Default::default(), roles }
+        Self {
+            bar,
+            total: total_steps,
+            interactive,
+            restarts: Default::default(),
+            roles,
+            trainer_metrics: Default::default(),
+        }
     }
 
     /// A role's processes and restarts, shown on its line.
@@ -59,6 +72,16 @@ impl RunProgress {
 
     /// The latest metrics a process of `role` reported, shown on the role's line.
     pub fn on_role_metrics(&self, role: &str, metrics: &std::collections::HashMap<String, f64>) {
+        if role == crate::config::TRAINING_ROLE {
+            let shown: Vec<String> = BAR_METRICS
+                .iter()
+                .filter_map(|(key, label)| metrics.get(*key).map(|v| format!("{label} {v:.3}")))
+                .collect();
+            if !shown.is_empty() {
+                *self.trainer_metrics.lock().unwrap_or_else(|p| p.into_inner()) = shown.join(" ");
+            }
+            return;
+        }
         let mut named: Vec<(&String, &f64)> = metrics.iter().collect();
         named.sort_by(|a, b| a.0.cmp(b.0));
         let text: Vec<String> = named.iter().map(|(k, v)| format!("{k} {}", human(**v))).collect();
@@ -103,6 +126,11 @@ impl RunProgress {
         self.bar.set_position(m.step);
         let restarts = self.restarts.load(std::sync::atomic::Ordering::Relaxed);
         let mut message = format!("loss {:.4} | {} tok/s", m.loss, human(m.tokens_per_s));
+        let extra = self.trainer_metrics.lock().unwrap_or_else(|p| p.into_inner());
+        if !extra.is_empty() {
+            message.push_str(&format!(" | {extra}"));
+        }
+        drop(extra);
         if restarts > 0 {
             message.push_str(&format!(" | attempt {} ({restarts} restarts)", m.id.as_ref().map_or(0, |id| id.attempt)));
         }
