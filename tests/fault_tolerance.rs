@@ -108,11 +108,6 @@ fn worker_pid(run: &Path, rank: usize) -> Option<u32> {
     })
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall on a pid this test started or found.
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
-}
-
 /// A seed printed by the test, so a failing random schedule can be replayed.
 fn seed() -> u64 {
     let seed = std::env::var("RTRAIN_TEST_SEED")

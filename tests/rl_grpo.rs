@@ -81,23 +81,6 @@ fn last_rl_step(run: &Path) -> u64 {
     rl_metrics(run).last().and_then(|m| m["step"].as_u64()).unwrap_or(0)
 }
 
-fn run_env(run: &Path) -> String {
-    format!("RTRAIN_CONFIG={}", run.join("config.toml").display())
-}
-
-fn pid_of(run: &Path, role: &str, rank: usize) -> Option<u32> {
-    processes_with_env(&run_env(run)).into_iter().find(|pid| {
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let has = |kv: String| env.split(|b| *b == 0).any(|e| e == kv.as_bytes());
-        has(format!("RTRAIN_ROLE={role}")) && has(format!("ROLE_RANK={rank}"))
-    })
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall on a pid this test found.
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
-}
-
 fn interrupt(guard: Guard, run: &Path) {
     signal(guard.0.as_ref().unwrap().id(), libc::SIGINT);
     let out = wait_output(guard, LIMIT);

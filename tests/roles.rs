@@ -37,24 +37,6 @@ fn start_demo(dir: &Path, sets: &[&str]) -> Guard {
     Guard(Some(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()))
 }
 
-fn run_env(run: &Path) -> String {
-    format!("RTRAIN_CONFIG={}", run.join("config.toml").display())
-}
-
-/// The live process of `role`:`rank` of the run at `run`.
-fn pid_of(run: &Path, role: &str, rank: usize) -> Option<u32> {
-    processes_with_env(&run_env(run)).into_iter().find(|pid| {
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let has = |kv: String| env.split(|b| *b == 0).any(|e| e == kv.as_bytes());
-        has(format!("RTRAIN_ROLE={role}")) && has(format!("ROLE_RANK={rank}"))
-    })
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall on a pid this test started or found.
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
-}
-
 /// The training role's step lines of metrics.jsonl (its processes' own named metrics, which
 /// carry a rank, are left out).
 fn trainer_steps(run: &Path) -> Vec<serde_json::Value> {

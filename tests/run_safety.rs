@@ -61,11 +61,6 @@ fn a_failure_that_repeats_without_progress_ends_the_run_before_the_budget_is_spe
     assert_eq!(s["attempts"].as_array().map(Vec::len), Some(2), "{s}");
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall on a pid this test started.
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
-}
-
 fn config_env(run: &Path) -> String {
     format!("RTRAIN_CONFIG={}", run.join("config.toml").display())
 }

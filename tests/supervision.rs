@@ -17,11 +17,6 @@ fn config_env(run: &std::path::Path) -> String {
     format!("RTRAIN_CONFIG={}", run.join("config.toml").display())
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall on a pid this test started or found.
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
-}
-
 #[test]
 fn sigterm_and_sigint_stop_every_worker() {
     for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {

@@ -140,3 +140,23 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Sends `sig` to `pid`, which the test started or found.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain syscall on a pid this test started or found.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
+}
+
+/// What every process of the run at `run` has in its environment (its config's path).
+pub fn run_env(run: &Path) -> String {
+    format!("RTRAIN_CONFIG={}", run.join("config.toml").display())
+}
+
+/// The live process of `role`:`rank` of the run at `run`.
+pub fn pid_of(run: &Path, role: &str, rank: usize) -> Option<u32> {
+    processes_with_env(&run_env(run)).into_iter().find(|pid| {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let has = |kv: String| env.split(|b| *b == 0).any(|e| e == kv.as_bytes());
+        has(format!("RTRAIN_ROLE={role}")) && has(format!("ROLE_RANK={rank}"))
+    })
+}
