@@ -321,6 +321,8 @@ impl Coordinator {
 struct Diagnostics {
     clip_fraction: f64,
     approx_kl: f64,
+    /// Σ |trainer log-prob − actor log-prob| over loss tokens (before any update of the batch).
+    behaviour_gap: f64,
     entropy_sum: f64,
     ref_kl_sum: f64,
     tokens: f64,
@@ -450,6 +452,8 @@ impl TrainLoop for RlLoop {
                         diag.tokens += batch.loss_mask.sum(Kind::Double).double_value(&[]);
                         diag.clip_fraction += out.clip_fraction.double_value(&[]);
                         diag.approx_kl += out.approx_kl.double_value(&[]);
+                        let gap = (&old - &batch.behaviour_log_probs).abs();
+                        diag.behaviour_gap += masked_sum(&gap, &batch.loss_mask).map_err(rl_error)?.double_value(&[]);
                         if let Some(reference) = &reference {
                             let d = KlEstimator::K3.per_token(&log_probs.detach(), reference).map_err(rl_error)?;
                             diag.ref_kl_sum += masked_sum(&d, &batch.loss_mask).map_err(rl_error)?.double_value(&[]);
@@ -473,6 +477,7 @@ impl TrainLoop for RlLoop {
             diag.ref_kl_sum,
             diag.tokens,
             value_loss_sum,
+            diag.behaviour_gap,
         ]);
         ctx.collective.all_reduce(&mut reduced, ReduceOp::Sum)?;
         let r = Vec::<f64>::try_from(&reduced).map_err(|e| TrainError::other(e.to_string()))?;
@@ -563,6 +568,9 @@ impl Coordinator {
             ("response_length", generated as f64 / n),
             ("clip_fraction", reduced[0] / mini_batches),
             ("policy_kl", reduced[1] / mini_batches),
+            // The actors' and the trainer's log-probs of the same tokens under the same version:
+            // ~0 unless the actors generate with other weights than the trainer's.
+            ("behaviour_gap", reduced[6] / reduced[4].max(1.0)),
             ("entropy", reduced[2] / reduced[4].max(1.0)),
             ("samples", samples.len() as f64),
             ("staleness", staleness),
