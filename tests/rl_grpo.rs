@@ -224,3 +224,18 @@ fn ppo_trains_a_critic_and_resumes_it_after_the_trainer_is_killed() {
     let s = summary(&run);
     assert!(s["attempts"][1]["resumed_from_step"].as_u64().is_some_and(|step| step >= 3), "{s}");
 }
+
+#[test]
+fn a_trainer_gang_of_two_shares_each_batch_and_trains_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = grpo_sets(dir.path(), 4, &["train.workers=2", "train.cpus_per_worker=0.5", "train.micro_batch=4"]);
+    let out = rtrain_in_repo(&["launch", "configs/grpo_arith.toml"], &sets);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = dir.path().join("grpo_arith");
+    let steps = rl_metrics(&run);
+    assert_eq!(steps.len(), 4);
+    // Rank 0 reports for the gang: its entropy and clip statistics are sums over both ranks'
+    // halves of the batch, and every step had the whole batch.
+    assert!(steps.iter().all(|m| m["samples"] == 16.0 && m["entropy"].as_f64().is_some_and(f64::is_finite)));
+    assert_eq!(summary(&run)["workers"], 2);
+}
