@@ -20,4 +20,4 @@ pub mod scheduler;
 mod worker_env;
 
 /// The contract with the processes the launcher starts, from `rtrain-core`.
-pub use rtrain_core::{checkpoint, config, contract, exit, job_client, proto};
+pub use rtrain_core::{checkpoint, config, contract, exit, heartbeat, job_client, proto};

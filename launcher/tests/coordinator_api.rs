@@ -181,3 +181,37 @@ fn callers_without_the_token_or_from_a_stale_attempt_are_refused() {
     let e = actor.broadcast("nobody", None, "x", "").unwrap_err().to_string();
     assert!(e.contains("unknown role `nobody`"), "{e}");
 }
+
+#[test]
+fn a_heartbeat_stream_is_recorded_until_its_attempt_is_retired() {
+    use rtrain_launcher::proto::coordinator_client::CoordinatorClient;
+    use rtrain_launcher::proto::{HeartbeatRequest, TokenInterceptor, WorkerId};
+
+    let (rt, handle, _events) = start();
+    let channel =
+        rt.block_on(tonic::transport::Endpoint::from_shared(format!("http://{}", handle.addr)).unwrap().connect());
+    let mut grpc = CoordinatorClient::with_interceptor(channel.unwrap(), TokenInterceptor::new(TOKEN).unwrap());
+    let id = WorkerId { role: "trainer".into(), rank: 0, attempt: 0 };
+    let (beat, beats) = tokio::sync::mpsc::channel(4);
+    let call = rt.spawn(async move { grpc.heartbeats(tokio_stream::wrappers::ReceiverStream::new(beats)).await });
+    let send = |id: Option<WorkerId>, step| rt.block_on(beat.send(HeartbeatRequest { id, step })).unwrap();
+
+    send(Some(id.clone()), 1);
+    send(None, 2);
+    let step_seen = |step| {
+        (0..1000).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            handle.heartbeats("trainer").get(&0).map(|(_, s)| *s) == Some(step)
+        })
+    };
+    assert!(step_seen(2), "later beats need not name the worker");
+
+    // A new attempt retires the stream: its next beat ends the call as a stale caller's would.
+    handle.begin_attempt("trainer", 1, 1);
+    send(None, 3);
+    let status = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), call).await }).unwrap().unwrap();
+    let status = status.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("stale"), "{}", status.message());
+    assert!(handle.heartbeats("trainer").is_empty(), "the new attempt has not beaten");
+}

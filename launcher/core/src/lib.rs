@@ -7,5 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod contract;
 pub mod exit;
+pub mod heartbeat;
 pub mod job_client;
+mod peer_list;
 pub mod proto;

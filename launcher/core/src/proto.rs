@@ -4,6 +4,8 @@
 
 tonic::include_proto!("rtrain.v1");
 
+pub use crate::peer_list::{EncodedPeers, RegisterReply};
+
 /// Metadata key that carries the job token on every RPC.
 pub const TOKEN_HEADER: &str = "x-rtrain-token";
 

@@ -1,6 +1,7 @@
 //! `rtrain bench control-plane`: N simulated ranks register, rendezvous and heartbeat at 1 Hz
 //! against one coordinator, with the calls a real worker makes (`trainer/src/runtime/control.rs`):
-//! `Register` with a collective address, then `Heartbeat` with its step counter every second.
+//! `Register` with a collective address, then its step counter every second on one long-lived
+//! `Heartbeats` stream.
 //!
 //! Coordinator and ranks share this process. The coordinator runs on a runtime of its own, with
 //! as many threads as the driver's, and its CPU is read from those threads' clocks
@@ -27,7 +28,7 @@ use super::peer_digest::PeerDigest;
 use super::thread_cpu::RuntimeCpu;
 use crate::coordinator::{CoordinatorEvent, start_coordinator};
 use crate::proto::coordinator_client::CoordinatorClient;
-use crate::proto::{HeartbeatRequest, RegisterRequest, TokenInterceptor, WorkerId};
+use crate::proto::{RegisterRequest, TokenInterceptor, WorkerId};
 
 /// DESIGN.md section 11: 4096 ranks rendezvous in under 2 s...
 pub const RENDEZVOUS_TARGET_S: f64 = 2.0;
@@ -73,7 +74,9 @@ pub struct ControlPlaneReport {
     pub peer_lists_complete: usize,
     pub register_errors: usize,
     pub window_s: f64,
+    /// Beats the coordinator recorded during the window (each advances its rank's step by one).
     pub heartbeats_accepted: u64,
+    /// Heartbeat streams the coordinator ended (each ends a rank's beats).
     pub heartbeats_refused: u64,
     pub heartbeats_per_s: f64,
     /// Ranks whose last heartbeat the coordinator holds, under 3 s old and past step 0.
@@ -187,10 +190,9 @@ fn print_table(reports: &[ControlPlaneReport]) {
     println!("  (simulated ranks share the connections listed; real workers open one each)");
 }
 
-/// Heartbeats answered during the run, across ranks.
+/// Heartbeat streams refused during the run, across ranks.
 #[derive(Default)]
 struct Beats {
-    accepted: AtomicU64,
     refused: AtomicU64,
     first_error: OnceLock<String>,
 }
@@ -286,9 +288,11 @@ pub fn control_plane(opts: &ControlPlaneOptions) -> Result<ControlPlaneReport, S
 
     // Start half a period after the rendezvous, so the window holds whole rounds of heartbeats.
     std::thread::sleep((last_reply + HEARTBEAT_EVERY / 2).saturating_duration_since(Instant::now()));
-    let (cpu0, accepted0, t0) = (coordinator_cpu.total(), beats.accepted.load(Ordering::Relaxed), Instant::now());
+    // Read on this thread, outside the coordinator's runtime, so it is not counted as its CPU.
+    let steps = || coordinator.heartbeats(ROLE).values().map(|(_, step)| step).sum::<u64>();
+    let (cpu0, accepted0, t0) = (coordinator_cpu.total(), steps(), Instant::now());
     std::thread::sleep(opts.window);
-    let (cpu1, accepted1, wall) = (coordinator_cpu.total(), beats.accepted.load(Ordering::Relaxed), t0.elapsed());
+    let (cpu1, accepted1, wall) = (coordinator_cpu.total(), steps(), t0.elapsed());
     let seen = coordinator.heartbeats(ROLE);
     let ranks_heartbeating = seen.values().filter(|(age, step)| *age < 3.0 && *step >= 1).count();
 
@@ -319,9 +323,9 @@ pub fn control_plane(opts: &ControlPlaneOptions) -> Result<ControlPlaneReport, S
         peer_lists_complete: joined.iter().filter(|j| j.result == Ok(true)).count(),
         register_errors: joined.iter().filter(|j| j.result.is_err()).count(),
         window_s: wall.as_secs_f64(),
-        heartbeats_accepted: accepted1 - accepted0,
+        heartbeats_accepted: accepted1.saturating_sub(accepted0),
         heartbeats_refused: beats.refused.load(Ordering::Relaxed),
-        heartbeats_per_s: (accepted1 - accepted0) as f64 / wall.as_secs_f64(),
+        heartbeats_per_s: accepted1.saturating_sub(accepted0) as f64 / wall.as_secs_f64(),
         ranks_heartbeating,
         coordinator_cpu_percent: 100.0 * (cpu1 - cpu0).as_secs_f64() / wall.as_secs_f64(),
         coordinator_cpu_target_percent: HEARTBEAT_CPU_TARGET_PERCENT,
@@ -352,8 +356,8 @@ async fn register(connection: Connection, request: RegisterRequest) -> Result<Pe
     Ok(grpc.unary(tonic::Request::new(request), path, codec).await?.into_inner())
 }
 
-/// One rank, as a worker's control plane runs it: register, then heartbeat with its step every
-/// second (the step advances by one per heartbeat) until stopped.
+/// One rank, as a worker's control plane runs it: register, then heartbeat on one stream with its
+/// step every second (the step advances by one per heartbeat) until stopped.
 async fn simulated_rank(
     connection: Connection,
     request: RegisterRequest,
@@ -375,17 +379,17 @@ async fn simulated_rank(
         return;
     }
     let mut client = CoordinatorClient::new(connection);
-    for step in 1.. {
-        tokio::select! {
-            _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
-            _ = stopped.changed() => return,
+    let mut step = 0;
+    let stream = crate::heartbeat::beats(id.clone(), HEARTBEAT_EVERY, move || {
+        step += 1;
+        step
+    });
+    tokio::select! {
+        result = client.heartbeats(stream) => {
+            let why = result.err().map_or_else(|| "the stream ended".to_string(), |s| s.message().to_string());
+            let _ = beats.first_error.set(format!("rank {}: Heartbeats: {why}", id.rank));
+            beats.refused.fetch_add(1, Ordering::Relaxed);
         }
-        match client.heartbeat(HeartbeatRequest { id: Some(id.clone()), step }).await {
-            Ok(_) => beats.accepted.fetch_add(1, Ordering::Relaxed),
-            Err(status) => {
-                let _ = beats.first_error.set(format!("rank {}: Heartbeat: {}", id.rank, status.message()));
-                beats.refused.fetch_add(1, Ordering::Relaxed)
-            }
-        };
+        _ = stopped.changed() => {}
     }
 }

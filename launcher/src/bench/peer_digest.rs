@@ -91,13 +91,13 @@ mod tests {
     #[test]
     fn digests_a_reply_as_its_peer_list() {
         let peers: Vec<String> = ["127.0.0.1:1", "127.0.0.1:2", ""].map(String::from).to_vec();
-        let bytes = RegisterReply { peers: peers.clone() }.encode_to_vec();
+        let bytes = RegisterReply::new(peers.clone()).encode_to_vec();
         let decoded = PeerDigest::decode(bytes.as_slice()).unwrap();
         assert_eq!(decoded.count, 3);
         assert!(decoded.matches(&PeerDigest::of(&peers)));
         let swapped = [&peers[1], &peers[0], &peers[2]].map(|p| p.clone());
         assert!(!decoded.matches(&PeerDigest::of(&swapped)));
-        let empty = PeerDigest::decode(RegisterReply { peers: vec![] }.encode_to_vec().as_slice()).unwrap();
+        let empty = PeerDigest::decode(RegisterReply::new(vec![]).encode_to_vec().as_slice()).unwrap();
         assert!(empty.matches(&PeerDigest::of(&[])));
     }
 }

@@ -3,11 +3,13 @@
 //! through these methods (under the coordinator's lock), so every rule is unit-tested here.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::proto::{Endpoint, WorkerId};
+use crate::proto::{EncodedPeers, Endpoint, WorkerId};
 
 /// Why a call from a process was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,12 +33,66 @@ struct Role {
     current: Vec<u32>,
     /// The rendezvous of a gang role's current attempt: collective addresses by rank.
     joined: BTreeMap<u32, String>,
-    /// Set once every rank of the attempt has joined; registrations wait on it.
-    complete: watch::Sender<Option<Vec<String>>>,
+    /// Set once every rank of the attempt has joined, encoded once for all their replies;
+    /// registrations wait on it.
+    complete: watch::Sender<Option<EncodedPeers>>,
     /// The address book: what each live rank published, under its attempt.
     published: BTreeMap<u32, (u32, BTreeMap<String, String>)>,
-    /// Last heartbeat per rank: when, and the step it reported.
-    heartbeats: BTreeMap<u32, (Instant, u64)>,
+    /// Last heartbeat per rank of the current attempt, by rank.
+    pulses: Vec<Arc<Pulse>>,
+}
+
+/// The last heartbeat of one rank's attempt (or incarnation). Heartbeats update it without the
+/// book's lock: 4096 ranks beating at 1 Hz would otherwise queue on it.
+#[derive(Debug)]
+pub struct Pulse {
+    epoch: Instant,
+    /// Nanoseconds from `epoch` to the last beat, plus one; 0 while the rank is not watched.
+    at: AtomicU64,
+    step: AtomicU64,
+    /// The attempt was replaced: its beats are refused.
+    retired: AtomicBool,
+}
+
+impl Pulse {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            at: AtomicU64::new(0),
+            step: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+        })
+    }
+
+    fn stamp(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// Records a beat at `step`; false once the attempt is retired.
+    pub fn beat(&self, step: u64) -> bool {
+        if self.retired.load(Ordering::Acquire) {
+            return false;
+        }
+        self.step.store(step, Ordering::Relaxed);
+        self.at.store(self.stamp(), Ordering::Release);
+        true
+    }
+
+    /// Starts watching a rank that has not beaten yet, as if it had at step 0.
+    fn watch(&self) {
+        let _ = self.at.compare_exchange(0, self.stamp(), Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// Seconds since the last beat and its step; `None` while not watched.
+    fn last(&self) -> Option<(f64, u64)> {
+        let at = self.at.load(Ordering::Acquire).checked_sub(1)?;
+        let age = self.epoch.elapsed().as_nanos().saturating_sub(u128::from(at));
+        Some((age as f64 / 1e9, self.step.load(Ordering::Relaxed)))
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
 }
 
 /// Every role of the job.
@@ -49,9 +105,9 @@ pub struct JobBook {
 
 /// What a registration gets: a gang rank waits on `complete`; any other rank has its answer.
 pub enum Registered {
-    Wait(watch::Receiver<Option<Vec<String>>>),
+    Wait(watch::Receiver<Option<EncodedPeers>>),
     /// The gang completed with this registration.
-    Complete(Vec<String>),
+    Complete(EncodedPeers),
     /// A process that restarts alone: its role's addresses known so far.
     Alone(Vec<String>),
 }
@@ -67,9 +123,11 @@ impl JobBook {
             joined: BTreeMap::new(),
             complete,
             published: BTreeMap::new(),
-            heartbeats: BTreeMap::new(),
+            pulses: (0..size).map(|_| Pulse::new()).collect(),
         };
-        self.roles.insert(name.to_string(), role);
+        if let Some(old) = self.roles.insert(name.to_string(), role) {
+            old.pulses.iter().for_each(|p| p.retire());
+        }
         self.version += 1;
     }
 
@@ -87,7 +145,10 @@ impl JobBook {
         {
             *slot = attempt;
             role.published.remove(&rank);
-            role.heartbeats.remove(&rank);
+            if let Some(pulse) = role.pulses.get_mut(rank as usize) {
+                pulse.retire();
+                *pulse = Pulse::new();
+            }
             role.joined.remove(&rank);
             self.version += 1;
         }
@@ -121,22 +182,21 @@ impl JobBook {
             .1
             .insert("collective".into(), collective_addr.into());
         self.version += 1;
-        // The peer list is built once per gang, not per registration.
         let addrs = || role.joined.values().cloned().collect::<Vec<String>>();
         // A registered process is watched from the moment it may start working, so one that
         // falls silent before its first heartbeat is still found hung.
-        let now = Instant::now();
         if !role.gang {
-            role.heartbeats.entry(id.rank).or_insert((now, 0));
+            if let Some(pulse) = role.pulses.get(id.rank as usize) {
+                pulse.watch();
+            }
             return Ok(Registered::Alone(addrs()));
         }
         if role.joined.len() == role.size {
-            for rank in role.joined.keys() {
-                role.heartbeats.entry(*rank).or_insert((now, 0));
-            }
-            let addrs = addrs();
-            role.complete.send_replace(Some(addrs.clone()));
-            return Ok(Registered::Complete(addrs));
+            role.pulses.iter().for_each(|p| p.watch());
+            // Encoded once per gang, not per registration or per reply.
+            let peers = EncodedPeers::new(&addrs());
+            role.complete.send_replace(Some(peers.clone()));
+            return Ok(Registered::Complete(peers));
         }
         Ok(Registered::Wait(role.complete.subscribe()))
     }
@@ -170,12 +230,20 @@ impl JobBook {
         (endpoints, self.version)
     }
 
-    pub fn heartbeat(&mut self, id: &WorkerId, step: u64) -> Result<(), Refusal> {
-        self.admit(id)?;
-        if let Some(role) = self.roles.get_mut(&id.role) {
-            role.heartbeats.insert(id.rank, (Instant::now(), step));
-        }
+    pub fn heartbeat(&self, id: &WorkerId, step: u64) -> Result<(), Refusal> {
+        self.pulse(id)?.beat(step);
         Ok(())
+    }
+
+    /// Where the heartbeats of `id` go, for a caller that beats many times without the book's
+    /// lock: [`Pulse::beat`] refuses them once this attempt is retired.
+    pub fn pulse(&self, id: &WorkerId) -> Result<Arc<Pulse>, Refusal> {
+        self.admit(id)?;
+        self.roles
+            .get(&id.role)
+            .and_then(|r| r.pulses.get(id.rank as usize))
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownRole(id.role.clone()))
     }
 
     /// Ranks of a role's current attempt that have not registered.
@@ -190,9 +258,7 @@ impl JobBook {
     pub fn heartbeats(&self, role: &str) -> BTreeMap<u32, (f64, u64)> {
         self.roles
             .get(role)
-            .map(|r| {
-                r.heartbeats.iter().map(|(rank, (at, step))| (*rank, (at.elapsed().as_secs_f64(), *step))).collect()
-            })
+            .map(|r| r.pulses.iter().zip(0..).filter_map(|(p, rank)| Some((rank, p.last()?))).collect())
             .unwrap_or_default()
     }
 
@@ -218,12 +284,34 @@ mod tests {
         assert!(book.heartbeats("trainer").is_empty(), "a waiting rank is not watched yet");
         assert_eq!(book.missing_ranks("trainer"), vec![0]);
         match book.register(&id("trainer", 0, 0), "a") {
-            Ok(Registered::Complete(peers)) => assert_eq!(peers, vec!["a", "b"]),
+            Ok(Registered::Complete(peers)) => assert_eq!(peers, EncodedPeers::new(&["a".into(), "b".into()])),
             _ => panic!("gang not complete"),
         }
         assert!(matches!(book.register(&id("trainer", 0, 0), "a"), Err(Refusal::AlreadyRegistered { .. })));
         // Both ranks are watched from the gang's completion, heartbeat or not.
         assert_eq!(book.heartbeats("trainer").keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_pulse_refuses_beats_once_its_attempt_is_retired() {
+        let mut book = JobBook::default();
+        book.add_role("trainer", 2, true, 0);
+        book.add_role("actor", 2, false, 0);
+        let trainer = book.pulse(&id("trainer", 1, 0)).unwrap();
+        let actor = book.pulse(&id("actor", 0, 0)).unwrap();
+        assert!(trainer.beat(7) && actor.beat(3));
+        assert_eq!(book.heartbeats("trainer").get(&1).map(|(_, step)| *step), Some(7));
+        assert!(book.pulse(&id("trainer", 1, 1)).is_err(), "a stale caller gets no pulse");
+
+        book.restart_rank("actor", 0, 1);
+        assert!(!actor.beat(4), "the dead incarnation's stream is refused");
+        assert!(book.heartbeats("actor").is_empty(), "the new incarnation is not watched yet");
+        assert!(book.pulse(&id("actor", 0, 1)).unwrap().beat(1));
+
+        book.begin_attempt("trainer", 1, 2);
+        assert!(!trainer.beat(8), "the old attempt's stream is refused");
+        assert!(book.heartbeats("trainer").is_empty());
+        assert!(book.heartbeat(&id("trainer", 1, 1), 1).is_ok());
     }
 
     #[test]

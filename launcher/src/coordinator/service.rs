@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::book::{JobBook, Refusal, Registered};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
@@ -270,7 +270,7 @@ impl Coordinator for CoordinatorService {
         let registered = self.shared.book().register(&id, &req.collective_addr).map_err(refused)?;
         let _ = self.shared.events.send(CoordinatorEvent::Registered { role: id.role.clone(), rank: id.rank });
         let peers = match registered {
-            Registered::Alone(peers) => peers,
+            Registered::Alone(peers) => return Ok(Response::new(RegisterReply::new(peers))),
             Registered::Complete(peers) => {
                 let _ = self.shared.events.send(CoordinatorEvent::GangComplete { role: id.role.clone() });
                 peers
@@ -282,7 +282,7 @@ impl Coordinator for CoordinatorService {
                 .clone()
                 .unwrap_or_default(),
         };
-        Ok(Response::new(RegisterReply { peers }))
+        Ok(Response::new(RegisterReply::shared(peers)))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<Ack>, Status> {
@@ -290,6 +290,31 @@ impl Coordinator for CoordinatorService {
         let id = req.id.ok_or_else(|| Status::invalid_argument("worker id missing"))?;
         self.shared.book().heartbeat(&id, req.step).map_err(refused)?;
         Ok(Response::new(Ack {}))
+    }
+
+    async fn heartbeats(&self, request: Request<Streaming<HeartbeatRequest>>) -> Result<Response<Ack>, Status> {
+        let mut beats = request.into_inner();
+        let Some(first) = beats.message().await? else { return Ok(Response::new(Ack {})) };
+        let id = first.id.ok_or_else(|| Status::invalid_argument("the first heartbeat names no worker"))?;
+        // The book's lock is taken once per stream; each beat then costs two atomic stores.
+        let pulse = self.shared.book().pulse(&id).map_err(refused)?;
+        let mut step = first.step;
+        loop {
+            if !pulse.beat(step) {
+                // Retired since the stream opened: refused as a unary heartbeat would be.
+                return Err(self
+                    .shared
+                    .book()
+                    .admit(&id)
+                    .err()
+                    .map_or_else(|| Status::failed_precondition("this attempt was retired"), refused));
+            }
+            let Some(beat) = beats.message().await? else { return Ok(Response::new(Ack {})) };
+            if beat.id.as_ref().is_some_and(|other| *other != id) {
+                return Err(Status::invalid_argument("a heartbeat stream carries one worker's beats"));
+            }
+            step = beat.step;
+        }
     }
 
     async fn report_step(&self, request: Request<StepMetrics>) -> Result<Response<Ack>, Status> {

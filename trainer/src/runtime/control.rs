@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rtrain_core::heartbeat::beats;
 use rtrain_core::job_client::{Client, JobClientError, connect};
 use tokio::sync::mpsc;
 
-use crate::proto::{FailureReport, HeartbeatRequest, RegisterRequest, StepMetrics, WorkerId};
+use crate::proto::{FailureReport, RegisterRequest, StepMetrics, WorkerId};
 
 use super::WorkerEnv;
 
@@ -109,25 +110,34 @@ impl ControlPlane {
         let (mut client, id, step) = (self.client.clone(), self.id.clone(), self.step.clone());
         let lost = self.lost.clone();
         self.runtime.spawn(async move {
-            let mut last_ok = Instant::now();
+            // When the transport last took a beat: it only does over a live connection.
+            let last_ok = Arc::new(Mutex::new(Instant::now()));
             loop {
-                tokio::time::sleep(heartbeat_every).await;
-                let beat = HeartbeatRequest { id: Some(id.clone()), step: step.load(Ordering::Relaxed) };
-                let why = match client.heartbeat(beat).await {
-                    Ok(_) => {
-                        last_ok = Instant::now();
-                        continue;
-                    }
-                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                // One long-lived stream; it ends only with an error, and is reopened after one.
+                let (step, sent) = (step.clone(), last_ok.clone());
+                let beats = beats(id.clone(), heartbeat_every, move || {
+                    *sent.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                    step.load(Ordering::Relaxed)
+                });
+                let status = match client.heartbeats(beats).await {
+                    Ok(_) => tonic::Status::unavailable("the coordinator ended the heartbeat stream"),
+                    Err(status) => status,
+                };
+                let silent = last_ok.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+                let why = match status.code() {
+                    tonic::Code::FailedPrecondition => {
                         format!("the coordinator retired this attempt: {}", status.message())
                     }
-                    Err(status) if last_ok.elapsed() > COORDINATOR_LOST_AFTER => {
+                    _ if silent > COORDINATOR_LOST_AFTER => {
                         format!(
                             "the coordinator has been unreachable for {COORDINATOR_LOST_AFTER:?}: {}",
                             status.message()
                         )
                     }
-                    Err(_) => continue,
+                    _ => {
+                        tokio::time::sleep(heartbeat_every).await;
+                        continue;
+                    }
                 };
                 tracing::error!(reason = %why, "stopping after the current step");
                 *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
