@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rtrain_core::config::rl::{KlEstimatorChoice, KlPlacementChoice, LossAggChoice, RlAlgorithm};
+use rtrain_core::config::rl::{EVAL_FILE, KlEstimatorChoice, KlPlacementChoice, LossAggChoice, RlAlgorithm};
 use rtrain_trainer::collective::ReduceOp;
 use rtrain_trainer::engine::Engine;
 use rtrain_trainer::hf::HfModel;
@@ -39,7 +39,6 @@ use crate::weight_sync::WeightPublisher;
 
 /// How long rank 0 waits for rollouts that make no progress.
 const ROLLOUT_PATIENCE: Duration = Duration::from_secs(300);
-use rtrain_core::config::rl::EVAL_FILE;
 
 /// What only rank 0 does: talk to the actors, publish weights, evaluate, report.
 struct Coordinator {
@@ -366,7 +365,7 @@ impl TrainLoop for RlLoop {
         // the ratio is exactly 1 and the old log-probs need no extra forward pass.
         let single_update = rl.ppo_epochs == 1 && rl.mini_batch == rl.prompts_per_step;
         let per_rank = rl.mini_batch / world;
-        let mut old_cache: std::collections::HashMap<usize, Tensor> = std::collections::HashMap::new();
+        let mut old_cache: std::collections::HashMap<(usize, usize), Tensor> = std::collections::HashMap::new();
         for epoch in 0..rl.ppo_epochs {
             for (m, first) in (0..rl.prompts_per_step).step_by(rl.mini_batch).enumerate() {
                 let mine = first + rank * per_rank..first + (rank + 1) * per_rank;
@@ -377,7 +376,7 @@ impl TrainLoop for RlLoop {
                     let owned: Vec<Sample> = chunk.iter().map(|(_, s)| (*s).clone()).collect();
                     let batch = collate(&owned, self.pad, Kind::Float, ctx.device).map_err(rl_error)?;
                     let (log_probs, logits) = self.response_log_probs(&self.model, &batch)?;
-                    let key = m * 1_000_000 + c;
+                    let key = (m, c);
                     let old = if single_update {
                         log_probs.detach()
                     } else {
@@ -391,6 +390,9 @@ impl TrainLoop for RlLoop {
                         None => None,
                     };
                     let mut seq_adv: Vec<f64> = chunk.iter().map(|(i, _)| advantages[*i]).collect();
+                    // GRPO with the KL penalty in the reward: each sequence's summed KL is
+                    // subtracted from its group-normalised advantage (not before the group
+                    // statistics, as veRL does), so the penalty keeps its scale `kl_coef`.
                     if let (Some(kl), Some(reference)) = (&self.kl_in_reward, &reference) {
                         let per_token = kl.estimator.per_token(&old, reference).map_err(rl_error)?;
                         let seq_kl = Vec::<f64>::try_from(
