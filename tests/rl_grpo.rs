@@ -156,7 +156,8 @@ fn killing_the_trainer_resumes_it_and_the_actors_generate_with_the_restored_weig
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("grpo_arith");
     let guard = spawn_in_repo(&["launch", "configs/grpo_arith.toml"], &grpo_sets(dir.path(), 1_000_000, &[]));
-    assert!(wait_until(LIMIT, || last_rl_step(&run) >= 5), "no checkpoint reached");
+    let saved = |step: &str| run.join("checkpoints").join(step).join("trainer_state.json").exists();
+    assert!(wait_until(LIMIT, || saved("step-000003") && last_rl_step(&run) >= 5), "no checkpoint reached");
     let actors = (pid_of(&run, "rollout", 0), pid_of(&run, "rollout", 1));
     signal(pid_of(&run, "trainer", 0).expect("trainer:0"), libc::SIGKILL);
     let back = wait_until(LIMIT, || rl_metrics(&run).iter().filter(|m| m["attempt"] == 1).count() >= 3);
@@ -166,10 +167,11 @@ fn killing_the_trainer_resumes_it_and_the_actors_generate_with_the_restored_weig
     let resumed: Vec<_> = rl_metrics(&run).into_iter().filter(|m| m["attempt"] == 1).collect();
     // The first step after the restart is the checkpoint's, and its samples come from the
     // restored weights (staleness 0 under rl.max_staleness = 0), not from the lost attempt's.
-    let first = resumed[0]["step"].as_u64().unwrap();
-    assert!(first >= 4 && (first - 1) % 3 == 0, "resumed at step {first}, not after a checkpoint");
-    assert!(resumed.iter().all(|m| m["staleness_max"] == 0.0 && m["samples"] == 16.0), "{resumed:?}");
     let s = summary(&run);
+    let from = s["attempts"][1]["resumed_from_step"].as_u64().expect("resumed from a checkpoint");
+    assert!(from >= 3 && from % 3 == 0, "{s}");
+    assert_eq!(resumed[0]["step"].as_u64(), Some(from + 1), "the first step after the restart is the checkpoint's");
+    assert!(resumed.iter().all(|m| m["staleness_max"] == 0.0 && m["samples"] == 16.0), "{resumed:?}");
     assert_eq!(s["roles"]["rollout"]["restarts"], 0, "{s}");
 }
 
@@ -211,7 +213,8 @@ fn ppo_trains_a_critic_and_resumes_it_after_the_trainer_is_killed() {
     // kept across its four updates.
     let sets = grpo_sets(dir.path(), 1_000_000, &["rl.mini_batch=2", "rl.ppo_epochs=2"]);
     let guard = spawn_in_repo(&["launch", "configs/ppo_arith.toml"], &sets);
-    assert!(wait_until(LIMIT, || last_rl_step(&run) >= 5), "no PPO step");
+    let saved = run.join("checkpoints/step-000003/trainer_state.json");
+    assert!(wait_until(LIMIT, || saved.exists() && last_rl_step(&run) >= 5), "no PPO checkpoint");
     signal(pid_of(&run, "trainer", 0).expect("trainer:0"), libc::SIGKILL);
     let back = wait_until(LIMIT, || rl_metrics(&run).iter().filter(|m| m["attempt"] == 1).count() >= 2);
     assert!(back, "the PPO trainer did not resume (policy and critic from the checkpoint)");

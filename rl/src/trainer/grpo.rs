@@ -7,21 +7,19 @@
 //! mini-batch over all ranks, and each micro-batch adds its share, so the gradient does not depend
 //! on how the batch is split over ranks or micro-batches.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rtrain_core::config::rl::{EVAL_FILE, KlEstimatorChoice, KlPlacementChoice, LossAggChoice, RlAlgorithm};
 use rtrain_trainer::collective::ReduceOp;
 use rtrain_trainer::engine::Engine;
 use rtrain_trainer::hf::HfModel;
-use rtrain_trainer::runtime::JobClient;
 use rtrain_trainer::sft::export_model;
 use rtrain_trainer::{Fingerprint, LoopState, MicroLoss, StepOutput, TrainContext, TrainError, TrainLoop};
 use tch::{Device, Kind, Tensor};
 
 use super::critic::Critic;
-use super::eval::{EvalResult, evaluate};
-use super::setup::{RlSetup, policy_channel};
+use super::rank0::{Coordinator, StepStats, write_eval};
+use super::setup::RlSetup;
 use crate::advantages::{GroupAdvantages, GroupScale, broadcast_over_tokens, outcome_token_rewards};
 use crate::aggregation::{LossAggregation, LossNormaliser};
 use crate::batch::collate;
@@ -30,28 +28,12 @@ use crate::kl::{KlEstimator, KlPenalty, KlPlacement};
 use crate::logits::entropy_from_logits;
 use crate::masked::masked_sum;
 use crate::policy_loss::{PolicyBatch, PolicyLossConfig};
-use crate::reward::{RewardFn, build_reward};
-use crate::rollout::actor::CONTROLLER_ADDR;
-use crate::rollout::{RolloutController, RolloutPlan, StepRollouts};
+use crate::rollout::StepRollouts;
 use crate::sample::Sample;
 use crate::value_loss::ValueLossConfig;
-use crate::weight_sync::WeightPublisher;
 
 /// How long rank 0 waits for rollouts that make no progress.
 const ROLLOUT_PATIENCE: Duration = Duration::from_secs(300);
-
-/// What only rank 0 does: talk to the actors, publish weights, evaluate, report.
-struct Coordinator {
-    controller: RolloutController,
-    publisher: Option<WeightPublisher>,
-    channel: crate::weight_sync::ShmChannel,
-    job: JobClient,
-    reward: Box<dyn RewardFn>,
-    /// The version last published.
-    published: Option<u64>,
-    /// Seconds the last publication took.
-    sync_seconds: f64,
-}
 
 /// The GRPO training loop of every trainer rank.
 pub struct RlLoop {
@@ -231,7 +213,7 @@ impl RlLoop {
                     let (old, _) = self.response_log_probs(&self.model, &batch)?;
                     let (ref_lp, _) = self.response_log_probs(reference, &batch)?;
                     let penalty = kl.estimator.per_token(&old, &ref_lp).map_err(rl_error)? * kl.coef;
-                    rewards = rewards - penalty * &batch.loss_mask;
+                    rewards -= penalty * &batch.loss_mask;
                 }
                 let est = gae.estimate(&rewards, &values, &batch.loss_mask).map_err(rl_error)?;
                 Ok((est, values))
@@ -271,48 +253,6 @@ impl RlLoop {
 
 fn rl_error(e: crate::error::RlError) -> TrainError {
     TrainError::other(e.to_string())
-}
-
-impl Coordinator {
-    fn start(ctx: &TrainContext, setup: &RlSetup, first_step: u64) -> Result<Self, TrainError> {
-        let env = rtrain_trainer::runtime::WorkerEnv::from_env().map_err(|e| TrainError::other(e.to_string()))?;
-        let plan = RolloutPlan {
-            first_step,
-            steps: ctx.spec.steps,
-            prompts_per_step: setup.rl.prompts_per_step,
-            group_size: setup.rl.group_size,
-            max_staleness: setup.rl.max_staleness,
-            seed: ctx.spec.seed,
-            prompt_count: setup.train.len(),
-            trainer_attempt: ctx.attempt,
-        };
-        let controller = RolloutController::start(SocketAddr::from(([127, 0, 0, 1], 0)), &env.token, plan)
-            .map_err(|e| TrainError::other(format!("rollout controller: {e}")))?;
-        let job = JobClient::from_env().map_err(|e| TrainError::other(e.to_string()))?;
-        job.publish(CONTROLLER_ADDR, &controller.addr().to_string()).map_err(|e| TrainError::other(e.to_string()))?;
-        let channel = policy_channel(&env.run_id, &env.token).map_err(|e| TrainError::other(e.to_string()))?;
-        let reward = build_reward(&setup.rl.reward).map_err(|e| TrainError::setting("rl.reward", e.to_string()))?;
-        Ok(Self { controller, publisher: None, channel, job, reward, published: None, sync_seconds: 0.0 })
-    }
-
-    /// Publishes the engine's weights as policy version `version` (once per version).
-    fn publish(&mut self, engine: &Engine, version: u64) -> Result<(), TrainError> {
-        if self.published == Some(version) {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let weights = engine.weights()?;
-        let sync = |e: crate::weight_sync::WeightSyncError| TrainError::other(format!("weight sync: {e}"));
-        let publisher = match &mut self.publisher {
-            Some(p) => p,
-            None => self.publisher.insert(WeightPublisher::create(&self.channel, &weights.tensors).map_err(sync)?),
-        };
-        publisher.publish(version, &weights.tensors).map_err(sync)?;
-        self.published = Some(version);
-        self.sync_seconds = started.elapsed().as_secs_f64();
-        self.controller.published(publisher.generation(), version);
-        Ok(())
-    }
 }
 
 /// Sums of the step's diagnostics over ranks, each a share of the global value.
@@ -490,8 +430,14 @@ impl TrainLoop for RlLoop {
             if let Some(rollouts) = rollouts {
                 let train_seconds = step_started.elapsed().as_secs_f64();
                 let tokens_per_s = tokens as f64 / train_seconds.max(1e-9);
-                let value_loss = self.critic.is_some().then(|| r[5] / mini_batches);
-                r0.report(step, &rollouts, &r, mini_batches, tokens_per_s, self.reference.is_some(), value_loss);
+                let stats = StepStats {
+                    reduced: &r,
+                    mini_batches,
+                    trainer_tokens_per_s: tokens_per_s,
+                    with_reference: self.reference.is_some(),
+                    value_loss: self.critic.is_some().then(|| r[5] / mini_batches),
+                };
+                r0.report(step, &rollouts, &stats);
             }
         }
         Ok(StepOutput { loss: loss_sum / updates, lr, tokens, grad_norm })
@@ -530,91 +476,4 @@ fn normaliser(samples: &[&Sample]) -> Result<LossNormaliser, TrainError> {
     let tokens: usize = samples.iter().map(|s| s.loss_mask.iter().filter(|m| **m).count()).sum();
     let sequences = samples.iter().filter(|s| s.loss_mask.iter().any(|m| *m)).count();
     LossNormaliser::new(tokens as f64, sequences as f64).map_err(rl_error)
-}
-
-impl Coordinator {
-    fn evaluate(&mut self, model: &HfModel, setup: &RlSetup) -> Result<EvalResult, TrainError> {
-        let started = Instant::now();
-        let result = tch::no_grad(|| {
-            evaluate(model, &setup.tokenizer, &setup.eval, self.reward.as_mut(), setup.rl.max_new_tokens)
-        })
-        .map_err(|e| TrainError::other(format!("held-out evaluation: {e}")))?;
-        tracing::info!(accuracy = ?result.accuracy, reward = result.reward, prompts = result.prompts, seconds = started.elapsed().as_secs_f64(), "held-out evaluation");
-        Ok(result)
-    }
-
-    /// Reports the step's RL metrics (metrics.jsonl, with the trainer's rank 0).
-    fn report(
-        &self,
-        step: u64,
-        rollouts: &StepRollouts,
-        reduced: &[f64],
-        mini_batches: f64,
-        trainer_tokens_per_s: f64,
-        with_reference: bool,
-        value_loss: Option<f64>,
-    ) {
-        let samples: Vec<&Sample> = rollouts.groups.iter().flat_map(|g| &g.samples).collect();
-        let n = samples.len().max(1) as f64;
-        let rewards: Vec<f64> = samples.iter().map(|s| s.reward.total).collect();
-        let mean = rewards.iter().sum::<f64>() / n;
-        let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
-        let correct: Vec<f64> = samples.iter().filter_map(|s| s.reward.components.get("correct").copied()).collect();
-        let generated: usize = samples.iter().map(|s| s.response_token_ids.len()).sum();
-        let stale: Vec<f64> = samples.iter().map(|s| step.saturating_sub(s.policy_version) as f64).collect();
-        let staleness = stale.iter().sum::<f64>() / n;
-        let actor_sync = rollouts.groups.iter().map(|g| g.sync_seconds).fold(0.0, f64::max);
-        let mut metrics = vec![
-            ("reward_mean", mean),
-            ("reward_std", std),
-            ("response_length", generated as f64 / n),
-            ("clip_fraction", reduced[0] / mini_batches),
-            ("policy_kl", reduced[1] / mini_batches),
-            // The actors' and the trainer's log-probs of the same tokens under the same version:
-            // ~0 unless the actors generate with other weights than the trainer's.
-            ("behaviour_gap", reduced[6] / reduced[4].max(1.0)),
-            ("entropy", reduced[2] / reduced[4].max(1.0)),
-            ("samples", samples.len() as f64),
-            ("staleness", staleness),
-            ("staleness_max", stale.iter().copied().fold(0.0, f64::max)),
-            ("rollout_tokens_per_s", generated as f64 / rollouts.wall_seconds.max(1e-9)),
-            ("trainer_tokens_per_s", trainer_tokens_per_s),
-            ("weight_publish_s", self.sync_seconds),
-            ("actor_sync_s", actor_sync),
-        ];
-        if !correct.is_empty() {
-            metrics.push(("accuracy", correct.iter().sum::<f64>() / correct.len() as f64));
-        }
-        if with_reference {
-            metrics.push(("ref_kl", reduced[3] / reduced[4].max(1.0)));
-        }
-        if let Some(value_loss) = value_loss {
-            metrics.push(("value_loss", value_loss));
-        }
-        // Best effort: a lost metric is not worth failing a step for.
-        if let Err(e) = self.job.report_metrics(step + 1, &metrics) {
-            tracing::warn!(error = %e, "RL metrics not reported");
-        }
-    }
-}
-
-/// Records held-out scores in `<run>/rl_eval.json`, keeping what is there.
-fn write_eval(
-    run_dir: &std::path::Path,
-    before: Option<EvalResult>,
-    after: Option<EvalResult>,
-) -> Result<(), TrainError> {
-    let path = run_dir.join(EVAL_FILE);
-    let mut doc: serde_json::Map<String, serde_json::Value> =
-        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    for (key, value) in [("eval_before", before), ("eval_after", after)] {
-        if let Some(v) = value {
-            doc.insert(key.into(), serde_json::to_value(v).map_err(|e| TrainError::other(e.to_string()))?);
-        }
-    }
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec_pretty(&doc).map_err(|e| TrainError::other(e.to_string()))?;
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|source| TrainError::Io { path, source })
 }

@@ -4,6 +4,7 @@
 mod critic;
 mod eval;
 mod grpo;
+mod rank0;
 mod setup;
 
 pub use eval::{EvalResult, evaluate};
