@@ -22,6 +22,8 @@ fn plan(max_staleness: u64) -> RolloutPlan {
         seed: 1,
         prompt_count: 10,
         trainer_attempt: 0,
+        vocab_size: 10,
+        max_response: 3,
     }
 }
 
@@ -66,8 +68,11 @@ fn samples(item: &WorkItem, version: u64) -> Vec<Sample> {
 }
 
 fn done(conn: &mut Conn, item: &WorkItem, version: u64) -> ToActor {
-    let result =
-        GroupResult { id: item.id, samples: samples(item, version), gen_seconds: 0.0, sync_seconds: 0.0, actor: 0 };
+    hand_in(conn, item, samples(item, version))
+}
+
+fn hand_in(conn: &mut Conn, item: &WorkItem, samples: Vec<Sample>) -> ToActor {
+    let result = GroupResult { id: item.id, samples, gen_seconds: 0.0, sync_seconds: 0.0, actor: 0 };
     conn.send(&FromActor::Done(result)).unwrap();
     conn.recv().unwrap()
 }
@@ -163,4 +168,25 @@ fn a_step_without_progress_fails_with_a_message_naming_the_actors() {
     controller.published(1, 0);
     let err = controller.take_step(0, Duration::from_millis(300)).unwrap_err().to_string();
     assert!(err.contains("0 of 4 prompt groups") && err.contains("rollout-*.log"), "{err}");
+}
+
+#[test]
+fn samples_the_model_cannot_take_are_refused() {
+    let controller = start(0);
+    controller.published(1, 0);
+    let mut conn = welcomed(&controller);
+    let item = items(want(&mut conn, 1)).remove(0);
+    let mut past_vocab = samples(&item, 0);
+    past_vocab[1].response_token_ids = vec![10];
+    match hand_in(&mut conn, &item, past_vocab) {
+        ToActor::Rejected { reason } => assert!(reason.contains("token id 10"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let mut too_long = samples(&item, 0);
+    too_long[0].response_token_ids = vec![1, 2, 3, 4];
+    too_long[0].loss_mask = vec![true; 4];
+    too_long[0].behaviour_log_probs = vec![-0.1; 4];
+    assert!(matches!(hand_in(&mut conn, &item, too_long), ToActor::Rejected { .. }));
+    // The lease survives refusals: the right samples are still taken.
+    assert_eq!(done(&mut conn, &item, 0), ToActor::Accepted);
 }

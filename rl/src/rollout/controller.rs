@@ -37,6 +37,10 @@ pub struct RolloutPlan {
     pub prompt_count: usize,
     /// The trainer gang's attempt, told to actors so they can tell restarts apart.
     pub trainer_attempt: u32,
+    /// Token ids at or past this are refused (they would index past the model's embeddings).
+    pub vocab_size: usize,
+    /// The longest response a sample may have (`rl.max_new_tokens`).
+    pub max_response: usize,
 }
 
 /// The samples of one step, in slot order, and what making them cost.
@@ -101,6 +105,18 @@ impl State {
         }
         for sample in &result.samples {
             sample.validate().map_err(|e| e.to_string())?;
+            if sample.prompt_token_ids.is_empty() || sample.response_token_ids.len() > self.plan.max_response {
+                return Err(format!(
+                    "a sample with {} prompt and {} response tokens (at least 1, and at most {})",
+                    sample.prompt_token_ids.len(),
+                    sample.response_token_ids.len(),
+                    self.plan.max_response
+                ));
+            }
+            let ids = sample.prompt_token_ids.iter().chain(&sample.response_token_ids);
+            if let Some(id) = ids.copied().find(|&id| id as usize >= self.plan.vocab_size) {
+                return Err(format!("token id {id} is past the model's vocabulary of {}", self.plan.vocab_size));
+            }
             if sample.policy_version < self.min_version(item.step) {
                 return Err(format!(
                     "samples of policy version {} are too old for step {} (rl.max_staleness = {})",

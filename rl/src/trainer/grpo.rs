@@ -273,7 +273,7 @@ impl TrainLoop for RlLoop {
         // Rank 0 starts serving the actors at the first step, when the weights (restored or
         // not) and the step training starts from are known.
         if ctx.is_rank_zero() && self.rank0.is_none() {
-            self.rank0 = Some(Coordinator::start(ctx, &self.setup, step)?);
+            self.rank0 = Some(Coordinator::start(ctx, &self.setup, &self.model, step)?);
         }
         if step == 0
             && let Some(r0) = &mut self.rank0

@@ -44,7 +44,12 @@ pub(super) struct Coordinator {
 }
 
 impl Coordinator {
-    pub(super) fn start(ctx: &TrainContext, setup: &RlSetup, first_step: u64) -> Result<Self, TrainError> {
+    pub(super) fn start(
+        ctx: &TrainContext,
+        setup: &RlSetup,
+        model: &HfModel,
+        first_step: u64,
+    ) -> Result<Self, TrainError> {
         let env = rtrain_trainer::runtime::WorkerEnv::from_env().map_err(|e| TrainError::other(e.to_string()))?;
         let plan = RolloutPlan {
             first_step,
@@ -55,6 +60,8 @@ impl Coordinator {
             seed: ctx.spec.seed,
             prompt_count: setup.train.len(),
             trainer_attempt: ctx.attempt,
+            vocab_size: usize::try_from(model.config.vocab_size()).unwrap_or(usize::MAX),
+            max_response: setup.rl.max_new_tokens,
         };
         let controller = RolloutController::start(SocketAddr::from(([127, 0, 0, 1], 0)), &env.token, plan)
             .map_err(|e| TrainError::other(format!("rollout controller: {e}")))?;
