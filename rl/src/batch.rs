@@ -6,6 +6,8 @@
 //! predicted by the logits at column `P - 1 + t`: one `narrow` gives all response log-probs,
 //! with no per-row offsets. All response-side tensors are `[B, R]`.
 
+use std::borrow::Borrow;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, RlError};
@@ -40,11 +42,18 @@ pub struct RolloutBatch {
 
 /// Pads and stacks `samples` (validated first) into a [`RolloutBatch`] of float dtype `kind` on
 /// `device`.
-pub fn collate(samples: &[Sample], pad_token_id: i64, kind: Kind, device: Device) -> Result<RolloutBatch> {
+/// `samples` may be owned or borrowed (`&[Sample]` or `&[&Sample]`).
+pub fn collate<S: Borrow<Sample>>(
+    samples: &[S],
+    pad_token_id: i64,
+    kind: Kind,
+    device: Device,
+) -> Result<RolloutBatch> {
+    let samples: Vec<&Sample> = samples.iter().map(Borrow::borrow).collect();
     if samples.is_empty() {
         return Err(RlError::Empty { what: "list of samples to collate" });
     }
-    for sample in samples {
+    for sample in &samples {
         sample.validate()?;
     }
     let p = samples.iter().map(|s| s.prompt_token_ids.len()).max().unwrap_or(0);

@@ -41,7 +41,7 @@ fn malformed_samples_are_refused() {
     assert!(s.validate().is_err());
     assert!(matches!(collate(&[s], 0, Kind::Float, Device::Cpu), Err(RlError::Config { .. })));
     assert!(Sample::from_json("{\"prompt_id\": 1}").is_err());
-    assert!(matches!(collate(&[], 0, Kind::Float, Device::Cpu), Err(RlError::Empty { .. })));
+    assert!(matches!(collate::<Sample>(&[], 0, Kind::Float, Device::Cpu), Err(RlError::Empty { .. })));
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f64>> {

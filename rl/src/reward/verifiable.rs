@@ -23,20 +23,14 @@ impl ExactMatch {
 
 impl RewardFn for ExactMatch {
     fn score(&mut self, inputs: &[RewardInput<'_>]) -> Result<Vec<Scored>, RewardError> {
-        inputs
-            .iter()
-            .enumerate()
-            .map(|(index, input)| {
-                let bad = |problem: String| RewardError::Record { index, field: self.field.clone(), problem };
-                let answer = match input.record.get(&self.field) {
-                    None => return Err(bad("is missing".into())),
-                    Some(Value::String(s)) => s.trim().to_string(),
-                    Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
-                    Some(other) => return Err(bad(format!("is {other}, not an answer (use a string or a number)"))),
-                };
-                Ok(verdict(input.response.trim() == answer))
-            })
-            .collect()
+        judge_each(&self.field, inputs, |response, value| {
+            let answer = match value {
+                Value::String(s) => s.trim().to_string(),
+                v @ (Value::Number(_) | Value::Bool(_)) => v.to_string(),
+                other => return Err(format!("is {other}, not an answer (use a string or a number)")),
+            };
+            Ok(response.trim() == answer)
+        })
     }
 }
 
@@ -56,26 +50,19 @@ impl NumericAnswer {
 
 impl RewardFn for NumericAnswer {
     fn score(&mut self, inputs: &[RewardInput<'_>]) -> Result<Vec<Scored>, RewardError> {
-        inputs
-            .iter()
-            .enumerate()
-            .map(|(index, input)| {
-                let bad = |problem: String| RewardError::Record { index, field: self.field.clone(), problem };
-                let answer = match input.record.get(&self.field) {
-                    None => return Err(bad("is missing".into())),
-                    Some(Value::Number(n)) => n.as_f64(),
-                    Some(Value::String(s)) => parse_number(s),
-                    Some(_) => None,
-                };
-                let Some(answer) = answer.filter(|a| a.is_finite()) else {
-                    let value = input.record.get(&self.field).map(Value::to_string).unwrap_or_default();
-                    return Err(bad(format!("is {value}, not a finite number")));
-                };
-                let got = last_number(input.response);
-                // A non-finite guess (an overflowing exponent) is never within tolerance.
-                Ok(verdict(got.is_some_and(|g| (g - answer).abs() <= self.tolerance)))
-            })
-            .collect()
+        let tolerance = self.tolerance;
+        judge_each(&self.field, inputs, |response, value| {
+            let answer = match value {
+                Value::Number(n) => n.as_f64(),
+                Value::String(s) => parse_number(s),
+                _ => None,
+            };
+            let Some(answer) = answer.filter(|a| a.is_finite()) else {
+                return Err(format!("is {value}, not a finite number"));
+            };
+            // A non-finite guess (an overflowing exponent) is never within tolerance.
+            Ok(last_number(response).is_some_and(|g| (g - answer).abs() <= tolerance))
+        })
     }
 }
 
@@ -101,6 +88,24 @@ impl RewardFn for RegexFormat {
             .map(|i| Scored { reward: if self.pattern.is_match(i.response) { 1.0 } else { 0.0 }, correct: None })
             .collect())
     }
+}
+
+/// Scores each input by `judge(response, the record's field)`: right or wrong, or a problem with
+/// the field, which becomes an error naming the input and the field (as does a missing field).
+fn judge_each(
+    field: &str,
+    inputs: &[RewardInput<'_>],
+    judge: impl Fn(&str, &Value) -> Result<bool, String>,
+) -> Result<Vec<Scored>, RewardError> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(index, input)| {
+            let bad = |problem: String| RewardError::Record { index, field: field.to_string(), problem };
+            let value = input.record.get(field).ok_or_else(|| bad("is missing".into()))?;
+            judge(input.response, value).map(verdict).map_err(bad)
+        })
+        .collect()
 }
 
 fn verdict(correct: bool) -> Scored {

@@ -204,8 +204,7 @@ impl RlLoop {
         };
         let mut targets = Vec::with_capacity(all.len());
         for chunk in all.chunks(micro) {
-            let owned: Vec<Sample> = chunk.iter().map(|s| (*s).clone()).collect();
-            let batch = collate(&owned, self.pad, Kind::Float, device).map_err(rl_error)?;
+            let batch = collate(chunk, self.pad, Kind::Float, device).map_err(rl_error)?;
             let est = tch::no_grad(|| -> Result<_, TrainError> {
                 let values = critic.values(&batch)?;
                 let mut rewards = outcome_token_rewards(&batch.scores, &batch.loss_mask).map_err(rl_error)?;
@@ -313,8 +312,8 @@ impl TrainLoop for RlLoop {
                 let norm = normaliser(&mini)?;
                 let samples: Vec<(usize, &Sample)> = (mine.start * g..mine.end * g).map(|i| (i, all[i])).collect();
                 for (c, chunk) in samples.chunks(micro).enumerate() {
-                    let owned: Vec<Sample> = chunk.iter().map(|(_, s)| (*s).clone()).collect();
-                    let batch = collate(&owned, self.pad, Kind::Float, ctx.device).map_err(rl_error)?;
+                    let rows: Vec<&Sample> = chunk.iter().map(|(_, s)| *s).collect();
+                    let batch = collate(&rows, self.pad, Kind::Float, ctx.device).map_err(rl_error)?;
                     let (log_probs, logits) = self.response_log_probs(&self.model, &batch)?;
                     let key = (m, c);
                     let old = if single_update {
