@@ -31,8 +31,10 @@ fn main() -> Result<(), RewardError> {
     let mut reward = LengthPenalty { inner: NumericAnswer::new("answer", 1e-6), budget: 12, penalty: 0.02 };
     let record = &Map::from_iter([("answer".to_string(), json!(42))]);
     let responses = ["42", "The answer is 42.", "Let me think step by step: 6 * 7 = 42", "41"];
-    let inputs: Vec<RewardInput<'_>> =
-        responses.iter().map(|response| RewardInput { prompt: "What is 6 * 7?", response, record }).collect();
+    let inputs: Vec<RewardInput<'_>> = responses
+        .iter()
+        .map(|response| RewardInput { prompt: "What is 6 * 7?", response, record, ended: true })
+        .collect();
     for (response, scored) in responses.iter().zip(reward.score(&inputs)?) {
         println!("{:>6.2}  correct={:<5}  {response:?}", scored.reward, scored.correct.unwrap_or(false));
     }

@@ -94,7 +94,7 @@ fn grpo_trains_on_actor_rollouts_and_records_the_held_out_scores() {
     let out = rtrain_in_repo(&["launch", "configs/grpo_arith.toml"], &grpo_sets(dir.path(), 6, &[]));
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("held-out evaluation (20 prompts, greedy)"), "{err}");
+    assert!(err.contains("held-out evaluation, greedy (20 prompts)"), "{err}");
     let run = dir.path().join("grpo_arith");
     let s = summary(&run);
     assert_eq!(s["status"], "finished");

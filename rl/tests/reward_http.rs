@@ -110,8 +110,8 @@ fn records() -> Vec<Map<String, Value>> {
 fn score(url: &str, timeout: Duration, retries: u32) -> Result<Vec<Scored>, RewardError> {
     let records = records();
     let inputs = [
-        RewardInput { prompt: "2+2=", response: "4", record: &records[0] },
-        RewardInput { prompt: "3*3=", response: "nine ✓", record: &records[1] },
+        RewardInput { prompt: "2+2=", response: "4", record: &records[0], ended: true },
+        RewardInput { prompt: "3*3=", response: "nine ✓", record: &records[1], ended: true },
     ];
     HttpReward::new(url, timeout, retries).score(&inputs)
 }
@@ -145,7 +145,7 @@ fn scores_come_back_in_order_from_the_documented_request() {
         assert!(reward.score(&[]).unwrap().is_empty());
         let records = records();
         let inputs: Vec<RewardInput<'_>> =
-            records.iter().map(|r| RewardInput { prompt: "p", response: "r", record: r }).collect();
+            records.iter().map(|r| RewardInput { prompt: "p", response: "r", record: r, ended: true }).collect();
         let got = reward.score(&inputs).unwrap();
         assert_eq!(got, [Scored { reward: 0.25, correct: None }, Scored { reward: 2.0, correct: None }]);
         assert_eq!(server.bodies.lock().unwrap().len(), 1);

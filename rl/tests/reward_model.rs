@@ -31,6 +31,7 @@ fn scores_match_transformers_in_batches() {
                 prompt: c["prompt"].as_str().unwrap(),
                 response: c["response"].as_str().unwrap(),
                 record: &record,
+                ended: false,
             })
             .collect();
         for (input, case) in inputs.iter().zip(cases) {
@@ -61,4 +62,21 @@ fn folders_that_are_not_one_label_classifiers_are_refused_by_path() {
     let missing = fixture("no_such_model");
     let e = ModelReward::load(&missing, 4, Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("no_such_model"), "{e}");
+}
+
+#[test]
+fn an_ended_response_is_scored_with_its_eos() {
+    let dir = fixture("llama_rm");
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let model = rtrain_trainer::hf::RewardModel::load(&dir, Device::Cpu).unwrap();
+    let record = Map::new();
+    let input = |ended| RewardInput { prompt: "12+30=", response: "42", record: &record, ended };
+    let mut reward = build_reward(&RewardSpec::Model { path: dir.clone(), batch: 2 }).unwrap();
+    let scores = reward.score(&[input(true), input(false)]).unwrap();
+    let mut ids = tokenizer.encode("12+30=42", true).unwrap();
+    let open = model.score(std::slice::from_ref(&ids)).unwrap()[0];
+    ids.push(tokenizer.eos.as_ref().unwrap().id);
+    let closed = model.score(&[ids]).unwrap()[0];
+    assert!((scores[0].reward - closed).abs() < 1e-6 && (scores[1].reward - open).abs() < 1e-6);
+    assert!((open - closed).abs() > 1e-4, "the EOS changes the score, so the check above means something");
 }

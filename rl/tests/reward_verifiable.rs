@@ -14,7 +14,7 @@ fn record(v: Value) -> Map<String, Value> {
 /// Scores `responses` against one record each.
 fn score(reward: &mut dyn RewardFn, cases: &[(&str, &Map<String, Value>)]) -> Result<Vec<Scored>, RewardError> {
     let inputs: Vec<RewardInput<'_>> =
-        cases.iter().map(|(response, record)| RewardInput { prompt: "Q", response, record }).collect();
+        cases.iter().map(|(response, record)| RewardInput { prompt: "Q", response, record, ended: true }).collect();
     reward.score(&inputs)
 }
 

@@ -18,7 +18,8 @@ pub enum BuiltIn {
 /// `rtrain-rl`, which depends on this crate); the `rtrain-worker` binary hands them in.
 #[derive(Clone, Copy)]
 pub struct Extensions {
-    /// Builds the loop of the trainer kinds this crate does not know (`TrainerKind::Rl`).
+    /// Builds the loop of the trainer kinds this crate does not know (`TrainerKind::Rl`,
+    /// `TrainerKind::Preference`).
     pub trainer: fn(&mut TrainContext) -> Result<Box<dyn TrainLoop>, TrainError>,
     /// Runs the built-in role program of this name (`rtrain-worker role NAME`); `None` if unknown.
     pub role: fn(&str) -> Option<std::process::ExitCode>,
@@ -28,7 +29,11 @@ impl Extensions {
     /// No extensions: RL trainers and role programs are refused with a message.
     pub fn none() -> Self {
         Self {
-            trainer: |_| Err(TrainError::other("this rtrain-worker was built without the RL trainers")),
+            trainer: |_| {
+                Err(TrainError::other(
+                    "this rtrain-worker was built without the post-training (RL, DPO, reward model) trainers",
+                ))
+            },
             role: |_| None,
         }
     }
@@ -51,7 +56,7 @@ impl BuiltIn {
                 let trainer = SftTrainer::new(ctx, &model, max_len, random_init)?;
                 BuiltIn::Sft(Box::new(StepLoop::new(ctx, trainer)?))
             }
-            TrainerKind::Rl { .. } => BuiltIn::Extension((extensions.trainer)(ctx)?),
+            TrainerKind::Rl { .. } | TrainerKind::Preference(_) => BuiltIn::Extension((extensions.trainer)(ctx)?),
         })
     }
 

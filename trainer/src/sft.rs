@@ -15,7 +15,7 @@ use tch::nn::VarStore;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::data::DataError;
-use crate::data::splitmix::SplitMix64;
+use crate::data::Epochs;
 use crate::engine::{MicroLoss, TrainStep};
 use crate::hf::{ChatMessage, HfModel, Tokenizer};
 use crate::train_loop::{Fingerprint, TrainContext, TrainError};
@@ -132,8 +132,8 @@ pub struct SftTrainer {
     tokenizer_dir: PathBuf,
     examples: Vec<SftExample>,
     pad: i64,
-    /// The example order of the current epoch.
-    order: (u64, Vec<u64>),
+    /// The example order, epoch by epoch.
+    order: Epochs,
     /// The global batch of the step being trained (every rank needs all of it to count the
     /// step's trained tokens).
     batch: (u64, Vec<SftExample>),
@@ -162,32 +162,26 @@ impl SftTrainer {
         tracing::info!(examples = examples.len(), source = %source.display(), "fine-tuning data");
         let pad = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |s| i64::from(s.id));
         Ok(Self {
+            order: Epochs::new(examples.len(), ctx.spec.seed),
             model,
             tokenizer_dir: model_dir.to_path_buf(),
             examples,
             pad,
-            order: (u64::MAX, Vec::new()),
             batch: (u64::MAX, Vec::new()),
         })
     }
 
     /// Example of global sample `sample` of step `step`: the examples in a seeded order,
     /// reshuffled every epoch, so a step's batch depends on (seed, step) alone.
-    fn example(&mut self, seed: u64, step: u64, global: usize, sample: usize) -> SftExample {
-        let n = self.examples.len() as u64;
-        let position = step * global as u64 + sample as u64;
-        let (epoch, within) = (position / n, position % n);
-        if self.order.0 != epoch {
-            self.order = (epoch, permutation(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15), n));
-        }
-        self.examples[self.order.1[within as usize] as usize].clone()
+    fn example(&mut self, step: u64, global: usize, sample: usize) -> SftExample {
+        self.examples[self.order.example(step * global as u64 + sample as u64)].clone()
     }
 
     /// The global batch of step `step`.
     fn step_batch(&mut self, ctx: &TrainContext, step: u64) -> &[SftExample] {
         if self.batch.0 != step {
-            let (seed, global) = (ctx.spec.seed, ctx.spec.global_batch);
-            let all = (0..global).map(|s| self.example(seed, step, global, s)).collect();
+            let global = ctx.spec.global_batch;
+            let all = (0..global).map(|s| self.example(step, global, s)).collect();
             self.batch = (step, all);
         }
         &self.batch.1
@@ -209,16 +203,6 @@ impl SftTrainer {
         let shape = [examples.len() as i64, t as i64 - 1];
         (Tensor::from_slice(&inputs).view(shape), Tensor::from_slice(&targets).view(shape))
     }
-}
-
-/// A seeded permutation of `0..n` (Fisher–Yates).
-fn permutation(seed: u64, n: u64) -> Vec<u64> {
-    let mut order: Vec<u64> = (0..n).collect();
-    let mut rng = SplitMix64::new(seed);
-    for k in (1..n as usize).rev() {
-        order.swap(k, (rng.next_u64() % (k as u64 + 1)) as usize);
-    }
-    order
 }
 
 impl TrainStep for SftTrainer {
@@ -268,6 +252,13 @@ impl TrainStep for SftTrainer {
 /// Writes `model` with the tokenizer files of `tokenizer_dir` as a Hugging Face folder `out`.
 pub fn export_model(model: &HfModel, tokenizer_dir: &Path, out: &Path) -> Result<(), TrainError> {
     model.save(out, Kind::Float, 2 << 30).map_err(|source| TrainError::Model { context: "export", source })?;
+    copy_tokenizer_files(tokenizer_dir, out)?;
+    tracing::info!(model = %out.display(), "model exported");
+    Ok(())
+}
+
+/// Copies the tokenizer and generation files of model folder `from` into `out`.
+pub fn copy_tokenizer_files(from: &Path, out: &Path) -> Result<(), TrainError> {
     for file in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -275,27 +266,10 @@ pub fn export_model(model: &HfModel, tokenizer_dir: &Path, out: &Path) -> Result
         "generation_config.json",
         "chat_template.jinja",
     ] {
-        let src = tokenizer_dir.join(file);
+        let src = from.join(file);
         if src.exists() {
             std::fs::copy(&src, out.join(file)).map_err(|source| TrainError::Io { path: src.clone(), source })?;
         }
     }
-    tracing::info!(model = %out.display(), "model exported");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::permutation;
-
-    #[test]
-    fn permutations_cover_every_index_once() {
-        for seed in [0, 1, 99] {
-            let mut seen = permutation(seed, 17);
-            seen.sort_unstable();
-            assert_eq!(seen, (0..17).collect::<Vec<_>>());
-        }
-        assert_ne!(permutation(1, 17), (0..17).collect::<Vec<_>>());
-        assert_eq!(permutation(1, 17), permutation(1, 17));
-    }
 }

@@ -10,6 +10,8 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench::{self, BenchCommand};
+use crate::config::preference::Objective;
+use crate::config::rl::EvalSet;
 use crate::config::{self, LoadedConfig, TrainerKind};
 use crate::launch::{LaunchOptions, Outcome, WorkerProgram, launch};
 use ckpt::CkptCommand;
@@ -80,8 +82,12 @@ pub struct GenerateArgs {
     /// A model folder: config.json, *.safetensors, tokenizer.json.
     #[arg(long)]
     pub model: PathBuf,
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// A JSONL file of prompts (`{"prompt": ...}` per line, other fields ignored), generated in
+    /// batches; prints one line per sequence, with the line number of its prompt (`--json`).
     #[arg(long)]
-    pub prompt: String,
+    pub prompts: Option<PathBuf>,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
@@ -261,6 +267,23 @@ fn print_training(s: &config::JobSpec) {
             let from = if *random_init { " from random weights" } else { "" };
             println!("  worker: fine-tuning {}{from} (examples cut to {max_len} tokens)", model.display())
         }
+        (None, TrainerKind::Preference(p)) => {
+            let what = match p.objective {
+                Objective::RewardModel => "reward-model training (Bradley–Terry)".to_string(),
+                Objective::Dpo { beta, loss, label_smoothing } => {
+                    format!("DPO ({} loss, beta {beta}, label_smoothing {label_smoothing})", loss.as_str())
+                }
+            };
+            let eval = match &p.eval {
+                EvalSet::File(path) => format!("held-out pairs from {}", path.display()),
+                EvalSet::Fraction(f) => format!("{:.0}% of the pairs held out", f * 100.0),
+            };
+            println!(
+                "  worker: {what} of {} on preference pairs cut to {} tokens; {eval}",
+                p.model.display(),
+                p.max_len
+            )
+        }
         (None, TrainerKind::Rl { model, max_len, rl }) => {
             println!(
                 "  worker: {:?} post-training of {} ({} prompts × {} samples per step, up to {} new tokens, sequences cut to {max_len}; max_staleness {}, kl_coef {})",
@@ -305,19 +328,21 @@ fn print_role(s: &config::JobSpec, r: &config::RoleSpec) {
     );
 }
 
-/// The before/after table of an RL run's held-out evaluation.
-fn print_rl_eval(rl: &serde_json::Value) {
-    let cell = |which: &str, key: &str| match rl.get(which).and_then(|e| e.get(key)).and_then(|v| v.as_f64()) {
+/// A before/after table of held-out scores (`eval_before` and `eval_after` of `doc`), one row
+/// per `(label, key)`; the header names the set and its size (`count_key`).
+fn print_eval_table(doc: &serde_json::Value, what: &str, count_key: &str, rows: &[(&str, &str)]) {
+    let cell = |which: &str, key: &str| match doc.get(which).and_then(|e| e.get(key)).and_then(|v| v.as_f64()) {
         Some(v) if key == "accuracy" => format!("{:>7.1}%", v * 100.0),
         Some(v) => format!("{v:>8.3}"),
         None => format!("{:>8}", "-"),
     };
-    let prompts =
-        rl.get("eval_before").or(rl.get("eval_after")).and_then(|e| e.get("prompts")).and_then(|v| v.as_u64());
-    eprintln!("  held-out evaluation ({} prompts, greedy):", prompts.unwrap_or(0));
+    let count =
+        doc.get("eval_before").or(doc.get("eval_after")).and_then(|e| e.get(count_key)).and_then(|v| v.as_u64());
+    eprintln!("  {what} ({} {count_key}):", count.unwrap_or(0));
     eprintln!("              before    after");
-    eprintln!("    accuracy {} {}", cell("eval_before", "accuracy"), cell("eval_after", "accuracy"));
-    eprintln!("    reward   {} {}", cell("eval_before", "reward"), cell("eval_after", "reward"));
+    for (label, key) in rows {
+        eprintln!("    {label:<8} {} {}", cell("eval_before", key), cell("eval_after", key));
+    }
 }
 
 /// `rtrain launch`: `program` says what each worker runs.
@@ -364,7 +389,12 @@ pub fn launch_command(
             eprintln!("{} finished: {} steps{loss}{speed} in {:.1} s", s.name, s.final_step, s.wall_time_s);
             eprintln!("  run directory: {} (metrics.jsonl, summary.json, logs/)", report.run_path.display());
             if let Some(rl) = &s.rl {
-                print_rl_eval(rl);
+                let rows = [("accuracy", "accuracy"), ("reward", "reward")];
+                print_eval_table(rl, "held-out evaluation, greedy", "prompts", &rows);
+            }
+            if let Some(preference) = &s.preference {
+                let rows = [("accuracy", "accuracy"), ("margin", "margin"), ("loss", "loss")];
+                print_eval_table(preference, "held-out preference pairs", "pairs", &rows);
             }
             ExitCode::SUCCESS
         }

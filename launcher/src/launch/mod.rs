@@ -323,9 +323,8 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         attempts,
         failure,
         roles,
-        rl: std::fs::read(run.path.join(crate::config::rl::EVAL_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok()),
+        rl: read_json(&run.path.join(crate::config::rl::EVAL_FILE)),
+        preference: read_json(&run.path.join(crate::config::preference::EVAL_FILE)),
     };
     // The outcome stands even when it cannot be recorded (a full disk): it is reported, and so
     // is what was not written.
@@ -663,4 +662,9 @@ fn describe(kind: ExitKind) -> String {
         ExitKind::Code(_) => format!("exited with {kind}"),
         ExitKind::Signal(_) => format!("was killed by {kind}"),
     }
+}
+
+/// A JSON file the trainer left in the run directory, if it is there and whole.
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok())
 }

@@ -76,4 +76,8 @@ pub struct RunSummary {
     /// the trainer recorded them in the run directory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rl: Option<serde_json::Value>,
+    /// Reward-model and DPO runs: held-out pair scores before and after training (`eval_before`,
+    /// `eval_after`: accuracy, margin, loss, rewards), as the trainer recorded them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<serde_json::Value>,
 }

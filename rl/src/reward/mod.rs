@@ -24,6 +24,9 @@ pub struct RewardInput<'a> {
     pub prompt: &'a str,
     pub response: &'a str,
     pub record: &'a Map<String, Value>,
+    /// The response ended (an EOS, a stop token or string) rather than running out of tokens: a
+    /// learned reward model reads it with the EOS it was trained on.
+    pub ended: bool,
 }
 
 /// A sample's score.

@@ -9,7 +9,9 @@ use super::{RewardError, RewardFn, RewardInput, Scored};
 
 /// Scores each sample with a reward model, `batch` samples per forward pass. The model reads
 /// `prompt + response` as one text, tokenized as transformers' `tokenizer(text)` does (special
-/// tokens included); a prompt that needs the model's chat template must already carry it.
+/// tokens included), followed by the tokenizer's EOS when the response ended (as TRL and
+/// OpenRLHF score the generated ids, EOS included, and as rtrain's reward-model training reads
+/// pairs); a prompt that needs the model's chat template must already carry it.
 #[derive(Debug)]
 pub struct ModelReward {
     path: PathBuf,
@@ -35,7 +37,11 @@ impl RewardFn for ModelReward {
         for chunk in inputs.chunks(self.batch) {
             let ids = chunk
                 .iter()
-                .map(|i| self.tokenizer.encode(&format!("{}{}", i.prompt, i.response), true))
+                .map(|i| {
+                    let mut ids = self.tokenizer.encode(&format!("{}{}", i.prompt, i.response), true)?;
+                    ids.extend(self.tokenizer.eos.iter().filter(|_| i.ended).map(|eos| eos.id));
+                    Ok(ids)
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(failed)?;
             let rewards = self.model.score(&ids).map_err(failed)?;

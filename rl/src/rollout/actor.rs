@@ -242,7 +242,12 @@ impl Actor {
             .enumerate()
             .map(|(i, out)| {
                 let prompt = &self.prompts[items[i / g].prompt];
-                RewardInput { prompt: &prompt.text, response: &out.text, record: &prompt.record }
+                RewardInput {
+                    prompt: &prompt.text,
+                    response: &out.text,
+                    record: &prompt.record,
+                    ended: out.finish_reason == rtrain_trainer::hf::FinishReason::Stop,
+                }
             })
             .collect();
         let scores = self.reward.score(&inputs).map_err(|e| ActorError::Reward(e.to_string()))?;

@@ -1,6 +1,6 @@
 //! Held-out evaluation: greedy answers to the held-out prompts, scored by the job's reward.
 
-use rtrain_trainer::hf::{HfModel, SamplingParams, Tokenizer, generate};
+use rtrain_trainer::hf::{FinishReason, HfModel, SamplingParams, Tokenizer, generate};
 use serde::Serialize;
 
 use crate::prompts::Prompt;
@@ -35,7 +35,12 @@ pub fn evaluate(
         let inputs: Vec<RewardInput<'_>> = chunk
             .iter()
             .zip(&out)
-            .map(|(p, g)| RewardInput { prompt: &p.text, response: &g.text, record: &p.record })
+            .map(|(p, g)| RewardInput {
+                prompt: &p.text,
+                response: &g.text,
+                record: &p.record,
+                ended: g.finish_reason == FinishReason::Stop,
+            })
             .collect();
         for s in reward.score(&inputs).map_err(|e| e.to_string())? {
             total += s.reward;

@@ -156,17 +156,11 @@ pub(super) fn write_eval(
     before: Option<EvalResult>,
     after: Option<EvalResult>,
 ) -> Result<(), TrainError> {
-    let path = run_dir.join(EVAL_FILE);
-    let mut doc: serde_json::Map<String, serde_json::Value> =
-        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let mut entries = Vec::new();
     for (key, value) in [("eval_before", before), ("eval_after", after)] {
         if let Some(v) = value {
-            doc.insert(key.into(), serde_json::to_value(v).map_err(|e| TrainError::other(e.to_string()))?);
+            entries.push((key, serde_json::to_value(v).map_err(|e| TrainError::other(e.to_string()))?));
         }
     }
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec_pretty(&doc).map_err(|e| TrainError::other(e.to_string()))?;
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|source| TrainError::Io { path, source })
+    crate::run_file::record(&run_dir.join(EVAL_FILE), entries)
 }

@@ -37,19 +37,16 @@ pub fn generate_command(args: &GenerateArgs) -> ExitCode {
         Ok(m) => m,
         Err(code) => return code,
     };
-    let text = if args.chat {
-        let messages = [ChatMessage { role: "user".into(), content: args.prompt.clone() }];
-        match tokenizer.apply_chat_template(&messages, true) {
+    let texts = match (&args.prompt, &args.prompts) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(path)) => match read_prompts(path) {
             Ok(t) => t,
-            Err(e) => return fail(e),
-        }
-    } else {
-        args.prompt.clone()
-    };
-    // A chat template writes its own special tokens; plain text gets the tokenizer's (a BOS).
-    let prompt = match tokenizer.encode(&text, !args.chat) {
-        Ok(ids) => ids,
-        Err(e) => return fail(e),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        (None, None) => return fail("name --prompt or --prompts"),
     };
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,
@@ -60,22 +57,68 @@ pub fn generate_command(args: &GenerateArgs) -> ExitCode {
         stop_token_ids: Vec::new(),
         stop_strings: args.stop.clone(),
     };
-    let prompts = vec![prompt; args.num_samples];
-    let outputs = match generate(&model, &tokenizer, &prompts, &params) {
-        Ok(o) => o,
-        Err(e) => return fail(e),
-    };
-    for (i, g) in outputs.iter().enumerate() {
-        if args.json {
-            println!("{}", serde_json::to_string(g).unwrap_or_default());
-        } else {
-            if outputs.len() > 1 {
-                println!("--- sample {i} ({} tokens, {:?})", g.token_ids.len(), g.finish_reason);
+    for (chunk_no, chunk) in texts.chunks(PROMPTS_PER_BATCH).enumerate() {
+        let mut prompts = Vec::new();
+        for text in chunk {
+            let ids = if args.chat {
+                let messages = [ChatMessage { role: "user".into(), content: text.clone() }];
+                tokenizer.apply_chat_template(&messages, true).and_then(|t| tokenizer.encode(&t, false))
+            } else {
+                // Plain text gets the tokenizer's special tokens (a BOS); a chat template writes its own.
+                tokenizer.encode(text, true)
+            };
+            match ids {
+                Ok(ids) => prompts.extend(std::iter::repeat_n(ids, args.num_samples)),
+                Err(e) => return fail(e),
             }
-            println!("{}{}", if args.chat { "" } else { args.prompt.as_str() }, g.text);
+        }
+        // Each batch samples from its own stream, so a file's output does not depend on how it is cut.
+        let params = SamplingParams { seed: args.seed.wrapping_add(chunk_no as u64), ..params.clone() };
+        let outputs = match generate(&model, &tokenizer, &prompts, &params) {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        };
+        for (i, g) in outputs.iter().enumerate() {
+            let (line, text) = (chunk_no * PROMPTS_PER_BATCH + i / args.num_samples, &chunk[i / args.num_samples]);
+            if args.json {
+                let mut value = serde_json::to_value(g).unwrap_or_default();
+                if args.prompts.is_some()
+                    && let Some(obj) = value.as_object_mut()
+                {
+                    obj.insert("prompt_line".into(), (line + 1).into());
+                    obj.insert("prompt".into(), text.clone().into());
+                }
+                println!("{value}");
+            } else {
+                if outputs.len() > 1 {
+                    println!("--- sample {i} ({} tokens, {:?})", g.token_ids.len(), g.finish_reason);
+                }
+                println!("{}{}", if args.chat { "" } else { text.as_str() }, g.text);
+            }
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Prompts per generation batch with `--prompts`.
+const PROMPTS_PER_BATCH: usize = 64;
+
+/// The `prompt` of every line of a JSONL file.
+fn read_prompts(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut prompts = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        match value.get("prompt").and_then(|p| p.as_str()) {
+            Some(p) => prompts.push(p.to_string()),
+            None => return Err(format!("{}:{}: expected {{\"prompt\": \"...\"}}", path.display(), n + 1)),
+        }
+    }
+    if prompts.is_empty() {
+        return Err(format!("{} holds no prompt", path.display()));
+    }
+    Ok(prompts)
 }
 
 pub fn score_command(args: &ScoreArgs) -> ExitCode {

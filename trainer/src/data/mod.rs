@@ -2,12 +2,14 @@
 
 pub mod batch;
 pub mod corpus;
+pub mod epochs;
 pub mod splitmix;
 
 use std::path::PathBuf;
 
 pub use batch::{BatchPlan, rank_samples};
 pub use corpus::ByteCorpus;
+pub use epochs::Epochs;
 
 /// Why training data cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -61,6 +61,10 @@ impl<S: TrainStep> StepLoop<S> {
         &self.train_step
     }
 
+    pub fn train_step_mut(&mut self) -> &mut S {
+        &mut self.train_step
+    }
+
     pub fn engine(&self) -> &Engine {
         &self.engine
     }

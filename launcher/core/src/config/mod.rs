@@ -4,6 +4,7 @@
 mod choice;
 mod error;
 mod overrides;
+pub mod preference;
 mod resolve;
 pub mod reward;
 pub mod rl;

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::choice::choice;
+use super::preference::{PreferenceSpec, resolve_objective};
 use super::rl::{ROLLOUT_ROLE, RlAlgorithm, RlSpec, resolve_rl};
 use super::schema::{BackendChoice, ModelInit, ModelKind, OrderChoice, TrainerChoice};
 use super::{ConfigError, JobConfig, RestartMode, Workers};
@@ -80,6 +81,8 @@ pub enum TrainerKind {
     Sft { model: PathBuf, max_len: usize, random_init: bool },
     /// RL post-training of a Hugging Face model folder on JSONL prompts, fed by rollout actors.
     Rl { model: PathBuf, max_len: usize, rl: Box<RlSpec> },
+    /// Reward-model training or DPO of a Hugging Face model folder on JSONL preference pairs.
+    Preference(Box<PreferenceSpec>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -388,6 +391,36 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             let max_len = positive("data.max_len", data.max_len)? as usize;
             TrainerKind::Rl { model: PathBuf::from(&model.path), max_len, rl: Box::new(rl) }
         }
+        (choice @ (TrainerChoice::Dpo | TrainerChoice::Rm), ModelKind::Hf) => {
+            if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
+                return Err(bad(
+                    "model.path",
+                    format!("`{}` is not a model folder (no config.json there)", model.path),
+                ));
+            }
+            if model.init == ModelInit::Random {
+                return Err(bad(
+                    "model.init",
+                    format!("train.trainer = \"{choice}\" starts from trained weights; \"random\" is for \"sft\""),
+                ));
+            }
+            let is_dpo = choice == TrainerChoice::Dpo;
+            let (objective, eval) =
+                resolve_objective(cfg.dpo.as_ref(), is_dpo, &data.eval_path, data.eval_fraction).map_err(keyed)?;
+            let max_len = positive("data.max_len", data.max_len)? as usize;
+            TrainerKind::Preference(Box::new(PreferenceSpec {
+                model: PathBuf::from(&model.path),
+                max_len,
+                objective,
+                eval,
+            }))
+        }
+        (TrainerChoice::Dpo | TrainerChoice::Rm, other) => {
+            return Err(bad(
+                "model.kind",
+                format!("`{other}` cannot learn from preferences; train.trainer needs \"hf\" with model.path"),
+            ));
+        }
         (TrainerChoice::Grpo | TrainerChoice::Ppo, other) => {
             return Err(bad(
                 "model.kind",
@@ -407,6 +440,21 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             ));
         }
     };
+    // Settings only some trainers read are refused elsewhere rather than silently ignored.
+    let preference = matches!(trainer, TrainerKind::Preference(_));
+    if cfg.rl.is_some() && !matches!(trainer, TrainerKind::Rl { .. }) {
+        return Err(bad("rl", "is read only by train.trainer = \"grpo\" or \"ppo\"; remove the section".into()));
+    }
+    if cfg.dpo.is_some() && !preference {
+        return Err(bad("dpo", "is read only by train.trainer = \"dpo\"; remove the section".into()));
+    }
+    if !preference && (!data.eval_path.is_empty() || data.eval_fraction.is_some()) {
+        let key = if data.eval_path.is_empty() { "data.eval_fraction" } else { "data.eval_path" };
+        return Err(bad(
+            key,
+            "is read only by train.trainer = \"dpo\" or \"rm\" (RL takes rl.eval_path / rl.eval_fraction)".into(),
+        ));
+    }
     if trainer == TrainerKind::Lm {
         for (key, v) in [
             ("model.n_layer", model.n_layer),
@@ -434,6 +482,13 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     }
     let data_spec = match data.source.as_str() {
         "" => return Err(bad("data.source", "use \"synthetic\" or a path to a text file".into())),
+        "synthetic" if preference => {
+            return Err(bad(
+                "data.source",
+                "preference training reads a JSONL file of {\"prompt\", \"chosen\", \"rejected\"} lines; name it here"
+                    .into(),
+            ));
+        }
         "synthetic" if !matches!(trainer, TrainerKind::Lm) => {
             return Err(bad(
                 "data.source",
@@ -455,6 +510,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     let seq_len = match &trainer {
         TrainerKind::Lm => model.n_ctx,
         TrainerKind::Sft { max_len, .. } | TrainerKind::Rl { max_len, .. } => *max_len as i64,
+        TrainerKind::Preference(p) => p.max_len as i64,
     };
 
     let rendezvous = &cfg.rendezvous;

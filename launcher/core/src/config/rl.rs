@@ -160,11 +160,11 @@ pub struct RlSpec {
     pub reward: RewardSpec,
 }
 
-/// Where the held-out prompts come from.
+/// Where the held-out examples (RL prompts, preference pairs) come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EvalSet {
     File(PathBuf),
-    /// The last fraction of the training prompts, kept out of training.
+    /// The last fraction of the training data, kept out of training.
     Fraction(f64),
 }
 

@@ -8,7 +8,7 @@ use super::resolve::DeviceKind;
 
 choice!(
     /// `train.trainer`: the built-in training loop.
-    TrainerChoice, "a built-in trainer", { Lm = "lm", Sft = "sft", Grpo = "grpo", Ppo = "ppo" }
+    TrainerChoice, "a built-in trainer", { Lm = "lm", Sft = "sft", Grpo = "grpo", Ppo = "ppo", Dpo = "dpo", Rm = "rm" }
 );
 choice!(
     /// `train.backend`: the trainer gang's collective.
@@ -57,6 +57,9 @@ pub struct JobConfig {
     /// RL post-training (`train.trainer = "grpo"` or `"ppo"`): rollouts, rewards, losses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rl: Option<super::rl::RlSection>,
+    /// Direct preference optimisation (`train.trainer = "dpo"`): β and the loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<super::preference::DpoSection>,
     /// Free-form settings handed to custom training loops (like Ray Train's `train_loop_config`).
     #[serde(default)]
     pub user: toml::Table,
@@ -179,11 +182,22 @@ pub struct DataSection {
     pub synthetic_bytes: u64,
     /// Supervised fine-tuning: examples are cut to this many tokens.
     pub max_len: u64,
+    /// Preference training: held-out pairs (JSONL like `source`), scored before and after.
+    pub eval_path: String,
+    /// Preference training: the share of `source` held out instead (default 0.05).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_fraction: Option<f64>,
 }
 
 impl Default for DataSection {
     fn default() -> Self {
-        Self { source: "synthetic".into(), synthetic_bytes: 4 << 20, max_len: 256 }
+        Self {
+            source: "synthetic".into(),
+            synthetic_bytes: 4 << 20,
+            max_len: 256,
+            eval_path: String::new(),
+            eval_fraction: None,
+        }
     }
 }
 
