@@ -63,7 +63,10 @@ fn bad_configs_fail_with_one_message_naming_file_and_key() {
         ("[train]\nsteps = \"two\"", &[], &["train.steps", "invalid type"]),
         ("[train]\nworkers = { min = 3, max = 2 }", &[], &["train.workers.max", "at least train.workers.min (3)"]),
         ("[checkpoint]\nmode = \"lowest\"", &[], &["checkpoint.mode", "\"min\" or \"max\""]),
-        ("[train]\ntrainer = \"rl\"", &[], &["train.trainer", "\"lm\", \"sft\", \"grpo\" or \"ppo\""]),
+        ("[train]\ntrainer = \"rl\"", &[], &["train.trainer", "\"lm\", \"sft\", \"grpo\", \"ppo\", \"dpo\" or \"rm\""]),
+        ("[train]\ntrainer = \"dpo\"", &[], &["model.kind", "cannot learn from preferences"]),
+        ("[dpo]\nbeta = 0.1", &[], &["job.toml: dpo", "read only by train.trainer = \"dpo\""]),
+        ("[data]\neval_fraction = 0.1", &[], &["data.eval_fraction", "read only by"]),
         ("[train]\ntrainer = \"sft\"", &[], &["model.kind", "needs \"hf\" with model.path"]),
         (
             "[train]\ntrainer = \"sft\"\n[model]\nkind = \"hf\"\npath = \"/nonexistent\"",

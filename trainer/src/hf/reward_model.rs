@@ -85,11 +85,11 @@ impl RewardModel {
             }
         }
         let model = Self::build(cfg, raw, device);
-        let vars: BTreeMap<String, Tensor> = model.vs.variables().into_iter().collect();
+        // The body's variables come from the folder; the head is new.
+        let vars: BTreeMap<String, Tensor> =
+            model.vs.variables().into_iter().filter(|(name, _)| name != "score.weight").collect();
         let tensors = weights::read_dir_tensors(dir)?;
-        weights::assign(dir, &vars, tensors, |n| {
-            n.ends_with("rotary_emb.inv_freq") || n == "lm_head.weight" || n == "score.weight"
-        })?;
+        weights::assign(dir, &vars, tensors, |n| n.ends_with("rotary_emb.inv_freq") || n == "lm_head.weight")?;
         tch::no_grad(|| {
             let _ = model.score.shallow_clone().normal_(0.0, std);
         });
