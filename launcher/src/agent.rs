@@ -3,13 +3,21 @@
 //! and it dies with the driver (PR_SET_PDEATHSIG) even if the driver is killed with SIGKILL.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
+
+use crate::progress::Printer;
+
+/// How long the output of an ended worker may take to reach its log.
+const ECHO_DRAIN: Duration = Duration::from_secs(2);
 
 /// How a worker process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +92,8 @@ pub struct WorkerLaunch {
     pub env: Vec<(String, String)>,
     /// stdout and stderr both go here (appended to).
     pub log_path: PathBuf,
+    /// Where the output's lines also go as they come, after a prefix (`trainer:0| `), if anywhere.
+    pub echo: Option<(String, Printer)>,
     /// CPU cores the worker is pinned to; empty leaves it to the OS scheduler.
     pub cpus: Vec<usize>,
 }
@@ -120,23 +130,26 @@ impl Agent {
 
     /// Starts one worker; its exit arrives on the channel returned by [`Agent::new`].
     pub fn spawn(&mut self, launch: WorkerLaunch) -> Result<u32, SpawnError> {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&launch.log_path)
-            .map_err(|source| SpawnError::Log { path: launch.log_path.clone(), source })?;
-        let log_err = log.try_clone().map_err(|source| SpawnError::Log { path: launch.log_path.clone(), source })?;
+        let log = log_file(&launch.log_path)?;
         let (program, args) = launch.command.split_first().ok_or_else(|| SpawnError::Exec {
             program: String::new(),
             id: launch.id.clone(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
         })?;
         let mut cmd = Command::new(program);
+        let (out, err, echo_log) = match &launch.echo {
+            Some(_) => (Stdio::piped(), Stdio::piped(), Some(log)),
+            None => {
+                let log_err =
+                    log.try_clone().map_err(|source| SpawnError::Log { path: launch.log_path.clone(), source })?;
+                (Stdio::from(log), Stdio::from(log_err), None)
+            }
+        };
         cmd.args(args)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err))
+            .stdout(out)
+            .stderr(err)
             .process_group(0)
             .kill_on_drop(false);
         // SAFETY: the CPU set is built before the fork; prctl and sched_setaffinity are
@@ -164,12 +177,28 @@ impl Agent {
         })?;
         let pid = child.id().unwrap_or(0);
         self.live.insert(launch.id.clone(), pid as i32);
+        let mut copies = Vec::new();
+        if let (Some((prefix, printer)), Some(log)) = (launch.echo, echo_log) {
+            let log = Arc::new(Mutex::new(log));
+            let streams: [Option<Box<dyn AsyncRead + Send + Unpin>>; 2] = [
+                child.stdout.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>),
+                child.stderr.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>),
+            ];
+            for stream in streams.into_iter().flatten() {
+                copies.push(tokio::spawn(echo_lines(stream, log.clone(), prefix.clone(), printer.clone())));
+            }
+        }
         let (exits, id) = (self.exits.clone(), launch.id);
         tokio::spawn(async move {
             let kind = match child.wait().await {
                 Ok(status) => ExitKind::from_status(status),
                 Err(_) => ExitKind::Code(-1),
             };
+            // The last lines reach the log before the exit is handled (its tail goes into the
+            // failure summary); a child of the worker that keeps the pipe open is not waited for.
+            for copy in copies {
+                let _ = tokio::time::timeout(ECHO_DRAIN, copy).await;
+            }
             let _ = exits.send(WorkerExit { id, kind });
         });
         Ok(pid)
@@ -281,4 +310,36 @@ pub fn log_tail(path: &std::path::Path, lines: usize) -> Vec<String> {
     let text = String::from_utf8_lossy(&text);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].iter().map(|s| s.to_string()).collect()
+}
+
+/// Opens a worker's log for appending.
+fn log_file(path: &Path) -> Result<std::fs::File, SpawnError> {
+    std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| SpawnError::Log { path: path.to_path_buf(), source })
+}
+
+/// Copies a worker's output to its log and, line by line after `prefix`, to the terminal.
+async fn echo_lines(
+    stream: Box<dyn AsyncRead + Send + Unpin>,
+    log: Arc<Mutex<std::fs::File>>,
+    prefix: String,
+    printer: Printer,
+) {
+    let mut lines = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match lines.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                // Best effort, as the worker's own writes to a full disk would be.
+                let _ = log.lock().unwrap_or_else(|p| p.into_inner()).write_all(&line);
+                let text = String::from_utf8_lossy(&line);
+                printer.println(&format!("{prefix}{}", text.trim_end_matches(['\n', '\r'])));
+            }
+        }
+    }
 }

@@ -20,6 +20,23 @@ pub struct RunProgress {
     trainer_metrics: std::sync::Mutex<String>,
 }
 
+/// Prints lines above the run's bar (or plainly when stderr is not a terminal).
+#[derive(Clone, Debug)]
+pub struct Printer {
+    bar: ProgressBar,
+    interactive: bool,
+}
+
+impl Printer {
+    pub fn println(&self, line: &str) {
+        if self.interactive {
+            self.bar.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
 /// Metrics of the training role worth a place on the bar, in this order.
 const BAR_METRICS: &[(&str, &str)] = &[("reward_mean", "reward"), ("accuracy", "accuracy"), ("staleness", "staleness")];
 
@@ -143,11 +160,12 @@ impl RunProgress {
 
     /// Prints a line above the bar.
     pub fn println(&self, line: &str) {
-        if self.interactive {
-            self.bar.println(line);
-        } else {
-            eprintln!("{line}");
-        }
+        self.printer().println(line);
+    }
+
+    /// A handle that prints above the bar from any thread.
+    pub fn printer(&self) -> Printer {
+        Printer { bar: self.bar.clone(), interactive: self.interactive }
     }
 
     pub fn finish(&self) {

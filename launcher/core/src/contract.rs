@@ -20,6 +20,28 @@ pub mod vars {
     pub const RESUME_FROM: &str = "RTRAIN_RESUME_FROM";
 }
 
+/// Whether rtrain sets the variable `name` for its workers itself (so `job.env` may not).
+pub fn is_reserved(name: &str) -> bool {
+    const TORCHRUN: [&str; 11] = [
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "NODE_RANK",
+        "ROLE_NAME",
+        "ROLE_RANK",
+        "ROLE_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ];
+    TORCHRUN.contains(&name)
+        || name.starts_with("RTRAIN_")
+        || name.starts_with("TORCHELASTIC_")
+        || name == "OMP_NUM_THREADS"
+        || name == "CUDA_VISIBLE_DEVICES"
+}
+
 /// Why a process is not a correctly started rtrain worker.
 #[derive(Debug, thiserror::Error)]
 #[error("{var}: {message} (workers are started by `rtrain launch`, which sets it)")]

@@ -10,6 +10,7 @@
 //! | `POST /v1/publish` | `{"role", "rank", "attempt", "name", "addr"}` | `{}` |
 //! | `POST /v1/heartbeat` | `{"role", "rank", "attempt", "step"}` | `{}`; a process that sends them and then falls silent past `fault.heartbeat_timeout_s` is hung, killed and restarted |
 //! | `POST /v1/metrics` | `{"role", "rank", "attempt", "step", "metrics": {name: number}}` | `{}` |
+//! | `POST /v1/step` | `{"role", "rank", "attempt", "step", "loss", "lr"?, "tokens"?, "step_time_s"?, "grad_norm"?, "metrics"?: {name: number}}` | `{}`; rank 0 of the training role only: an optimizer step of a training script of its own, which moves the progress bar and goes to metrics.jsonl and summary.json as the built-in trainers' steps do (steps must increase within an attempt); it counts as a heartbeat too |
 //! | `POST /v1/broadcast` | `{"role", "rank", "attempt", "to_role", "to_rank"?, "kind", "payload"?}` | `{}` |
 //! | `GET /v1/commands?role=R&rank=K&attempt=A` | | one JSON object per line, as they come: `{"seq", "kind", "payload", "from_role"}` |
 
@@ -27,7 +28,7 @@ use serde_json::{Value, json};
 
 use super::service::Shared;
 use crate::contract::unix_now;
-use crate::proto::{BroadcastRequest, MetricsReport, PublishRequest, TOKEN_HEADER, WorkerId};
+use crate::proto::{BroadcastRequest, MetricsReport, PublishRequest, StepMetrics, TOKEN_HEADER, WorkerId};
 
 pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = axum::Router::new()
@@ -35,6 +36,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>
         .route("/v1/publish", post(publish))
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/metrics", post(metrics))
+        .route("/v1/step", post(step))
         .route("/v1/broadcast", post(broadcast))
         .route("/v1/commands", get(commands))
         // The token is checked before anything else of a request is read.
@@ -156,6 +158,52 @@ struct Metrics {
 async fn metrics(State(shared): State<Arc<Shared>>, Json(body): Json<Metrics>) -> Reply {
     let report = MetricsReport { id: Some(body.caller.id()), step: body.step, metrics: body.metrics, time: unix_now() };
     shared.report_metrics(report).map_err(from_status)?;
+    Ok(ok())
+}
+
+#[derive(Deserialize)]
+struct Step {
+    #[serde(flatten)]
+    caller: Caller,
+    step: u64,
+    loss: f64,
+    #[serde(default)]
+    lr: f64,
+    /// Tokens (or samples) the step processed, for throughput.
+    #[serde(default)]
+    tokens: f64,
+    #[serde(default)]
+    step_time_s: f64,
+    #[serde(default)]
+    grad_norm: f64,
+    #[serde(default)]
+    metrics: HashMap<String, f64>,
+}
+
+async fn step(State(shared): State<Arc<Shared>>, Json(body): Json<Step>) -> Reply {
+    let numbers = [("loss", body.loss), ("lr", body.lr), ("tokens", body.tokens), ("step_time_s", body.step_time_s)];
+    let bad =
+        numbers.into_iter().chain(body.metrics.iter().map(|(k, v)| (k.as_str(), *v))).find(|(_, v)| !v.is_finite());
+    if let Some((name, value)) = bad {
+        return Err(fail(StatusCode::BAD_REQUEST, format!("`{name}` is {value}, not a finite number")));
+    }
+    let id = body.caller.id();
+    let metrics = StepMetrics {
+        id: Some(id.clone()),
+        step: body.step,
+        loss: body.loss,
+        lr: body.lr,
+        tokens_per_s: if body.step_time_s > 0.0 { body.tokens / body.step_time_s } else { 0.0 },
+        time: unix_now(),
+        grad_norm: body.grad_norm,
+        step_time_s: body.step_time_s,
+        attempt: id.attempt,
+        checkpoint_stall_s: None,
+        extra: body.metrics,
+        checkpoint_error: None,
+    };
+    shared.report_step(metrics).map_err(from_status)?;
+    shared.book().heartbeat(&id, body.step).map_err(|r| from_status(super::service::refused(r)))?;
     Ok(ok())
 }
 

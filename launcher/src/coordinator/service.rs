@@ -137,7 +137,7 @@ impl Shared {
         LookupReply { endpoints, version }
     }
 
-    fn report_step(&self, metrics: StepMetrics) -> Result<(), Status> {
+    pub(crate) fn report_step(&self, metrics: StepMetrics) -> Result<(), Status> {
         let id = self.admit(metrics.id.as_ref())?;
         if self.training_role.as_deref() != Some(id.role.as_str()) || id.rank != 0 {
             return Err(Status::permission_denied("only rank 0 of the training role reports steps"));

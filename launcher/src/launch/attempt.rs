@@ -94,6 +94,7 @@ impl Launch<'_> {
                 command: command.clone(),
                 env: self.job.env_of(&role_env, p, placement),
                 log_path: logs.join(format!("{role}-{}.log", p.rank)),
+                echo: self.job.echo_of(&role, p.rank, matches!(self.opts.program, WorkerProgram::External(_))),
                 cpus: if spec.device == DeviceKind::Cpu { pinned_cpus(p, &self.job.allowed_cpus) } else { Vec::new() },
             };
             if let Err(e) = agent.spawn(launch) {
@@ -183,7 +184,7 @@ impl Launch<'_> {
                         }
                     }
                 },
-                _ = health.tick(), if gang_complete && reports => {
+                _ = health.tick(), if gang_complete => {
                     let timeout = spec.fault.heartbeat_timeout.as_secs_f64();
                     let hung = self.coordinator.heartbeats(&role).into_iter().find(|(_, (age, _))| *age > timeout);
                     if let Some((rank, (age, step))) = hung {

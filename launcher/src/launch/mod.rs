@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::{ExitKind, SpawnError};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
-use crate::config::{DeviceKind, JobSpec, LoadedConfig, RoleProgram, RoleSpec};
+use crate::config::{DeviceKind, EchoChoice, JobSpec, LoadedConfig, RoleProgram, RoleSpec};
 use crate::contract::WorkerEnv;
 use crate::contract::unix_now;
 use crate::coordinator::{CoordinatorEvent, CoordinatorHandle, start_coordinator};
@@ -103,6 +103,9 @@ pub(crate) struct JobContext {
     visible_devices: Vec<String>,
     /// Every role's name, to tell them all of a restart.
     roles: Vec<String>,
+    /// `job.env`, set for every process before rtrain's own variables.
+    user_env: Vec<(String, String)>,
+    echo: EchoChoice,
     progress: RunProgress,
     builtin_exe: Option<PathBuf>,
 }
@@ -155,7 +158,20 @@ impl JobContext {
 
     /// The environment of rank `p` of a role placed as `all`.
     fn env_of(&self, role_env: &WorkerEnv, p: &RankPlacement, all: &[RankPlacement]) -> Vec<(String, String)> {
-        worker_env(role_env, p, all, self.device == DeviceKind::Cuda, &self.visible_devices)
+        let mut env = self.user_env.clone();
+        env.extend(worker_env(role_env, p, all, self.device == DeviceKind::Cuda, &self.visible_devices));
+        env
+    }
+
+    /// Where the output of process `role:rank` is shown besides its log: only for the job's own
+    /// programs (`user_code`), as `job.echo` says.
+    fn echo_of(&self, role: &str, rank: usize, user_code: bool) -> Option<(String, crate::progress::Printer)> {
+        let shown = match self.echo {
+            EchoChoice::All => true,
+            EchoChoice::Rank0 => rank == 0,
+            EchoChoice::Off => false,
+        };
+        (user_code && shown).then(|| (format!("{role}:{rank}| "), self.progress.printer()))
     }
 
     /// `logs/<role>/<role>-<rank>.log`: one file per process of a side role, across restarts.
@@ -261,6 +277,8 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         allowed_cpus: allowed_cpus(),
         visible_devices: NodeResources::local_devices(),
         roles: spec.roles.iter().map(|r| r.name.clone()).collect(),
+        user_env: spec.env.clone(),
+        echo: spec.echo,
         progress: RunProgress::new(spec.training_role().map(|_| spec.steps), &side_names),
         builtin_exe: opts.builtin_exe.clone(),
     };

@@ -12,7 +12,7 @@ use super::policy::{RestartDecision, role_restart};
 use super::summary::{RoleAttempt, RoleSummary};
 use super::{JobContext, STOP_GRACE};
 use crate::agent::{Agent, ProcId, SpawnError, WorkerExit, WorkerLaunch};
-use crate::config::{DeviceKind, RestartMode, RoleSpec};
+use crate::config::{DeviceKind, RestartMode, RoleProgram, RoleSpec};
 use crate::coordinator::CoordinatorHandle;
 use crate::failure::{FailureSummary, RankFailure};
 use crate::proto::FailureReport;
@@ -144,6 +144,7 @@ impl SideRoles {
             command: job.command_of(&role.spec)?,
             env: job.env_of(&role_env, p, &role.placement),
             log_path,
+            echo: job.echo_of(&role.spec.name, rank, matches!(role.spec.program, RoleProgram::Command(_))),
             cpus: if job.device == DeviceKind::Cpu { pinned_cpus(p, &job.allowed_cpus) } else { Vec::new() },
         };
         role.started[rank] = Instant::now();

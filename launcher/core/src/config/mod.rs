@@ -20,9 +20,9 @@ pub use resolve::{
 };
 pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
 pub use schema::{
-    BackendChoice, CheckpointSection, DataSection, FaultSection, JobConfig, JobSection, MetricChoice, ModelInit,
-    ModelKind, ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection, TrainSection, TrainerChoice,
-    Workers,
+    BackendChoice, CheckpointSection, DataSection, EchoChoice, FaultSection, JobConfig, JobSection, MetricChoice,
+    ModelInit, ModelKind, ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection, TrainSection,
+    TrainerChoice, Workers,
 };
 
 /// A config file read, overridden, typed and resolved.

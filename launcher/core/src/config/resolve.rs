@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::choice::choice;
 use super::preference::{PreferenceSpec, resolve_objective};
 use super::rl::{ROLLOUT_ROLE, RlAlgorithm, RlSpec, resolve_rl};
-use super::schema::{BackendChoice, ModelInit, ModelKind, OrderChoice, TrainerChoice};
+use super::schema::{BackendChoice, EchoChoice, ModelInit, ModelKind, OrderChoice, TrainerChoice};
 use super::{ConfigError, JobConfig, RestartMode, Workers};
 use crate::checkpoint::MetricOrder;
 
@@ -115,6 +115,9 @@ pub struct JobSpec {
     pub seed: u64,
     /// The worker command; `None` runs the built-in worker.
     pub entrypoint: Option<Vec<String>>,
+    /// `job.env`: set for every process of the job.
+    pub env: Vec<(String, String)>,
+    pub echo: EchoChoice,
     pub trainer: TrainerKind,
     /// Gang size: the fixed size, or the largest of an elastic gang.
     pub workers: usize,
@@ -596,11 +599,38 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             training: false,
         });
     }
+    let mut env = Vec::new();
+    for (name, value) in &job.env {
+        let key = format!("job.env.{name}");
+        let ok_name = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if !ok_name {
+            return Err(bad(
+                &key,
+                "must be a variable name of letters, digits and `_`, not starting with a digit".into(),
+            ));
+        }
+        if crate::contract::is_reserved(name) {
+            return Err(bad(
+                &key,
+                "is set by rtrain for each worker (ranks, rendezvous, threads, GPUs); use another name, or the \
+                 config key that sets it"
+                    .into(),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(bad(&key, "must not contain a NUL character".into()));
+        }
+        env.push((name.clone(), value.clone()));
+    }
     Ok(JobSpec {
         name: job.name.clone(),
         run_path: Path::new(&job.run_dir).join(&job.name),
         seed: job.seed,
         entrypoint,
+        env,
+        echo: job.echo,
         trainer,
         workers,
         min_workers,

@@ -23,6 +23,10 @@ choice!(
     ModelInit, "a model initialisation", { Load = "load", Random = "random" }
 );
 choice!(
+    /// `job.echo`: whose output of the job's own programs goes to the terminal as it comes.
+    EchoChoice, "an echo choice", { Rank0 = "rank0", All = "all", Off = "off" }
+);
+choice!(
     /// `checkpoint.metric`: what `keep_best` ranks checkpoints by.
     MetricChoice, "a metric", { Loss = "loss" }
 );
@@ -75,11 +79,26 @@ pub struct JobSection {
     /// Command each worker runs; empty means the built-in worker (`rtrain-worker worker`).
     /// Relative paths here and elsewhere in the config are relative to the launch directory.
     pub entrypoint: Vec<String>,
+    /// Environment variables set for every process of the job (after rtrain's own, which they
+    /// cannot replace).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The output of the job's own programs (`entrypoint`, a role's command) is shown on the
+    /// terminal line by line, prefixed `role:rank| `: of rank 0 of each role (`rank0`), of every
+    /// process (`all`), or of none (`off`). It always goes to the log files.
+    pub echo: EchoChoice,
 }
 
 impl Default for JobSection {
     fn default() -> Self {
-        Self { name: "run".into(), run_dir: "runs".into(), seed: 0, entrypoint: Vec::new() }
+        Self {
+            name: "run".into(),
+            run_dir: "runs".into(),
+            seed: 0,
+            entrypoint: Vec::new(),
+            env: std::collections::BTreeMap::new(),
+            echo: EchoChoice::Rank0,
+        }
     }
 }
 

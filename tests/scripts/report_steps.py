@@ -1,0 +1,50 @@
+"""A training script of the user's in plain Python (no torch), run by tests/python_helper.rs:
+counts steps, reports them with rtrain.report, checkpoints with rtrain.save_checkpoint every
+`[user] every` steps and resumes from rtrain.latest_checkpoint. The ranks go in lockstep, as a
+collective would make them: each waits for the others to finish a step before the next (through
+files in the run directory), so a stopped rank stalls the gang.
+"""
+import json
+import os
+import time
+
+import rtrain
+
+ctx = rtrain.context()
+config = rtrain.config()
+steps, every, pause = config["train"]["steps"], config["user"]["every"], config["user"]["pause_s"]
+start, total = 0, 0.0
+ckpt = rtrain.latest_checkpoint()
+if ckpt is not None:
+    state = json.loads((ckpt / "state.json").read_text())
+    start, total = state["step"], state["total"]
+    print(f"rank {ctx.rank} resumed from step {start} (attempt {ctx.attempt})", flush=True)
+print(f"rank {ctx.rank} of {ctx.world_size} starting at step {start}", flush=True)
+print(f"EXAMPLE_NOTE={os.environ.get('EXAMPLE_NOTE')}", flush=True)
+lockstep = ctx.run_dir / "lockstep" / f"attempt-{ctx.attempt}"
+lockstep.mkdir(parents=True, exist_ok=True)
+
+
+def wait_for_peers(step):
+    (lockstep / f"{ctx.rank}.tmp").write_text(str(step))
+    (lockstep / f"{ctx.rank}.tmp").replace(lockstep / str(ctx.rank))
+    for peer in range(ctx.world_size):
+        while True:
+            try:
+                if int((lockstep / str(peer)).read_text()) >= step:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.005)
+
+
+for step in range(start + 1, steps + 1):
+    time.sleep(pause)
+    wait_for_peers(step)
+    total += step
+    rtrain.report(step, loss=1.0 / step, lr=0.1, tokens=100, running_total=total)
+    if step % every == 0:
+        with rtrain.save_checkpoint(step) as d:
+            if d is not None:
+                (d / "state.json").write_text(json.dumps({"step": step, "total": total}))
+print(f"rank {ctx.rank} done, total {total}", flush=True)
