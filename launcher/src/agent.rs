@@ -217,6 +217,11 @@ impl Agent {
     }
 
     /// The process group (and process) id of a live worker.
+    /// Every live worker with its pid.
+    pub fn pids(&self) -> Vec<(ProcId, i32)> {
+        self.live.iter().map(|(id, pid)| (id.clone(), *pid)).collect()
+    }
+
     pub fn pid(&self, id: &ProcId) -> Option<i32> {
         self.live.get(id).copied()
     }

@@ -57,6 +57,18 @@ impl RunLock {
     }
 }
 
+/// The pid of the launch holding the lock of run directory `dir`, if one does.
+pub fn holder(dir: &Path) -> Option<i32> {
+    let file = File::open(dir.join(LOCK_FILE)).ok()?;
+    let mut lock = whole_file(libc::F_WRLCK);
+    // SAFETY: fcntl on an open descriptor with a valid, initialised flock struct; F_GETLK only
+    // reads who holds a conflicting lock (this process takes none, so closing the file is safe).
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock as *mut libc::flock) } != 0 {
+        return None;
+    }
+    (lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid)
+}
+
 fn whole_file(kind: i32) -> libc::flock {
     // SAFETY: flock is plain data; all-zero is a valid value (start 0, length 0 = whole file).
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };

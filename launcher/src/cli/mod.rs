@@ -1,6 +1,7 @@
 //! The `rtrain` command line. `main.rs` only calls [`main`]; tests call the same functions.
 
 pub mod ckpt;
+mod runs;
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -51,6 +52,42 @@ pub enum Command {
     /// List, inspect or verify the checkpoints of a run.
     #[command(subcommand)]
     Ckpt(CkptCommand),
+    /// The runs under a run directory, newest first, with their state and step.
+    Runs {
+        /// The folder holding runs (a config's `job.run_dir`).
+        #[arg(default_value = "runs")]
+        dir: PathBuf,
+    },
+    /// A run's state: live (roles, processes with pid, step and last heartbeat, progress, ETA,
+    /// attempts and their causes) or how it ended.
+    Status {
+        /// The run directory (`<job.run_dir>/<job.name>`).
+        run: PathBuf,
+        /// The raw status (status.json while live, summary.json after) as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A process's log: the training role's latest attempt, or a side role's.
+    Logs {
+        /// The run directory (`<job.run_dir>/<job.name>`).
+        run: PathBuf,
+        #[arg(long, default_value = "trainer")]
+        role: String,
+        #[arg(long, default_value_t = 0)]
+        rank: usize,
+        /// Keep printing what is written, across restarts, until the launch ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Stop a live run: its launch stops every worker (the last checkpoints stay) and records
+    /// it as interrupted; `rtrain launch` resumes it.
+    Stop {
+        /// The run directory (`<job.run_dir>/<job.name>`).
+        run: PathBuf,
+        /// Seconds to wait for the launch to end.
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
     /// Run as a built-in worker (started by `rtrain launch`, not by hand).
     #[command(hide = true)]
     Worker,
@@ -149,6 +186,10 @@ pub fn main() -> ExitCode {
             launch_command(&args, started, program)
         }
         Command::Ckpt(cmd) => ckpt::run(cmd),
+        Command::Runs { dir } => runs::runs_command(&dir),
+        Command::Status { run, json } => runs::status_command(&run, json),
+        Command::Logs { run, role, rank, follow } => runs::logs_command(&run, &role, rank, follow),
+        Command::Stop { run, timeout_s } => runs::stop_command(&run, std::time::Duration::from_secs(timeout_s)),
         Command::Bench(BenchCommand::Recovery { config, kills, steps_between, json }) => {
             bench::recovery_command(config, kills, steps_between, json)
         }

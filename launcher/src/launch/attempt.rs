@@ -23,6 +23,8 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// When every rank that failed so far only lost a peer, how long to wait for the rank that
 /// caused it to exit and report on its own (it is usually on its way out already).
 const LOST_PEER_GRACE: Duration = Duration::from_secs(3);
+/// How often `status.json` is rewritten.
+const STATUS_TICK: Duration = Duration::from_secs(1);
 /// How often heartbeats are checked for hung workers.
 const HEALTH_TICK: Duration = Duration::from_millis(250);
 
@@ -114,6 +116,7 @@ impl Launch<'_> {
         let mut reported: Vec<FailureReport> = Vec::new();
         let mut finished = 0usize;
         let mut health = tokio::time::interval(HEALTH_TICK);
+        let mut status = tokio::time::interval(STATUS_TICK);
         self.progressed.attempt_first = None;
         self.progressed.attempt_tokens = 0.0;
 
@@ -184,6 +187,7 @@ impl Launch<'_> {
                         }
                     }
                 },
+                _ = status.tick() => self.write_status("running", attempt, &agent.pids()),
                 _ = health.tick(), if gang_complete => {
                     let timeout = spec.fault.heartbeat_timeout.as_secs_f64();
                     let hung = self.coordinator.heartbeats(&role).into_iter().find(|(_, (age, _))| *age > timeout);

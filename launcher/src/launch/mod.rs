@@ -8,6 +8,7 @@
 mod attempt;
 pub mod policy;
 mod side_roles;
+pub mod status;
 pub mod summary;
 
 use std::net::SocketAddr;
@@ -305,6 +306,12 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         recovering_since: None,
     };
     let result = if spec.training_role().is_some() { l.supervise().await } else { l.supervise_side_roles().await };
+    let ended = match &result {
+        Ok((Outcome::Finished, ..)) => "finished",
+        Ok((Outcome::Interrupted { .. }, ..)) => "interrupted",
+        Ok((Outcome::Failed(_), ..)) | Err(_) => "failed",
+    };
+    l.write_status(ended, l.attempts.last().map_or(0, |a| a.number), &[]);
     // The job is over: the other roles go with it (told first, then SIGTERM, grace, SIGKILL).
     l.job.tell_every_role(&l.coordinator, "stop", "{}");
     l.side.stop_all().await;

@@ -338,6 +338,11 @@ impl SideRoles {
     }
 
     /// Each role's number of processes, in order.
+    /// The live processes of every side role, with their pids.
+    pub(crate) fn pids(&self) -> Vec<(ProcId, i32)> {
+        self.agent.pids()
+    }
+
     pub(crate) fn sizes(&self) -> Vec<usize> {
         self.roles.iter().map(|r| r.placement.len()).collect()
     }
