@@ -20,7 +20,7 @@ STEPS="${STEPS:-10}"                    # timed optimizer steps on each side
 WARMUP="${WARMUP:-2}"                   # steps run first on each side, not timed (>= 1: rtrain's
                                         # first step also scores the held-out pairs)
 BATCH="${BATCH:-16}"                    # pairs per optimizer step, both sides (one micro-batch)
-HIDDEN="${HIDDEN:-256}"                 # model width (heads of 64, half as many key-value heads)
+HIDDEN="${HIDDEN:-384}"                 # model width (heads of 64, half as many key-value heads)
 LAYERS="${LAYERS:-4}"
 PAIRS="${PAIRS:-1000}"                  # pairs in the JSONL both sides read
 MAX_LEN="${MAX_LEN:-32}"                # tokens per sequence (rtrain data.max_len, TRL max_length)

@@ -37,13 +37,16 @@ pub enum BenchCommand {
     /// Greedy generation tokens/s on a Hugging Face model folder for batches of random prompts,
     /// every sequence run to its full length (compare with bench/hf_generate.py).
     Generate {
+        /// A Hugging Face model folder.
         #[arg(long)]
         model: PathBuf,
         /// Batch sizes, comma-separated.
         #[arg(long, default_value = "1,32", value_delimiter = ',')]
         batch: Vec<usize>,
+        /// Tokens per prompt.
         #[arg(long, default_value_t = 16)]
         prompt_len: usize,
+        /// Tokens generated per sequence.
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
         /// Timed runs per batch size (after one warm-up); the best is reported.
@@ -53,6 +56,7 @@ pub enum BenchCommand {
         /// as repeated prompts (`generate`) and as groups sharing one prefill (`generate_groups`).
         #[arg(long, default_value_t = 1)]
         group_size: usize,
+        /// One JSON object per figure instead of the table.
         #[arg(long)]
         json: bool,
     },

@@ -16,12 +16,17 @@ pub enum CkptCommand {
     },
     /// One checkpoint's manifest, trainer state and tensors (default: the newest valid one).
     Inspect {
+        /// The run directory (`<job.run_dir>/<job.name>`).
         run: PathBuf,
+        /// The checkpoint's step.
         #[arg(long)]
         step: Option<u64>,
     },
     /// Checks every checkpoint against its manifest (sizes and SHA-256); exits 1 if any fails.
-    Verify { run: PathBuf },
+    Verify {
+        /// The run directory (`<job.run_dir>/<job.name>`).
+        run: PathBuf,
+    },
 }
 
 pub fn run(cmd: CkptCommand) -> ExitCode {

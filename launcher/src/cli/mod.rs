@@ -71,8 +71,10 @@ pub enum Command {
     Logs {
         /// The run directory (`<job.run_dir>/<job.name>`).
         run: PathBuf,
+        /// The role whose process it is.
         #[arg(long, default_value = "trainer")]
         role: String,
+        /// The process's rank within its role.
         #[arg(long, default_value_t = 0)]
         rank: usize,
         /// Keep printing what is written, across restarts, until the launch ends.
@@ -119,6 +121,7 @@ pub struct GenerateArgs {
     /// A model folder: config.json, *.safetensors, tokenizer.json.
     #[arg(long)]
     pub model: PathBuf,
+    /// The text to continue (with `--chat`: the user's message).
     #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
     pub prompt: Option<String>,
     /// A JSONL file of prompts (`{"prompt": ...}` per line, other fields ignored), generated in
@@ -128,6 +131,7 @@ pub struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
+    /// The most tokens generated per sequence (it also ends at an EOS or a stop text).
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 is greedy.
@@ -136,8 +140,10 @@ pub struct GenerateArgs {
     /// 0 keeps every token.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to this.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Seed of the sampler: the same seed, prompt and settings give the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Sequences to sample for the prompt (one batch).
@@ -156,13 +162,16 @@ pub struct GenerateArgs {
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
+    /// A model folder: config.json, *.safetensors, tokenizer.json.
     #[arg(long)]
     pub model: PathBuf,
+    /// The text to score (encoded with the tokenizer's special tokens).
     #[arg(long)]
     pub text: String,
     /// One JSON object per token: token_id, token, logprob (null for the first).
     #[arg(long)]
     pub json: bool,
+    /// Run on this CUDA device instead of the CPU.
     #[arg(long)]
     pub cuda: Option<usize>,
 }
