@@ -193,6 +193,7 @@ loss = "sigmoid"
 every = 0
 EOF
 rm -f "$WORK/trl.jsonl"
+LOAD_BEFORE="$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo '?')"
 for round in $(seq 1 "$ROUNDS"); do
   say "round $round/$ROUNDS, rtrain: $RTRAIN launch <scratch>/dpo.toml --fresh ($SETTINGS, steps=$WARMUP+$STEPS)"
   "$RTRAIN" launch "$WORK/dpo.toml" --fresh --set "job.run_dir=$WORK/runs/round$round" \
@@ -212,11 +213,11 @@ done
 
 # ---- report -----------------------------------------------------------------------------------
 "$PY" - "$WORK/runs" "$WORK/trl.jsonl" "$MODEL" "$WORK/pairs.jsonl" "$ROUNDS" \
-    "$WARMUP" "$STEPS" "$BATCH" "$STRICT" "$SETTINGS" "$(cat "$WORK/model_params")" "$THREADS" <<'PY'
+    "$WARMUP" "$STEPS" "$BATCH" "$STRICT" "$SETTINGS" "$(cat "$WORK/model_params")" "$THREADS" "$LOAD_BEFORE" <<'PY'
 import json, os, statistics, sys
 from transformers import AutoTokenizer
 
-runs, trl_path, model_dir, pairs_path, rounds, warmup, steps, batch, strict, settings, params, threads = sys.argv[1:]
+runs, trl_path, model_dir, pairs_path, rounds, warmup, steps, batch, strict, settings, params, threads, load_before = sys.argv[1:]
 rounds, warmup, steps, batch, params = int(rounds), int(warmup), int(steps), int(batch), int(params)
 trls = [json.loads(l) for l in open(trl_path) if l.strip()]
 if len(trls) != rounds:
@@ -259,7 +260,7 @@ rt, tr = stats(pool(rt_steps)), stats(pool(tr_steps))
 ratio = tr["min"] / rt["min"]
 rt_tok, tr_tok = statistics.mean(rt_tokens), statistics.mean(t["tokens_per_step"] for t in trls)
 
-print(f"\nDPO on CPU, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} now; "
+print(f"\nDPO on CPU, {os.cpu_count()} cores, load average {load_before} before the runs, {os.getloadavg()[0]:.2f} after; "
       f"Llama of {params / 1e6:.1f}M parameters (random weights), character tokenizer; {settings}; "
       f"{rounds} round(s) of {steps} timed steps after {warmup} warm-up on each side")
 print(f"rtrain: 1 worker, cpus_per_worker {threads}.  TRL {trl['trl']}, transformers {trl['transformers']}, "
@@ -291,7 +292,9 @@ else:
     print(f"WARNING: TRL tokenizes the first pair as {trl['first_pair_ids']}, rtrain as {ours}")
 if abs(rt_tok - tr_tok) > 0.5:
     print(f"WARNING: the sides train on different token counts per step ({rt_tok:.0f} vs {tr_tok:.0f})")
-print("Ratios are measured side by side on this machine; absolute figures are machine-dependent.")
+print("Ratios are measured side by side on this machine; absolute figures are machine-dependent. The rounds'\n"
+      "step times show the load: a round several times slower than another ran on a busy machine, and a side\n"
+      "with no quiet round has no idle-machine figure, its fastest step included: rerun when the machine is quiet.")
 if strict == "1" and ratio <= 1:
     sys.exit(3)
 PY

@@ -114,9 +114,9 @@ fn dpo_losses_rewards_and_gradients_equal_trl() {
         reference.vs.freeze();
         // TRL's sigmoid loss takes no label smoothing; rtrain refuses the setting (config test).
         let label_smoothing = if loss == DpoLossChoice::Robust { label_smoothing } else { 0.0 };
-        let learner = Learner::Dpo { policy, reference, beta, loss, label_smoothing };
+        let learner = Learner::Dpo { policy, reference: Some(reference), beta, loss, label_smoothing };
 
-        let Learner::Dpo { policy, reference, .. } = &learner else { unreachable!() };
+        let Learner::Dpo { policy, reference: Some(reference), .. } = &learner else { unreachable!() };
         let response = &batch.response;
         let lp =
             |m: &HfModel| rtrain_rl::preference::loss::response_log_probs(&m.logits(&batch.ids), &batch.ids, response);
@@ -138,7 +138,12 @@ fn dpo_losses_rewards_and_gradients_equal_trl() {
             &floats(&case["ref_rejected_logps"]),
         );
 
+        // Training takes the reference log-probs from a table made before the first step: the
+        // same values.
+        let table = learner.reference_log_probs(&batch, Device::Cpu).unwrap();
+        let from_table = learner.terms_with(&batch, Device::Cpu, Some(&table));
         let terms = learner.terms(&batch, Device::Cpu);
+        assert!(from_table.loss.allclose(&terms.loss, 0.0, 0.0, false), "{name}: precomputed reference");
         assert_close(&format!("{name}: chosen rewards"), &terms.chosen_reward, &floats(&case["chosen_rewards"]));
         assert_close(&format!("{name}: rejected rewards"), &terms.rejected_reward, &floats(&case["rejected_rewards"]));
         let mean = terms.loss.mean(Kind::Float);

@@ -67,8 +67,9 @@ impl PairBatch {
 pub enum Learner {
     Dpo {
         policy: HfModel,
-        /// The starting model, frozen: the log-ratios' baseline.
-        reference: HfModel,
+        /// The starting model, frozen: the log-ratios' baseline. Training scores every pair with
+        /// it once ([`Learner::reference_log_probs`]) and then lets it go.
+        reference: Option<HfModel>,
         beta: f64,
         loss: rtrain_core::config::preference::DpoLossChoice,
         label_smoothing: f64,
@@ -88,7 +89,7 @@ impl Learner {
                 let policy = HfModel::load(dir, device).map_err(model_error)?;
                 let mut reference = HfModel::load(dir, device).map_err(model_error)?;
                 reference.vs.freeze();
-                Learner::Dpo { policy, reference, beta, loss, label_smoothing }
+                Learner::Dpo { policy, reference: Some(reference), beta, loss, label_smoothing }
             }
         })
     }
@@ -120,15 +121,44 @@ impl Learner {
         }
     }
 
-    /// The per-pair loss and rewards of `batch` (on `device`).
+    /// DPO's reference log-probs of `batch`'s responses (`[2n]`, chosen rows then rejected,
+    /// f32); `None` for a reward model, or once the reference is released.
+    pub fn reference_log_probs(&self, batch: &PairBatch, device: Device) -> Option<Tensor> {
+        let Learner::Dpo { reference: Some(reference), .. } = self else { return None };
+        let ids = batch.ids.to_device(device);
+        let response = batch.response.to_device(device);
+        Some(tch::no_grad(|| response_log_probs(&reference.logits(&ids), &ids, &response)).to_kind(Kind::Float))
+    }
+
+    /// Lets the DPO reference model go (its log-probs are all known): its memory is freed.
+    pub fn release_reference(&mut self) {
+        if let Learner::Dpo { reference, .. } = self {
+            *reference = None;
+        }
+    }
+
+    /// The per-pair loss and rewards of `batch` (on `device`), with DPO's reference log-probs
+    /// computed here by the reference model.
     pub fn terms(&self, batch: &PairBatch, device: Device) -> PairTerms {
+        self.terms_with(batch, device, None)
+    }
+
+    /// As [`Learner::terms`], DPO taking the reference log-probs (`[2n]`, as
+    /// [`Learner::reference_log_probs`] gives them) from `reference` when given.
+    pub fn terms_with(&self, batch: &PairBatch, device: Device, reference: Option<&Tensor>) -> PairTerms {
         let ids = batch.ids.to_device(device);
         let n = batch.pairs();
         match self {
-            Learner::Dpo { policy, reference, beta, loss, label_smoothing } => {
+            Learner::Dpo { policy, beta, loss, label_smoothing, .. } => {
                 let response = batch.response.to_device(device);
                 let policy_lp = response_log_probs(&policy.logits(&ids), &ids, &response);
-                let reference_lp = tch::no_grad(|| response_log_probs(&reference.logits(&ids), &ids, &response));
+                let reference_lp = match reference {
+                    Some(r) => r.to_device(device).to_kind(policy_lp.kind()),
+                    None => self
+                        .reference_log_probs(batch, device)
+                        .expect("the reference model is kept until every pair's log-probs are known")
+                        .to_kind(policy_lp.kind()),
+                };
                 let len = batch.response_len.to_device(device);
                 let lp = DpoLogProbs {
                     policy_chosen: &policy_lp.narrow(0, 0, n),

@@ -2,7 +2,8 @@
 //! every built-in trainer (DDP, optimizer, checkpoints, restarts).
 //!
 //! The loss of a step is the mean over the global batch's pairs, whatever the split across ranks
-//! and micro-batches. Each step reports, over its pairs, the accuracy (the chosen response
+//! and micro-batches. DPO's reference model scores every pair once, before the first step, and
+//! is released; steps then run the policy alone. Each step reports, over its pairs, the accuracy (the chosen response
 //! rewarded above the rejected one), the mean margin between them and each side's mean reward
 //! (DPO's implicit reward β·log(π/π_ref), or the reward model's score). The held-out pairs are
 //! scored the same way before the first step and after the last, into
@@ -106,10 +107,16 @@ impl PairScores {
     }
 }
 
+/// Pairs whose DPO reference log-probs are scored together, in a fixed grouping (so each pair's
+/// value is the same whatever the number of ranks that scored them).
+const REFERENCE_CHUNK: usize = 32;
+
 /// One step's pairs and loss, run by the engine.
 pub struct PreferenceStep {
     learner: Learner,
     pairs: Vec<Pair>,
+    /// DPO: every training pair's reference log-probs, `[pairs, 2]` (chosen, rejected).
+    reference: Option<Tensor>,
     order: Epochs,
     pad: i64,
     tokenizer_dir: PathBuf,
@@ -132,7 +139,8 @@ impl TrainStep for PreferenceStep {
         let picked: Vec<usize> = samples.map(|s| self.order.example(step * global + s as u64)).collect();
         let pairs: Vec<&Pair> = picked.iter().map(|&i| &self.pairs[i]).collect();
         let batch = PairBatch::new(&pairs, self.pad);
-        let terms = self.learner.terms(&batch, ctx.device);
+        let reference = self.reference.as_ref().map(|table| reference_rows(table, &picked));
+        let terms = self.learner.terms_with(&batch, ctx.device, reference.as_ref());
         self.sums.add(&terms);
         Ok(MicroLoss::sum(terms.loss.sum(Kind::Float)).with_tokens(batch.tokens()))
     }
@@ -149,6 +157,8 @@ impl TrainStep for PreferenceStep {
 pub struct PreferenceLoop {
     inner: StepLoop<PreferenceStep>,
     eval: Vec<Pair>,
+    /// DPO: the held-out pairs' reference log-probs, as [`PreferenceStep::reference`].
+    eval_reference: Option<Tensor>,
     /// Rank 0's link to the coordinator, for metrics.
     job: Option<JobClient>,
 }
@@ -207,8 +217,22 @@ impl PreferenceLoop {
         }
         tracing::info!(train = pairs.len(), held_out = eval.len(), "preference pairs");
         let pad = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |s| i64::from(s.id));
+        // DPO's reference model scores every pair once, and is then let go.
+        let mut learner = learner;
+        let started = std::time::Instant::now();
+        let reference = reference_table(&learner, &pairs, pad, ctx)?;
+        let eval_reference = reference_table(&learner, &eval, pad, ctx)?;
+        if reference.is_some() {
+            tracing::info!(
+                pairs = pairs.len() + eval.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "reference log-probs computed"
+            );
+        }
+        learner.release_reference();
         let step = PreferenceStep {
             learner,
+            reference,
             order: Epochs::new(pairs.len(), ctx.spec.seed),
             pairs,
             pad,
@@ -222,19 +246,21 @@ impl PreferenceLoop {
         } else {
             None
         };
-        Ok(Self { inner: StepLoop::new(ctx, step)?, eval, job })
+        Ok(Self { inner: StepLoop::new(ctx, step)?, eval, eval_reference, job })
     }
 
     /// Scores of the held-out pairs under the current model, each rank taking every
     /// `world_size`-th pair.
     fn evaluate(&mut self, ctx: &mut TrainContext) -> Result<PairScores, TrainError> {
         let step = self.inner.train_step();
-        let mine: Vec<&Pair> = self.eval.iter().skip(ctx.rank).step_by(ctx.world_size).collect();
+        let mine: Vec<usize> = (ctx.rank..self.eval.len()).step_by(ctx.world_size).collect();
         let mut sums = Sums::default();
         tch::no_grad(|| {
             for chunk in mine.chunks(ctx.spec.micro_batch.max(1)) {
-                let batch = PairBatch::new(chunk, step.pad);
-                sums.add(&step.learner.terms(&batch, ctx.device));
+                let pairs: Vec<&Pair> = chunk.iter().map(|&i| &self.eval[i]).collect();
+                let batch = PairBatch::new(&pairs, step.pad);
+                let reference = self.eval_reference.as_ref().map(|table| reference_rows(table, chunk));
+                sums.add(&step.learner.terms_with(&batch, ctx.device, reference.as_ref()));
             }
         });
         Ok(sums.all_reduce(ctx)?.scores())
@@ -299,6 +325,42 @@ impl TrainLoop for PreferenceLoop {
         self.held_out(ctx, "eval_after", step)?;
         self.inner.finish(ctx)
     }
+}
+
+/// DPO: the reference log-probs of every pair, `[pairs, 2]` (chosen, rejected) on the CPU, the
+/// ranks scoring fixed chunks of [`REFERENCE_CHUNK`] pairs in turn and summing their shares;
+/// `None` for a reward model.
+fn reference_table(
+    learner: &Learner,
+    pairs: &[Pair],
+    pad: i64,
+    ctx: &mut TrainContext,
+) -> Result<Option<Tensor>, TrainError> {
+    if !matches!(learner, Learner::Dpo { .. }) {
+        return Ok(None);
+    }
+    let mut table = Tensor::zeros([pairs.len() as i64, 2], (Kind::Float, tch::Device::Cpu));
+    for (c, chunk) in pairs.chunks(REFERENCE_CHUNK).enumerate().filter(|(c, _)| c % ctx.world_size == ctx.rank) {
+        let refs: Vec<&Pair> = chunk.iter().collect();
+        let lp = learner
+            .reference_log_probs(&PairBatch::new(&refs, pad), ctx.device)
+            .ok_or_else(|| TrainError::other("the DPO reference model was released too early"))?
+            .to_device(tch::Device::Cpu);
+        let m = chunk.len() as i64;
+        table
+            .narrow(0, (c * REFERENCE_CHUNK) as i64, m)
+            .copy_(&Tensor::stack(&[lp.narrow(0, 0, m), lp.narrow(0, m, m)], 1));
+    }
+    // Every row was filled by exactly one rank: the sum is that rank's value.
+    ctx.collective.all_reduce(&mut table, ReduceOp::Sum)?;
+    Ok(Some(table))
+}
+
+/// The reference log-probs of pairs `picked` as a batch of them needs them: `[2n]`, chosen
+/// then rejected.
+fn reference_rows(table: &Tensor, picked: &[usize]) -> Tensor {
+    let rows = table.index_select(0, &Tensor::from_slice(&picked.iter().map(|&i| i as i64).collect::<Vec<_>>()));
+    Tensor::cat(&[rows.select(1, 0), rows.select(1, 1)], 0)
 }
 
 /// Records held-out scores under `key` in `<run>/preference_eval.json`, keeping what is there.
