@@ -16,6 +16,8 @@ fn two_workers_train_and_write_metrics_summary_and_logs() {
     let out = run(&["launch", cfg.to_str().unwrap()], LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("e2e finished: 12 steps"), "{}", stderr(&out));
+    // It ends by showing what the trained model writes after the corpus's first bytes.
+    assert!(stderr(&out).contains("the final model's greedy output:"), "{}", stderr(&out));
 
     let run_path = dir.path().join("e2e");
     let steps = metrics(&run_path);

@@ -68,6 +68,12 @@ fn fine_tuning_matches_across_batch_splits_and_exports_a_model() {
     let (first, last) = (a[0]["loss"].as_f64().unwrap(), a[steps as usize - 1]["loss"].as_f64().unwrap());
     assert!(last < 0.5 * first, "the answers are learned: {first} -> {last}");
 
+    // The final model answered the first examples' prompts, for the launch to show.
+    let samples: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("dp2/samples.json")).unwrap()).unwrap();
+    assert_eq!(samples.len(), 3);
+    assert!(samples.iter().all(|s| s["prompt"].is_string() && s["response"].is_string() && s["expected"].is_string()));
+
     // The exported folder is a Hugging Face model: it loads, generates and scores.
     let model = dir.path().join("dp2/model");
     for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {

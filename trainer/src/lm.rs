@@ -11,7 +11,10 @@ use crate::config::{DataSpec, JobSpec};
 use crate::data::{BatchPlan, ByteCorpus};
 use crate::engine::{MicroLoss, TrainStep};
 use crate::model::{Gpt, GptConfig};
-use crate::train_loop::{Fingerprint, TrainContext, TrainError};
+use crate::train_loop::{Fingerprint, Sample, TrainContext, TrainError, write_samples};
+
+/// Bytes the final model generates for the launch to show.
+const SAMPLE_BYTES: usize = 64;
 
 pub struct LmTrainer {
     vs: VarStore,
@@ -65,6 +68,30 @@ impl TrainStep for LmTrainer {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into()))
         .collect()
+    }
+
+    /// Rank 0 lets the trained model continue the corpus's first bytes greedily, for the launch
+    /// to show (`<run>/samples.json`).
+    fn finish(&mut self, ctx: &mut TrainContext) -> Result<(), TrainError> {
+        if !ctx.is_rank_zero() {
+            return Ok(());
+        }
+        let n_ctx = self.model.config().n_ctx as usize;
+        let prompt: Vec<u8> = self.corpus.bytes().iter().take(n_ctx.min(32)).copied().collect();
+        let mut ids: Vec<i64> = prompt.iter().map(|&b| i64::from(b)).collect();
+        tch::no_grad(|| {
+            for _ in 0..SAMPLE_BYTES {
+                let window = &ids[ids.len().saturating_sub(n_ctx)..];
+                let input = tch::Tensor::from_slice(window).view([1, -1]).to_device(ctx.device);
+                let logits = self.model.forward(&input);
+                ids.push(logits.select(1, -1).argmax(-1, false).int64_value(&[0]));
+            }
+        });
+        let text =
+            |ids: &[i64]| String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>()).into_owned();
+        let sample =
+            Sample { prompt: text(&ids[..prompt.len()]), response: text(&ids[prompt.len()..]), expected: None };
+        write_samples(&ctx.run_dir, &[sample])
     }
 
     /// Mean next-byte loss over the micro-batch's windows.

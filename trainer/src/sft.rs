@@ -18,7 +18,10 @@ use crate::data::DataError;
 use crate::data::Epochs;
 use crate::engine::{MicroLoss, TrainStep};
 use crate::hf::{ChatMessage, HfModel, Tokenizer};
-use crate::train_loop::{Fingerprint, TrainContext, TrainError};
+use crate::train_loop::{Fingerprint, Sample, TrainContext, TrainError, write_samples};
+
+/// Examples whose prompts the final model answers for the launch to show.
+const SAMPLES: usize = 3;
 
 /// Label of a token that is not trained (cross-entropy's ignore index).
 const IGNORE: i64 = -100;
@@ -245,7 +248,38 @@ impl TrainStep for SftTrainer {
         if ctx.rank != 0 {
             return Ok(());
         }
-        export_model(&self.model, &self.tokenizer_dir, &ctx.run_dir.join("model"))
+        export_model(&self.model, &self.tokenizer_dir, &ctx.run_dir.join("model"))?;
+        self.write_samples(ctx)
+    }
+}
+
+impl SftTrainer {
+    /// The exported model's greedy answers to the first examples' prompts, beside the taught
+    /// ones (`<run>/samples.json`, which the launch prints).
+    fn write_samples(&self, ctx: &TrainContext) -> Result<(), TrainError> {
+        let tokenizer = Tokenizer::from_dir(&self.tokenizer_dir)
+            .map_err(|source| TrainError::Model { context: "model.path", source })?;
+        let first: Vec<&SftExample> = self.examples.iter().take(SAMPLES).collect();
+        // The prompt: the tokens before the first trained one.
+        let prompt_of = |e: &SftExample| -> Vec<u32> {
+            e.ids.iter().zip(&e.trained).take_while(|(_, t)| !**t).map(|(&id, _)| id as u32).collect()
+        };
+        let prompts: Vec<Vec<u32>> = first.iter().map(|e| prompt_of(e)).collect();
+        let max_new_tokens = first.iter().map(|e| e.ids.len()).max().unwrap_or(1) + 4;
+        let params = crate::hf::SamplingParams { max_new_tokens, temperature: 0.0, ..Default::default() };
+        let outputs = crate::hf::generate(&self.model, &tokenizer, &prompts, &params)
+            .map_err(|source| TrainError::Model { context: "samples", source })?;
+        let decode = |ids: &[u32]| tokenizer.decode(ids, true).unwrap_or_default();
+        let samples: Vec<Sample> = first
+            .iter()
+            .zip(&prompts)
+            .zip(&outputs)
+            .map(|((e, p), g)| {
+                let taught: Vec<u32> = e.ids[p.len()..].iter().map(|&id| id as u32).collect();
+                Sample { prompt: decode(p), response: g.text.clone(), expected: Some(decode(&taught)) }
+            })
+            .collect();
+        write_samples(&ctx.run_dir, &samples)
     }
 }
 

@@ -30,6 +30,27 @@ impl TrainContext {
     }
 }
 
+/// The file of the run directory where a built-in trainer leaves a few things its final model
+/// generates; the launch prints them at the end.
+pub const SAMPLES_FILE: &str = "samples.json";
+
+/// One generated sample: the prompt, what the model answered and, when the data says, the
+/// answer it was taught.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub response: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+}
+
+/// Writes `samples` as `<run>/samples.json`.
+pub fn write_samples(run_dir: &std::path::Path, samples: &[Sample]) -> Result<(), TrainError> {
+    let path = run_dir.join(SAMPLES_FILE);
+    let text = serde_json::to_vec_pretty(samples).map_err(|e| TrainError::other(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|source| TrainError::Io { path, source })
+}
+
 /// The result of one optimizer step, as the whole gang saw it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOutput {

@@ -36,6 +36,13 @@ fn special_tokens_come_from_the_model_folder() {
     assert_eq!(tok.eos.as_ref().unwrap().text, "<|end_of_text|>");
     assert_eq!(tok.pad.as_ref().unwrap().id as u64, r["pad_token_id"].as_u64().unwrap());
     assert!(tok.stop_ids.contains(&(r["eos_token_id"].as_u64().unwrap() as u32)));
+    // The chat template closes a turn with <|im_end|>, which the folder does not name as an EOS:
+    // a chat model's answer ends there all the same.
+    let im_end = tok.encode("<|im_end|>", false).unwrap();
+    assert_eq!(im_end.len(), 1);
+    assert!(tok.stop_ids.contains(&im_end[0]), "{:?}", tok.stop_ids);
+    // Nothing else of the template (its newline, the next turn's opening) ends generation.
+    assert_eq!(tok.stop_ids.len(), 2, "{:?}", tok.stop_ids);
 }
 
 #[test]

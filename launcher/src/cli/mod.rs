@@ -395,6 +395,23 @@ fn print_eval_table(doc: &serde_json::Value, what: &str, count_key: &str, rows: 
     }
 }
 
+/// What the final model generated (`samples.json`, written by the built-in LM and SFT trainers).
+fn print_samples(run: &std::path::Path) {
+    let Some(samples) = std::fs::read(run.join("samples.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<serde_json::Value>>(&b).ok())
+    else {
+        return;
+    };
+    let field = |s: &serde_json::Value, k: &str| s.get(k).and_then(|v| v.as_str()).map(|t| t.trim().to_string());
+    eprintln!("  the final model's greedy output:");
+    for s in &samples {
+        let (Some(prompt), Some(response)) = (field(s, "prompt"), field(s, "response")) else { continue };
+        let taught = field(s, "expected").map(|e| format!(" (taught {e:?})")).unwrap_or_default();
+        eprintln!("    {prompt:?} -> {response:?}{taught}");
+    }
+}
+
 /// `rtrain launch`: `program` says what each worker runs.
 pub fn launch_command(
     args: &LaunchArgs,
@@ -442,6 +459,7 @@ pub fn launch_command(
                 let rows = [("accuracy", "accuracy"), ("reward", "reward")];
                 print_eval_table(rl, "held-out evaluation, greedy", "prompts", &rows);
             }
+            print_samples(&report.run_path);
             if let Some(preference) = &s.preference {
                 let rows = [("accuracy", "accuracy"), ("margin", "margin"), ("loss", "loss")];
                 print_eval_table(preference, "held-out preference pairs", "pairs", &rows);

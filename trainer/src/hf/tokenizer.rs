@@ -34,7 +34,8 @@ pub struct Tokenizer {
     pub bos: Option<Special>,
     pub eos: Option<Special>,
     pub pad: Option<Special>,
-    /// Every id that ends generation: the EOS token and the model's `eos_token_id`s.
+    /// Every id that ends generation: the EOS token, the model's `eos_token_id`s and the chat
+    /// template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`...).
     pub stop_ids: Vec<u32>,
     chat_template: Option<String>,
 }
@@ -81,9 +82,27 @@ impl Tokenizer {
                 }
             }
         }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
-        Ok(Self { inner: Inner::Hf(Box::new(inner)), bos, eos, pad, stop_ids, chat_template })
+        let mut tokenizer = Self { inner: Inner::Hf(Box::new(inner)), bos, eos, pad, stop_ids, chat_template };
+        tokenizer.stop_ids.extend(tokenizer.end_of_turn());
+        tokenizer.stop_ids.sort_unstable();
+        tokenizer.stop_ids.dedup();
+        Ok(tokenizer)
+    }
+
+    /// The special token the chat template closes an assistant turn with, if it has one: what
+    /// it renders right after an assistant message's text. A chat model ends its answer with it,
+    /// and often names only another token as its EOS.
+    fn end_of_turn(&self) -> Option<u32> {
+        let Inner::Hf(inner) = &self.inner else { return None };
+        const MARK: &str = "rtrain-end-of-turn-probe";
+        let messages = [
+            ChatMessage { role: "user".into(), content: "hi".into() },
+            ChatMessage { role: "assistant".into(), content: MARK.into() },
+        ];
+        let text = self.apply_chat_template(&messages, false).ok()?;
+        let after = &text[text.rfind(MARK)? + MARK.len()..];
+        let first = *self.encode(after, false).ok()?.first()?;
+        inner.get_added_tokens_decoder().get(&first).filter(|t| t.special).map(|_| first)
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (a BOS,
