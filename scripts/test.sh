@@ -7,6 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup-libtorch.sh
+# TensorBoard, for the test that reads the event files back with TensorBoard's own reader.
+TEST_VENV="$HOME/.cache/rtrain/test-venv"
+if ! "$TEST_VENV/bin/python" -c "import tensorboard" 2>/dev/null; then
+  python3 -m venv "$TEST_VENV"
+  "$TEST_VENV/bin/pip" install --quiet "tensorboard>=2.16"
+fi
 # Test binaries find libtorch through their rpath; doctests are linked into a temporary folder,
 # where only the library path helps.
 export LD_LIBRARY_PATH="$PWD/.libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

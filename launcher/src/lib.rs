@@ -17,6 +17,7 @@ pub mod progress;
 pub mod run_dir;
 pub mod run_lock;
 pub mod scheduler;
+pub mod tensorboard;
 mod worker_env;
 
 /// The contract with the processes the launcher starts, from `rtrain-core`.

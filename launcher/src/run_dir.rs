@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::config::JobConfig;
 use crate::proto::{MetricsReport, StepMetrics};
 use crate::run_lock::{RunLock, RunLockError};
+use crate::tensorboard::EventWriter;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub struct RunDir {
     /// metrics.jsonl's length after its last whole line: a line that fails half-way (a full
     /// disk) is cut back to it, so the file never ends in a partial line.
     metrics_len: u64,
+    /// TensorBoard events of every metric (`[metrics] tensorboard = true`).
+    events: Option<EventWriter>,
     /// Held for as long as the run directory is open: a second launch on it is refused.
     _lock: RunLock,
 }
@@ -71,7 +74,13 @@ impl RunDir {
         let metrics_path = path.join("metrics.jsonl");
         let metrics = File::options().create(true).append(true).open(&metrics_path).map_err(io(&metrics_path))?;
         let metrics_len = metrics.metadata().map_err(io(&metrics_path))?.len();
-        Ok(Self { path: path.to_path_buf(), metrics, metrics_len, _lock: lock })
+        let events = if config.metrics.tensorboard {
+            let dir = path.join("tensorboard");
+            Some(EventWriter::create(&dir).map_err(io(&dir))?)
+        } else {
+            None
+        };
+        Ok(Self { path: path.to_path_buf(), metrics, metrics_len, events, _lock: lock })
     }
 
     /// The number the next attempt gets: attempts continue across launches of the same run, so
@@ -105,6 +114,13 @@ impl RunDir {
         Ok(dir)
     }
 
+    /// Writes scalars to the TensorBoard events, when the run keeps them.
+    fn write_events(&mut self, step: u64, time: f64, scalars: Vec<(String, f64)>) -> Result<(), RunDirError> {
+        let Some(events) = &mut self.events else { return Ok(()) };
+        let path = events.path().to_path_buf();
+        events.scalars(step, time, scalars).map_err(io(&path))
+    }
+
     /// Appends one step to metrics.jsonl; flushed so a crash loses nothing already reported.
     pub fn record_step(&mut self, m: &StepMetrics, attempt: u32, restarts: u32) -> Result<(), RunDirError> {
         let line = MetricsLine {
@@ -121,7 +137,18 @@ impl RunDir {
             checkpoint_stall_s: m.checkpoint_stall_s,
             extra: &m.extra,
         };
-        self.append_line(&line)
+        self.append_line(&line)?;
+        let fixed = [
+            ("loss", m.loss),
+            ("lr", m.lr),
+            ("tokens_per_s", m.tokens_per_s),
+            ("grad_norm", m.grad_norm),
+            ("step_time_s", m.step_time_s),
+        ];
+        let role = line.role.to_string();
+        let scalars =
+            fixed.into_iter().map(|(k, v)| (k.to_string(), v)).chain(m.extra.iter().map(|(k, v)| (k.clone(), *v)));
+        self.write_events(m.step, m.time, scalars.map(|(k, v)| (format!("{role}/{k}"), v)).collect())
     }
 
     /// Appends the named metrics of any role's process to metrics.jsonl:
@@ -136,7 +163,10 @@ impl RunDir {
             time: m.time,
             metrics: &m.metrics,
         };
-        self.append_line(&line)
+        self.append_line(&line)?;
+        let prefix = if id.rank == 0 { id.role.clone() } else { format!("{}/{}", id.role, id.rank) };
+        let scalars = m.metrics.iter().map(|(k, v)| (format!("{prefix}/{k}"), *v)).collect();
+        self.write_events(m.step, m.time, scalars)
     }
 
     /// One whole JSON line in one write, so a crash loses nothing already reported; a write

@@ -21,8 +21,8 @@ pub use resolve::{
 pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
 pub use schema::{
     BackendChoice, CheckpointSection, DataSection, EchoChoice, FaultSection, JobConfig, JobSection, MetricChoice,
-    ModelInit, ModelKind, ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection, TrainSection,
-    TrainerChoice, Workers,
+    MetricsSection, ModelInit, ModelKind, ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection,
+    TrainSection, TrainerChoice, Workers,
 };
 
 /// A config file read, overridden, typed and resolved.

@@ -61,6 +61,8 @@ pub struct JobConfig {
     /// RL post-training (`train.trainer = "grpo"` or `"ppo"`): rollouts, rewards, losses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rl: Option<super::rl::RlSection>,
+    #[serde(default)]
+    pub metrics: MetricsSection,
     /// Direct preference optimisation (`train.trainer = "dpo"`): β and the loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<super::preference::DpoSection>,
@@ -218,6 +220,14 @@ impl Default for DataSection {
             eval_fraction: None,
         }
     }
+}
+
+/// `[metrics]`: where a run's metrics go besides metrics.jsonl.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// TensorBoard event files in `<run>/tensorboard/`.
+    pub tensorboard: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
