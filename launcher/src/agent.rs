@@ -10,7 +10,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
@@ -196,9 +196,7 @@ impl Agent {
             };
             // The last lines reach the log before the exit is handled (its tail goes into the
             // failure summary); a child of the worker that keeps the pipe open is not waited for.
-            for copy in copies {
-                let _ = tokio::time::timeout(ECHO_DRAIN, copy).await;
-            }
+            let _ = tokio::time::timeout(ECHO_DRAIN, futures_join(copies)).await;
             let _ = exits.send(WorkerExit { id, kind });
         });
         Ok(pid)
@@ -317,6 +315,13 @@ pub fn log_tail(path: &std::path::Path, lines: usize) -> Vec<String> {
     all[all.len().saturating_sub(lines)..].iter().map(|s| s.to_string()).collect()
 }
 
+/// Waits for every task of `tasks`.
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
 /// Opens a worker's log for appending.
 fn log_file(path: &Path) -> Result<std::fs::File, SpawnError> {
     std::fs::File::options()
@@ -326,25 +331,50 @@ fn log_file(path: &Path) -> Result<std::fs::File, SpawnError> {
         .map_err(|source| SpawnError::Log { path: path.to_path_buf(), source })
 }
 
-/// Copies a worker's output to its log and, line by line after `prefix`, to the terminal.
+/// The longest line shown on the terminal; longer output without a line end is shown in pieces.
+const ECHO_LINE_MAX: usize = 64 << 10;
+
+/// Copies a worker's output to its log as it comes and, line by line after `prefix`, to the
+/// terminal: a line ends at `\n` or `\r` (progress bars redraw with `\r`), is cut at
+/// [`ECHO_LINE_MAX`], and shows control characters escaped (a worker cannot drive the terminal).
 async fn echo_lines(
-    stream: Box<dyn AsyncRead + Send + Unpin>,
+    mut stream: Box<dyn AsyncRead + Send + Unpin>,
     log: Arc<Mutex<std::fs::File>>,
     prefix: String,
     printer: Printer,
 ) {
-    let mut lines = BufReader::new(stream);
-    let mut line = Vec::new();
+    let mut chunk = vec![0u8; 8192];
+    let mut line: Vec<u8> = Vec::new();
+    let show = |line: &[u8]| {
+        let text: String = String::from_utf8_lossy(line)
+            .chars()
+            .flat_map(|c| if c.is_control() && c != '\t' { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+            .collect();
+        printer.println(&format!("{prefix}{text}"));
+    };
     loop {
-        line.clear();
-        match lines.read_until(b'\n', &mut line).await {
+        let n = match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
-            Ok(_) => {
-                // Best effort, as the worker's own writes to a full disk would be.
-                let _ = log.lock().unwrap_or_else(|p| p.into_inner()).write_all(&line);
-                let text = String::from_utf8_lossy(&line);
-                printer.println(&format!("{prefix}{}", text.trim_end_matches(['\n', '\r'])));
+            Ok(n) => n,
+        };
+        // Best effort, as the worker's own writes to a full disk would be.
+        let _ = log.lock().unwrap_or_else(|p| p.into_inner()).write_all(&chunk[..n]);
+        for &byte in &chunk[..n] {
+            if byte == b'\n' || byte == b'\r' {
+                if !line.is_empty() {
+                    show(&line);
+                }
+                line.clear();
+            } else {
+                line.push(byte);
+                if line.len() >= ECHO_LINE_MAX {
+                    show(&line);
+                    line.clear();
+                }
             }
         }
+    }
+    if !line.is_empty() {
+        show(&line);
     }
 }

@@ -32,9 +32,16 @@ impl Printer {
         if self.interactive {
             self.bar.println(line);
         } else {
-            eprintln!("{line}");
+            plain_line(line);
         }
     }
+}
+
+/// Writes a line to stderr; a reader that went away (`| head`, a closed ssh session) costs the
+/// line, never the launch (`eprintln!` would panic and take every worker with it).
+fn plain_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// Metrics of the training role worth a place on the bar, in this order.
@@ -154,7 +161,7 @@ impl RunProgress {
         self.bar.set_message(message.clone());
         let every = (self.total / 10).max(1);
         if !self.interactive && (m.step.is_multiple_of(every) || m.step == self.total) {
-            eprintln!("step {}/{} {message} lr {:.3e}", m.step, self.total, m.lr);
+            plain_line(&format!("step {}/{} {message} lr {:.3e}", m.step, self.total, m.lr));
         }
     }
 

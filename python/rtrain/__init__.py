@@ -30,6 +30,7 @@ Outside rtrain (no RTRAIN_* environment), `report` does nothing and checkpoints 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -39,7 +40,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-__all__ = ["Context", "context", "config", "report", "save_checkpoint", "latest_checkpoint", "checkpoint_dir"]
+__all__ = ["Context", "context", "config", "report", "heartbeat", "save_checkpoint", "latest_checkpoint",
+           "checkpoint_dir"]
 
 TRAINING_ROLE = "trainer"
 MANIFEST = "MANIFEST.json"
@@ -114,20 +116,36 @@ def _post(route: str, body: dict) -> None:
 
 
 _last_report: Optional[float] = None
+_last_step = 0
+
+
+def heartbeat() -> None:
+    """Tells the launcher this process is alive, within a long phase between reports (an
+    evaluation, a large checkpoint): once a process has reported, silence for
+    `fault.heartbeat_timeout_s` means it is hung."""
+    if context().launched:
+        _post("/v1/heartbeat", {"step": _last_step})
 
 
 def report(step: int, loss: Optional[float] = None, **metrics: float) -> None:
     """Reports that optimizer step `step` (counting from 1) is done, with its loss and any other
     numbers. `lr`, `tokens` (tokens or samples the step processed, for throughput) and `grad_norm`
-    have their own columns; the rest go to metrics.jsonl under their names."""
-    global _last_report
+    have their own columns; the rest go to metrics.jsonl under their names. Only rank 0 of the
+    training role records steps (a report with a loss); rank 0 of any role records its metrics;
+    every report is a heartbeat.
+    A loss or metric that is NaN or infinite raises FloatingPointError: training diverged."""
+    global _last_report, _last_step
     ctx = context()
     now = time.monotonic()
     step_time = now - _last_report if _last_report is not None else 0.0
     _last_report = now
+    _last_step = int(step)
+    numbers = {k: float(v) for k, v in metrics.items()}
+    bad = [(k, v) for k, v in [("loss", loss), *numbers.items()] if v is not None and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"step {step}: {bad[0][0]} is {bad[0][1]}: training diverged")
     if not ctx.launched:
         return
-    numbers = {k: float(v) for k, v in metrics.items()}
     if ctx.is_reporter and loss is not None:
         body = {"step": int(step), "loss": float(loss), "step_time_s": step_time, "metrics": {}}
         for key in ("lr", "tokens", "grad_norm"):
@@ -167,15 +185,18 @@ def _keep_last() -> int:
 
 @contextlib.contextmanager
 def save_checkpoint(step: int) -> Iterator[Optional[pathlib.Path]]:
-    """Yields a fresh directory to write the checkpoint of `step` into (rank 0; other ranks get
-    None). When the block ends without an error the files are synced, listed in MANIFEST.json and
+    """Yields a fresh directory to write the checkpoint of `step` into (rank 0 of the training
+    role; other processes get None). When the block ends without an error the files are synced, listed in MANIFEST.json and
     published as checkpoints/step-NNNNNN in one rename; after an error nothing is published."""
     ctx = context()
-    if ctx.rank != 0:
+    if ctx.rank != 0 or ctx.role != TRAINING_ROLE:
         yield None
         return
     root = _checkpoints()
     root.mkdir(parents=True, exist_ok=True)
+    # Writes that a killed process left half done.
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -186,6 +207,7 @@ def save_checkpoint(step: int) -> Iterator[Optional[pathlib.Path]]:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             files.append({"name": str(path.relative_to(tmp)), "bytes": path.stat().st_size, "sha256": _sha256(path)})
+            heartbeat()  # hashing a large checkpoint takes a while
         config_text = ctx.config.read_text() if ctx.config and ctx.config.exists() else ""
         manifest = {"format": MANIFEST_FORMAT, "step": int(step), "created_unix": time.time(), "files": files,
                     "config_digest": hashlib.sha256(config_text.encode()).hexdigest(), "config": config_text}
@@ -211,7 +233,8 @@ def _published() -> list:
     root = _checkpoints()
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit())
+    steps = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[5:]))
 
 
 def _verifies(path: pathlib.Path) -> bool:

@@ -65,18 +65,19 @@ fn folders_that_are_not_one_label_classifiers_are_refused_by_path() {
 }
 
 #[test]
-fn an_ended_response_is_scored_with_its_eos() {
+fn an_ended_response_is_closed_as_training_closes_it() {
+    // The fixture's tokenizer has a chat template: an ended response closes with its end of turn.
     let dir = fixture("llama_rm");
     let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let end = tokenizer.turn_end_text().unwrap();
+    assert!(end.starts_with("<|im_end|>"), "{end:?}");
     let model = rtrain_trainer::hf::RewardModel::load(&dir, Device::Cpu).unwrap();
     let record = Map::new();
     let input = |ended| RewardInput { prompt: "12+30=", response: "42", record: &record, ended };
     let mut reward = build_reward(&RewardSpec::Model { path: dir.clone(), batch: 2 }).unwrap();
     let scores = reward.score(&[input(true), input(false)]).unwrap();
-    let mut ids = tokenizer.encode("12+30=42", true).unwrap();
-    let open = model.score(std::slice::from_ref(&ids)).unwrap()[0];
-    ids.push(tokenizer.eos.as_ref().unwrap().id);
-    let closed = model.score(&[ids]).unwrap()[0];
+    let open = model.score(&[tokenizer.encode("12+30=42", true).unwrap()]).unwrap()[0];
+    let closed = model.score(&[tokenizer.encode(&format!("12+30=42{end}"), true).unwrap()]).unwrap()[0];
     assert!((scores[0].reward - closed).abs() < 1e-6 && (scores[1].reward - open).abs() < 1e-6);
-    assert!((open - closed).abs() > 1e-4, "the EOS changes the score, so the check above means something");
+    assert!((open - closed).abs() > 1e-4, "the end of turn changes the score, so the check above means something");
 }

@@ -246,7 +246,19 @@ fn log_path(run: &Path, role: &str, rank: usize) -> Result<PathBuf, String> {
 pub fn logs_command(run: &Path, role: &str, rank: usize, follow: bool) -> ExitCode {
     finish((|| {
         check_run(run)?;
-        let mut path = log_path(run, role, rank)?;
+        // A launch that is starting may not have made its logs yet: a follower waits for them.
+        let started = Instant::now();
+        let mut path = loop {
+            match log_path(run, role, rank) {
+                Ok(p) => break p,
+                Err(e)
+                    if !follow || run_lock::holder(run).is_none() || started.elapsed() > Duration::from_secs(600) =>
+                {
+                    return Err(e);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
         let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut out = std::io::stdout().lock();
         let mut buf = Vec::new();

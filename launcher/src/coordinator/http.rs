@@ -156,6 +156,7 @@ struct Metrics {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>, Json(body): Json<Metrics>) -> Reply {
+    check_names(body.metrics.keys(), &["role", "rank", "attempt", "step", "time"])?;
     let report = MetricsReport { id: Some(body.caller.id()), step: body.step, metrics: body.metrics, time: unix_now() };
     shared.report_metrics(report).map_err(from_status)?;
     Ok(ok())
@@ -180,6 +181,33 @@ struct Step {
     metrics: HashMap<String, f64>,
 }
 
+/// Names metrics.jsonl gives its own columns, which a reported metric may not take.
+const STEP_COLUMNS: [&str; 12] = [
+    "role",
+    "rank",
+    "step",
+    "loss",
+    "lr",
+    "tokens_per_s",
+    "time",
+    "grad_norm",
+    "step_time_s",
+    "attempt",
+    "restarts",
+    "checkpoint_stall_s",
+];
+
+/// Refuses metrics named like a column of their metrics.jsonl line.
+fn check_names<'a>(
+    names: impl IntoIterator<Item = &'a String>,
+    columns: &[&str],
+) -> Result<(), (StatusCode, Json<Value>)> {
+    match names.into_iter().find(|n| columns.contains(&n.as_str())) {
+        Some(name) => Err(fail(StatusCode::BAD_REQUEST, format!("metric `{name}` has a column of its own; rename it"))),
+        None => Ok(()),
+    }
+}
+
 async fn step(State(shared): State<Arc<Shared>>, Json(body): Json<Step>) -> Reply {
     let numbers = [("loss", body.loss), ("lr", body.lr), ("tokens", body.tokens), ("step_time_s", body.step_time_s)];
     let bad =
@@ -187,6 +215,10 @@ async fn step(State(shared): State<Arc<Shared>>, Json(body): Json<Step>) -> Repl
     if let Some((name, value)) = bad {
         return Err(fail(StatusCode::BAD_REQUEST, format!("`{name}` is {value}, not a finite number")));
     }
+    if let Some((name, value)) = numbers.into_iter().skip(1).find(|(_, v)| *v < 0.0) {
+        return Err(fail(StatusCode::BAD_REQUEST, format!("`{name}` is {value}; it cannot be negative")));
+    }
+    check_names(body.metrics.keys(), &STEP_COLUMNS)?;
     let id = body.caller.id();
     let metrics = StepMetrics {
         id: Some(id.clone()),

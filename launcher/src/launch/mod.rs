@@ -513,8 +513,13 @@ impl Launch<'_> {
     /// Serves the other roles (restarts, metrics, events) until `until` (returns `None`) or until
     /// the job ends: interrupted, failed by a role, or, with no deadline, every process done.
     async fn wait_side_roles(&mut self, until: Option<tokio::time::Instant>) -> Result<Option<Outcome>, LaunchError> {
+        let mut status = tokio::time::interval(std::time::Duration::from_secs(1));
+        let attempt = self.attempts.last().map_or(0, |a| a.number);
+        // Between attempts of the training gang (its restart backoff) none of its processes runs.
+        let state = if until.is_some() { "restarting" } else { "running" };
         loop {
             tokio::select! {
+                _ = status.tick() => self.write_status(state, attempt, &[]),
                 _ = async { match until { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                     return Ok(None);
                 }

@@ -9,14 +9,18 @@ use super::{RewardError, RewardFn, RewardInput, Scored};
 
 /// Scores each sample with a reward model, `batch` samples per forward pass. The model reads
 /// `prompt + response` as one text, tokenized as transformers' `tokenizer(text)` does (special
-/// tokens included), followed by the tokenizer's EOS when the response ended (as TRL and
-/// OpenRLHF score the generated ids, EOS included, and as rtrain's reward-model training reads
-/// pairs); a prompt that needs the model's chat template must already carry it.
+/// tokens included); a response that ended is closed as rtrain's reward-model training closes
+/// responses: with what the folder's chat template writes after an assistant message
+/// (`<|im_end|>\n`), or with the tokenizer's EOS when there is no template (as TRL and OpenRLHF
+/// score the generated ids, EOS included). A prompt that needs the chat template must already
+/// carry it.
 #[derive(Debug)]
 pub struct ModelReward {
     path: PathBuf,
     model: RewardModel,
     tokenizer: Tokenizer,
+    /// What the chat template writes after an assistant message, if the folder has one.
+    turn_end: Option<String>,
     batch: usize,
 }
 
@@ -26,7 +30,8 @@ impl ModelReward {
         let failed = |e: HfError| RewardError::Model { path: path.to_path_buf(), message: e.to_string() };
         let model = RewardModel::load(path, device).map_err(failed)?;
         let tokenizer = Tokenizer::from_dir(path).map_err(failed)?;
-        Ok(Self { path: path.to_path_buf(), model, tokenizer, batch: batch.max(1) })
+        let turn_end = tokenizer.turn_end_text();
+        Ok(Self { path: path.to_path_buf(), model, tokenizer, turn_end, batch: batch.max(1) })
     }
 }
 
@@ -38,9 +43,16 @@ impl RewardFn for ModelReward {
             let ids = chunk
                 .iter()
                 .map(|i| {
-                    let mut ids = self.tokenizer.encode(&format!("{}{}", i.prompt, i.response), true)?;
-                    ids.extend(self.tokenizer.eos.iter().filter(|_| i.ended).map(|eos| eos.id));
-                    Ok(ids)
+                    // An ended response closes as training pairs do: with the chat template's
+                    // end of turn, or the EOS without a template.
+                    match (i.ended, &self.turn_end) {
+                        (true, Some(end)) => self.tokenizer.encode(&format!("{}{}{end}", i.prompt, i.response), true),
+                        (ended, _) => {
+                            let mut ids = self.tokenizer.encode(&format!("{}{}", i.prompt, i.response), true)?;
+                            ids.extend(self.tokenizer.eos.iter().filter(|_| ended).map(|eos| eos.id));
+                            Ok(ids)
+                        }
+                    }
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(failed)?;

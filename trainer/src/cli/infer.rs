@@ -111,6 +111,7 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<String>, String> {
         let value: serde_json::Value =
             serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
         match value.get("prompt").and_then(|p| p.as_str()) {
+            Some("") => return Err(format!("{}:{}: the prompt is empty", path.display(), n + 1)),
             Some(p) => prompts.push(p.to_string()),
             None => return Err(format!("{}:{}: expected {{\"prompt\": \"...\"}}", path.display(), n + 1)),
         }

@@ -94,15 +94,20 @@ impl Tokenizer {
     /// and often names only another token as its EOS.
     fn end_of_turn(&self) -> Option<u32> {
         let Inner::Hf(inner) = &self.inner else { return None };
+        let first = *self.encode(&self.turn_end_text()?, false).ok()?.first()?;
+        inner.get_added_tokens_decoder().get(&first).filter(|t| t.special).map(|_| first)
+    }
+
+    /// What the chat template writes right after an assistant message's text (`<|im_end|>\n`),
+    /// or `None` without a template (or one that renders no such turn).
+    pub fn turn_end_text(&self) -> Option<String> {
         const MARK: &str = "rtrain-end-of-turn-probe";
         let messages = [
             ChatMessage { role: "user".into(), content: "hi".into() },
             ChatMessage { role: "assistant".into(), content: MARK.into() },
         ];
         let text = self.apply_chat_template(&messages, false).ok()?;
-        let after = &text[text.rfind(MARK)? + MARK.len()..];
-        let first = *self.encode(after, false).ok()?.first()?;
-        inner.get_added_tokens_decoder().get(&first).filter(|t| t.special).map(|_| first)
+        Some(text[text.rfind(MARK)? + MARK.len()..].to_string())
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (a BOS,

@@ -612,12 +612,17 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             ));
         }
         if crate::contract::is_reserved(name) {
-            return Err(bad(
-                &key,
-                "is set by rtrain for each worker (ranks, rendezvous, threads, GPUs); use another name, or the \
-                 config key that sets it"
-                    .into(),
-            ));
+            let why = match name.as_str() {
+                "OMP_NUM_THREADS" => "follows train.cpus_per_worker (or the launching shell's OMP_NUM_THREADS)",
+                "CUDA_VISIBLE_DEVICES" => {
+                    "is set from the GPUs placed for each worker (the launching shell's \
+                                          CUDA_VISIBLE_DEVICES limits which ones rtrain may use)"
+                }
+                _ => {
+                    "is set by rtrain for each worker (ranks, rendezvous, its own RTRAIN_ variables); use another name"
+                }
+            };
+            return Err(bad(&key, why.into()));
         }
         if value.contains('\0') {
             return Err(bad(&key, "must not contain a NUL character".into()));
