@@ -2,8 +2,10 @@
 
     python3 examples/arith/make_arith.py
 
-- sft.jsonl: prompt/response pairs for the first phase (supervised fine-tuning from random
-  weights, configs/grpo_arith_sft.toml), which leaves the model right on some of the sums;
+- sft.jsonl: 500 prompt/response pairs for the first phase (supervised fine-tuning from random
+  weights, configs/grpo_arith_sft.toml). So few that the model learns them by heart (1500 steps,
+  about 190 passes over them) and gets only some of the other sums right: a confident model with
+  the format and part of the arithmetic, which GRPO then generalises;
 - prompts.jsonl: prompts with their `answer` for GRPO; the last 200 are held out for the
   before/after evaluation (rl.eval_path names them separately, so no sum is trained on).
 The three sets are disjoint. tiny_llama/ is the model's architecture and character-level
@@ -17,7 +19,7 @@ here = pathlib.Path(__file__).parent
 rng = random.Random(0)
 pairs = [(a, b) for a in range(100) for b in range(100)]
 rng.shuffle(pairs)
-held_out, rl, sft = pairs[:200], pairs[200:5200], pairs[5200:]
+held_out, rl, sft = pairs[:200], pairs[200:5200], pairs[5200:5700]
 
 
 def write(name, rows):
