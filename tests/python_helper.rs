@@ -133,3 +133,77 @@ fn job_env_reaches_the_workers_and_cannot_replace_rtrains_variables() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("trainer:0| EXAMPLE_NOTE=set by job.env"), "{err}");
 }
+
+#[test]
+fn a_launch_outlives_its_terminal_and_echoes_raw_output_safely() {
+    let dir = tempfile::tempdir().unwrap();
+    // 200 KB with no line end, a terminal escape, then a pause before the line ends.
+    let script = "import sys, time\nsys.stdout.write('x' * 200000); sys.stdout.flush()\nprint('\\x1b[2J\\rdone', flush=True)\nfor i in range(30):\n    print('line', i, flush=True)\n    time.sleep(0.05)\n";
+    let text = format!(
+        "[job]\nname = \"raw\"\nrun_dir = \"{}\"\nentrypoint = [\"python3\", \"-c\", {:?}]\n[train]\nworkers = 1\nsteps = 1\n",
+        dir.path().display(),
+        script
+    );
+    let cfg = write_config(dir.path(), "raw.toml", &text);
+    let mut child = std::process::Command::new(RTRAIN)
+        .args(["launch", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read a little of the launch's output, then go away as `| head` would.
+    let mut stderr = child.stderr.take().unwrap();
+    let mut first = [0u8; 64];
+    std::io::Read::read(&mut stderr, &mut first).unwrap();
+    drop(stderr);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the launch died with its reader: {status}");
+    let run_path = dir.path().join("raw");
+    assert_eq!(summary(&run_path)["status"], "finished");
+    let log = std::fs::read_to_string(run_path.join("logs/attempt-0/trainer-0.log")).unwrap();
+    assert!(log.contains(&"x".repeat(200000)) && log.contains("line 29"), "the log keeps the raw output");
+
+    // With a reader that stays, lines are cut at 64 KiB and control characters are escaped.
+    // (Into a file: the test's own pipe would fill up, as no one reads it while the launch runs.)
+    let err_path = dir.path().join("stderr.txt");
+    let status = std::process::Command::new(RTRAIN)
+        .args(["launch", cfg.to_str().unwrap(), "--fresh"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .status()
+        .unwrap();
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("x\\u{1b}[2J\ntrainer:0| done"), "the escape is shown, not obeyed, and \\r ends a line");
+    assert!(!err.contains('\u{1b}'), "no raw escape reaches the terminal");
+    let longest = err.lines().map(str::len).max().unwrap();
+    assert!(longest <= (64 << 10) + 64, "a line without an end is shown in pieces: {longest}");
+}
+
+#[test]
+fn the_helper_orders_checkpoints_by_step_and_refuses_nan() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        r#"
+import os, math, rtrain
+os.environ["RTRAIN_RUN_DIR"] = {run:?}
+for step in (999998, 999999, 1000000, 1000001):
+    with rtrain.save_checkpoint(step) as d:
+        (d / "state.txt").write_text(str(step))
+names = sorted(p.name for p in (rtrain.context().run_dir / "checkpoints").iterdir())
+assert rtrain.latest_checkpoint().name == "step-1000001", names
+# keep_last (3 without a config) drops the oldest by step, not by name.
+assert [p.name for p in rtrain._published()] == ["step-999999", "step-1000000", "step-1000001"], names
+try:
+    rtrain.report(1, loss=math.nan)
+except FloatingPointError as e:
+    print("refused:", e)
+"#,
+        run = dir.path().display().to_string()
+    );
+    let out =
+        std::process::Command::new("python3").args(["-c", &script]).env("PYTHONPATH", repo("python")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}{}", text, String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("refused: step 1: loss is nan: training diverged"), "{text}");
+}

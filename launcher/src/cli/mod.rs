@@ -1,5 +1,22 @@
 //! The `rtrain` command line. `main.rs` only calls [`main`]; tests call the same functions.
 
+/// `eprintln!` that never panics: a launch whose terminal went away (`| head`, a closed ssh
+/// session) keeps supervising its workers; only what it would have printed is lost.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that never panics (see `say!`).
+macro_rules! say_part {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod ckpt;
 mod runs;
 
@@ -242,18 +259,18 @@ fn exec_worker_binary() -> ExitCode {
     let exe = match worker_exe() {
         Ok(exe) => exe,
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
     let err = std::process::Command::new(&exe).args(std::env::args_os().skip(1)).exec();
-    eprintln!("error: cannot run {}: {err}", exe.display());
+    say!("error: cannot run {}: {err}", exe.display());
     ExitCode::from(EXIT_FAILED)
 }
 
 fn load(args: &ConfigArgs) -> Result<LoadedConfig, ExitCode> {
     config::load(&args.file, &args.overrides).map_err(|e| {
-        eprintln!("error: {e}");
+        say!("error: {e}");
         ExitCode::from(EXIT_CONFIG)
     })
 }
@@ -388,10 +405,10 @@ fn print_eval_table(doc: &serde_json::Value, what: &str, count_key: &str, rows: 
     };
     let count =
         doc.get("eval_before").or(doc.get("eval_after")).and_then(|e| e.get(count_key)).and_then(|v| v.as_u64());
-    eprintln!("  {what} ({} {count_key}):", count.unwrap_or(0));
-    eprintln!("              before    after");
+    say!("  {what} ({} {count_key}):", count.unwrap_or(0));
+    say!("              before    after");
     for (label, key) in rows {
-        eprintln!("    {label:<8} {} {}", cell("eval_before", key), cell("eval_after", key));
+        say!("    {label:<8} {} {}", cell("eval_before", key), cell("eval_after", key));
     }
 }
 
@@ -404,11 +421,11 @@ fn print_samples(run: &std::path::Path) {
         return;
     };
     let field = |s: &serde_json::Value, k: &str| s.get(k).and_then(|v| v.as_str()).map(|t| t.trim().to_string());
-    eprintln!("  the final model's greedy output:");
+    say!("  the final model's greedy output:");
     for s in &samples {
         let (Some(prompt), Some(response)) = (field(s, "prompt"), field(s, "response")) else { continue };
         let taught = field(s, "expected").map(|e| format!(" (taught {e:?})")).unwrap_or_default();
-        eprintln!("    {prompt:?} -> {response:?}{taught}");
+        say!("    {prompt:?} -> {response:?}{taught}");
     }
 }
 
@@ -426,7 +443,7 @@ pub fn launch_command(
     let program = match program(&loaded) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
@@ -434,27 +451,27 @@ pub fn launch_command(
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say!("error: cannot start the async runtime: {e}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
     let report = match runtime.block_on(launch(&loaded, &opts)) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
     let s = &report.summary;
     if let Some(e) = &report.summary_error {
-        eprintln!("warning: summary.json not written: {e}");
+        say!("warning: summary.json not written: {e}");
     }
     match report.outcome {
         Outcome::Finished => {
             let loss = s.final_loss.map(|l| format!(", loss {l:.4}")).unwrap_or_default();
             let speed = s.tokens_per_s.map(|t| format!(", {t:.0} tokens/s")).unwrap_or_default();
-            eprintln!("{} finished: {} steps{loss}{speed} in {:.1} s", s.name, s.final_step, s.wall_time_s);
-            eprintln!("  run directory: {} (metrics.jsonl, summary.json, logs/)", report.run_path.display());
+            say!("{} finished: {} steps{loss}{speed} in {:.1} s", s.name, s.final_step, s.wall_time_s);
+            say!("  run directory: {} (metrics.jsonl, summary.json, logs/)", report.run_path.display());
             if let Some(rl) = &s.rl {
                 let rows = [("accuracy", "accuracy"), ("reward", "reward")];
                 print_eval_table(rl, "held-out evaluation, greedy", "prompts", &rows);
@@ -467,12 +484,12 @@ pub fn launch_command(
             ExitCode::SUCCESS
         }
         Outcome::Failed(summary) => {
-            eprint!("error: {summary}");
-            eprintln!("  run directory: {}", report.run_path.display());
+            say_part!("error: {summary}");
+            say!("  run directory: {}", report.run_path.display());
             ExitCode::from(EXIT_FAILED)
         }
         Outcome::Interrupted { signal } => {
-            eprintln!("{} interrupted at step {}; all workers stopped", s.name, s.final_step);
+            say!("{} interrupted at step {}; all workers stopped", s.name, s.final_step);
             ExitCode::from(128 + signal as u8)
         }
     }
