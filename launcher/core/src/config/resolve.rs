@@ -354,15 +354,17 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     let collective_timeout = seconds("train.collective_timeout_s", train.collective_timeout_s, false).map_err(keyed)?;
     let bucket_bytes = (positive_f("train.bucket_mb", train.bucket_mb)? * (1 << 20) as f64) as usize;
 
+    // A Hugging Face model folder, for the trainers that take one.
+    let model_folder = || {
+        if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
+            return Err(bad("model.path", format!("`{}` is not a model folder (no config.json there)", model.path)));
+        }
+        Ok(())
+    };
     let trainer = match (train.trainer, model.kind) {
         (TrainerChoice::Lm, ModelKind::Gpt) => TrainerKind::Lm,
         (TrainerChoice::Sft, ModelKind::Hf) => {
-            if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
-                return Err(bad(
-                    "model.path",
-                    format!("`{}` is not a model folder (no config.json there)", model.path),
-                ));
-            }
+            model_folder()?;
             let max_len = positive("data.max_len", data.max_len)? as usize;
             TrainerKind::Sft {
                 model: PathBuf::from(&model.path),
@@ -371,12 +373,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             }
         }
         (choice @ (TrainerChoice::Grpo | TrainerChoice::Ppo), ModelKind::Hf) => {
-            if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
-                return Err(bad(
-                    "model.path",
-                    format!("`{}` is not a model folder (no config.json there)", model.path),
-                ));
-            }
+            model_folder()?;
             if model.init == ModelInit::Random {
                 return Err(bad(
                     "model.init",
@@ -395,12 +392,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             TrainerKind::Rl { model: PathBuf::from(&model.path), max_len, rl: Box::new(rl) }
         }
         (choice @ (TrainerChoice::Dpo | TrainerChoice::Rm), ModelKind::Hf) => {
-            if model.path.is_empty() || !Path::new(&model.path).join("config.json").exists() {
-                return Err(bad(
-                    "model.path",
-                    format!("`{}` is not a model folder (no config.json there)", model.path),
-                ));
-            }
+            model_folder()?;
             if model.init == ModelInit::Random {
                 return Err(bad(
                     "model.init",
