@@ -75,7 +75,7 @@ impl EventWriter {
     }
 
     /// Writes the scalars of one step, tagged by name; non-finite values are left out.
-    pub fn scalars<'a>(
+    pub fn scalars(
         &mut self,
         step: u64,
         wall_time: f64,

@@ -141,8 +141,8 @@ fn dpo_losses_rewards_and_gradients_equal_trl() {
         // Training takes the reference log-probs from a table made before the first step: the
         // same values.
         let table = learner.reference_log_probs(&batch, Device::Cpu).unwrap();
-        let from_table = learner.terms_with(&batch, Device::Cpu, Some(&table));
-        let terms = learner.terms(&batch, Device::Cpu);
+        let from_table = learner.terms_with(&batch, Device::Cpu, Some(&table)).unwrap();
+        let terms = learner.terms(&batch, Device::Cpu).unwrap();
         assert!(from_table.loss.allclose(&terms.loss, 0.0, 0.0, false), "{name}: precomputed reference");
         assert_close(&format!("{name}: chosen rewards"), &terms.chosen_reward, &floats(&case["chosen_rewards"]));
         assert_close(&format!("{name}: rejected rewards"), &terms.rejected_reward, &floats(&case["rejected_rewards"]));
@@ -165,7 +165,7 @@ fn reward_model_losses_scores_and_gradients_equal_trl() {
         let model = RewardModel::load(&root().join(r["rm_model"].as_str().unwrap()), Device::Cpu).unwrap();
         let learner = Learner::RewardModel(model);
         let name = format!("reward model, margin {with_margin}");
-        let terms = learner.terms(&batch, Device::Cpu);
+        let terms = learner.terms(&batch, Device::Cpu).unwrap();
         assert_close(&format!("{name}: chosen"), &terms.chosen_reward, &floats(&case["rewards_chosen"]));
         assert_close(&format!("{name}: rejected"), &terms.rejected_reward, &floats(&case["rewards_rejected"]));
         let mean = terms.loss.mean(Kind::Float);

@@ -139,26 +139,32 @@ impl Learner {
 
     /// The per-pair loss and rewards of `batch` (on `device`), with DPO's reference log-probs
     /// computed here by the reference model.
-    pub fn terms(&self, batch: &PairBatch, device: Device) -> PairTerms {
+    pub fn terms(&self, batch: &PairBatch, device: Device) -> Result<PairTerms, TrainError> {
         self.terms_with(batch, device, None)
     }
 
     /// As [`Learner::terms`], DPO taking the reference log-probs (`[2n]`, as
     /// [`Learner::reference_log_probs`] gives them) from `reference` when given.
-    pub fn terms_with(&self, batch: &PairBatch, device: Device, reference: Option<&Tensor>) -> PairTerms {
+    pub fn terms_with(
+        &self,
+        batch: &PairBatch,
+        device: Device,
+        reference: Option<&Tensor>,
+    ) -> Result<PairTerms, TrainError> {
         let ids = batch.ids.to_device(device);
         let n = batch.pairs();
         match self {
             Learner::Dpo { policy, beta, loss, label_smoothing, .. } => {
                 let response = batch.response.to_device(device);
                 let policy_lp = response_log_probs(&policy.logits(&ids), &ids, &response);
-                let reference_lp = match reference {
-                    Some(r) => r.to_device(device).to_kind(policy_lp.kind()),
-                    None => self
-                        .reference_log_probs(batch, device)
-                        .expect("the reference model is kept until every pair's log-probs are known")
-                        .to_kind(policy_lp.kind()),
-                };
+                let reference_lp = match reference.map(Tensor::shallow_clone) {
+                    Some(r) => r,
+                    None => self.reference_log_probs(batch, device).ok_or_else(|| {
+                        TrainError::other("DPO needs the reference log-probs: the reference model was released")
+                    })?,
+                }
+                .to_device(device)
+                .to_kind(policy_lp.kind());
                 let len = batch.response_len.to_device(device);
                 let lp = DpoLogProbs {
                     policy_chosen: &policy_lp.narrow(0, 0, n),
@@ -168,12 +174,16 @@ impl Learner {
                     chosen_len: &len.narrow(0, 0, n),
                     rejected_len: &len.narrow(0, n, n),
                 };
-                dpo_terms(&lp, *beta, *loss, *label_smoothing)
+                Ok(dpo_terms(&lp, *beta, *loss, *label_smoothing))
             }
             Learner::RewardModel(m) => {
                 let read_at: Vec<i64> = batch.rows.iter().map(|r| m.read_position(r) as i64).collect();
                 let scores = m.scores(&ids, &Tensor::from_slice(&read_at)).to_kind(Kind::Float);
-                reward_model_terms(&scores.narrow(0, 0, n), &scores.narrow(0, n, n), &batch.margin.to_device(device))
+                Ok(reward_model_terms(
+                    &scores.narrow(0, 0, n),
+                    &scores.narrow(0, n, n),
+                    &batch.margin.to_device(device),
+                ))
             }
         }
     }

@@ -140,7 +140,7 @@ impl TrainStep for PreferenceStep {
         let pairs: Vec<&Pair> = picked.iter().map(|&i| &self.pairs[i]).collect();
         let batch = PairBatch::new(&pairs, self.pad);
         let reference = self.reference.as_ref().map(|table| reference_rows(table, &picked));
-        let terms = self.learner.terms_with(&batch, ctx.device, reference.as_ref());
+        let terms = self.learner.terms_with(&batch, ctx.device, reference.as_ref())?;
         self.sums.add(&terms);
         Ok(MicroLoss::sum(terms.loss.sum(Kind::Float)).with_tokens(batch.tokens()))
     }
@@ -255,14 +255,15 @@ impl PreferenceLoop {
         let step = self.inner.train_step();
         let mine: Vec<usize> = (ctx.rank..self.eval.len()).step_by(ctx.world_size).collect();
         let mut sums = Sums::default();
-        tch::no_grad(|| {
+        tch::no_grad(|| -> Result<(), TrainError> {
             for chunk in mine.chunks(ctx.spec.micro_batch.max(1)) {
                 let pairs: Vec<&Pair> = chunk.iter().map(|&i| &self.eval[i]).collect();
                 let batch = PairBatch::new(&pairs, step.pad);
                 let reference = self.eval_reference.as_ref().map(|table| reference_rows(table, chunk));
-                sums.add(&step.learner.terms_with(&batch, ctx.device, reference.as_ref()));
+                sums.add(&step.learner.terms_with(&batch, ctx.device, reference.as_ref())?);
             }
-        });
+            Ok(())
+        })?;
         Ok(sums.all_reduce(ctx)?.scores())
     }
 
