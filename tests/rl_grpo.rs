@@ -153,9 +153,18 @@ fn killing_an_actor_restarts_it_alone_and_every_step_still_gets_all_its_samples(
 
 #[test]
 fn killing_the_trainer_resumes_it_and_the_actors_generate_with_the_restored_weights() {
+    // Both weight paths: shared memory, and the TCP stream whose server moves with the trainer.
+    for sync in ["shm", "tcp"] {
+        trainer_restart(sync);
+    }
+}
+
+fn trainer_restart(sync: &str) {
+    let weight_sync = format!("rl.weight_sync=\"{sync}\"");
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("grpo_arith");
-    let guard = spawn_in_repo(&["launch", "configs/grpo_arith.toml"], &grpo_sets(dir.path(), 1_000_000, &[]));
+    let guard =
+        spawn_in_repo(&["launch", "configs/grpo_arith.toml"], &grpo_sets(dir.path(), 1_000_000, &[&weight_sync]));
     let saved = |step: &str| run.join("checkpoints").join(step).join("trainer_state.json").exists();
     assert!(wait_until(LIMIT, || saved("step-000003") && last_rl_step(&run) >= 5), "no checkpoint reached");
     let actors = (pid_of(&run, "rollout", 0), pid_of(&run, "rollout", 1));
@@ -184,6 +193,23 @@ fn with_max_staleness_one_generation_runs_ahead_but_never_trains_on_older_sample
     let steps = rl_metrics(&dir.path().join("grpo_arith"));
     assert_eq!(steps.len(), 8);
     assert!(steps.iter().all(|m| m["staleness_max"].as_f64().unwrap() <= 1.0), "{steps:?}");
+}
+
+#[test]
+fn actors_can_take_the_weights_over_the_tcp_stream() {
+    // The path actors on other hosts need, exercised on one host: rank 0 serves each version over
+    // the authenticated chunked stream, the actors find it in the address book.
+    let dir = tempfile::tempdir().unwrap();
+    let out =
+        rtrain_in_repo(&["launch", "configs/grpo_arith.toml"], &grpo_sets(dir.path(), 6, &["rl.weight_sync=\"tcp\""]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let steps = rl_metrics(&dir.path().join("grpo_arith"));
+    assert_eq!(steps.len(), 6);
+    for m in &steps {
+        // The actors generated with the trainer's weights of that version.
+        assert!(m["behaviour_gap"].as_f64().unwrap() < 1e-4, "{m}");
+        assert_eq!(m["samples"], 16.0, "{m}");
+    }
 }
 
 #[test]

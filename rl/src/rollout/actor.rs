@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use rtrain_core::config::rl::{ROLLOUT_ROLE, RlSpec};
+use rtrain_core::config::rl::{ROLLOUT_ROLE, RlSpec, WeightSyncChoice};
 use rtrain_core::config::{JobSpec, TRAINING_ROLE, TrainerKind};
 use rtrain_core::contract::WorkerEnv;
 use rtrain_core::job_client::JobClient;
@@ -23,10 +23,12 @@ use crate::prompts::Prompt;
 use crate::reward::{RewardFn, RewardInput, build_reward};
 use crate::sample::{FinishReason, Reward, Sample};
 use crate::trainer::{RlSetup, policy_channel};
-use crate::weight_sync::{SyncOutcome, SyncedVersion, WeightSubscriber};
+use crate::weight_sync::{SyncOutcome, SyncedVersion, WeightClient, WeightSubscriber};
 
 /// The address name under which the trainer's rank 0 publishes its controller.
 pub const CONTROLLER_ADDR: &str = "rollout";
+/// The address name of rank 0's weight server (`rl.weight_sync = "tcp"`).
+pub const WEIGHTS_ADDR: &str = "weights";
 /// How long an actor waits for the weights a work item needs.
 const WEIGHTS_PATIENCE: Duration = Duration::from_secs(300);
 
@@ -66,8 +68,20 @@ struct Actor {
     tokenizer: Tokenizer,
     prompts: Vec<Prompt>,
     reward: Box<dyn RewardFn>,
-    weights: WeightSubscriber,
+    weights: WeightSource,
     job: JobClient,
+}
+
+/// Where an actor reads policy versions from (`rl.weight_sync`).
+enum WeightSource {
+    Shm(WeightSubscriber),
+    /// Rank 0's weight server, found in the address book (again after a trainer restart), and
+    /// the version held.
+    Tcp {
+        client: Option<WeightClient>,
+        held: Option<SyncedVersion>,
+        token: String,
+    },
 }
 
 fn run() -> Result<(), ActorError> {
@@ -81,7 +95,12 @@ fn run() -> Result<(), ActorError> {
     loaded.vs.freeze();
     let mut vars: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let channel = policy_channel(&env.run_id, &env.token).map_err(|e| ActorError::Setup(e.to_string()))?;
+    let weights = match setup.rl.weight_sync {
+        WeightSyncChoice::Shm => WeightSource::Shm(WeightSubscriber::new(
+            &policy_channel(&env.run_id, &env.token).map_err(|e| ActorError::Setup(e.to_string()))?,
+        )),
+        WeightSyncChoice::Tcp => WeightSource::Tcp { client: None, held: None, token: env.token.clone() },
+    };
     let reward = build_reward(&setup.rl.reward).map_err(|e| ActorError::Setup(e.to_string()))?;
     let job = JobClient::from_env().map_err(|e| ActorError::Setup(e.to_string()))?;
     let mut actor = Actor {
@@ -91,7 +110,7 @@ fn run() -> Result<(), ActorError> {
         tokenizer: setup.tokenizer,
         prompts: setup.train,
         reward,
-        weights: WeightSubscriber::new(&channel),
+        weights,
         job,
         env,
     };
@@ -108,6 +127,13 @@ fn run() -> Result<(), ActorError> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// A client of rank 0's weight server, once its address is in the job's address book.
+fn weight_server(job: &JobClient, token: &str) -> Option<WeightClient> {
+    let book = job.lookup(TRAINING_ROLE).ok()?;
+    let addr: SocketAddr = book.addr(TRAINING_ROLE, 0, WEIGHTS_ADDR)?.parse().ok()?;
+    Some(WeightClient::new(addr, token.as_bytes()))
 }
 
 impl Actor {
@@ -183,7 +209,34 @@ impl Actor {
     fn sync_weights(&mut self, generation: u64, min_version: u64) -> Result<SyncedVersion, ActorError> {
         let started = Instant::now();
         loop {
-            let held = match self.weights.sync_into(&mut self.vars) {
+            let synced = match &mut self.weights {
+                WeightSource::Shm(subscriber) => subscriber.sync_into(&mut self.vars),
+                WeightSource::Tcp { client, held, token } => {
+                    if client.is_none() {
+                        *client = weight_server(&self.job, token);
+                    }
+                    match client {
+                        Some(c) => {
+                            let synced = c.fetch_into(*held, &mut self.vars);
+                            match &synced {
+                                Ok(SyncOutcome::Loaded { version, .. } | SyncOutcome::UpToDate(version)) => {
+                                    *held = Some(*version);
+                                }
+                                // The server may have moved (a restarted trainer): look it up again.
+                                Err(_) => {
+                                    *client = None;
+                                    // A transfer cut short leaves a mix of versions: load whole next time.
+                                    *held = None;
+                                }
+                                Ok(SyncOutcome::NotPublished) => {}
+                            }
+                            synced
+                        }
+                        None => Ok(SyncOutcome::NotPublished),
+                    }
+                }
+            };
+            let held = match synced {
                 Ok(SyncOutcome::Loaded { version, .. } | SyncOutcome::UpToDate(version)) => Some(version),
                 Ok(SyncOutcome::NotPublished) => None,
                 Err(e) if e.is_retryable() => None,

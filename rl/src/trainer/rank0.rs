@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use rtrain_core::config::rl::EVAL_FILE;
+use rtrain_core::config::rl::{EVAL_FILE, WeightSyncChoice};
 use rtrain_trainer::engine::Engine;
 use rtrain_trainer::hf::HfModel;
 use rtrain_trainer::runtime::JobClient;
@@ -13,10 +13,10 @@ use rtrain_trainer::{TrainContext, TrainError};
 use super::eval::{EvalResult, evaluate};
 use super::setup::{RlSetup, policy_channel};
 use crate::reward::{RewardFn, build_reward};
-use crate::rollout::actor::CONTROLLER_ADDR;
+use crate::rollout::actor::{CONTROLLER_ADDR, WEIGHTS_ADDR};
 use crate::rollout::{RolloutController, RolloutPlan, StepRollouts};
 use crate::sample::Sample;
-use crate::weight_sync::WeightPublisher;
+use crate::weight_sync::{WeightPublisher, WeightServer, WeightServerConfig};
 
 /// The gang's view of a step, for [`Coordinator::report`]: the diagnostics summed over ranks
 /// (clip fraction, policy KL, entropy sum, reference-KL sum, loss tokens, value loss, behaviour
@@ -33,14 +33,21 @@ pub(super) struct StepStats<'a> {
 /// What only rank 0 does: talk to the actors, publish weights, evaluate, report.
 pub(super) struct Coordinator {
     pub(super) controller: RolloutController,
-    publisher: Option<WeightPublisher>,
-    channel: crate::weight_sync::ShmChannel,
+    publisher: Publisher,
     job: JobClient,
     reward: Box<dyn RewardFn>,
     /// The version last published.
     published: Option<u64>,
     /// Seconds the last publication took.
     sync_seconds: f64,
+}
+
+/// Where rank 0 publishes each policy version for the actors (`rl.weight_sync`).
+enum Publisher {
+    /// A shared-memory segment (made with the first version's tensors).
+    Shm { channel: crate::weight_sync::ShmChannel, publisher: Option<WeightPublisher> },
+    /// The chunked TCP stream, its address in the job's address book.
+    Tcp(WeightServer),
 }
 
 impl Coordinator {
@@ -67,9 +74,22 @@ impl Coordinator {
             .map_err(|e| TrainError::other(format!("rollout controller: {e}")))?;
         let job = JobClient::from_env().map_err(|e| TrainError::other(e.to_string()))?;
         job.publish(CONTROLLER_ADDR, &controller.addr().to_string()).map_err(|e| TrainError::other(e.to_string()))?;
-        let channel = policy_channel(&env.run_id, &env.token).map_err(|e| TrainError::other(e.to_string()))?;
+        let publisher = match setup.rl.weight_sync {
+            WeightSyncChoice::Shm => Publisher::Shm {
+                channel: policy_channel(&env.run_id, &env.token).map_err(|e| TrainError::other(e.to_string()))?,
+                publisher: None,
+            },
+            WeightSyncChoice::Tcp => {
+                let config = WeightServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), env.token.as_bytes());
+                let server =
+                    WeightServer::start(config).map_err(|e| TrainError::other(format!("weight server: {e}")))?;
+                job.publish(WEIGHTS_ADDR, &server.local_addr().to_string())
+                    .map_err(|e| TrainError::other(e.to_string()))?;
+                Publisher::Tcp(server)
+            }
+        };
         let reward = build_reward(&setup.rl.reward).map_err(|e| TrainError::setting("rl.reward", e.to_string()))?;
-        Ok(Self { controller, publisher: None, channel, job, reward, published: None, sync_seconds: 0.0 })
+        Ok(Self { controller, publisher, job, reward, published: None, sync_seconds: 0.0 })
     }
 
     /// Publishes the engine's weights as policy version `version` (once per version).
@@ -80,14 +100,23 @@ impl Coordinator {
         let started = Instant::now();
         let weights = engine.weights()?;
         let sync = |e: crate::weight_sync::WeightSyncError| TrainError::other(format!("weight sync: {e}"));
-        let publisher = match &mut self.publisher {
-            Some(p) => p,
-            None => self.publisher.insert(WeightPublisher::create(&self.channel, &weights.tensors).map_err(sync)?),
+        let generation = match &mut self.publisher {
+            Publisher::Shm { channel, publisher } => {
+                let publisher = match publisher {
+                    Some(p) => p,
+                    None => publisher.insert(WeightPublisher::create(channel, &weights.tensors).map_err(sync)?),
+                };
+                publisher.publish(version, &weights.tensors).map_err(sync)?;
+                publisher.generation()
+            }
+            Publisher::Tcp(server) => {
+                server.publish(version, &weights.tensors).map_err(sync)?;
+                server.generation()
+            }
         };
-        publisher.publish(version, &weights.tensors).map_err(sync)?;
         self.published = Some(version);
         self.sync_seconds = started.elapsed().as_secs_f64();
-        self.controller.published(publisher.generation(), version);
+        self.controller.published(generation, version);
         Ok(())
     }
 }

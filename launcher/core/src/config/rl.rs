@@ -26,6 +26,11 @@ choice!(
     }
 );
 
+choice!(
+    /// `rl.weight_sync`: how rollout actors receive each policy version.
+    WeightSyncChoice, "a weight sync", { Shm = "shm", Tcp = "tcp" }
+);
+
 /// The name of the role that holds the rollout actors.
 pub const ROLLOUT_ROLE: &str = "rollout";
 /// The file in the run directory where the RL trainer records held-out scores before and after
@@ -52,6 +57,9 @@ pub struct RlSection {
     /// 0: generate, train, sync, in turn (strictly on-policy); k > 0: generation runs up to k
     /// policy versions ahead of training, and no sample older than k versions is trained on.
     pub max_staleness: u64,
+    /// `shm` (shared memory, actors on the trainer's host) or `tcp` (the authenticated chunked
+    /// stream actors on other hosts need; on one host it exercises that path).
+    pub weight_sync: WeightSyncChoice,
     /// KL penalty towards the starting policy; 0 turns it off (and no reference model is kept).
     pub kl_coef: f64,
     pub kl_estimator: KlEstimatorChoice,
@@ -95,6 +103,7 @@ impl Default for RlSection {
             temperature: 1.0,
             top_p: 1.0,
             max_staleness: 0,
+            weight_sync: WeightSyncChoice::Shm,
             kl_coef: 0.0,
             kl_estimator: KlEstimatorChoice::K3,
             kl_in: KlPlacementChoice::Loss,
@@ -139,6 +148,7 @@ pub struct RlSpec {
     pub temperature: f64,
     pub top_p: f64,
     pub max_staleness: u64,
+    pub weight_sync: WeightSyncChoice,
     pub kl_coef: f64,
     pub kl_estimator: KlEstimatorChoice,
     pub kl_in: KlPlacementChoice,
@@ -289,6 +299,7 @@ pub fn resolve_rl(rl: &RlSection, algorithm: RlAlgorithm, workers: usize) -> Res
         temperature: rl.temperature,
         top_p,
         max_staleness: rl.max_staleness,
+        weight_sync: rl.weight_sync,
         kl_coef: rl.kl_coef,
         kl_estimator: rl.kl_estimator,
         kl_in: rl.kl_in,
