@@ -213,6 +213,20 @@ fn actors_can_take_the_weights_over_the_tcp_stream() {
 }
 
 #[test]
+fn at_a_temperature_the_behaviour_and_trainer_log_probs_are_of_the_tempered_policy() {
+    // Actors sample from softmax(logits / T): the log-probs they hand in and the trainer's must
+    // be of that distribution, or the importance weights would be off by the temperature.
+    let dir = tempfile::tempdir().unwrap();
+    let out =
+        rtrain_in_repo(&["launch", "configs/grpo_arith.toml"], &grpo_sets(dir.path(), 4, &["rl.temperature=0.5"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    for m in rl_metrics(&dir.path().join("grpo_arith")) {
+        assert!(m["behaviour_gap"].as_f64().unwrap() < 1e-4, "{m}");
+        assert!(m["policy_kl"].as_f64().unwrap().abs() < 1e-6, "{m}");
+    }
+}
+
+#[test]
 fn rl_configs_with_mistakes_are_refused_naming_the_key() {
     let cases: [(&[&str], &str); 5] = [
         (&["rl.group_size=1"], "rl.group_size"),

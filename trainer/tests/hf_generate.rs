@@ -111,3 +111,26 @@ fn sampling_is_seeded_and_honours_its_controls() {
         cut[0].text
     );
 }
+
+#[test]
+fn log_probs_at_the_sampling_temperature_are_of_the_tempered_distribution() {
+    let (model, tok, r) = load("llama_tiny");
+    let prompt: Vec<u32> = serde_json::from_value(r["greedy"][1]["prompt_ids"].clone()).unwrap();
+    let t = 0.5;
+    let raw = SamplingParams { max_new_tokens: 6, temperature: t, seed: 3, ..SamplingParams::default() };
+    let tempered = SamplingParams { logprobs_at_temperature: true, ..raw.clone() };
+    let (a, b) = (
+        generate(&model, &tok, &[prompt.clone()], &raw).unwrap(),
+        generate(&model, &tok, &[prompt.clone()], &tempered).unwrap(),
+    );
+    assert_eq!(a[0].token_ids, b[0].token_ids, "the flag changes what is reported, not what is sampled");
+    // log softmax(z / T)[token], from the model's logits over the whole sequence.
+    let ids: Vec<i64> = prompt.iter().chain(&b[0].token_ids).map(|&i| i64::from(i)).collect();
+    let logits = model.logits(&tch::Tensor::from_slice(&ids).view([1, -1])).squeeze_dim(0);
+    let expected = (logits / t).log_softmax(-1, tch::Kind::Double);
+    for (i, (&token, lp)) in b[0].token_ids.iter().zip(&b[0].logprobs).enumerate() {
+        let want = expected.double_value(&[(prompt.len() + i - 1) as i64, i64::from(token)]);
+        assert!((lp - want).abs() < 1e-4, "token {i}: {lp} vs {want}");
+        assert!((lp - a[0].logprobs[i]).abs() > 1e-6 || a[0].logprobs[i] > -1e-6, "the raw log-probs differ");
+    }
+}

@@ -282,6 +282,8 @@ impl Actor {
             temperature: self.rl.temperature,
             top_p: self.rl.top_p,
             seed: items.first().map_or(0, |i| i.seed),
+            // The behaviour policy is the distribution sampled from: the tempered one.
+            logprobs_at_temperature: true,
             ..SamplingParams::default()
         };
         // The group_size samples of a prompt share its prefill (its KV cache is computed once).

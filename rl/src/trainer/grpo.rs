@@ -151,13 +151,16 @@ impl RlLoop {
         Ok((groups, rollouts))
     }
 
-    /// Log-probs `[B, R]` of the response tokens of `samples` under `model`, with the logits.
+    /// Log-probs `[B, R]` of the response tokens of `samples` under `model`, with the logits:
+    /// of the distribution the actors sample from, logits / `rl.temperature` (as veRL), so the
+    /// policy, the behaviour log-probs and the reference agree whatever the temperature.
     fn response_log_probs(
         &self,
         model: &HfModel,
         batch: &crate::batch::RolloutBatch,
     ) -> Result<(Tensor, Tensor), TrainError> {
-        let logits = model.logits_padded(&batch.input_ids, &batch.attention_mask).to_kind(Kind::Float);
+        let logits = model.logits_padded(&batch.input_ids, &batch.attention_mask).to_kind(Kind::Float)
+            / self.setup.rl.temperature;
         let log_probs = batch.response_log_probs(&logits).map_err(rl_error)?;
         let r = batch.response_ids.size()[1];
         Ok((log_probs, logits.narrow(1, batch.prompt_len - 1, r)))

@@ -56,6 +56,7 @@ pub fn generate_command(args: &GenerateArgs) -> ExitCode {
         seed: args.seed,
         stop_token_ids: Vec::new(),
         stop_strings: args.stop.clone(),
+        logprobs_at_temperature: false,
     };
     for (chunk_no, chunk) in texts.chunks(PROMPTS_PER_BATCH).enumerate() {
         let mut prompts = Vec::new();

@@ -29,6 +29,9 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Texts that end a sequence; the text is cut before them.
     pub stop_strings: Vec<String>,
+    /// Report log-probs under the temperature-scaled distribution (softmax of logits / T) rather
+    /// than the raw logits: what an RL behaviour policy that samples at T is.
+    pub logprobs_at_temperature: bool,
 }
 
 impl Default for SamplingParams {
@@ -41,6 +44,7 @@ impl Default for SamplingParams {
             seed: 0,
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
+            logprobs_at_temperature: false,
         }
     }
 }
@@ -281,9 +285,11 @@ fn rows_to_host(logits: &Tensor) -> Result<Vec<Vec<f32>>, HfError> {
     Ok((0..b).map(|r| flat[r * v..(r + 1) * v].to_vec()).collect())
 }
 
-/// The next token and its log-probability under the raw logits.
+/// The next token and its log-probability under the raw logits (or, with
+/// `logprobs_at_temperature`, under logits / temperature).
 fn pick(logits: &[f32], params: &SamplingParams, rng: &mut SplitMix64) -> (u32, f64) {
-    let log_probs = log_softmax(logits.iter().map(|&x| f64::from(x)));
+    let scale = if params.logprobs_at_temperature && params.temperature > 0.0 { params.temperature } else { 1.0 };
+    let log_probs = log_softmax(logits.iter().map(|&x| f64::from(x) / scale));
     if params.temperature <= 0.0 {
         // The first of equal maxima, as torch.argmax picks.
         let best = logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
