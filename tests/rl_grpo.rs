@@ -114,6 +114,7 @@ fn grpo_trains_on_actor_rollouts_and_records_the_held_out_scores() {
         // (up to float rounding between the actors' and the trainer's forward passes).
         assert!(m["policy_kl"].as_f64().unwrap().abs() < 1e-6, "{m}");
         assert_eq!(m["clip_fraction"], 0.0, "{m}");
+        assert!(m["weight_bytes"].as_f64().unwrap() > 10_000.0, "the version's size is reported: {m}");
         for key in ["reward_mean", "reward_std", "accuracy", "entropy", "response_length", "rollout_tokens_per_s"] {
             assert!(m[key].as_f64().is_some_and(f64::is_finite), "{key} in {m}");
         }

@@ -40,6 +40,8 @@ pub(super) struct Coordinator {
     published: Option<u64>,
     /// Seconds the last publication took.
     sync_seconds: f64,
+    /// Bytes of one published version.
+    sync_bytes: f64,
 }
 
 /// Where rank 0 publishes each policy version for the actors (`rl.weight_sync`).
@@ -89,7 +91,7 @@ impl Coordinator {
             }
         };
         let reward = build_reward(&setup.rl.reward).map_err(|e| TrainError::setting("rl.reward", e.to_string()))?;
-        Ok(Self { controller, publisher, job, reward, published: None, sync_seconds: 0.0 })
+        Ok(Self { controller, publisher, job, reward, published: None, sync_seconds: 0.0, sync_bytes: 0.0 })
     }
 
     /// Publishes the engine's weights as policy version `version` (once per version).
@@ -116,6 +118,8 @@ impl Coordinator {
         };
         self.published = Some(version);
         self.sync_seconds = started.elapsed().as_secs_f64();
+        self.sync_bytes =
+            weights.tensors.iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as f64).sum::<f64>();
         self.controller.published(generation, version);
         Ok(())
     }
@@ -161,6 +165,7 @@ impl Coordinator {
             ("rollout_tokens_per_s", generated as f64 / rollouts.wall_seconds.max(1e-9)),
             ("trainer_tokens_per_s", trainer_tokens_per_s),
             ("weight_publish_s", self.sync_seconds),
+            ("weight_bytes", self.sync_bytes),
             ("actor_sync_s", actor_sync),
         ];
         if !correct.is_empty() {
