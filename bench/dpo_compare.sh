@@ -135,26 +135,8 @@ grep "^model:" "$WORK/make.log"
 # a text as rtrain does (<s> then one token per character) and gives the same log-probabilities as
 # `rtrain score`; TRL's tokenization of the first pair is checked after its run (below).
 "$RTRAIN" score --model "$MODEL" --text "37+45=082" --json >"$WORK/score.jsonl"
-"$PY" - "$MODEL" "$WORK/score.jsonl" 2>"$WORK/hf_check.log" <<'PY' \
+"$PY" bench/check_hf_load.py "$MODEL" "$WORK/score.jsonl" "37+45=082" 2>"$WORK/hf_check.log" \
   || { tail -n 20 "$WORK/hf_check.log" >&2; die "transformers does not load $MODEL as rtrain does"; }
-import json, sys
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model_dir, score = sys.argv[1:]
-tok = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-ids = tok("37+45=082")["input_ids"]
-rows = [json.loads(l) for l in open(score)]
-assert ids == [r["token_id"] for r in rows], f"token ids differ: transformers {ids}, rtrain {[r['token_id'] for r in rows]}"
-assert ids[0] == tok.bos_token_id and len(ids) == 10, f"expected <s> and 9 characters, got {ids}"
-with torch.no_grad():
-    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-ours = [logp[t - 1, ids[t]].item() for t in range(1, len(ids))]
-diff = max(abs(a - r["logprob"]) for a, r in zip(ours, rows[1:]))
-assert diff < 1e-3, f"log-probabilities differ by {diff}"
-print(f"== transformers loads the model ({type(model).__name__}, {type(tok).__name__}); "
-      f"log-probs match rtrain's within {diff:.1e}")
-PY
 
 # ---- rtrain DPO -------------------------------------------------------------------------------
 SETTINGS="batch $BATCH pairs, beta $BETA, lr $LR, max_len $MAX_LEN"

@@ -92,26 +92,8 @@ done
 # encodes a prompt as rtrain does (<s> then one token per character) and gives the same
 # log-probabilities as `rtrain score`.
 "$RTRAIN" score --model "$MODEL" --text "37+45=82" --json >"$WORK/score.jsonl"
-"$PY" - "$MODEL" "$WORK/score.jsonl" 2>"$WORK/hf_check.log" <<'PY' \
+"$PY" bench/check_hf_load.py "$MODEL" "$WORK/score.jsonl" "37+45=82" 2>"$WORK/hf_check.log" \
   || { tail -n 20 "$WORK/hf_check.log" >&2; die "transformers does not load $MODEL as rtrain does"; }
-import json, sys
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model_dir, score = sys.argv[1:]
-tok = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-ids = tok("37+45=82")["input_ids"]
-rows = [json.loads(l) for l in open(score)]
-assert ids == [r["token_id"] for r in rows], f"token ids differ: transformers {ids}, rtrain {[r['token_id'] for r in rows]}"
-assert ids[0] == tok.bos_token_id and len(ids) == 9, f"expected <s> and 8 characters, got {ids}"
-with torch.no_grad():
-    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-ours = [logp[t - 1, ids[t]].item() for t in range(1, len(ids))]
-diff = max(abs(a - r["logprob"]) for a, r in zip(ours, rows[1:]))
-assert diff < 1e-3, f"log-probabilities differ by {diff}"
-print(f"== transformers loads the model ({type(model).__name__}, {type(tok).__name__}); "
-      f"log-probs match rtrain's within {diff:.1e}")
-PY
 
 # ---- rtrain GRPO ------------------------------------------------------------------------------
 SETTINGS="prompts_per_step=$PROMPTS_PER_STEP group_size=$GROUP_SIZE max_new_tokens=$MAX_NEW_TOKENS"
