@@ -2,7 +2,7 @@
 # Side-by-side CPU all-reduce benchmark, 2 ranks, 64 MiB fp32 sum: rtrain's shm backend (a plain
 # buffer staged through shared memory, and a shared buffer reduced in place, which is how DDP
 # reduces its gradients), rtrain's tcp backend, and torch.distributed gloo.
-# DESIGN.md section 11 target: bus bandwidth >= 3x gloo's, reported also as % of memcpy.
+# docs/DESIGN.md §11.1 target: bus bandwidth >= 3x gloo's, reported also as % of memcpy.
 #
 # Run with: bash bench/allreduce_compare.sh          (3 alternating rounds)
 #           ROUNDS=5 bash bench/allreduce_compare.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side DDP benchmark: rtrain vs PyTorch DDP (gloo) on the GPT spec, 2 CPU workers.
-# DESIGN.md section 11 targets: tokens/s >= 1.2x PyTorch; launch -> first optimizer step done
-# <= 1 s and <= 0.25x torchrun.
+# Targets of docs/DESIGN.md §11.3 and §11.5, as this script judges them: tokens/s >= 1.2x
+# PyTorch; launch -> first optimizer step done <= 1 s and <= 0.25x torchrun.
 #
 # Run with: bash bench/ddp_compare.sh            (20 steps, 3 alternating rounds)
 #           STEPS=50 ROUNDS=5 bash bench/ddp_compare.sh   (or: bash bench/ddp_compare.sh 50)

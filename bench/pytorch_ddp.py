@@ -1,4 +1,4 @@
-"""PyTorch DDP reference for the rtrain GPT benchmark spec (DESIGN.md section 11).
+"""PyTorch DDP reference for the rtrain GPT benchmark spec (docs/DESIGN.md §11).
 
 Run with: torchrun --nproc-per-node 2 bench/pytorch_ddp.py --steps 20
           (add --device cuda for one GPU per worker, DDP over nccl)

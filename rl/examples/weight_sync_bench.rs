@@ -1,4 +1,4 @@
-//! Weight sync bandwidth against memcpy, for the weight-sync target of DESIGN.md section 11.
+//! Weight sync bandwidth against memcpy, for the weight-sync target of docs/DESIGN.md §11.11.
 //!
 //! Run with: `cargo run --release -p rtrain-rl --example weight_sync_bench -- [--mb 100,500] [--rounds 5] [--json]`
 

@@ -30,7 +30,7 @@ use crate::coordinator::{CoordinatorEvent, start_coordinator};
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{RegisterRequest, TokenInterceptor, WorkerId};
 
-/// DESIGN.md section 11: 4096 ranks rendezvous in under 2 s...
+/// docs/DESIGN.md §11.8: 4096 ranks rendezvous in under 2 s...
 pub const RENDEZVOUS_TARGET_S: f64 = 2.0;
 /// ...and their heartbeats cost the coordinator under 5% of one core.
 pub const HEARTBEAT_CPU_TARGET_PERCENT: f64 = 5.0;

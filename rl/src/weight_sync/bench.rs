@@ -41,7 +41,7 @@ impl WeightSyncBench {
     pub fn memcpy_gbps(&self) -> f64 {
         self.bytes as f64 / self.memcpy_s.max(1e-12) / 1e9
     }
-    /// The figure DESIGN.md's target is set against (≥ 0.5 for shm).
+    /// The figure the weight-sync target (docs/DESIGN.md §11.11) is set against (≥ 0.5 for shm).
     pub fn sync_vs_memcpy(&self) -> f64 {
         self.memcpy_s / self.sync_s.max(1e-12)
     }
