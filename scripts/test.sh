@@ -13,6 +13,15 @@ if ! "$TEST_VENV/bin/python" -c "import tensorboard" 2>/dev/null; then
   python3 -m venv "$TEST_VENV"
   "$TEST_VENV/bin/pip" install --quiet "tensorboard>=2.16"
 fi
+# Chromium from Debian's packages, for the test that loads the dashboard in a real browser.
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+# The tests that need what this script installs fail, rather than skip, when it is missing.
+export RTRAIN_TEST_REQUIRE_ALL=1
 # Test binaries find libtorch through their rpath; doctests are linked into a temporary folder,
 # where only the library path helps.
 export LD_LIBRARY_PATH="$PWD/.libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

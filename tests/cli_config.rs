@@ -66,7 +66,16 @@ fn bad_configs_fail_with_one_message_naming_file_and_key() {
         ("[train]\ntrainer = \"rl\"", &[], &["train.trainer", "\"lm\", \"sft\", \"grpo\", \"ppo\", \"dpo\" or \"rm\""]),
         ("[train]\ntrainer = \"dpo\"", &[], &["model.kind", "cannot learn from preferences"]),
         ("[dpo]\nbeta = 0.1", &[], &["job.toml: dpo", "read only by train.trainer = \"dpo\""]),
-        ("[data]\neval_fraction = 0.1", &[], &["data.eval_fraction", "read only by"]),
+        ("[data]\neval_fraction = 0.1", &[], &["data.eval_fraction", "set eval.every too"]),
+        ("[eval]\nevery = 5\nbatches = 0", &[], &["eval.batches", "at least 1"]),
+        ("[eval]\nevery = 5\n[data]\neval_fraction = 1.0", &[], &["data.eval_fraction", "below 1"]),
+        ("[checkpoint]\nmetric = \"eval_loss\"", &[], &["checkpoint.metric", "set eval.every"]),
+        (
+            "[eval]\nevery = 4\n[checkpoint]\nmetric = \"eval_loss\"\nevery = 10",
+            &[],
+            &["checkpoint.every", "multiple of eval.every (4)"],
+        ),
+        ("[job]\nentrypoint = [\"python3\", \"x.py\"]\n[eval]\nevery = 5", &[], &["eval.every", "evaluates itself"]),
         ("[train]\ntrainer = \"sft\"", &[], &["model.kind", "needs \"hf\" with model.path"]),
         (
             "[train]\ntrainer = \"sft\"\n[model]\nkind = \"hf\"\npath = \"/nonexistent\"",

@@ -95,3 +95,60 @@ fn two_workers_match_one_worker_with_accumulation() {
     // And the curves are not trivially equal: the loss moved.
     assert!(dp[0]["loss"] != dp[steps as usize - 1]["loss"]);
 }
+
+/// `[eval]`: the held-out loss every few steps and after the last, the same whatever the gang's
+/// split of the batch, recorded by checkpoints and ranking them for `keep_best`.
+#[test]
+fn held_out_loss_is_evaluated_and_ranks_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "\n[eval]\nevery = 5\nbatches = 2\n\n[checkpoint]\nevery = 5\nkeep_last = 1\nkeep_best = 1\n\
+                 metric = \"eval_loss\"\n";
+    let evals = |name: &str, workers: u32, grad_accum: u32| {
+        let text = tiny_gpt(name, dir.path(), workers, grad_accum, 12) + extra;
+        let cfg = write_config(dir.path(), &format!("{name}.toml"), &text);
+        let out = run(&["launch", cfg.to_str().unwrap()], LIMIT);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("step 10: eval_loss "), "{}", stderr(&out));
+        let rows = metrics(&dir.path().join(name));
+        let evals: Vec<(u64, f64)> =
+            rows.iter().filter_map(|m| Some((m["step"].as_u64()?, m.get("eval_loss")?.as_f64()?))).collect();
+        (evals, rows)
+    };
+    let (two, rows) = evals("eval2", 2, 1);
+    assert_eq!(two.iter().map(|e| e.0).collect::<Vec<_>>(), [5, 10, 12], "every 5 steps and the last: {rows:?}");
+    assert!(two[2].1 < two[0].1, "the held-out loss falls: {two:?}");
+    assert!((two[0].1 - 256f64.ln()).abs() < 1.5, "a byte-level loss: {two:?}");
+    // One worker accumulating two micro-batches scores the same held-out windows.
+    let (one, _) = evals("eval1", 1, 2);
+    for ((s2, l2), (s1, l1)) in two.iter().zip(&one) {
+        assert_eq!(s2, s1);
+        assert!((l2 - l1).abs() < 1e-4 * l1.abs().max(1.0), "step {s2}: {l2} vs {l1}");
+    }
+
+    // Checkpoints record the held-out loss of their own step; the best one is kept besides the
+    // newest.
+    let ckpts = dir.path().join("eval2/checkpoints");
+    let mut kept: Vec<String> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    kept.sort();
+    let best = two.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    let mut expected = vec![format!("step-{best:06}"), "step-000012".to_string()];
+    expected.dedup();
+    assert_eq!(kept, expected, "{two:?}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpts.join("step-000012/trainer_state.json")).unwrap()).unwrap();
+    assert!((state["metric"].as_f64().unwrap() - two[2].1).abs() < 1e-9, "{state}");
+
+    // `rtrain plot` charts the finished run, the held-out loss with its three points.
+    let run_path = dir.path().join("eval2");
+    let out = run(&["plot", run_path.to_str().unwrap()], LIMIT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("trainer-eval_loss.svg (eval_loss, 3 points)"), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(run_path.join("plots/trainer-eval_loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("eval_loss"), "{svg}");
+    assert!(run_path.join("plots/trainer-loss.svg").exists());
+}

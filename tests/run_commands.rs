@@ -87,3 +87,44 @@ pause_s = 0.02
     let out = run(&["logs", run_arg, "--role", "nosuch"], LIMIT);
     assert!(stderr(&out).contains("--role"), "{}", stderr(&out));
 }
+
+/// `rtrain stop` on the built-in trainer: every rank stops at the same step, which is saved as a
+/// checkpoint (none was due), and the next launch resumes from it.
+#[test]
+fn stop_saves_a_checkpoint_of_the_step_it_stops_at_and_launch_resumes_there() {
+    let dir = tempfile::tempdir().unwrap();
+    // No checkpoint is due before step 1 000 000: the one found afterwards comes from the stop.
+    let text = tiny_gpt("stopped", dir.path(), 2, 1, 1_000_000) + "\n[checkpoint]\nevery = 1000000\n";
+    let cfg = write_config(dir.path(), "stopped.toml", &text);
+    let run_path = dir.path().join("stopped");
+    let run_arg = run_path.to_str().unwrap();
+    let guard = spawn(&["launch", cfg.to_str().unwrap()]);
+    assert!(wait_until(LIMIT, || metrics(&run_path).len() >= 20), "no steps");
+    let out = run(&["stop", run_arg], LIMIT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let launch = wait_output(guard, LIMIT);
+    assert_eq!(launch.status.code(), Some(128 + libc::SIGTERM), "{}", stderr(&launch));
+    assert!(stderr(&launch).contains("the workers save a checkpoint at the end of their step"), "{}", stderr(&launch));
+
+    let last = metrics(&run_path).last().unwrap()["step"].as_u64().unwrap();
+    let saved: Vec<String> = std::fs::read_dir(run_path.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(saved, [format!("step-{last:06}")], "the stop's step is saved");
+    for rank in [0, 1] {
+        let log = std::fs::read_to_string(run_path.join(format!("logs/attempt-0/trainer-{rank}.log"))).unwrap();
+        assert!(log.contains(&format!("stopped on request after saving a checkpoint step={last}")), "{log}");
+    }
+    let verified = run(&["ckpt", "verify", run_arg], LIMIT);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+
+    let target = format!("train.steps={}", last + 3);
+    let again = run(&["launch", cfg.to_str().unwrap(), "--set", &target], LIMIT);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stderr(&again).contains(&format!("(step {last})")), "{}", stderr(&again));
+    let steps: Vec<u64> = metrics(&run_path).iter().filter_map(|m| m["step"].as_u64()).collect();
+    assert_eq!(&steps[steps.len() - 3..], [last + 1, last + 2, last + 3]);
+}

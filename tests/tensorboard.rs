@@ -26,6 +26,10 @@ fn tensorboard_python() -> Option<PathBuf> {
 #[test]
 fn tensorboard_reads_every_step_of_the_run() {
     let Some(python) = tensorboard_python() else {
+        assert!(
+            std::env::var_os("RTRAIN_TEST_REQUIRE_ALL").is_none(),
+            "no Python with tensorboard, though scripts/test.sh installs one"
+        );
         eprintln!(
             "SKIPPED: no Python with the tensorboard package (bash scripts/test.sh installs one in \
              ~/.cache/rtrain/test-venv; or set RTRAIN_TEST_PYTHON)"

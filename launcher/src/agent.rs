@@ -96,6 +96,8 @@ pub struct WorkerLaunch {
     pub echo: Option<(String, Printer)>,
     /// CPU cores the worker is pinned to; empty leaves it to the OS scheduler.
     pub cpus: Vec<usize>,
+    /// The worker's working directory (`job.working_dir`).
+    pub cwd: PathBuf,
 }
 
 /// A worker process ended.
@@ -146,6 +148,7 @@ impl Agent {
             }
         };
         cmd.args(args)
+            .current_dir(&launch.cwd)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
@@ -245,8 +248,18 @@ impl Agent {
         grace: Duration,
         exits: &mut mpsc::UnboundedReceiver<WorkerExit>,
     ) -> Vec<WorkerExit> {
+        self.stop_all_with(libc::SIGTERM, grace, exits).await
+    }
+
+    /// Stops every live worker as [`Agent::stop_all`] does, with `first` instead of SIGTERM.
+    pub async fn stop_all_with(
+        &mut self,
+        first: i32,
+        grace: Duration,
+        exits: &mut mpsc::UnboundedReceiver<WorkerExit>,
+    ) -> Vec<WorkerExit> {
         let all = self.live();
-        self.stop(&all, grace, exits).await
+        self.stop_with(&all, first, grace, exits).await
     }
 
     /// Stops the workers `ids` as [`Agent::stop_all`] does. Exits of other workers that arrive
@@ -254,6 +267,18 @@ impl Agent {
     pub async fn stop(
         &mut self,
         ids: &[ProcId],
+        grace: Duration,
+        exits: &mut mpsc::UnboundedReceiver<WorkerExit>,
+    ) -> Vec<WorkerExit> {
+        self.stop_with(ids, libc::SIGTERM, grace, exits).await
+    }
+
+    /// Signals the workers `ids` with `first`, gives them up to `grace` to exit, then SIGKILLs
+    /// the rest.
+    async fn stop_with(
+        &mut self,
+        ids: &[ProcId],
+        first: i32,
         grace: Duration,
         exits: &mut mpsc::UnboundedReceiver<WorkerExit>,
     ) -> Vec<WorkerExit> {
@@ -269,8 +294,8 @@ impl Agent {
         if !pending(self) {
             return seen;
         }
-        signal(self, libc::SIGTERM);
-        // A stopped (SIGSTOP) worker acts on SIGTERM only once continued.
+        signal(self, first);
+        // A stopped (SIGSTOP) worker acts on the signal only once continued.
         signal(self, libc::SIGCONT);
         let deadline = tokio::time::Instant::now() + grace;
         while pending(self) {

@@ -11,6 +11,9 @@ use crate::run_lock::{RunLock, RunLockError};
 use crate::tensorboard::EventWriter;
 use serde::Serialize;
 
+/// The run's metrics, one JSON object per line.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {
     #[error(
@@ -54,7 +57,7 @@ impl RunDir {
             .map_err(|e| RunDirError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?
             .is_empty();
         let continuing = has_checkpoints && !fresh;
-        if !continuing && (path.join("metrics.jsonl").exists() || has_checkpoints) {
+        if !continuing && (path.join(METRICS_FILE).exists() || has_checkpoints) {
             let stamp =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -71,7 +74,7 @@ impl RunDir {
         let text = toml::to_string(config)
             .map_err(|e| RunDirError::Io { path: config_path.clone(), source: std::io::Error::other(e) })?;
         std::fs::write(&config_path, text).map_err(io(&config_path))?;
-        let metrics_path = path.join("metrics.jsonl");
+        let metrics_path = path.join(METRICS_FILE);
         let metrics = File::options().create(true).append(true).open(&metrics_path).map_err(io(&metrics_path))?;
         let metrics_len = metrics.metadata().map_err(io(&metrics_path))?.len();
         let events = if config.metrics.tensorboard {
@@ -172,7 +175,7 @@ impl RunDir {
     /// One whole JSON line in one write, so a crash loses nothing already reported; a write
     /// that fails half-way is cut back, leaving the file's earlier lines whole.
     fn append_line(&mut self, line: &impl Serialize) -> Result<(), RunDirError> {
-        let path = self.path.join("metrics.jsonl");
+        let path = self.path.join(METRICS_FILE);
         let text = serde_json::to_string(line).map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;
         let bytes = format!("{text}\n");
         match self.metrics.write_all(bytes.as_bytes()) {

@@ -59,8 +59,8 @@ impl EventWriter {
     pub fn create(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
-        let name = format!("events.out.tfevents.{}.{}.{}", now.as_secs(), host.trim(), std::process::id());
+        let host = crate::launch::status::host_name();
+        let name = format!("events.out.tfevents.{}.{}.{}", now.as_secs(), host, std::process::id());
         let path = dir.join(name);
         let file = File::options().create(true).append(true).open(&path)?;
         let mut writer = Self { path, file };

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use tch::nn::VarStore;
 
-use crate::config::{DataSpec, JobSpec};
+use crate::config::{DataSpec, HeldOut, JobSpec};
 use crate::data::{BatchPlan, ByteCorpus};
 use crate::engine::{MicroLoss, TrainStep};
 use crate::model::{Gpt, GptConfig};
@@ -21,14 +21,34 @@ pub struct LmTrainer {
     model: Gpt,
     corpus: ByteCorpus,
     plan: BatchPlan,
+    /// The held-out bytes and their windows, with `[eval]`.
+    held_out: Option<(ByteCorpus, BatchPlan)>,
 }
+
+/// Mixed into the seed of the held-out windows, so they are not the training steps' windows.
+const EVAL_SEED_SALT: u64 = 0x6576_616c;
 
 impl LmTrainer {
     pub fn new(ctx: &TrainContext) -> Result<Self, TrainError> {
         let spec = &ctx.spec;
-        let corpus = load_corpus(spec)?;
+        let (corpus, held_out) = match spec.eval.as_ref().map(|e| &e.held_out) {
+            None => (load_corpus(spec)?, None),
+            Some(HeldOut::Fraction(f)) => {
+                let (train, held_out) = load_corpus(spec)?.split_tail(*f);
+                (train, Some(held_out))
+            }
+            Some(HeldOut::File(path)) => (load_corpus(spec)?, Some(ByteCorpus::from_file(path)?)),
+        };
         let plan = BatchPlan { seed: spec.seed, seq_len: spec.model.n_ctx as usize, global_batch: spec.global_batch };
         plan.check(&corpus)?;
+        let held_out = match held_out {
+            Some(bytes) => {
+                let eval_plan = BatchPlan { seed: spec.seed ^ EVAL_SEED_SALT, ..plan };
+                eval_plan.check(&bytes)?;
+                Some((bytes, eval_plan))
+            }
+            None => None,
+        };
         let vs = VarStore::new(ctx.device);
         let m = spec.model;
         let config = GptConfig {
@@ -39,7 +59,7 @@ impl LmTrainer {
             n_embd: m.n_embd,
         };
         let model = config.init(&vs.root());
-        Ok(Self { vs, model, corpus, plan })
+        Ok(Self { vs, model, corpus, plan, held_out })
     }
 }
 
@@ -92,6 +112,21 @@ impl TrainStep for LmTrainer {
         let sample =
             Sample { prompt: text(&ids[..prompt.len()]), response: text(&ids[prompt.len()..]), expected: None };
         write_samples(&ctx.run_dir, &[sample])
+    }
+
+    /// Next-byte loss of held-out windows, summed over them (each window's mean over its bytes,
+    /// as in training).
+    fn eval_loss(
+        &mut self,
+        ctx: &TrainContext,
+        batch: usize,
+        samples: Range<usize>,
+    ) -> Result<Option<(f64, f64)>, TrainError> {
+        let Some((bytes, plan)) = &self.held_out else { return Ok(None) };
+        let n = samples.len();
+        let (inputs, targets) = plan.micro_batch(bytes, batch as u64, samples);
+        let loss = self.model.loss(&inputs.to_device(ctx.device), &targets.to_device(ctx.device));
+        Ok(Some((loss.f_double_value(&[])? * n as f64, n as f64)))
     }
 
     /// Mean next-byte loss over the micro-batch's windows.

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use tch::nn::VarStore;
 use tch::{Kind, Reduction, Tensor};
 
+use crate::config::HeldOut;
 use crate::data::DataError;
 use crate::data::Epochs;
 use crate::engine::{MicroLoss, TrainStep};
@@ -140,6 +141,8 @@ pub struct SftTrainer {
     /// The global batch of the step being trained (every rank needs all of it to count the
     /// step's trained tokens).
     batch: (u64, Vec<SftExample>),
+    /// Held-out examples, with `[eval]`.
+    held_out: Vec<SftExample>,
 }
 
 impl SftTrainer {
@@ -161,8 +164,27 @@ impl SftTrainer {
             crate::config::DataSpec::File(path) => path.clone(),
             crate::config::DataSpec::Synthetic { .. } => return Err(DataError::NeedsFile.into()),
         };
-        let examples = load_examples(&source, &tokenizer, max_len)?;
-        tracing::info!(examples = examples.len(), source = %source.display(), "fine-tuning data");
+        let mut examples = load_examples(&source, &tokenizer, max_len)?;
+        let held_out = match ctx.spec.eval.as_ref().map(|e| &e.held_out) {
+            None => Vec::new(),
+            Some(HeldOut::Fraction(f)) => {
+                let n = ((examples.len() as f64 * f).ceil() as usize).max(1);
+                if n >= examples.len() {
+                    return Err(TrainError::setting(
+                        "data.eval_fraction",
+                        format!("{f} of {} examples leaves none to train on", examples.len()),
+                    ));
+                }
+                examples.split_off(examples.len() - n)
+            }
+            Some(HeldOut::File(path)) => load_examples(path, &tokenizer, max_len)?,
+        };
+        tracing::info!(
+            examples = examples.len(),
+            held_out = held_out.len(),
+            source = %source.display(),
+            "fine-tuning data"
+        );
         let pad = tokenizer.pad.as_ref().or(tokenizer.eos.as_ref()).map_or(0, |s| i64::from(s.id));
         Ok(Self {
             order: Epochs::new(examples.len(), ctx.spec.seed),
@@ -171,6 +193,7 @@ impl SftTrainer {
             examples,
             pad,
             batch: (u64::MAX, Vec::new()),
+            held_out,
         })
     }
 
@@ -224,22 +247,32 @@ impl TrainStep for SftTrainer {
         Ok(self.step_batch(ctx, step).iter().map(|e| e.trained_targets()).sum::<usize>() as f64)
     }
 
+    /// Cross-entropy summed over the trained tokens of held-out examples (taken in file order,
+    /// batch after batch, wrapping around), and their number.
+    fn eval_loss(
+        &mut self,
+        ctx: &TrainContext,
+        batch: usize,
+        samples: Range<usize>,
+    ) -> Result<Option<(f64, f64)>, TrainError> {
+        if self.held_out.is_empty() {
+            return Ok(None);
+        }
+        let global = ctx.spec.global_batch;
+        let part: Vec<SftExample> =
+            samples.map(|s| self.held_out[(batch * global + s) % self.held_out.len()].clone()).collect();
+        let units = part.iter().map(|e| e.trained_targets()).sum::<usize>() as f64;
+        let summed = self.summed_loss(ctx, &part);
+        Ok(Some((summed.f_double_value(&[])?, units)))
+    }
+
     /// Cross-entropy summed over the micro-batch's trained tokens; its tokens are the examples'
     /// real ones (padding excluded).
     fn loss(&mut self, ctx: &TrainContext, step: u64, samples: Range<usize>) -> Result<MicroLoss, TrainError> {
         self.step_batch(ctx, step);
         let part = &self.batch.1[samples];
-        let (inputs, targets) = self.inputs_and_targets(part);
         let tokens = part.iter().map(|e| e.ids.len()).sum::<usize>();
-        let logits = self.model.logits(&inputs.to_device(ctx.device));
-        let vocab = logits.size()[2];
-        let summed = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss(
-            &targets.to_device(ctx.device).view([-1]),
-            None::<Tensor>,
-            Reduction::Sum,
-            IGNORE,
-            0.0,
-        );
+        let summed = self.summed_loss(ctx, part);
         Ok(MicroLoss::sum(summed).with_tokens(tokens))
     }
 
@@ -254,6 +287,20 @@ impl TrainStep for SftTrainer {
 }
 
 impl SftTrainer {
+    /// Cross-entropy of `examples` summed over their trained tokens.
+    fn summed_loss(&self, ctx: &TrainContext, examples: &[SftExample]) -> Tensor {
+        let (inputs, targets) = self.inputs_and_targets(examples);
+        let logits = self.model.logits(&inputs.to_device(ctx.device));
+        let vocab = logits.size()[2];
+        logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss(
+            &targets.to_device(ctx.device).view([-1]),
+            None::<Tensor>,
+            Reduction::Sum,
+            IGNORE,
+            0.0,
+        )
+    }
+
     /// The exported model's greedy answers to the first examples' prompts, beside the taught
     /// ones (`<run>/samples.json`, which the launch prints).
     fn write_samples(&self, ctx: &TrainContext) -> Result<(), TrainError> {

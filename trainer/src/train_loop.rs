@@ -61,6 +61,9 @@ pub struct StepOutput {
     pub tokens: usize,
     /// Global gradient norm before clipping, if the loop computes it.
     pub grad_norm: Option<f64>,
+    /// The held-out loss after this step, when the step was followed by an evaluation
+    /// (`[eval]`); identical on every rank.
+    pub eval_loss: Option<f64>,
 }
 
 /// What a training loop checkpoints: named tensors (detached copies on the CPU, so the step loop

@@ -20,6 +20,8 @@ macro_rules! say_part {
 pub mod ckpt;
 mod runs;
 
+pub(crate) use runs::log_path;
+
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,14 +100,35 @@ pub enum Command {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Stop a live run: its launch stops every worker (the last checkpoints stay) and records
-    /// it as interrupted; `rtrain launch` resumes it.
+    /// Stop a live run: the built-in trainers save a checkpoint at the end of their current
+    /// step (a script gets SIGTERM to do the same), then the launch ends as interrupted;
+    /// `rtrain launch` resumes it.
     Stop {
         /// The run directory (`<job.run_dir>/<job.name>`).
         run: PathBuf,
         /// Seconds to wait for the launch to end.
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
+    },
+    /// Charts of a run's metrics (one per metric of each role) as SVG or PNG files.
+    Plot {
+        /// The run directory (`<job.run_dir>/<job.name>`).
+        run: PathBuf,
+        /// Where the charts go (default `<RUN>/plots`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// svg (no fonts needed), or png (needs a TrueType font, e.g. Debian's fonts-dejavu-core).
+        #[arg(long, value_enum, default_value_t = crate::plot::PlotFormat::Svg)]
+        format: crate::plot::PlotFormat,
+    },
+    /// Serve the dashboard of a run, live or finished, on 127.0.0.1 until Ctrl-C (a launch
+    /// serves its own; its URL is printed at the start).
+    Dashboard {
+        /// The run directory (`<job.run_dir>/<job.name>`).
+        run: PathBuf,
+        /// The port; 0 takes a free one.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
     },
     /// Run as a built-in worker (started by `rtrain launch`, not by hand).
     #[command(hide = true)]
@@ -215,6 +238,17 @@ pub fn main() -> ExitCode {
         Command::Runs { dir } => runs::runs_command(&dir),
         Command::Status { run, json } => runs::status_command(&run, json),
         Command::Logs { run, role, rank, follow } => runs::logs_command(&run, &role, rank, follow),
+        Command::Plot { run, out, format } => match crate::plot::plot_run(&run, out.as_deref(), format) {
+            Ok(summary) => {
+                say!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                say!("error: {e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        },
+        Command::Dashboard { run, port } => runs::dashboard_command(&run, port),
         Command::Stop { run, timeout_s } => runs::stop_command(&run, std::time::Duration::from_secs(timeout_s)),
         Command::Bench(BenchCommand::Recovery { config, kills, steps_between, json }) => {
             bench::recovery_command(config, kills, steps_between, json)
@@ -324,6 +358,18 @@ fn print_training(s: &config::JobSpec) {
         s.fault.max_restarts,
         s.fault.max_user_restarts
     );
+    if let Some(eval) = &s.eval {
+        let held_out = match &eval.held_out {
+            config::HeldOut::Fraction(f) => format!("the last {:.1}% of the data (held out of training)", f * 100.0),
+            config::HeldOut::File(path) => path.display().to_string(),
+        };
+        println!(
+            "  held-out loss every {} steps (and after the last) over {} global batches of {held_out}{}",
+            eval.every,
+            eval.batches,
+            if s.checkpoint.metric == config::MetricChoice::EvalLoss { "; checkpoints ranked by it" } else { "" }
+        );
+    }
     match (&s.entrypoint, &s.trainer) {
         (Some(cmd), _) => println!("  worker: {}", cmd.join(" ")),
         (None, TrainerKind::Lm) => println!(

@@ -170,14 +170,18 @@ fn print_live(name: &str, state: &str, s: &Value) {
             let beat = opt_f64(rank, "heartbeat_age_s")
                 .map_or("no heartbeat yet".into(), |a| format!("heartbeat {a:.1} s ago"));
             let step = rank.get("step").and_then(Value::as_u64).map_or(String::new(), |st| format!(", step {st}"));
+            let host = rank.get("host").and_then(Value::as_str).map_or(String::new(), |h| format!(" on {h}"));
             println!(
-                "    rank {:<4} pid {pid:<8} {:<12} {beat}{step}",
+                "    rank {:<4} pid {pid:<8} {:<12} {beat}{step}{host}",
                 rank.get("rank").and_then(Value::as_u64).unwrap_or(0),
                 rank.get("state").and_then(Value::as_str).unwrap_or("?"),
             );
         }
     }
     print_attempts(s);
+    if let Some(url) = s.get("dashboard").and_then(Value::as_str) {
+        println!("  dashboard: {url} (its token is in the URL the launch printed)");
+    }
 }
 
 fn print_summary(name: &str, s: &Value) {
@@ -222,7 +226,7 @@ fn print_attempts(s: &Value) {
 }
 
 /// The log of `role`:`rank`: the training role's of its latest attempt, a side role's one file.
-fn log_path(run: &Path, role: &str, rank: usize) -> Result<PathBuf, String> {
+pub(crate) fn log_path(run: &Path, role: &str, rank: usize) -> Result<PathBuf, String> {
     let logs = run.join("logs");
     let path = if role == TRAINING_ROLE {
         let latest = std::fs::read_dir(&logs)
@@ -298,8 +302,8 @@ pub fn logs_command(run: &Path, role: &str, rank: usize, follow: bool) -> ExitCo
     })())
 }
 
-/// `rtrain stop RUN`: SIGTERM to the run's launch, which stops every worker (their last
-/// checkpoints stay) and records the run as interrupted; waits until it has.
+/// `rtrain stop RUN`: SIGTERM to the run's launch, which has its workers save a checkpoint and
+/// exit (see `fault.stop_grace_s`) and records the run as interrupted; waits until it has.
 pub fn stop_command(run: &Path, timeout: Duration) -> ExitCode {
     finish((|| {
         check_run(run)?;
@@ -324,5 +328,26 @@ pub fn stop_command(run: &Path, timeout: Duration) -> ExitCode {
             run.display()
         );
         Ok(ExitCode::SUCCESS)
+    })())
+}
+
+/// `rtrain dashboard RUN [--port P]`: serves the run's dashboard with a token of its own until
+/// Ctrl-C.
+pub fn dashboard_command(run: &Path, port: u16) -> ExitCode {
+    finish((|| {
+        check_run(run)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        runtime.block_on(async {
+            let dashboard = crate::dashboard::Dashboard::start(run.to_path_buf(), crate::worker_env::job_token(), port)
+                .await
+                .map_err(|e| format!("cannot serve on 127.0.0.1:{port}: {e} (--port 0 takes a free port)"))?;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "dashboard of {}: {}\n(Ctrl-C stops it)", run.display(), dashboard.url());
+            tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        })
     })())
 }

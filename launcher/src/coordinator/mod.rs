@@ -8,4 +8,5 @@ mod http;
 mod service;
 
 pub use book::{JobBook, Refusal};
+pub(crate) use http::same_token;
 pub use service::{CoordinatorEvent, CoordinatorHandle, start_coordinator};

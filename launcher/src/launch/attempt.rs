@@ -98,6 +98,7 @@ impl Launch<'_> {
                 log_path: logs.join(format!("{role}-{}.log", p.rank)),
                 echo: self.job.echo_of(&role, p.rank, matches!(self.opts.program, WorkerProgram::External(_))),
                 cpus: if spec.device == DeviceKind::Cpu { pinned_cpus(p, &self.job.allowed_cpus) } else { Vec::new() },
+                cwd: spec.working_dir.clone(),
             };
             if let Err(e) = agent.spawn(launch) {
                 agent.stop_all(STOP_GRACE, &mut exits).await;
@@ -205,13 +206,11 @@ impl Launch<'_> {
                     break Ending::RendezvousTimeout { missing, stopped, detected };
                 },
                 _ = self.sigint.recv() => {
-                    self.job.println("interrupted: stopping workers");
-                    agent.stop_all(STOP_GRACE, &mut exits).await;
+                    self.stop_saving(&mut agent, &mut exits, "interrupted").await;
                     break Ending::Interrupted { signal: libc::SIGINT };
                 },
                 _ = self.sigterm.recv() => {
-                    self.job.println("terminated: stopping workers");
-                    agent.stop_all(STOP_GRACE, &mut exits).await;
+                    self.stop_saving(&mut agent, &mut exits, "terminated").await;
                     break Ending::Interrupted { signal: libc::SIGTERM };
                 },
             }
@@ -285,6 +284,37 @@ impl Launch<'_> {
                 }
             }
         })
+    }
+
+    /// Stops the gang at the user's request, within `fault.stop_grace_s` (then SIGKILL): workers
+    /// of the rtrain runtime get SIGUSR1, on which they save a checkpoint at the end of their
+    /// current step and exit; other programs get SIGTERM, the usual request to save and stop.
+    /// A second Ctrl-C or SIGTERM stops them at once.
+    async fn stop_saving(
+        &mut self,
+        agent: &mut Agent,
+        exits: &mut tokio::sync::mpsc::UnboundedReceiver<WorkerExit>,
+        why: &str,
+    ) {
+        let grace = self.loaded.spec.fault.stop_grace;
+        let (signal, what) = match self.opts.program {
+            WorkerProgram::Runtime(_) => (libc::SIGUSR1, "the workers save a checkpoint at the end of their step"),
+            WorkerProgram::External(_) => (libc::SIGTERM, "the workers get SIGTERM"),
+        };
+        self.job.println(&format!(
+            "{why}: {what} and exit (up to {} s, fault.stop_grace_s); Ctrl-C again stops them at once",
+            grace.as_secs_f64()
+        ));
+        let (sigint, sigterm) = (&mut self.sigint, &mut self.sigterm);
+        let again = tokio::select! {
+            _ = agent.stop_all_with(signal, grace, exits) => false,
+            _ = sigint.recv() => true,
+            _ = sigterm.recv() => true,
+        };
+        if again {
+            self.job.println("stopping at once");
+            agent.stop_all(Duration::ZERO, exits).await;
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use crate::config::{DeviceKind, EchoChoice, JobSpec, LoadedConfig, RoleProgram, 
 use crate::contract::WorkerEnv;
 use crate::contract::unix_now;
 use crate::coordinator::{CoordinatorEvent, CoordinatorHandle, start_coordinator};
+use crate::dashboard::{Dashboard, view_token};
 use crate::failure::FailureSummary;
 use crate::progress::RunProgress;
 use crate::proto::{MetricsReport, StepMetrics};
@@ -72,6 +73,8 @@ pub enum LaunchError {
     Spawn(#[from] SpawnError),
     #[error("cannot resume: {0}")]
     Resume(String),
+    #[error("cannot serve the dashboard on 127.0.0.1:{port}: {source} (set dashboard.port to a free port, 0 for any)")]
+    Dashboard { port: u16, source: std::io::Error },
 }
 
 /// How a launch ended.
@@ -92,6 +95,8 @@ pub struct LaunchReport {
 
 /// What every process of the job is told, and where its log goes.
 pub(crate) struct JobContext {
+    /// Where every process runs (`job.working_dir`).
+    working_dir: PathBuf,
     coordinator: String,
     http: String,
     token: String,
@@ -223,6 +228,8 @@ struct Launch<'a> {
     attempts: Vec<AttemptRecord>,
     /// When the failure that ended the previous attempt was detected.
     recovering_since: Option<Instant>,
+    /// Where the dashboard is served (without its token), for status.json.
+    dashboard: Option<String>,
 }
 
 /// The gang scheduler's requests for every role of `spec`, in order; `fixed` pins the sizes of
@@ -259,8 +266,18 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     let spec = &loaded.spec;
     // The whole job is placed before anything starts or any file is written.
     let placements = place_job(&group_requests(spec, None), NodeResources::local())?;
-    let run = RunDir::open(&spec.run_path, &loaded.config, opts.fresh)?;
     let token = job_token();
+    // Its port is taken before the run directory, so a port in use fails the launch untouched.
+    let settings = &loaded.config.dashboard;
+    let dashboard = match settings.enabled {
+        true => Some(
+            Dashboard::start(spec.run_path.clone(), view_token(&token), settings.port)
+                .await
+                .map_err(|e| LaunchError::Dashboard { port: settings.port, source: e })?,
+        ),
+        false => None,
+    };
+    let run = RunDir::open(&spec.run_path, &loaded.config, opts.fresh)?;
     let training = spec.training_role().map(|r| r.name.clone());
     let (coordinator, events) = start_coordinator(SocketAddr::from(([127, 0, 0, 1], 0)), token.clone(), training)
         .await
@@ -279,10 +296,14 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         visible_devices: NodeResources::local_devices(),
         roles: spec.roles.iter().map(|r| r.name.clone()).collect(),
         user_env: spec.env.clone(),
+        working_dir: spec.working_dir.clone(),
         echo: spec.echo,
         progress: RunProgress::new(spec.training_role().map(|_| spec.steps), &side_names),
         builtin_exe: opts.builtin_exe.clone(),
     };
+    if let Some(d) = &dashboard {
+        job.println(&format!("dashboard: {}", d.url()));
+    }
     let mut side = SideRoles::new(side_specs, spec.fault.heartbeat_timeout).map_err(LaunchError::Coordinator)?;
     if let Err(e) = side.start(&job, &coordinator) {
         side.stop_all().await;
@@ -304,6 +325,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         restarts: Restarts::default(),
         attempts: Vec::new(),
         recovering_since: None,
+        dashboard: dashboard.as_ref().map(|d| format!("http://{}/", d.addr)),
     };
     let result = if spec.training_role().is_some() { l.supervise().await } else { l.supervise_side_roles().await };
     let ended = match &result {
@@ -319,6 +341,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     let roles = l.role_summaries();
     let Launch { run, coordinator, startup, progressed, restarts, attempts, .. } = l;
     coordinator.shutdown();
+    drop(dashboard);
     let (outcome, workers, global_batch) = result?;
 
     let tokens_per_s = match (progressed.attempt_first, progressed.last_step) {
@@ -654,6 +677,9 @@ impl Launch<'_> {
             }
         }
         self.job.progress.on_step(m);
+        if let Some(eval) = m.extra.get("eval_loss") {
+            self.job.println(&format!("step {}: eval_loss {eval:.4} (loss {:.4})", m.step, m.loss));
+        }
         if let Some(error) = &m.checkpoint_error {
             self.job.println(&format!(
                 "warning: a checkpoint was not saved (reported at step {}): {error}; the previous checkpoints are \

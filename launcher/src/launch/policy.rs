@@ -215,6 +215,7 @@ mod tests {
             heartbeat_timeout: Duration::from_secs(30),
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(250),
+            stop_grace: Duration::from_secs(60),
         }
     }
 

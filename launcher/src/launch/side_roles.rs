@@ -146,6 +146,7 @@ impl SideRoles {
             log_path,
             echo: job.echo_of(&role.spec.name, rank, matches!(role.spec.program, RoleProgram::Command(_))),
             cpus: if job.device == DeviceKind::Cpu { pinned_cpus(p, &job.allowed_cpus) } else { Vec::new() },
+            cwd: job.working_dir.clone(),
         };
         role.started[rank] = Instant::now();
         role.done[rank] = false;

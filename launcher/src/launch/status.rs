@@ -10,6 +10,11 @@ use crate::contract::unix_now;
 /// The file in the run directory.
 pub const STATUS_FILE: &str = "status.json";
 
+/// This machine's name, where every process of a launch runs.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".into(), |h| h.trim().to_string())
+}
+
 impl Launch<'_> {
     /// Writes the run's state (`running`, or how it ended) with every role's processes: pid,
     /// last heartbeat and step. Best effort: a status that cannot be written is not worth
@@ -18,6 +23,7 @@ impl Launch<'_> {
         let spec = &self.loaded.spec;
         let mut pids = trainer.to_vec();
         pids.extend(self.side.pids());
+        let host = host_name();
         let roles: serde_json::Map<String, Value> = spec
             .roles
             .iter()
@@ -29,6 +35,7 @@ impl Launch<'_> {
                         let beat = beats.get(&(rank as u32));
                         json!({
                             "rank": rank,
+                            "host": host,
                             "pid": pid,
                             "state": if pid.is_some() { "running" } else { "not running" },
                             "heartbeat_age_s": beat.map(|b| b.0),
@@ -64,6 +71,7 @@ impl Launch<'_> {
             "eta_s": eta,
             "roles": roles,
             "attempts": self.attempts,
+            "dashboard": self.dashboard,
         });
         let path = self.run.path.join(STATUS_FILE);
         let tmp = path.with_extension("json.tmp");

@@ -442,7 +442,7 @@ impl TrainLoop for RlLoop {
                 r0.report(step, &rollouts, &stats);
             }
         }
-        Ok(StepOutput { loss: loss_sum / updates, lr, tokens, grad_norm })
+        Ok(StepOutput { loss: loss_sum / updates, lr, tokens, grad_norm, eval_loss: None })
     }
 
     fn fingerprint(&self) -> Fingerprint {

@@ -38,6 +38,18 @@ impl ByteCorpus {
         Ok(corpus)
     }
 
+    /// Splits off the last `fraction` of the bytes (at least one): `(the rest, the tail)`, for a
+    /// held-out split.
+    pub fn split_tail(mut self, fraction: f64) -> (Self, Self) {
+        let keep = self.bytes.len() - ((self.bytes.len() as f64 * fraction).ceil() as usize).clamp(1, self.bytes.len());
+        let tail = self.bytes.split_off(keep);
+        let source = format!("the last {:.0}% of {}", fraction * 100.0, self.source);
+        (
+            Self { bytes: self.bytes, source: format!("{} (held-out tail excluded)", self.source) },
+            Self { bytes: tail, source },
+        )
+    }
+
     /// Errors unless the corpus holds at least `needed` bytes, naming its source.
     pub fn check_len(&self, needed: usize) -> Result<(), DataError> {
         if self.bytes.len() < needed {

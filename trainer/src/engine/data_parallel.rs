@@ -151,6 +151,7 @@ impl Engine {
             lr,
             tokens: reduced[1] as usize,
             grad_norm: Some(grad_norm),
+            eval_loss: None,
         })
     }
 

@@ -3,9 +3,11 @@
 
 use std::ops::Range;
 
+use tch::Tensor;
 use tch::nn::VarStore;
 
 use super::data_parallel::{Engine, MicroLoss};
+use crate::collective::ReduceOp;
 use crate::data::rank_samples;
 use crate::train_loop::{Fingerprint, LoopState, StepOutput, TrainContext, TrainError, TrainLoop};
 
@@ -33,6 +35,22 @@ pub trait TrainStep {
     /// The model architecture a checkpoint must match, like [`TrainLoop::fingerprint`].
     fn fingerprint(&self) -> Fingerprint {
         Fingerprint::new()
+    }
+
+    /// The held-out loss of this rank's samples `samples` of evaluation batch `batch` (of
+    /// `eval.batches`, split between ranks and micro-batches as training splits a step): the
+    /// loss summed over them and the units it sums over (counted as [`TrainStep::units`] counts
+    /// them), or `None` when the loop has no held-out data (the default; `[eval]` then fails).
+    /// The data of a batch should depend on `batch` alone, so evaluations compare.
+    /// Runs without gradients after the steps `[eval]` names.
+    fn eval_loss(
+        &mut self,
+        ctx: &TrainContext,
+        batch: usize,
+        samples: Range<usize>,
+    ) -> Result<Option<(f64, f64)>, TrainError> {
+        let _ = (ctx, batch, samples);
+        Ok(None)
     }
 
     /// Called on every rank after the last step, like [`TrainLoop::finish`].
@@ -70,6 +88,40 @@ impl<S: TrainStep> StepLoop<S> {
     }
 }
 
+impl<S: TrainStep> StepLoop<S> {
+    /// The held-out loss over `batches` global batches: every rank's summed loss and units,
+    /// added up over the gang.
+    fn evaluate(&mut self, ctx: &mut TrainContext, batches: usize) -> Result<f64, TrainError> {
+        let spec = &ctx.spec;
+        let (micro, accum, global, world) = (spec.micro_batch, spec.grad_accum, spec.global_batch, ctx.world_size);
+        let mut local = [0.0f64, 0.0];
+        let _no_grad = tch::no_grad_guard();
+        for batch in 0..batches {
+            for m in 0..accum {
+                let samples = rank_samples(m, ctx.rank, world, micro, global);
+                if samples.is_empty() {
+                    continue;
+                }
+                let Some((sum, units)) = self.train_step.eval_loss(ctx, batch, samples)? else {
+                    return Err(TrainError::setting(
+                        "eval.every",
+                        "this training loop has no held-out loss (it does not implement TrainStep::eval_loss)",
+                    ));
+                };
+                local[0] += sum;
+                local[1] += units;
+            }
+        }
+        let mut reduced = Tensor::from_slice(&local).f_to_device(ctx.device)?;
+        ctx.collective.all_reduce(&mut reduced, ReduceOp::Sum)?;
+        let reduced = Vec::<f64>::try_from(reduced.f_to_device(tch::Device::Cpu)?)?;
+        if reduced[1] <= 0.0 {
+            return Err(TrainError::other("the evaluation batches hold nothing to score (no trained tokens)"));
+        }
+        Ok(reduced[0] / reduced[1])
+    }
+}
+
 impl<S: TrainStep> TrainLoop for StepLoop<S> {
     fn step(&mut self, ctx: &mut TrainContext, step: u64) -> Result<StepOutput, TrainError> {
         let spec = &ctx.spec;
@@ -83,7 +135,11 @@ impl<S: TrainStep> TrainLoop for StepLoop<S> {
             let loss = self.train_step.loss(ctx, step, samples)?;
             self.engine.backward(loss, units)?;
         }
-        self.engine.optimizer_step(ctx.collective.as_mut(), step)
+        let mut out = self.engine.optimizer_step(ctx.collective.as_mut(), step)?;
+        if let Some(eval) = ctx.spec.eval.as_ref().filter(|e| e.due(step + 1, ctx.spec.steps)) {
+            out.eval_loss = Some(self.evaluate(ctx, eval.batches)?);
+        }
+        Ok(out)
     }
 
     fn fingerprint(&self) -> Fingerprint {

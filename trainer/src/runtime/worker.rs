@@ -5,13 +5,14 @@
 use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tch::Device;
 
 use crate::checkpoint::{self, TrainerState};
-use crate::collective::{Collective, CollectiveError, NcclCollective, ShmCollective, TcpCollective, shm};
-use crate::config::{self, BackendKind, DeviceKind};
+use crate::collective::{Collective, CollectiveError, NcclCollective, ReduceOp, ShmCollective, TcpCollective, shm};
+use crate::config::{self, BackendKind, DeviceKind, MetricChoice};
 use crate::proto::StepMetrics;
 use crate::snapshot::Snapshot;
 use crate::train_loop::{StepOutput, TrainContext, TrainError, TrainLoop};
@@ -26,6 +27,27 @@ pub const EXIT_TRAIN_FAILED: u8 = rtrain_core::exit::FAILED;
 pub const EXIT_BAD_START: u8 = rtrain_core::exit::USAGE;
 
 static PANIC_BACKTRACE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Set by SIGUSR1, the launch's request to stop: the gang saves a checkpoint at the end of the
+/// current step, then exits. (SIGTERM keeps its default: the launch sends it to end a gang at
+/// once, e.g. after a peer failed.)
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_signal: libc::c_int) {
+    STOP_REQUESTED.store(true, Ordering::Relaxed);
+}
+
+/// Exit code of a worker that stopped on request after saving its checkpoint (128 + SIGTERM, as
+/// if a stop signal had ended it).
+pub const EXIT_STOPPED: u8 = 128 + libc::SIGTERM as u8;
+
+/// How [`train`] ended without an error.
+enum Ended {
+    /// Every step ran.
+    Finished,
+    /// Stopped on request at the end of this step, its checkpoint saved.
+    Stopped(u64),
+}
 
 /// Runs this process as a worker of the gang: `build` makes the loop once the collective is up.
 pub fn run_worker<L, F>(build: F) -> ExitCode
@@ -47,6 +69,10 @@ where
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGUSR1, request_stop as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
     // Every log line of this process carries role:rank.
     let _span = tracing::info_span!("worker", id = %format!("{}:{}", env.role, env.rank)).entered();
     let mut control = match ControlPlane::connect(&env) {
@@ -65,9 +91,14 @@ where
     }));
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| train(&env, &mut control, build)));
     let (message, backtrace, collective, deterministic) = match outcome {
-        Ok(Ok(())) => {
+        Ok(Ok(Ended::Finished)) => {
             control.finish();
             return ExitCode::SUCCESS;
+        }
+        Ok(Ok(Ended::Stopped(step))) => {
+            tracing::info!(step, "stopped on request after saving a checkpoint");
+            control.finish();
+            return ExitCode::from(EXIT_STOPPED);
         }
         Ok(Err(e)) => (e.to_string(), String::new(), e.is_infrastructure(), e.is_deterministic()),
         Err(payload) => {
@@ -85,7 +116,7 @@ where
     ExitCode::from(EXIT_TRAIN_FAILED)
 }
 
-fn train<L, F>(env: &WorkerEnv, control: &mut ControlPlane, build: F) -> Result<(), TrainError>
+fn train<L, F>(env: &WorkerEnv, control: &mut ControlPlane, build: F) -> Result<Ended, TrainError>
 where
     L: TrainLoop,
     F: FnOnce(&mut TrainContext) -> Result<L, TrainError>,
@@ -190,6 +221,8 @@ where
     let config_digest = checkpoint::sha256_hex(config_text.as_bytes());
     let mut writer = (env.rank == 0).then(|| CheckpointWriter::new(&run_dir, config_text, ctx.spec.checkpoint));
 
+    // The latest held-out loss, which checkpoints record when checkpoint.metric names it.
+    let mut last_eval: Option<f64> = None;
     for step in first..steps {
         let started = Instant::now();
         let checked = control.check().map_err(|e| TrainError::other(e.to_string()));
@@ -208,8 +241,11 @@ where
         let completed = step + 1;
         // Before any save: a diverged step must not become the checkpoint a restart resumes from.
         check_finite(completed, &out)?;
+        last_eval = out.eval_loss.or(last_eval);
+        // Every rank stops at the same step, once any has been asked to.
+        let stopping = completed < steps && stop_agreed(&mut ctx)?;
         let mut stall = None;
-        if let Some(ck) = writer.as_mut().filter(|_| ctx.spec.checkpoint.due(completed, steps)) {
+        if let Some(ck) = writer.as_mut().filter(|_| stopping || ctx.spec.checkpoint.due(completed, steps)) {
             let saving = Instant::now();
             if let Some(state) = train_loop.state()? {
                 let spec = &ctx.spec;
@@ -222,7 +258,10 @@ where
                     seed: spec.seed,
                     data_cursor: completed,
                     lr: out.lr,
-                    metric: Some(out.loss),
+                    metric: match spec.checkpoint.metric {
+                        MetricChoice::Loss => Some(out.loss),
+                        MetricChoice::EvalLoss => last_eval,
+                    },
                     config_digest: config_digest.clone(),
                     model: fingerprint.clone(),
                     extra: state.extra,
@@ -243,9 +282,16 @@ where
             step_time_s: step_time,
             attempt: env.attempt,
             checkpoint_stall_s: stall,
-            extra: Default::default(),
+            extra: out.eval_loss.map(|v| ("eval_loss".to_string(), v)).into_iter().collect(),
             checkpoint_error: writer.as_mut().and_then(CheckpointWriter::take_failure),
         });
+        if stopping {
+            if let Some(ck) = writer.as_mut() {
+                ck.finish().map_err(|source| TrainError::Checkpoint { context: "checkpoint on stop", source })?;
+            }
+            ctx.collective.barrier()?;
+            return Ok(Ended::Stopped(completed));
+        }
     }
     if let Some(ck) = writer.as_mut() {
         ck.finish().map_err(|source| TrainError::Checkpoint { context: "final checkpoint", source })?;
@@ -253,13 +299,27 @@ where
     train_loop.finish(&mut ctx)?;
     // Every rank leaves together, so no peer sees a closed socket mid-collective.
     ctx.collective.barrier()?;
-    Ok(())
+    Ok(Ended::Finished)
+}
+
+/// Whether any rank has been asked to stop: one small all-reduce per step, so that every rank
+/// decides at the same step.
+fn stop_agreed(ctx: &mut TrainContext) -> Result<bool, TrainError> {
+    let asked = f32::from(u8::from(STOP_REQUESTED.load(Ordering::Relaxed)));
+    let mut flag = tch::Tensor::from_slice(&[asked]).f_to_device(ctx.device)?;
+    ctx.collective.all_reduce(&mut flag, ReduceOp::Sum)?;
+    Ok(flag.f_double_value(&[0])? > 0.0)
 }
 
 /// A non-finite loss, gradient norm or learning rate ends the run: the weights are already
 /// poisoned, and replaying the same steps from the last checkpoint gives the same numbers.
 fn check_finite(step: u64, out: &StepOutput) -> Result<(), TrainError> {
-    let values = [("loss", Some(out.loss)), ("gradient norm", out.grad_norm), ("learning rate", Some(out.lr))];
+    let values = [
+        ("loss", Some(out.loss)),
+        ("gradient norm", out.grad_norm),
+        ("learning rate", Some(out.lr)),
+        ("held-out loss", out.eval_loss),
+    ];
     match values.into_iter().find_map(|(what, v)| v.filter(|v| !v.is_finite()).map(|v| (what, v))) {
         Some((what, value)) => Err(TrainError::NonFinite { step, what, value }),
         None => Ok(()),

@@ -15,14 +15,14 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use overrides::apply_override;
 pub use resolve::{
-    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, DataSpec, DeviceKind, FaultSpec, JobSpec, ModelSpec, OptimSpec,
-    RoleProgram, RoleSpec, TRAINING_ROLE, TrainerKind, resolve,
+    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec, FaultSpec,
+    HeldOut, JobSpec, ModelSpec, OptimSpec, RoleProgram, RoleSpec, TRAINING_ROLE, TrainerKind, resolve,
 };
 pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
 pub use schema::{
-    BackendChoice, CheckpointSection, DataSection, EchoChoice, FaultSection, JobConfig, JobSection, MetricChoice,
-    MetricsSection, ModelInit, ModelKind, ModelSection, OrderChoice, RendezvousSection, RestartMode, RoleSection,
-    TrainSection, TrainerChoice, Workers,
+    BackendChoice, CheckpointSection, DashboardSection, DataSection, EchoChoice, EvalSection, FaultSection, JobConfig,
+    JobSection, MetricChoice, MetricsSection, ModelInit, ModelKind, ModelSection, OrderChoice, RendezvousSection,
+    RestartMode, RoleSection, TrainSection, TrainerChoice, Workers,
 };
 
 /// A config file read, overridden, typed and resolved.
@@ -44,9 +44,50 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig, ConfigErr
     for spec in overrides {
         apply_override(&mut table, spec)?;
     }
-    let config = from_table(table, path)?;
+    let mut config = from_table(table, path)?;
+    anchor_paths(&mut config, path)?;
     let spec = resolve(&config, path)?;
     Ok(LoadedConfig { path: path.to_path_buf(), config, spec })
+}
+
+/// Makes `job.working_dir` absolute (the config file's folder, or a folder relative to it) and
+/// every relative path of the config relative to it, so a config runs the same from any
+/// directory, and the copy a run keeps (which its workers read) names the same files.
+pub fn anchor_paths(config: &mut JobConfig, path: &Path) -> Result<(), ConfigError> {
+    let invalid =
+        |key: &str, message: String| ConfigError::Invalid { path: path.to_path_buf(), key: key.to_string(), message };
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let folder = std::path::absolute(&folder).map_err(|e| invalid("job.working_dir", e.to_string()))?;
+    let working_dir = folder.join(&config.job.working_dir);
+    if !working_dir.is_dir() {
+        return Err(invalid(
+            "job.working_dir",
+            format!("{} is not a directory (it is relative to the config file's folder)", working_dir.display()),
+        ));
+    }
+    let working_dir = working_dir.canonicalize().map_err(|e| invalid("job.working_dir", e.to_string()))?;
+    let anchor = |p: &mut String| {
+        if !p.is_empty() && Path::new(p.as_str()).is_relative() {
+            *p = working_dir.join(p.as_str()).display().to_string();
+        }
+    };
+    anchor(&mut config.job.run_dir);
+    anchor(&mut config.model.path);
+    if config.data.source != "synthetic" {
+        anchor(&mut config.data.source);
+    }
+    anchor(&mut config.data.eval_path);
+    if let Some(rl) = config.rl.as_mut() {
+        anchor(&mut rl.eval_path);
+        if let Some(path) = rl.reward.as_mut().and_then(|r| r.path.as_mut()) {
+            anchor(path);
+        }
+    }
+    config.job.working_dir = working_dir.display().to_string();
+    Ok(())
 }
 
 /// Types a parsed table, reporting the dotted path of the first offending key.
@@ -80,7 +121,9 @@ mod tests {
         assert_eq!(c.spec.global_batch, 24);
         assert_eq!(c.spec.tokens_per_step, 24 * 64);
         assert_eq!(c.spec.backend, BackendKind::Shm { or_tcp: true });
-        assert_eq!(c.spec.run_path, Path::new("runs/run"));
+        // Relative to the config file's folder, made absolute.
+        assert!(c.spec.run_path.is_absolute() && c.spec.run_path.ends_with("runs/run"), "{:?}", c.spec.run_path);
+        assert_eq!(c.spec.run_path.parent().and_then(Path::parent), Some(c.spec.working_dir.as_path()));
     }
 
     #[test]

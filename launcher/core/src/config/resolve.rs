@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::choice::choice;
 use super::preference::{PreferenceSpec, resolve_objective};
 use super::rl::{ROLLOUT_ROLE, RlAlgorithm, RlSpec, resolve_rl};
-use super::schema::{BackendChoice, EchoChoice, ModelInit, ModelKind, OrderChoice, TrainerChoice};
+use super::schema::{BackendChoice, EchoChoice, MetricChoice, ModelInit, ModelKind, OrderChoice, TrainerChoice};
 use super::{ConfigError, JobConfig, RestartMode, Workers};
 use crate::checkpoint::MetricOrder;
 
@@ -112,6 +112,8 @@ pub struct JobSpec {
     pub name: String,
     /// `<run_dir>/<name>`: metrics, summary, logs and checkpoints.
     pub run_path: PathBuf,
+    /// Where the job's processes run (`job.working_dir`, made absolute by `load`).
+    pub working_dir: PathBuf,
     pub seed: u64,
     /// The worker command; `None` runs the built-in worker.
     pub entrypoint: Option<Vec<String>>,
@@ -143,6 +145,8 @@ pub struct JobSpec {
     pub rendezvous_timeout: Duration,
     pub heartbeat_interval: Duration,
     pub checkpoint: CheckpointSpec,
+    /// Held-out evaluation (`[eval]`), for `lm` and `sft`.
+    pub eval: Option<EvalSpec>,
     pub fault: FaultSpec,
     pub user: toml::Table,
     /// Every role of the job, the training role (if any) first.
@@ -220,8 +224,85 @@ pub struct CheckpointSpec {
     pub every: u64,
     pub keep_last: usize,
     pub keep_best: usize,
+    /// What a checkpoint records as its metric (ranked by `keep_best`).
+    pub metric: MetricChoice,
     pub order: MetricOrder,
     pub async_save: bool,
+}
+
+/// Held-out evaluation during training (`[eval]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalSpec {
+    /// Steps between evaluations (also after the last step).
+    pub every: u64,
+    /// Global batches per evaluation.
+    pub batches: usize,
+    pub held_out: HeldOut,
+}
+
+impl EvalSpec {
+    /// Whether the model after `completed` optimizer steps is evaluated.
+    pub fn due(&self, completed: u64, total: u64) -> bool {
+        completed == total || completed.is_multiple_of(self.every)
+    }
+}
+
+/// Where the held-out data comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeldOut {
+    /// The last share of the training data (its bytes for `lm`, its examples for `sft`), which
+    /// training then leaves out.
+    Fraction(f64),
+    /// A file in the training data's format.
+    File(PathBuf),
+}
+
+/// Share of the data held out when `[eval]` names no split.
+pub const DEFAULT_EVAL_FRACTION: f64 = 0.05;
+
+/// `[eval]` with `data.eval_fraction` / `data.eval_path`: for `lm` and `sft`; the preference
+/// trainers read the split for their own before/after evaluation (see `resolve_objective`), and
+/// RL has `rl.eval_*`.
+fn resolve_eval(cfg: &JobConfig, trainer: &TrainerKind) -> Result<Option<EvalSpec>, (String, String)> {
+    let (eval, data) = (&cfg.eval, &cfg.data);
+    let split_key = if data.eval_path.is_empty() { "data.eval_fraction" } else { "data.eval_path" };
+    let split_given = !data.eval_path.is_empty() || data.eval_fraction.is_some();
+    let evaluates = matches!(trainer, TrainerKind::Lm | TrainerKind::Sft { .. });
+    if !evaluates {
+        if eval.every > 0 {
+            let instead = match trainer {
+                TrainerKind::Preference(_) => "dpo and rm score the held-out pairs before and after training",
+                _ => "RL scores held-out prompts from rl.eval_path / rl.eval_fraction",
+            };
+            return Err(("eval.every".into(), format!("is for train.trainer = \"lm\" or \"sft\"; {instead}")));
+        }
+        if split_given && !matches!(trainer, TrainerKind::Preference(_)) {
+            return Err((split_key.into(), "is not read by RL; use rl.eval_path / rl.eval_fraction".into()));
+        }
+        return Ok(None);
+    }
+    if eval.every == 0 {
+        if split_given {
+            return Err((split_key.into(), "holds data out for evaluations: set eval.every too".into()));
+        }
+        return Ok(None);
+    }
+    if eval.batches == 0 {
+        return Err(("eval.batches".into(), "must be at least 1".into()));
+    }
+    let held_out = match (data.eval_path.as_str(), data.eval_fraction) {
+        ("", None) => HeldOut::Fraction(DEFAULT_EVAL_FRACTION),
+        ("", Some(f)) if f > 0.0 && f < 1.0 => HeldOut::Fraction(f),
+        ("", Some(f)) => return Err(("data.eval_fraction".into(), format!("must be above 0 and below 1, got {f}"))),
+        (_, Some(_)) => {
+            return Err((
+                "data.eval_fraction".into(),
+                "set either data.eval_path or data.eval_fraction, not both".into(),
+            ));
+        }
+        (path, None) => HeldOut::File(PathBuf::from(path)),
+    };
+    Ok(Some(EvalSpec { every: eval.every, batches: eval.batches as usize, held_out }))
 }
 
 impl CheckpointSpec {
@@ -238,6 +319,8 @@ pub struct FaultSpec {
     pub heartbeat_timeout: Duration,
     pub backoff: Duration,
     pub max_backoff: Duration,
+    /// Time workers get to save and exit when the launch is stopped.
+    pub stop_grace: Duration,
 }
 
 impl FaultSpec {
@@ -443,11 +526,11 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     if cfg.dpo.is_some() && !preference {
         return Err(bad("dpo", "is read only by train.trainer = \"dpo\"; remove the section".into()));
     }
-    if !preference && (!data.eval_path.is_empty() || data.eval_fraction.is_some()) {
-        let key = if data.eval_path.is_empty() { "data.eval_fraction" } else { "data.eval_path" };
+    let eval = resolve_eval(cfg, &trainer).map_err(keyed)?;
+    if eval.is_some() && entrypoint.is_some() {
         return Err(bad(
-            key,
-            "is read only by train.trainer = \"dpo\" or \"rm\" (RL takes rl.eval_path / rl.eval_fraction)".into(),
+            "eval.every",
+            "is for the built-in trainers; a job.entrypoint program evaluates itself (and may report eval_loss)".into(),
         ));
     }
     if trainer == TrainerKind::Lm {
@@ -521,9 +604,26 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         every: ck.every,
         keep_last: positive("checkpoint.keep_last", ck.keep_last)? as usize,
         keep_best: ck.keep_best as usize,
+        metric: ck.metric,
         order,
         async_save: ck.async_save,
     };
+    if ck.metric == MetricChoice::EvalLoss {
+        let every = eval.as_ref().map_or(0, |e| e.every);
+        if every == 0 {
+            return Err(bad("checkpoint.metric", "\"eval_loss\" needs evaluations: set eval.every".into()));
+        }
+        if ck.every == 0 || !ck.every.is_multiple_of(every) {
+            return Err(bad(
+                "checkpoint.every",
+                format!(
+                    "must be a multiple of eval.every ({every}) with checkpoint.metric = \"eval_loss\", so each \
+                     checkpoint is ranked by an evaluation of its own weights; got {}",
+                    ck.every
+                ),
+            ));
+        }
+    }
     let f = &cfg.fault;
     let fault = FaultSpec {
         max_restarts: restarts("fault.max_restarts", f.max_restarts).map_err(keyed)?,
@@ -531,6 +631,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         heartbeat_timeout: seconds("fault.heartbeat_timeout_s", f.heartbeat_timeout_s, false).map_err(keyed)?,
         backoff: seconds("fault.backoff_s", f.backoff_s, true).map_err(keyed)?,
         max_backoff: seconds("fault.max_backoff_s", f.max_backoff_s, false).map_err(keyed)?,
+        stop_grace: seconds("fault.stop_grace_s", f.stop_grace_s, true).map_err(keyed)?,
     };
     if fault.heartbeat_timeout <= heartbeat_interval {
         return Err(bad(
@@ -624,6 +725,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     Ok(JobSpec {
         name: job.name.clone(),
         run_path: Path::new(&job.run_dir).join(&job.name),
+        working_dir: PathBuf::from(if job.working_dir.is_empty() { "." } else { &job.working_dir }),
         seed: job.seed,
         entrypoint,
         env,
@@ -661,6 +763,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         rendezvous_timeout,
         heartbeat_interval,
         checkpoint,
+        eval,
         fault,
         user: cfg.user.clone(),
         roles,

@@ -28,7 +28,7 @@ choice!(
 );
 choice!(
     /// `checkpoint.metric`: what `keep_best` ranks checkpoints by.
-    MetricChoice, "a metric", { Loss = "loss" }
+    MetricChoice, "a metric", { Loss = "loss", EvalLoss = "eval_loss" }
 );
 choice!(
     /// `checkpoint.mode`: which end of the metric is best.
@@ -63,6 +63,11 @@ pub struct JobConfig {
     pub rl: Option<super::rl::RlSection>,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub dashboard: DashboardSection,
+    /// Held-out evaluation during training (`train.trainer = "lm"` or `"sft"`).
+    #[serde(default)]
+    pub eval: EvalSection,
     /// Direct preference optimisation (`train.trainer = "dpo"`): β and the loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<super::preference::DpoSection>,
@@ -78,8 +83,13 @@ pub struct JobSection {
     pub name: String,
     pub run_dir: String,
     pub seed: u64,
-    /// Command each worker runs; empty means the built-in worker (`rtrain-worker worker`).
-    /// Relative paths here and elsewhere in the config are relative to the launch directory.
+    /// Where the job's processes run and relative paths of the config resolve (`run_dir`,
+    /// `model.path`, `data.source`, ...): relative to the config file's folder; empty is that
+    /// folder. [`super::load`] makes it (and those paths) absolute.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub working_dir: String,
+    /// Command each worker runs (in `working_dir`); empty means the built-in worker
+    /// (`rtrain-worker worker`).
     pub entrypoint: Vec<String>,
     /// Environment variables set for every process of the job (after rtrain's own, which they
     /// cannot replace).
@@ -97,6 +107,7 @@ impl Default for JobSection {
             name: "run".into(),
             run_dir: "runs".into(),
             seed: 0,
+            working_dir: String::new(),
             entrypoint: Vec::new(),
             env: std::collections::BTreeMap::new(),
             echo: EchoChoice::Rank0,
@@ -230,6 +241,38 @@ pub struct MetricsSection {
     pub tensorboard: bool,
 }
 
+/// `[eval]`: the held-out loss, every `every` steps and after the last, over `batches` global
+/// batches of the held-out split (`data.eval_fraction` or `data.eval_path`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Steps between evaluations; 0 evaluates never.
+    pub every: u64,
+    /// Global batches (train.micro_batch × train.grad_accum × workers sequences) per evaluation.
+    pub batches: u64,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self { every: 0, batches: 8 }
+    }
+}
+
+/// `[dashboard]`: the page a launch serves on loopback (its URL is printed at the start).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardSection {
+    pub enabled: bool,
+    /// The port on 127.0.0.1; 0 takes a free one.
+    pub port: u16,
+}
+
+impl Default for DashboardSection {
+    fn default() -> Self {
+        Self { enabled: true, port: 0 }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RendezvousSection {
@@ -263,7 +306,7 @@ pub struct CheckpointSection {
     pub keep_last: u64,
     /// Best checkpoints kept by `metric`, besides the newest ones.
     pub keep_best: u64,
-    /// What `keep_best` ranks by: the step's `loss`.
+    /// What `keep_best` ranks by: the step's `loss`, or the latest `eval_loss` (`[eval]`).
     pub metric: MetricChoice,
     /// `min` or `max`: which end of `metric` is best.
     pub mode: OrderChoice,
@@ -302,11 +345,21 @@ pub struct FaultSection {
     pub backoff_s: f64,
     /// Longest delay between restarts.
     pub max_backoff_s: f64,
+    /// When the launch is stopped (Ctrl-C, SIGTERM, `rtrain stop`), how long the workers get
+    /// after SIGTERM to save a checkpoint and exit before SIGKILL.
+    pub stop_grace_s: f64,
 }
 
 impl Default for FaultSection {
     fn default() -> Self {
-        Self { max_restarts: 3, max_user_restarts: 0, heartbeat_timeout_s: 30.0, backoff_s: 0.25, max_backoff_s: 30.0 }
+        Self {
+            max_restarts: 3,
+            max_user_restarts: 0,
+            heartbeat_timeout_s: 30.0,
+            backoff_s: 0.25,
+            max_backoff_s: 30.0,
+            stop_grace_s: 60.0,
+        }
     }
 }
 
