@@ -26,4 +26,4 @@ export RTRAIN_TEST_REQUIRE_ALL=1
 # where only the library path helps.
 export LD_LIBRARY_PATH="$PWD/.libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Two test threads: each end-to-end test runs several worker processes on CI's two cores.
-cargo test --workspace --features rtrain-trainer/nccl -- --test-threads 2
+cargo test --workspace --no-fail-fast --features rtrain-trainer/nccl -- --test-threads 2

@@ -161,3 +161,47 @@ fn bench_generate_draws_prompt_ids_inside_a_small_vocabulary() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("past the model's vocabulary of 14 tokens"), "{err}");
 }
+
+/// The built-in GPT generates from its run (the newest checkpoint) or a checkpoint directory:
+/// greedily, exactly what the trained model wrote at the end of its launch.
+#[test]
+fn generate_continues_text_from_a_gpt_run_or_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "job.toml", &tiny_gpt("gen", dir.path(), 1, 1, 12));
+    let out = run(&["launch", cfg.to_str().unwrap()], LIMIT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run_path = dir.path().join("gen");
+    let samples: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_path.join("samples.json")).unwrap()).unwrap();
+    let (prompt, response) = (samples[0]["prompt"].as_str().unwrap(), samples[0]["response"].as_str().unwrap());
+    let n = response.len().to_string();
+    for source in [run_path.clone(), run_path.join("checkpoints/step-000012")] {
+        let args = ["generate", "--model", source.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", &n];
+        let out = run(&[&args[..], &["--temperature", "0", "--json"]].concat(), LIMIT);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let g = json_lines(&out);
+        assert_eq!(g[0]["text"], response, "from {}", source.display());
+        assert_eq!(g[0]["token_ids"].as_array().unwrap().len(), response.len());
+        assert_eq!(g[0]["finish_reason"], "length");
+        // Sampling draws from the seed: the same seed, the same text.
+        let sampled = |seed: &str| {
+            let out = run(&[&args[..], &["--seed", seed, "--json"]].concat(), LIMIT);
+            json_lines(&out)[0]["text"].clone()
+        };
+        assert_eq!(sampled("7"), sampled("7"));
+    }
+    let stop = run(
+        &["generate", "--model", run_path.to_str().unwrap(), "--prompt", prompt, "--temperature", "0", "--stop", " "],
+        LIMIT,
+    );
+    let printed = String::from_utf8_lossy(&stop.stdout);
+    assert!(!printed.trim_end().strip_prefix(prompt).unwrap_or(" ").contains(' '), "cut before the stop: {printed}");
+
+    let chat = run(&["generate", "--model", run_path.to_str().unwrap(), "--prompt", "x", "--chat"], LIMIT);
+    assert_eq!(chat.status.code(), Some(2));
+    assert!(stderr(&chat).contains("needs a chat template"), "{}", stderr(&chat));
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("checkpoints")).unwrap();
+    let none = run(&["generate", "--model", empty.to_str().unwrap(), "--prompt", "x"], LIMIT);
+    assert!(stderr(&none).contains("has no checkpoint that verifies"), "{}", stderr(&none));
+}

@@ -158,7 +158,8 @@ pub struct LaunchArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A model folder: config.json, *.safetensors, tokenizer.json.
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or a run of the
+    /// built-in GPT (its newest checkpoint) or one of its checkpoints.
     #[arg(long)]
     pub model: PathBuf,
     /// The text to continue (with `--chat`: the user's message).

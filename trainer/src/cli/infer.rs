@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use rtrain_launcher::cli::{EXIT_CONFIG, EXIT_FAILED, GenerateArgs, ScoreArgs};
 
-use crate::hf::{ChatMessage, HfModel, SamplingParams, Tokenizer, generate, score};
+use super::gpt_generate::{ByteGpt, gpt_checkpoint};
+use crate::data::splitmix::SplitMix64;
+use crate::hf::{ChatMessage, Generation, HfModel, SamplingParams, Tokenizer, generate, score};
 use tch::Device;
 
 fn device(cuda: Option<usize>) -> Device {
@@ -33,10 +35,6 @@ pub fn generate_command(args: &GenerateArgs) -> ExitCode {
         eprintln!("error: {message}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let (model, tokenizer) = match load(&args.model, args.cuda) {
-        Ok(m) => m,
-        Err(code) => return code,
-    };
     let texts = match (&args.prompt, &args.prompts) {
         (Some(p), _) => vec![p.clone()],
         (None, Some(path)) => match read_prompts(path) {
@@ -47,6 +45,28 @@ pub fn generate_command(args: &GenerateArgs) -> ExitCode {
             }
         },
         (None, None) => return fail("name --prompt or --prompts"),
+    };
+    let model = match gpt_checkpoint(&args.model) {
+        Err(e) => return fail(e),
+        Ok(Some(_)) if args.chat => {
+            eprintln!("error: --chat needs a chat template; the built-in byte-level GPT has none");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Ok(Some(ckpt)) => {
+            if let Some(index) = args.cuda
+                && let Err(e) = crate::cuda::require_cuda(index)
+            {
+                return fail(format!("--cuda {index}: {e}"));
+            }
+            match ByteGpt::load(&ckpt, device(args.cuda)) {
+                Ok(gpt) => Generator::Gpt(gpt),
+                Err(e) => return fail(e),
+            }
+        }
+        Ok(None) => match load(&args.model, args.cuda) {
+            Ok((model, tokenizer)) => Generator::Hf(Box::new(model), tokenizer),
+            Err(code) => return code,
+        },
     };
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,
@@ -59,6 +79,24 @@ pub fn generate_command(args: &GenerateArgs) -> ExitCode {
         logprobs_at_temperature: false,
     };
     for (chunk_no, chunk) in texts.chunks(PROMPTS_PER_BATCH).enumerate() {
+        // Each batch samples from its own stream, so a file's output does not depend on how it is cut.
+        let params = SamplingParams { seed: args.seed.wrapping_add(chunk_no as u64), ..params.clone() };
+        let (model, tokenizer) = match &model {
+            Generator::Hf(model, tokenizer) => (model, tokenizer),
+            Generator::Gpt(gpt) => {
+                let mut rng = SplitMix64::new(params.seed);
+                let outputs: Result<Vec<Generation>, String> = chunk
+                    .iter()
+                    .flat_map(|text| std::iter::repeat_n(text, args.num_samples))
+                    .map(|text| gpt.generate(text, &params, &mut rng))
+                    .collect();
+                match outputs {
+                    Ok(outputs) => print_outputs(args, chunk_no, chunk, &outputs),
+                    Err(e) => return fail(e),
+                }
+                continue;
+            }
+        };
         let mut prompts = Vec::new();
         for text in chunk {
             let ids = if args.chat {
@@ -73,12 +111,24 @@ pub fn generate_command(args: &GenerateArgs) -> ExitCode {
                 Err(e) => return fail(e),
             }
         }
-        // Each batch samples from its own stream, so a file's output does not depend on how it is cut.
-        let params = SamplingParams { seed: args.seed.wrapping_add(chunk_no as u64), ..params.clone() };
-        let outputs = match generate(&model, &tokenizer, &prompts, &params) {
+        let outputs = match generate(model, tokenizer, &prompts, &params) {
             Ok(o) => o,
             Err(e) => return fail(e),
         };
+        print_outputs(args, chunk_no, chunk, &outputs);
+    }
+    ExitCode::SUCCESS
+}
+
+/// What generates: a Hugging Face model folder, or the built-in GPT from a checkpoint.
+enum Generator {
+    Hf(Box<HfModel>, Tokenizer),
+    Gpt(ByteGpt),
+}
+
+/// One batch's generations: text, or one JSON object per sequence.
+fn print_outputs(args: &GenerateArgs, chunk_no: usize, chunk: &[String], outputs: &[Generation]) {
+    {
         for (i, g) in outputs.iter().enumerate() {
             let (line, text) = (chunk_no * PROMPTS_PER_BATCH + i / args.num_samples, &chunk[i / args.num_samples]);
             if args.json {
@@ -98,7 +148,6 @@ pub fn generate_command(args: &GenerateArgs) -> ExitCode {
             }
         }
     }
-    ExitCode::SUCCESS
 }
 
 /// Prompts per generation batch with `--prompts`.

@@ -3,6 +3,7 @@
 //! training binary.
 
 mod bench;
+mod gpt_generate;
 mod infer;
 
 use std::process::ExitCode;

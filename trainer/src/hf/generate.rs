@@ -287,7 +287,7 @@ fn rows_to_host(logits: &Tensor) -> Result<Vec<Vec<f32>>, HfError> {
 
 /// The next token and its log-probability under the raw logits (or, with
 /// `logprobs_at_temperature`, under logits / temperature).
-fn pick(logits: &[f32], params: &SamplingParams, rng: &mut SplitMix64) -> (u32, f64) {
+pub(crate) fn pick(logits: &[f32], params: &SamplingParams, rng: &mut SplitMix64) -> (u32, f64) {
     let scale = if params.logprobs_at_temperature && params.temperature > 0.0 { params.temperature } else { 1.0 };
     let log_probs = log_softmax(logits.iter().map(|&x| f64::from(x) / scale));
     if params.temperature <= 0.0 {

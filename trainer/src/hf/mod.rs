@@ -16,6 +16,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 pub use config::{Gpt2Config, HfConfig, LlamaConfig, RopeScaling};
+pub(crate) use generate::pick;
 pub use generate::{FinishReason, Generation, SamplingParams, generate, generate_groups, score};
 pub use llama::{LayerKv, Llama};
 pub use reward_model::RewardModel;
