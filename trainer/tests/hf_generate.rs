@@ -134,3 +134,26 @@ fn log_probs_at_the_sampling_temperature_are_of_the_tempered_distribution() {
         assert!((lp - a[0].logprobs[i]).abs() > 1e-6 || a[0].logprobs[i] > -1e-6, "the raw log-probs differ");
     }
 }
+
+/// A stop text that names a special token (`<|im_start|>`) ends the sequence at that token,
+/// though decoding leaves special tokens out of the text.
+#[test]
+fn a_stop_text_naming_a_special_token_stops_at_it() {
+    let (model, tok, _) = load("qwen2_tiny");
+    let start = tok.special_token_id("<|im_start|>").expect("a special token");
+    assert_eq!(tok.special_token_id("hello"), None);
+    // Nearly uniform sampling over the 320-token vocabulary reaches the special token.
+    let prompts = vec![tok.encode("The quick brown fox", true).unwrap(); 16];
+    let hot = SamplingParams { max_new_tokens: 60, temperature: 100.0, seed: 11, ..SamplingParams::default() };
+    let free = generate(&model, &tok, &prompts, &hot).unwrap();
+    let (row, at) = free
+        .iter()
+        .enumerate()
+        .find_map(|(i, g)| g.token_ids.iter().position(|&t| t == start).map(|at| (i, at)))
+        .expect("some sample draws <|im_start|> (seed 11)");
+    let stop = SamplingParams { stop_strings: vec!["<|im_start|>".into()], ..hot };
+    let stopped = generate(&model, &tok, &prompts, &stop).unwrap();
+    assert_eq!(stopped[row].token_ids, free[row].token_ids[..=at], "the same draws up to the special token");
+    assert_eq!(stopped[row].finish_reason, FinishReason::Stop);
+    assert!(!stopped[row].text.contains("<|im_start|>"));
+}

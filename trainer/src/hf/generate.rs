@@ -112,6 +112,8 @@ pub fn generate_groups(
     let budget = params.max_new_tokens.min(limit - max_len);
     let mut stop_ids = tokenizer.stop_ids.clone();
     stop_ids.extend(&params.stop_token_ids);
+    // A stop text that is a special token would never appear in the decoded text.
+    stop_ids.extend(params.stop_strings.iter().filter_map(|s| tokenizer.special_token_id(s)));
     let mut rows: Vec<Row> = (0..prompts.len() * group_size)
         .map(|i| Row {
             tokens: Vec::new(),

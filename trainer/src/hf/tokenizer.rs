@@ -135,6 +135,14 @@ impl Tokenizer {
         }
     }
 
+    /// The id of the special token written `text` (`<|im_end|>`), if the tokenizer has one:
+    /// decoding skips special tokens, so a stop text naming one is matched by its id.
+    pub fn special_token_id(&self, text: &str) -> Option<u32> {
+        let Inner::Hf(inner) = &self.inner else { return None };
+        let id = inner.token_to_id(text)?;
+        inner.get_added_tokens_decoder().get(&id).filter(|t| t.special && t.content == text).map(|_| id)
+    }
+
     /// The text of one token (e.g. `Ġthe`), for listings.
     pub fn token_text(&self, id: u32) -> String {
         match &self.inner {
