@@ -76,6 +76,16 @@ pause_s = 0.02
     let followed = wait_output(follower, LIMIT);
     assert!(followed.status.success() && stdout(&followed).contains("rank 0 of 2 starting"), "{}", stderr(&followed));
 
+    // The script caught the SIGTERM and saved the step it stopped at.
+    let log = std::fs::read_to_string(run_path.join("logs/attempt-0/trainer-0.log")).unwrap();
+    let at: u64 = log
+        .split("rank 0 stopped on request at step ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("rank 0 did not stop on request: {log}"));
+    assert!(run_path.join(format!("checkpoints/step-{at:06}/MANIFEST.json")).exists(), "step {at} saved");
+
     let after = stdout(&run(&["status", run_arg], LIMIT));
     assert!(after.starts_with("watched: interrupted at step "), "{after}");
     assert_eq!(summary(&run_path)["status"], "interrupted");

@@ -2,7 +2,7 @@
 with the gloo backend on CPU, env:// rendezvous as torchrun gives it), and the `rtrain` helper
 package reports its steps and keeps its checkpoints, so the launcher shows live progress, writes
 metrics.jsonl and summary.json, finds a hung rank, and a killed rank's gang resumes from the last
-checkpoint.
+checkpoint. Stopped (Ctrl-C, `rtrain stop`), every rank saves at the end of the same step and exits.
 
     pip install ./python torch            (or: job.env PYTHONPATH = "python", as the config does)
     rtrain launch configs/pytorch_ddp.toml
@@ -31,6 +31,8 @@ model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 1))
 ddp = nn.parallel.DistributedDataParallel(model)
 opt = torch.optim.AdamW(ddp.parameters(), lr=lr)
 
+rtrain.stop_requested()  # from here on, the launch's SIGTERM asks for a checkpoint and a clean exit
+
 start = 0
 ckpt = rtrain.latest_checkpoint()
 if ckpt is not None:
@@ -58,11 +60,19 @@ for step in range(start + 1, steps + 1):
     rtrain.report(step, loss=mean.item(), lr=lr, tokens=batch * ctx.world_size)
     if step % 20 == 0:
         print(f"rank {ctx.rank}: step {step} loss {mean.item():.4f} ({time.monotonic() - began:.3f} s)", flush=True)
-    if step % every == 0 or step == steps:
+    # Every rank stops after the same step once any was asked to.
+    stopping = torch.tensor([float(rtrain.stop_requested())])
+    dist.all_reduce(stopping)
+    stopping = stopping.item() > 0
+    if step % every == 0 or step == steps or stopping:
         with rtrain.save_checkpoint(step) as d:
             if d is not None:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, d / "state.pt")
         dist.barrier()  # no rank goes on before the checkpoint is published
+    if stopping:
+        print(f"rank {ctx.rank}: stopped on request at step {step}, checkpoint saved", flush=True)
+        dist.destroy_process_group()
+        raise SystemExit(0)
 
 print(f"rank {ctx.rank}: done at step {steps}, loss {mean.item():.4f}", flush=True)
 dist.destroy_process_group()

@@ -23,6 +23,11 @@ and SHA-256 in MANIFEST.json, published by one rename as `<run>/checkpoints/step
 oldest beyond `checkpoint.keep_last` removed; `latest_checkpoint` returns the newest one whose
 files match its manifest.
 
+When the launch is stopped (Ctrl-C, SIGTERM, `rtrain stop`), each process gets SIGTERM and
+`fault.stop_grace_s` to save and exit. A script that calls `stop_requested()` once before training
+catches it: the call then returns True, and the script saves a checkpoint at the end of the step
+(the ranks agree first, e.g. with an all-reduce of the flag) and exits.
+
 Outside rtrain (no RTRAIN_* environment), `report` does nothing and checkpoints go under
 `./checkpoints`, so the same script runs on its own.
 """
@@ -41,7 +46,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 __all__ = ["Context", "context", "config", "report", "heartbeat", "save_checkpoint", "latest_checkpoint",
-           "checkpoint_dir"]
+           "checkpoint_dir", "stop_requested"]
 
 TRAINING_ROLE = "trainer"
 MANIFEST = "MANIFEST.json"
@@ -117,6 +122,24 @@ def _post(route: str, body: dict) -> None:
 
 _last_report: Optional[float] = None
 _last_step = 0
+
+
+_stop = {"installed": False, "asked": False}
+
+
+def stop_requested() -> bool:
+    """Whether the launch has asked this process to stop (SIGTERM). The first call installs the
+    handler that catches the signal, so call it once before the training loop; from then on
+    SIGTERM no longer ends the process at once, and the script must check this and exit."""
+    if not _stop["installed"]:
+        import signal
+
+        def _asked(signum, frame):
+            _stop["asked"] = True
+
+        signal.signal(signal.SIGTERM, _asked)
+        _stop["installed"] = True
+    return _stop["asked"]
 
 
 def heartbeat() -> None:

@@ -2,7 +2,8 @@
 counts steps, reports them with rtrain.report, checkpoints with rtrain.save_checkpoint every
 `[user] every` steps and resumes from rtrain.latest_checkpoint. The ranks go in lockstep, as a
 collective would make them: each waits for the others to finish a step before the next (through
-files in the run directory), so a stopped rank stalls the gang.
+files in the run directory), so a stopped rank stalls the gang. Asked to stop (SIGTERM, caught
+through rtrain.stop_requested), it saves the step it is at and exits.
 """
 import json
 import os
@@ -11,6 +12,7 @@ import time
 import rtrain
 
 ctx = rtrain.context()
+rtrain.stop_requested()
 config = rtrain.config()
 steps, every, pause = config["train"]["steps"], config["user"]["every"], config["user"]["pause_s"]
 start, total = 0, 0.0
@@ -43,8 +45,12 @@ for step in range(start + 1, steps + 1):
     wait_for_peers(step)
     total += step
     rtrain.report(step, loss=1.0 / step, lr=0.1, tokens=100, running_total=total)
-    if step % every == 0:
+    stopping = rtrain.stop_requested()
+    if step % every == 0 or stopping:
         with rtrain.save_checkpoint(step) as d:
             if d is not None:
                 (d / "state.json").write_text(json.dumps({"step": step, "total": total}))
+    if stopping:
+        print(f"rank {ctx.rank} stopped on request at step {step}", flush=True)
+        raise SystemExit(0)
 print(f"rank {ctx.rank} done, total {total}", flush=True)
