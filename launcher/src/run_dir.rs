@@ -13,6 +13,8 @@ use serde::Serialize;
 
 /// The run's metrics, one JSON object per line.
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// How the run ended, written when its launch ends.
+pub const SUMMARY_FILE: &str = "summary.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {
@@ -101,7 +103,7 @@ impl RunDir {
     /// Whether the summary.json left by an earlier launch says it finished (not failed,
     /// interrupted or killed before writing one).
     pub fn finished_before(&self) -> bool {
-        let Ok(text) = std::fs::read_to_string(self.path.join("summary.json")) else { return false };
+        let Ok(text) = std::fs::read_to_string(self.path.join(SUMMARY_FILE)) else { return false };
         serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|s| s["status"] == "finished")
     }
 
@@ -197,7 +199,7 @@ impl RunDir {
     /// Writes summary.json by rename, so it is whole or absent; a write that fails leaves no
     /// partial temporary file behind.
     pub fn write_summary(&self, summary: &impl Serialize) -> Result<(), RunDirError> {
-        let path = self.path.join("summary.json");
+        let path = self.path.join(SUMMARY_FILE);
         let tmp = self.path.join("summary.json.tmp");
         let text = serde_json::to_string_pretty(summary)
             .map_err(|e| RunDirError::Io { path: path.clone(), source: e.into() })?;

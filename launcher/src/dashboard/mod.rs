@@ -183,20 +183,55 @@ async fn status(State(site): State<Arc<Site>>) -> Reply {
     Ok(Json(body).into_response())
 }
 
-/// `status.json` (or, before the launch first writes it, a `starting` state) with the run's
-/// checkpoints.
+fn read_object(path: &Path) -> Option<Value> {
+    std::fs::read(path).ok().and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok()).filter(Value::is_object)
+}
+
+/// The run's state with its checkpoints: `status.json` while its launch lives (or, before the
+/// launch first writes it, `starting`); after, how it ended, from `summary.json` (runs from
+/// before `status.json` existed have only that), and a launch that died without writing its end
+/// is said to be gone.
 pub fn run_status(run: &Path) -> Value {
-    let mut status = std::fs::read(run.join(STATUS_FILE))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-        .filter(Value::is_object)
-        .unwrap_or_else(|| json!({ "state": "starting" }));
+    let live = crate::run_lock::holder(run).is_some();
+    let status = read_object(&run.join(STATUS_FILE));
+    let summary = read_object(&run.join(crate::run_dir::SUMMARY_FILE));
+    let mut status = match (status, summary) {
+        (Some(s), _) if live => s,
+        (None, _) if live => json!({ "state": "starting" }),
+        (status, Some(summary)) => {
+            let mut s = status.unwrap_or_else(|| json!({}));
+            s["state"] = summary.get("status").cloned().unwrap_or(json!("ended"));
+            for (to, from) in [("step", "final_step"), ("loss", "final_loss"), ("tokens_per_s", "tokens_per_s")] {
+                s[to] = summary.get(from).cloned().unwrap_or(Value::Null);
+            }
+            if s.get("attempts").is_none() {
+                s["attempts"] = summary.get("attempts").cloned().unwrap_or(json!([]));
+            }
+            s["eta_s"] = Value::Null;
+            if s.get("total_steps").is_none_or(Value::is_null) {
+                s["total_steps"] = configured_steps(run).map_or(Value::Null, |n| json!(n));
+            }
+            s
+        }
+        (Some(mut s), None) => {
+            s["state"] = json!("gone (the launch ended without a summary: killed?)");
+            s
+        }
+        (None, None) => json!({ "state": "never started" }),
+    };
     if status.get("name").is_none() {
         status["name"] = json!(run.file_name().map(|n| n.to_string_lossy().into_owned()));
     }
     status["checkpoints"] = Value::Array(checkpoints(run));
     status["run_dir"] = json!(run.display().to_string());
     status
+}
+
+/// `train.steps` of the run's config, for runs that predate `status.json`.
+fn configured_steps(run: &Path) -> Option<i64> {
+    let text = std::fs::read_to_string(run.join("config.toml")).ok()?;
+    let table: toml::Table = text.parse().ok()?;
+    table.get("train")?.get("steps")?.as_integer()
 }
 
 fn checkpoints(run: &Path) -> Vec<Value> {
@@ -340,6 +375,32 @@ mod tests {
         assert_eq!(given_token(&headers, None), Some("ghi"));
         assert_ne!(view_token("a"), view_token("b"));
         assert_eq!(view_token("a").len(), 32);
+        Ok(())
+    }
+
+    #[test]
+    fn a_run_without_its_launch_shows_how_it_ended() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let run = dir.path();
+        assert_eq!(run_status(run)["state"], "never started");
+        // A launch killed before writing its end leaves a `running` status.json behind.
+        std::fs::write(run.join(STATUS_FILE), r#"{"name": "r", "state": "running", "step": 7}"#)?;
+        let gone = run_status(run);
+        assert!(gone["state"].as_str().is_some_and(|s| s.starts_with("gone")), "{gone}");
+        assert_eq!(gone["step"], 7);
+        // An older run has only its summary.
+        std::fs::remove_file(run.join(STATUS_FILE))?;
+        std::fs::write(run.join("config.toml"), "[train]\nsteps = 40\n")?;
+        std::fs::write(
+            run.join("summary.json"),
+            r#"{"status": "finished", "final_step": 40, "final_loss": 0.5, "attempts": [{"number": 0}]}"#,
+        )?;
+        let ended = run_status(run);
+        assert_eq!(
+            (&ended["state"], &ended["step"], &ended["total_steps"]),
+            (&json!("finished"), &json!(40), &json!(40))
+        );
+        assert_eq!(ended["attempts"][0]["number"], 0);
         Ok(())
     }
 
