@@ -120,6 +120,20 @@ fn a_live_run_is_shown_by_its_dashboard_in_a_browser() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("joined the gang rank=1"), "{body}");
     assert_eq!(get(&addr, "/api/logs?role=nobody&rank=0", &auth).0, 404);
+    // Nothing outside the run's logs: a role is a name, not a path.
+    let secret = dir.path().join("secret-0.log");
+    std::fs::write(&secret, "SECRET").unwrap();
+    for role in [dir.path().join("secret").display().to_string(), "../../secret".into(), "..".into()] {
+        let role: String = role.bytes().map(|b| format!("%{b:02X}")).collect();
+        let (code, body) = get(&addr, &format!("/api/logs?role={role}&rank=0"), &auth);
+        assert!(code == 404 && !body.contains("SECRET"), "{code} {body}");
+    }
+    // Looking at the run leaves its launch's lock in place: it is still seen running, and a
+    // second launch of it is refused.
+    let status = run(&["status", run_path.to_str().unwrap()], LIMIT);
+    assert!(String::from_utf8_lossy(&status.stdout).starts_with("shown: running (rtrain pid "), "{status:?}");
+    let second = run(&["launch", cfg.to_str().unwrap()], LIMIT);
+    assert!(stderr(&second).contains("is in use by another launch"), "{}", stderr(&second));
 
     let (code, text) = get(&addr, "/metrics", &auth);
     assert_eq!(code, 200, "{text}");

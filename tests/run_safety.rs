@@ -209,3 +209,42 @@ fn a_full_disk_loses_no_line_and_says_what_was_not_saved() {
         assert!(err.contains("warning: summary.json not written"), "{err}");
     }
 }
+
+/// A run stopped (or failed) before any checkpoint leaves nothing to resume: the next launch
+/// starts over by itself, keeping the old files aside; a finished one is run again only with
+/// --fresh, and quick --fresh launches keep each earlier run apart.
+#[test]
+fn a_run_without_checkpoints_starts_over_unless_it_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[job]\nname = \"bare\"\nrun_dir = \"{}\"\nentrypoint = [\"sh\", \"-c\", \"sleep 60\"]\n\n[train]\nworkers = 1\n",
+        dir.path().display()
+    );
+    let cfg = write_config(dir.path(), "job.toml", &text);
+    let cfg = cfg.to_str().unwrap();
+    let run_path = dir.path().join("bare");
+    let first = spawn(&["launch", cfg]);
+    assert!(wait_until(LIMIT, || run_path.join("status.json").exists()), "the launch never started");
+    assert!(run(&["stop", run_path.to_str().unwrap()], LIMIT).status.success());
+    let out = wait_output(first, LIMIT);
+    assert!(stderr(&out).contains("no checkpoint was saved: the next launch starts over"), "{}", stderr(&out));
+
+    let done = ["launch", cfg, "--set", "job.entrypoint=[\"true\"]"];
+    let out = run(&done, LIMIT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("starting over (its files are kept in"), "{}", stderr(&out));
+    assert_eq!(moved_aside(dir.path(), "bare").len(), 1);
+
+    let again = run(&done, LIMIT);
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("holds a finished run") && stderr(&again).contains("--fresh"),
+        "{}",
+        stderr(&again)
+    );
+    for _ in 0..2 {
+        let out = run(&[&done[..], &["--fresh"]].concat(), LIMIT);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert_eq!(moved_aside(dir.path(), "bare").len(), 3, "every earlier run kept apart");
+}

@@ -19,7 +19,7 @@ pub const SUMMARY_FILE: &str = "summary.json";
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {
     #[error(
-        "{} already holds a run without checkpoints to resume from; pass --fresh to start over \
+        "{} holds a finished run without checkpoints to continue from; pass --fresh to run it again \
          (the old run is kept beside it as {}), or choose another job.name", path.display(), moved_to.display()
     )]
     Exists { path: PathBuf, moved_to: PathBuf },
@@ -43,13 +43,28 @@ pub struct RunDir {
     /// TensorBoard events of every metric (`[metrics] tensorboard = true`).
     events: Option<EventWriter>,
     /// Held for as long as the run directory is open: a second launch on it is refused.
+    /// Where an earlier run was moved aside by this launch.
+    moved_aside: Option<PathBuf>,
     _lock: RunLock,
+}
+
+/// `<name>.prev-<unix seconds>` beside `path`, with `-2`, `-3`... when several starts over fall in
+/// the same second.
+fn aside_name(path: &Path) -> PathBuf {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let first = path.with_file_name(format!("{name}.prev-{stamp}"));
+    std::iter::once(first)
+        .chain((2..).map(|n| path.with_file_name(format!("{name}.prev-{stamp}-{n}"))))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| path.with_file_name(format!("{name}.prev-{stamp}")))
 }
 
 impl RunDir {
     /// Opens the run directory and writes the effective config. An earlier run there with
-    /// checkpoints is continued (metrics are appended); one without is refused. With `fresh`
-    /// an earlier run is moved aside (never deleted) and this one starts over.
+    /// checkpoints is continued (metrics are appended); one without is moved aside (never
+    /// deleted) and this one starts over, unless it finished, which only `fresh` runs again.
+    /// With `fresh` any earlier run is moved aside.
     /// The directory is locked first (see [`RunLock`]): a launch already running there is named
     /// and nothing is touched.
     pub fn open(path: &Path, config: &JobConfig, fresh: bool) -> Result<Self, RunDirError> {
@@ -59,15 +74,18 @@ impl RunDir {
             .map_err(|e| RunDirError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?
             .is_empty();
         let continuing = has_checkpoints && !fresh;
+        let mut moved_aside = None;
         if !continuing && (path.join(METRICS_FILE).exists() || has_checkpoints) {
-            let stamp =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let moved_to = path.with_file_name(format!("{name}.prev-{stamp}"));
-            if !fresh {
+            let moved_to = aside_name(path);
+            let finished = std::fs::read_to_string(path.join(SUMMARY_FILE))
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .is_some_and(|s| s["status"] == "finished");
+            if finished && !fresh {
                 return Err(RunDirError::Exists { path: path.to_path_buf(), moved_to });
             }
             std::fs::rename(path, &moved_to).map_err(io(path))?;
+            moved_aside = Some(moved_to);
             // The old lock went aside with the old run; this run's is in the new directory.
             std::fs::create_dir_all(path).map_err(io(path))?;
             lock = RunLock::acquire(path)?;
@@ -85,7 +103,12 @@ impl RunDir {
         } else {
             None
         };
-        Ok(Self { path: path.to_path_buf(), metrics, metrics_len, events, _lock: lock })
+        Ok(Self { path: path.to_path_buf(), metrics, metrics_len, events, moved_aside, _lock: lock })
+    }
+
+    /// Where an earlier run in this directory was moved, when this launch started over.
+    pub fn moved_aside(&self) -> Option<&Path> {
+        self.moved_aside.as_deref()
     }
 
     /// The number the next attempt gets: attempts continue across launches of the same run, so

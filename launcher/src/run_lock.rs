@@ -1,7 +1,8 @@
-//! The lock that keeps two launches off one run directory: a POSIX record lock on
-//! `<run>/launch.lock`. The kernel drops it when its holder exits, however it exits (kill -9
-//! included), so a stale lock never blocks the next launch; while it is held, the kernel names
-//! the holder's pid.
+//! The lock that keeps two launches off one run directory: an open-file-description record lock
+//! (`F_OFD_SETLK`) on `<run>/launch.lock`, which holds the holder's pid. The kernel drops it when
+//! its holder exits, however it exits (kill -9 included), so a stale lock never blocks the next
+//! launch. Unlike a classic POSIX lock, it belongs to the open file, not the process: the launch
+//! itself may look at its own run (its dashboard does) without releasing it.
 
 use std::fs::File;
 use std::io::Write;
@@ -26,8 +27,7 @@ pub enum RunLockError {
 /// A held lock on a run directory; released when dropped or when the process ends.
 #[derive(Debug)]
 pub struct RunLock {
-    /// Closing it releases the lock: no other handle on the lock file may be opened and closed
-    /// by this process while it is held (POSIX locks belong to the process, not the handle).
+    /// Closing it releases the lock.
     _file: File,
 }
 
@@ -38,18 +38,14 @@ impl RunLock {
         let path = dir.join(LOCK_FILE);
         let io = |source| RunLockError::Io { path: path.clone(), source };
         let mut file = File::options().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
-        let mut lock = whole_file(libc::F_WRLCK);
+        let lock = whole_file(libc::F_WRLCK);
         // SAFETY: fcntl on an open descriptor with a valid, initialised flock struct.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock as *const libc::flock) } != 0 {
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock as *const libc::flock) } != 0 {
             let err = std::io::Error::last_os_error();
             if !matches!(err.raw_os_error(), Some(libc::EACCES | libc::EAGAIN)) {
                 return Err(io(err));
             }
-            // SAFETY: as above; F_GETLK fills in the holder of a conflicting lock.
-            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock as *mut libc::flock) } != 0 {
-                return Err(io(std::io::Error::last_os_error()));
-            }
-            return Err(RunLockError::InUse { path: dir.to_path_buf(), holder: lock.l_pid });
+            return Err(RunLockError::InUse { path: dir.to_path_buf(), holder: written_pid(&path).unwrap_or(0) });
         }
         // For people looking at the directory; the kernel's record is what counts.
         file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id())).map_err(io)?;
@@ -57,22 +53,52 @@ impl RunLock {
     }
 }
 
-/// The pid of the launch holding the lock of run directory `dir`, if one does.
+/// The pid of the launch holding the lock of run directory `dir`, if one does (0 when the holder
+/// has not written it yet).
 pub fn holder(dir: &Path) -> Option<i32> {
-    let file = File::open(dir.join(LOCK_FILE)).ok()?;
+    let path = dir.join(LOCK_FILE);
+    let file = File::open(&path).ok()?;
     let mut lock = whole_file(libc::F_WRLCK);
-    // SAFETY: fcntl on an open descriptor with a valid, initialised flock struct; F_GETLK only
-    // reads who holds a conflicting lock (this process takes none, so closing the file is safe).
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock as *mut libc::flock) } != 0 {
+    // SAFETY: fcntl on an open descriptor with a valid, initialised flock struct; F_OFD_GETLK only
+    // reads whether a conflicting lock is held, and takes none.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock as *mut libc::flock) } != 0 {
         return None;
     }
-    (lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid)
+    (lock.l_type != libc::F_UNLCK as libc::c_short).then(|| written_pid(&path).unwrap_or(0))
+}
+
+/// The pid the holder wrote into the lock file (open-file-description locks do not name it).
+fn written_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 fn whole_file(kind: i32) -> libc::flock {
-    // SAFETY: flock is plain data; all-zero is a valid value (start 0, length 0 = whole file).
+    // SAFETY: flock is plain data; all-zero is a valid value (start 0, length 0 = whole file,
+    // and l_pid 0, which open-file-description locks require).
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = kind as libc::c_short;
     lock.l_whence = libc::SEEK_SET as libc::c_short;
     lock
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn looking_at_a_held_lock_does_not_release_it() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let lock = RunLock::acquire(dir.path())?;
+        // The holder itself looks (as its dashboard and status do), more than once.
+        assert_eq!(holder(dir.path()), Some(std::process::id() as i32));
+        assert_eq!(holder(dir.path()), Some(std::process::id() as i32));
+        match RunLock::acquire(dir.path()) {
+            Err(RunLockError::InUse { holder, .. }) => assert_eq!(holder, std::process::id() as i32),
+            other => panic!("a second lock was granted: {other:?}"),
+        }
+        drop(lock);
+        assert_eq!(holder(dir.path()), None);
+        RunLock::acquire(dir.path())?;
+        Ok(())
+    }
 }

@@ -536,7 +536,11 @@ pub fn launch_command(
             ExitCode::from(EXIT_FAILED)
         }
         Outcome::Interrupted { signal } => {
-            say!("{} interrupted at step {}; all workers stopped", s.name, s.final_step);
+            let resume = match crate::checkpoint::list(&report.run_path).ok().and_then(|mut all| all.pop()) {
+                Some(c) => format!("the next launch resumes from its newest checkpoint (step {})", c.step),
+                None => "no checkpoint was saved: the next launch starts over".into(),
+            };
+            say!("{} interrupted at step {}; all workers stopped; {resume}", s.name, s.final_step);
             ExitCode::from(128 + signal as u8)
         }
     }

@@ -227,6 +227,11 @@ fn print_attempts(s: &Value) {
 
 /// The log of `role`:`rank`: the training role's of its latest attempt, a side role's one file.
 pub(crate) fn log_path(run: &Path, role: &str, rank: usize) -> Result<PathBuf, String> {
+    // Role names are letters, digits, `-` and `_` (the config refuses others): nothing else may
+    // reach the path, which would then lead out of the run directory.
+    if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
+        return Err(format!("`{role}` is not a role name (letters, digits, `-`, `_`): see --role"));
+    }
     let logs = run.join("logs");
     let path = if role == TRAINING_ROLE {
         let latest = std::fs::read_dir(&logs)

@@ -304,6 +304,12 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     if let Some(d) = &dashboard {
         job.println(&format!("dashboard: {}", d.url()));
     }
+    if let Some(old) = run.moved_aside().filter(|_| !opts.fresh) {
+        job.println(&format!(
+            "the earlier run here left no checkpoint to resume from: starting over (its files are kept in {})",
+            old.display()
+        ));
+    }
     let mut side = SideRoles::new(side_specs, spec.fault.heartbeat_timeout).map_err(LaunchError::Coordinator)?;
     if let Err(e) = side.start(&job, &coordinator) {
         side.stop_all().await;
