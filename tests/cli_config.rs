@@ -71,6 +71,11 @@ fn bad_configs_fail_with_one_message_naming_file_and_key() {
         ("[eval]\nevery = 5\n[data]\neval_fraction = 1.0", &[], &["data.eval_fraction", "below 1"]),
         ("[checkpoint]\nmetric = \"eval_loss\"", &[], &["checkpoint.metric", "set eval.every"]),
         (
+            "[eval]\nevery = 5\n[data]\neval_path = \"missing.txt\"",
+            &[],
+            &["data.eval_path", "missing.txt is not a file"],
+        ),
+        (
             "[eval]\nevery = 4\n[checkpoint]\nmetric = \"eval_loss\"\nevery = 10",
             &[],
             &["checkpoint.every", "multiple of eval.every (4)"],

@@ -167,7 +167,8 @@ fn bench_generate_draws_prompt_ids_inside_a_small_vocabulary() {
 #[test]
 fn generate_continues_text_from_a_gpt_run_or_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "job.toml", &tiny_gpt("gen", dir.path(), 1, 1, 12));
+    let text = tiny_gpt("gen", dir.path(), 1, 1, 12) + "\n[checkpoint]\nevery = 6\n";
+    let cfg = write_config(dir.path(), "job.toml", &text);
     let out = run(&["launch", cfg.to_str().unwrap()], LIMIT);
     assert!(out.status.success(), "{}", stderr(&out));
     let run_path = dir.path().join("gen");
@@ -196,6 +197,27 @@ fn generate_continues_text_from_a_gpt_run_or_checkpoint() {
     );
     let printed = String::from_utf8_lossy(&stop.stdout);
     assert!(!printed.trim_end().strip_prefix(prompt).unwrap_or(" ").contains(' '), "cut before the stop: {printed}");
+
+    // A damaged newest checkpoint: named and skipped for the run, refused by itself.
+    let model = run_path.join("checkpoints/step-000012/model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&model, bytes).unwrap();
+    let damaged = run(
+        &["generate", "--model", run_path.join("checkpoints/step-000012").to_str().unwrap(), "--prompt", "x"],
+        LIMIT,
+    );
+    assert_eq!(damaged.status.code(), Some(1));
+    assert!(stderr(&damaged).contains("does not match its manifest"), "{}", stderr(&damaged));
+    let older =
+        run(&["generate", "--model", run_path.to_str().unwrap(), "--prompt", "x", "--max-new-tokens", "2"], LIMIT);
+    assert!(older.status.success(), "{}", stderr(&older));
+    assert!(
+        stderr(&older).contains("warning: skipping") && stderr(&older).contains("step-000012"),
+        "{}",
+        stderr(&older)
+    );
 
     let chat = run(&["generate", "--model", run_path.to_str().unwrap(), "--prompt", "x", "--chat"], LIMIT);
     assert_eq!(chat.status.code(), Some(2));

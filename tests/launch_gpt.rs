@@ -143,6 +143,17 @@ fn held_out_loss_is_evaluated_and_ranks_checkpoints() {
         serde_json::from_str(&std::fs::read_to_string(ckpts.join("step-000012/trainer_state.json")).unwrap()).unwrap();
     assert!((state["metric"].as_f64().unwrap() - two[2].1).abs() < 1e-9, "{state}");
 
+    // A held-out part too short for one window is refused, naming the key that made it.
+    let short = tiny_gpt("short", dir.path(), 1, 1, 4) + "\n[eval]\nevery = 2\n";
+    let cfg = write_config(dir.path(), "short.toml", &short);
+    let out = run(&["launch", cfg.to_str().unwrap(), "--set", "data.eval_fraction=0.0001"], LIMIT);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("data.eval_fraction") && stderr(&out).contains("fewer than one window"),
+        "{}",
+        stderr(&out)
+    );
+
     // `rtrain plot` charts the finished run, the held-out loss with its three points.
     let run_path = dir.path().join("eval2");
     let out = run(&["plot", run_path.to_str().unwrap()], LIMIT);

@@ -54,8 +54,6 @@ impl PlotFormat {
 pub enum PlotError {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{}:{line}: {reason}", path.display())]
-    Malformed { path: PathBuf, line: usize, reason: String },
     #[error("{}: no numeric metric with a finite value to plot", path.display())]
     NoMetrics { path: PathBuf },
     #[error(
@@ -79,6 +77,10 @@ pub struct PlotSummary {
     /// Lines skipped because metrics.jsonl ended in a partial line (a run killed mid-write, or
     /// one still writing).
     pub truncated_lines: usize,
+    /// Whole lines that are not metrics (damage, or a writer other than rtrain), skipped: how
+    /// many, and the first one's place and reason.
+    pub bad_lines: usize,
+    pub first_bad: Option<String>,
 }
 
 /// One chart written.
@@ -102,6 +104,9 @@ impl fmt::Display for PlotSummary {
                 self.truncated_lines
             )?;
         }
+        if let Some(first) = &self.first_bad {
+            writeln!(f, "warning: skipped {} line(s) that are not metrics; the first: {first}", self.bad_lines)?;
+        }
         Ok(())
     }
 }
@@ -113,7 +118,7 @@ pub fn plot_run(run: &Path, out: Option<&Path>, format: PlotFormat) -> Result<Pl
         return Err(PlotError::NoFont);
     }
     let path = run.join("metrics.jsonl");
-    let (replay, truncated_lines) = read_metrics(&path)?;
+    let (replay, skipped) = read_metrics(&path)?;
     let series: Vec<_> = replay.series.into_iter().filter(|(_, points)| !points.is_empty()).collect();
     if series.is_empty() {
         return Err(PlotError::NoMetrics { path });
@@ -133,7 +138,7 @@ pub fn plot_run(run: &Path, out: Option<&Path>, format: PlotFormat) -> Result<Pl
         std::fs::write(&path, bytes).map_err(io(&path))?;
         charts.push(ChartFile { title, path, points: points.len() });
     }
-    Ok(PlotSummary { charts, truncated_lines })
+    Ok(PlotSummary { charts, truncated_lines: skipped.truncated, bad_lines: skipped.bad, first_bad: skipped.first_bad })
 }
 
 /// One line of metrics.jsonl: a step of the training role (no rank), or the named metrics of
@@ -243,13 +248,23 @@ fn truncate_from(points: &mut Vec<(u64, f64)>, step: u64) {
     points.truncate(keep);
 }
 
-/// Reads and replays metrics.jsonl; also returns how many partial lines were skipped at its end.
-fn read_metrics(path: &Path) -> Result<(Replay, usize), PlotError> {
+/// What reading metrics.jsonl left out.
+#[derive(Debug, Default)]
+struct Skipped {
+    /// A partial last line.
+    truncated: usize,
+    /// Whole lines that are not metrics.
+    bad: usize,
+    first_bad: Option<String>,
+}
+
+/// Reads and replays metrics.jsonl; also says which lines were skipped.
+fn read_metrics(path: &Path) -> Result<(Replay, Skipped), PlotError> {
     // Bytes, not a string: a line cut short may end inside a UTF-8 character.
     let bytes = std::fs::read(path).map_err(io(path))?;
     let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
     let mut replay = Replay::default();
-    let mut truncated = 0;
+    let mut skipped = Skipped::default();
     for (i, line) in lines.iter().enumerate() {
         if line.trim_ascii().is_empty() {
             continue;
@@ -258,11 +273,14 @@ fn read_metrics(path: &Path) -> Result<(Replay, usize), PlotError> {
             Ok(row) => replay.add(row),
             // Each line is written whole with its newline in one write, so only the last one, with
             // no newline yet, can be cut short; a bad line that ends in a newline is damage.
-            Err(_) if i + 1 == lines.len() => truncated += 1,
-            Err(e) => return Err(PlotError::Malformed { path: path.to_path_buf(), line: i + 1, reason: reason(&e) }),
+            Err(_) if i + 1 == lines.len() => skipped.truncated += 1,
+            Err(e) => {
+                skipped.bad += 1;
+                skipped.first_bad.get_or_insert_with(|| format!("{}:{}: {}", path.display(), i + 1, reason(&e)));
+            }
         }
     }
-    Ok((replay, truncated))
+    Ok((replay, skipped))
 }
 
 /// serde_json's message without its "at line 1": the line is the file's to name.
@@ -327,7 +345,13 @@ fn value_range(points: &[(u64, f64)]) -> Range<f64> {
         (false, true) => 1.0,
         (false, false) => lo.abs() * 0.05,
     };
-    if (hi - lo + 2.0 * pad).is_finite() { lo - pad..hi + pad } else { lo..hi }
+    if (hi - lo + 2.0 * pad).is_finite() {
+        lo - pad..hi + pad
+    } else {
+        // A span past the largest float: the axis keeps what it can hold, and the points
+        // beyond are drawn at its edges.
+        lo.max(-f64::MAX / 4.0)..hi.min(f64::MAX / 4.0)
+    }
 }
 
 /// Labels for an axis over `range`, short enough for the label area and in one notation:
@@ -558,8 +582,8 @@ mod tests {
     #[test]
     fn a_later_attempt_replaces_the_steps_it_logs_again() {
         let dir = run_with(RESTARTED_RUN);
-        let (replay, truncated) = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
-        assert_eq!(truncated, 1, "the half-written step 7");
+        let (replay, skipped) = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+        assert_eq!((skipped.truncated, skipped.bad), (1, 0), "the half-written step 7");
         assert_eq!(points(&replay, "trainer", 0, "loss"), [(1, 2.5), (2, 2.0), (3, 1.5), (4, 1.1), (5, 0.6), (6, 0.4)]);
         assert_eq!(
             points(&replay, "trainer", 0, "reward_mean"),
@@ -635,7 +659,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_line_before_the_last_names_its_file_and_line() {
+    fn bad_lines_are_skipped_and_the_first_is_named() {
         let dir = run_with(concat!(
             r#"{"role":"trainer","step":1,"loss":2.5}"#,
             "\n",
@@ -643,16 +667,25 @@ mod tests {
             "\n",
             r#"{"role":"trainer","step":3,"loss":2.0}"#,
             "\n",
+            r#"{"step":-5,"loss":1}"#,
+            "\n",
         ));
-        let err = plot_run(dir.path(), None, PlotFormat::Svg).unwrap_err();
-        assert!(matches!(err, PlotError::Malformed { line: 2, .. }), "{err:?}");
-        assert!(err.to_string().contains("metrics.jsonl:2: "), "{err}");
+        let summary = plot_run(dir.path(), None, PlotFormat::Svg).unwrap();
+        assert_eq!((summary.bad_lines, summary.truncated_lines), (2, 0));
+        let text = summary.to_string();
+        assert!(
+            text.contains("skipped 2 line(s) that are not metrics; the first: ") && text.contains("metrics.jsonl:2: "),
+            "{text}"
+        );
+        let loss = summary.charts.iter().find(|c| c.title == "loss").unwrap();
+        assert_eq!(loss.points, 2, "steps 1 and 3");
+    }
 
-        // A last line that has its newline was written whole: damage, not a cut.
-        let dir = run_with("{\"role\":\"trainer\",\"step\":1,\"loss\":2.5}\n{\"step\":2.5,\"loss\":1}\n");
-        let err = plot_run(dir.path(), None, PlotFormat::Svg).unwrap_err();
-        assert!(matches!(err, PlotError::Malformed { line: 2, .. }), "{err:?}");
-        assert!(!dir.path().join("plots").exists(), "nothing is written from a damaged file");
+    #[test]
+    fn values_spanning_more_than_a_float_still_plot() {
+        let dir = run_with("{\"step\":1,\"loss\":1e308}\n{\"step\":2,\"loss\":-1e308}\n{\"step\":3,\"loss\":0}\n");
+        let summary = plot_run(dir.path(), None, PlotFormat::Svg).unwrap();
+        assert_eq!(summary.charts.len(), 1);
     }
 
     #[test]

@@ -35,16 +35,30 @@ impl LmTrainer {
             None => (load_corpus(spec)?, None),
             Some(HeldOut::Fraction(f)) => {
                 let (train, held_out) = load_corpus(spec)?.split_tail(*f);
-                (train, Some(held_out))
+                (train, Some(("data.eval_fraction", held_out)))
             }
-            Some(HeldOut::File(path)) => (load_corpus(spec)?, Some(ByteCorpus::from_file(path)?)),
+            Some(HeldOut::File(path)) => {
+                let held_out =
+                    ByteCorpus::from_file(path).map_err(|e| TrainError::setting("data.eval_path", e.to_string()))?;
+                (load_corpus(spec)?, Some(("data.eval_path", held_out)))
+            }
         };
         let plan = BatchPlan { seed: spec.seed, seq_len: spec.model.n_ctx as usize, global_batch: spec.global_batch };
         plan.check(&corpus)?;
         let held_out = match held_out {
-            Some(bytes) => {
+            Some((key, bytes)) => {
                 let eval_plan = BatchPlan { seed: spec.seed ^ EVAL_SEED_SALT, ..plan };
-                eval_plan.check(&bytes)?;
+                if eval_plan.check(&bytes).is_err() {
+                    return Err(TrainError::setting(
+                        key,
+                        format!(
+                            "{} has {} bytes, fewer than one window of model.n_ctx + 1 = {}: hold out more",
+                            bytes.source(),
+                            bytes.len(),
+                            plan.seq_len + 1
+                        ),
+                    ));
+                }
                 Some((bytes, eval_plan))
             }
             None => None,

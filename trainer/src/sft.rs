@@ -177,7 +177,8 @@ impl SftTrainer {
                 }
                 examples.split_off(examples.len() - n)
             }
-            Some(HeldOut::File(path)) => load_examples(path, &tokenizer, max_len)?,
+            Some(HeldOut::File(path)) => load_examples(path, &tokenizer, max_len)
+                .map_err(|e| TrainError::setting("data.eval_path", e.to_string()))?,
         };
         tracing::info!(
             examples = examples.len(),

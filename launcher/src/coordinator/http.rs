@@ -47,6 +47,12 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header (the scheme in any case).
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    value.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("bearer ")).map(|_| &value[7..])
+}
+
 /// Compares tokens in time independent of where they differ.
 pub(crate) fn same_token(given: &str, token: &str) -> bool {
     given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
@@ -81,10 +87,7 @@ async fn require_token(
 }
 
 fn authorize(headers: &HeaderMap, shared: &Shared) -> Result<(), (StatusCode, Json<Value>)> {
-    let given = headers
-        .get(TOKEN_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")));
+    let given = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).or_else(|| bearer(headers));
     match given {
         Some(t) if same_token(t, &shared.token) => Ok(()),
         _ => Err(fail(StatusCode::UNAUTHORIZED, "missing or wrong job token (RTRAIN_JOB_TOKEN)")),

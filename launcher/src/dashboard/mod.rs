@@ -125,10 +125,7 @@ fn given_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a
             .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
     };
     let from_header = || {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+        crate::coordinator::bearer(headers)
             .or_else(|| headers.get(crate::proto::TOKEN_HEADER).and_then(|v| v.to_str().ok()))
     };
     from_query.or_else(from_cookie).or_else(from_header)
@@ -208,6 +205,7 @@ pub fn run_status(run: &Path) -> Value {
                 s["attempts"] = summary.get("attempts").cloned().unwrap_or(json!([]));
             }
             s["eta_s"] = Value::Null;
+            s["dashboard"] = Value::Null;
             if s.get("total_steps").is_none_or(Value::is_null) {
                 s["total_steps"] = configured_steps(run).map_or(Value::Null, |n| json!(n));
             }
@@ -215,8 +213,10 @@ pub fn run_status(run: &Path) -> Value {
         }
         (Some(mut s), None) => {
             s["state"] = json!("gone (the launch ended without a summary: killed?)");
+            s["dashboard"] = Value::Null;
             s
         }
+        (None, None) if !run.is_dir() => json!({ "state": "missing (no run directory)" }),
         (None, None) => json!({ "state": "never started" }),
     };
     if status.get("name").is_none() {
@@ -373,6 +373,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer ghi"));
         assert_eq!(given_token(&headers, None), Some("ghi"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer jkl"));
+        assert_eq!(given_token(&headers, None), Some("jkl"), "the scheme in any case");
         assert_ne!(view_token("a"), view_token("b"));
         assert_eq!(view_token("a").len(), 32);
         Ok(())

@@ -20,10 +20,15 @@ pub fn gpt_checkpoint(path: &Path) -> Result<Option<PathBuf>, String> {
         return Ok(None);
     }
     if path.join(STATE_FILE).exists() {
+        checkpoint::verify(path)
+            .map_err(|e| format!("{} does not match its manifest: {e} (see `rtrain ckpt verify`)", path.display()))?;
         return Ok(Some(path.to_path_buf()));
     }
     if path.join(checkpoint::CHECKPOINTS_DIR).is_dir() {
         let scan = checkpoint::newest_valid(path).map_err(|e| e.to_string())?;
+        for (skipped, why) in &scan.skipped {
+            eprintln!("warning: skipping {}, which does not match its manifest: {why}", skipped.path.display());
+        }
         return match scan.newest {
             Some((c, _)) => Ok(Some(c.path)),
             None => Err(format!("{} has no checkpoint that verifies (see `rtrain ckpt verify`)", path.display())),

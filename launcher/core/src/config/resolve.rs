@@ -300,7 +300,8 @@ fn resolve_eval(cfg: &JobConfig, trainer: &TrainerKind) -> Result<Option<EvalSpe
                 "set either data.eval_path or data.eval_fraction, not both".into(),
             ));
         }
-        (path, None) => HeldOut::File(PathBuf::from(path)),
+        (path, None) if Path::new(path).is_file() => HeldOut::File(PathBuf::from(path)),
+        (path, None) => return Err(("data.eval_path".into(), format!("{path} is not a file"))),
     };
     Ok(Some(EvalSpec { every: eval.every, batches: eval.batches as usize, held_out }))
 }
@@ -613,7 +614,8 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         if every == 0 {
             return Err(bad("checkpoint.metric", "\"eval_loss\" needs evaluations: set eval.every".into()));
         }
-        if ck.every == 0 || !ck.every.is_multiple_of(every) {
+        // The last step is always evaluated, so saving only it (every = 0) is fine too.
+        if ck.every > 0 && !ck.every.is_multiple_of(every) {
             return Err(bad(
                 "checkpoint.every",
                 format!(
