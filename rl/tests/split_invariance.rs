@@ -34,6 +34,10 @@ struct Batch {
 
 /// Random inputs with responses of lengths 6, 1, 4, 3, 6, 2, 5 (and a hole in row 2's mask).
 fn batch() -> Batch {
+    // libtorch's generator is global: tests running side by side must not interleave their draws,
+    // or the batch (and the control below) would change from run to run.
+    static DRAWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _drawing = DRAWING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     tch::manual_seed(7);
     let randn = |scale: f64| Tensor::randn([B, T], (Kind::Double, tch::Device::Cpu)) * scale;
     let lengths = Tensor::from_slice(&[6i64, 1, 4, 3, 6, 2, 5]).unsqueeze(-1);

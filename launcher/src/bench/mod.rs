@@ -20,6 +20,11 @@ pub enum BenchCommand {
         /// Ranks, each a thread with its own communicator on loopback.
         #[arg(long, default_value_t = 2)]
         ranks: usize,
+        /// Simulated hosts the ranks are split over (contiguously): with more than one, the flat
+        /// TCP ring over every rank and the hierarchical all-reduce (shared memory inside a host, a
+        /// ring between hosts) are timed side by side.
+        #[arg(long, default_value_t = 1)]
+        hosts: usize,
         /// Collective backend: shm (times a plain buffer, staged through shared memory, and a
         /// shared buffer reduced in place, as DDP's gradients are) or tcp.
         #[arg(long, default_value = "shm")]

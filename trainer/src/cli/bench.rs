@@ -7,7 +7,7 @@ use std::time::Instant;
 use rtrain_launcher::cli::{EXIT_CONFIG, EXIT_FAILED};
 
 use crate::collective::NcclCollective;
-use crate::collective::bench::{BenchBackend, allreduce_bench, memcpy_bandwidth_gbps};
+use crate::collective::bench::{BenchBackend, allreduce_bench_on_hosts, memcpy_bandwidth_gbps};
 use crate::hf::{Generation, HfError, HfModel, SamplingParams, Tokenizer, generate, generate_groups};
 
 /// `rtrain bench generate`.
@@ -30,13 +30,24 @@ pub fn generate_command(
 }
 
 /// `rtrain bench allreduce`.
-pub fn allreduce_command(ranks: usize, backend: &str, max_mib: usize, iters: usize, json: bool) -> ExitCode {
+pub fn allreduce_command(
+    ranks: usize,
+    hosts: usize,
+    backend: &str,
+    max_mib: usize,
+    iters: usize,
+    json: bool,
+) -> ExitCode {
     let Some(which) = BenchBackend::parse(backend) else {
         eprintln!("error: --backend {backend}: not a backend of this benchmark; use shm, tcp or nccl");
         return ExitCode::from(EXIT_CONFIG);
     };
     if ranks < 2 || iters == 0 {
         eprintln!("error: --ranks must be at least 2 and --iters at least 1");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if hosts == 0 || hosts > ranks || (hosts > 1 && which == BenchBackend::Nccl) {
+        eprintln!("error: --hosts must be from 1 to --ranks ({ranks}), and 1 with --backend nccl");
         return ExitCode::from(EXIT_CONFIG);
     }
     if which == BenchBackend::Nccl {
@@ -56,7 +67,7 @@ pub fn allreduce_command(ranks: usize, backend: &str, max_mib: usize, iters: usi
         mib *= 4;
     }
     let memcpy = memcpy_bandwidth_gbps(64 << 20);
-    let results = match allreduce_bench(which, ranks, &sizes, iters) {
+    let results = match allreduce_bench_on_hosts(which, ranks, hosts, &sizes, iters) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: all-reduce benchmark failed: {e}");
@@ -73,7 +84,13 @@ pub fn allreduce_command(ranks: usize, backend: &str, max_mib: usize, iters: usi
             println!("{v}");
         }
     } else {
-        if which == BenchBackend::Nccl {
+        if hosts > 1 {
+            println!(
+                "all-reduce sum f32, {ranks} ranks on {hosts} simulated hosts on loopback: flat tcp ring over every rank \
+                 beside the hierarchical all-reduce (shared memory in a host, a ring between hosts); memcpy ceiling \
+                 {memcpy:.2} GB/s"
+            );
+        } else if which == BenchBackend::Nccl {
             println!(
                 "all-reduce sum f32, backend nccl, {ranks} ranks on CUDA devices 0..{ranks}; host memcpy {memcpy:.2} GB/s"
             );
@@ -83,12 +100,12 @@ pub fn allreduce_command(ranks: usize, backend: &str, max_mib: usize, iters: usi
             );
         }
         println!(
-            "{:>10} {:>10} {:>10} {:>12} {:>12} {:>11}",
+            "{:>10} {:>12} {:>10} {:>12} {:>12} {:>11}",
             "size", "algorithm", "time", "algbw GB/s", "busbw GB/s", "% memcpy"
         );
         for r in &results {
             println!(
-                "{:>7} MiB {:>10} {:>8.2}ms {:>12.2} {:>12.2} {:>10.1}%",
+                "{:>7} MiB {:>12} {:>8.2}ms {:>12.2} {:>12.2} {:>10.1}%",
                 r.size_bytes >> 20,
                 r.algorithm,
                 r.time_s * 1e3,

@@ -10,7 +10,9 @@ use serde::Serialize;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Collective, CollectiveError, NcclCollective, ReduceOp, ShmCollective, TcpCollective};
+use super::{
+    Collective, CollectiveError, HierarchicalCollective, NcclCollective, ReduceOp, ShmCollective, TcpCollective,
+};
 
 /// Timing of one message size.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -61,17 +63,42 @@ pub fn allreduce_bench(
     sizes_bytes: &[usize],
     iters: usize,
 ) -> Result<Vec<AllReduceResult>, CollectiveError> {
+    allreduce_bench_on_hosts(backend, ranks, 1, sizes_bytes, iters)
+}
+
+/// [`allreduce_bench`] with the ranks on `hosts` simulated hosts (contiguous, as even as the
+/// ranks allow): with more than one, the flat TCP ring over every rank (`flat-ring`) and the
+/// host-aware all-reduce (`hierarchical`: shared memory inside a host, a ring between the hosts'
+/// leaders) are timed side by side.
+pub fn allreduce_bench_on_hosts(
+    backend: BenchBackend,
+    ranks: usize,
+    hosts: usize,
+    sizes_bytes: &[usize],
+    iters: usize,
+) -> Result<Vec<AllReduceResult>, CollectiveError> {
     let iters = iters.max(1);
-    let group = TcpCollective::loopback_group(ranks.max(1), CONNECT_TIMEOUT)?;
+    let ranks = ranks.max(1);
+    let hosts = hosts.clamp(1, ranks);
+    let group = TcpCollective::loopback_group(ranks, CONNECT_TIMEOUT)?;
     let variants: &[&'static str] = match backend {
+        _ if hosts > 1 => &["flat-ring", "hierarchical"],
         BenchBackend::Tcp => &["ring"],
         BenchBackend::Shm => &["staged", "in-place"],
         BenchBackend::Nccl => &["nccl"],
     };
     // per_rank[r][v][s][i]: rank r's time for iteration i of size s in variant v.
     let per_rank: Vec<Vec<Vec<Vec<f64>>>> = std::thread::scope(|scope| {
-        let joins: Vec<_> =
-            group.into_iter().map(|tcp| scope.spawn(move || time_rank(backend, tcp, sizes_bytes, iters))).collect();
+        let joins: Vec<_> = group
+            .into_iter()
+            .enumerate()
+            .map(|(rank, tcp)| {
+                scope.spawn(move || match hosts {
+                    1 => time_rank(backend, tcp, sizes_bytes, iters),
+                    _ => time_rank_on_host(tcp, (rank * hosts / ranks) as u64, sizes_bytes, iters),
+                })
+            })
+            .collect();
         joins
             .into_iter()
             .map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
@@ -87,6 +114,7 @@ pub fn allreduce_bench(
             let algbw = size as f64 / time_s / 1e9;
             results.push(AllReduceResult {
                 backend: match backend {
+                    _ if hosts > 1 => "hosts",
                     BenchBackend::Tcp => "tcp",
                     BenchBackend::Shm => "shm",
                     BenchBackend::Nccl => "nccl",
@@ -139,6 +167,25 @@ fn time_rank(
         variants.push(in_place.collect::<Result<Vec<_>, _>>()?);
     }
     Ok(variants)
+}
+
+/// One rank on simulated host `host`: the flat ring over every rank, then the host-aware
+/// all-reduce built over it.
+fn time_rank_on_host(
+    mut flat: TcpCollective,
+    host: u64,
+    sizes_bytes: &[usize],
+    iters: usize,
+) -> Result<Vec<Vec<Vec<f64>>>, CollectiveError> {
+    let timed = |comm: &mut dyn Collective| {
+        sizes_bytes
+            .iter()
+            .map(|&size| time_size(comm, &mut Tensor::ones([size as i64 / 4], (Kind::Float, Device::Cpu)), iters))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let flat_times = timed(&mut flat)?;
+    let mut hierarchical = HierarchicalCollective::new(flat, host, "127.0.0.1", "bench token", 1, CONNECT_TIMEOUT)?;
+    Ok(vec![flat_times, timed(&mut hierarchical)?])
 }
 
 fn time_size(comm: &mut dyn Collective, data: &mut Tensor, iters: usize) -> Result<Vec<f64>, CollectiveError> {
@@ -200,5 +247,21 @@ mod tests {
             assert!((r.busbw_gbps - r.algbw_gbps).abs() < 1e-9 * algbw.max(1.0), "2 ranks: busbw == algbw");
         }
         assert!(memcpy_bandwidth_gbps(1 << 20) > 0.0);
+    }
+
+    #[test]
+    fn simulated_hosts_time_the_flat_and_the_hierarchical_all_reduce() {
+        let results = allreduce_bench_on_hosts(BenchBackend::Shm, 4, 2, &[4096, 1 << 16], 2).unwrap();
+        let seen: Vec<_> = results.iter().map(|r| (r.size_bytes, r.algorithm, r.backend)).collect();
+        assert_eq!(
+            seen,
+            [
+                (4096, "flat-ring", "hosts"),
+                (4096, "hierarchical", "hosts"),
+                (1 << 16, "flat-ring", "hosts"),
+                (1 << 16, "hierarchical", "hosts")
+            ]
+        );
+        assert!(results.iter().all(|r| r.time_s > 0.0 && r.busbw_gbps > 0.0));
     }
 }

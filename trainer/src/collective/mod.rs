@@ -10,6 +10,7 @@ use std::time::Duration;
 use tch::{Kind, Tensor};
 
 pub mod bench;
+pub mod hierarchical;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 #[cfg(not(feature = "nccl"))]
@@ -29,6 +30,7 @@ pub mod tcp;
 mod tcp_handshake;
 mod tcp_rendezvous;
 
+pub use hierarchical::{HierarchicalCollective, Topology};
 pub use nccl::NcclCollective;
 pub use shm::ShmCollective;
 pub use tcp::TcpCollective;
