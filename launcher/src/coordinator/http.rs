@@ -30,6 +30,9 @@ use super::service::Shared;
 use crate::contract::unix_now;
 use crate::proto::{BroadcastRequest, MetricsReport, PublishRequest, StepMetrics, TOKEN_HEADER, WorkerId};
 
+/// The largest request body: metrics and steps are a few hundred bytes.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
 pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = axum::Router::new()
         .route("/v1/addresses", get(addresses))
@@ -41,7 +44,9 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>
         .route("/v1/commands", get(commands))
         // The token is checked before anything else of a request is read.
         .route_layer(axum::middleware::from_fn_with_state(shared.clone(), require_token))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared);
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "coordinator HTTP endpoint stopped");
     }
@@ -51,6 +56,17 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     value.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("bearer ")).map(|_| &value[7..])
+}
+
+/// Logs a call refused for its token: the first, then the 10th, 100th... so a flood of them
+/// cannot flood the log.
+pub(crate) fn note_refusal(channel: &str, peer: Option<std::net::SocketAddr>) {
+    static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    if n.is_power_of_two() || n % 1000 == 0 {
+        let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+        tracing::warn!(refused = n, %peer, "{channel} call without the job token refused");
+    }
 }
 
 /// Compares tokens in time independent of where they differ.
@@ -82,7 +98,11 @@ async fn require_token(
 ) -> Response {
     match authorize(request.headers(), &shared) {
         Ok(()) => next.run(request).await,
-        Err(refusal) => refusal.into_response(),
+        Err(refusal) => {
+            let peer = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
+            note_refusal("HTTP", peer);
+            refusal.into_response()
+        }
     }
 }
 

@@ -8,5 +8,5 @@ mod http;
 mod service;
 
 pub use book::{JobBook, Refusal};
-pub(crate) use http::{bearer, same_token};
+pub(crate) use http::{bearer, note_refusal, same_token};
 pub use service::{CoordinatorEvent, CoordinatorHandle, start_coordinator};

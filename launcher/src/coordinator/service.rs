@@ -214,6 +214,9 @@ impl CoordinatorHandle {
 /// Binds the coordinator's gRPC service and its HTTP/JSON endpoint on `bind`'s address (port 0
 /// picks free ports) and serves until shut down. Every call must carry `token`. Step reports are
 /// accepted from rank 0 of `training_role` only.
+/// The largest control-plane message either way: a 4096-rank peer list is about 100 KiB.
+const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
 pub async fn start_coordinator(
     bind: SocketAddr,
     token: String,
@@ -238,12 +241,18 @@ pub async fn start_coordinator(
     let check_token = move |req: Request<()>| -> Result<Request<()>, Status> {
         match req.metadata().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()) {
             Some(t) if super::http::same_token(t, &token) => Ok(req),
-            _ => Err(Status::unauthenticated("missing or wrong job token")),
+            _ => {
+                super::http::note_refusal("gRPC", req.remote_addr());
+                Err(Status::unauthenticated("missing or wrong job token"))
+            }
         }
     };
     let grpc = tokio::spawn(async move {
+        let server = CoordinatorServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let result = tonic::transport::Server::builder()
-            .add_service(CoordinatorServer::with_interceptor(service, check_token))
+            .add_service(tonic::service::interceptor::InterceptedService::new(server, check_token))
             // Without TCP_NODELAY a reply's last frames wait for the client's delayed ACK (~40 ms).
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await;

@@ -79,7 +79,8 @@ impl Dashboard {
             .route("/api/logs", get(logs))
             .route("/metrics", get(prometheus))
             .route_layer(axum::middleware::from_fn_with_state(site.clone(), require_token))
-            .with_state(site);
+            .with_state(site)
+            .into_make_service_with_connect_info::<SocketAddr>();
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "dashboard stopped");
@@ -139,7 +140,8 @@ async fn require_token(
     let query_token = request.uri().query().and_then(|q| q.split('&').find_map(|p| p.strip_prefix("token=")));
     let authorised = given_token(request.headers(), request.uri().query()).is_some_and(|t| same_token(t, &site.token));
     if !authorised {
-        tracing::warn!(path = %request.uri().path(), "dashboard request without the right token refused");
+        let peer = request.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0);
+        crate::coordinator::note_refusal("dashboard", peer);
         let message = "not authorised: open the URL `rtrain launch` printed (it carries the dashboard token)";
         return (StatusCode::UNAUTHORIZED, Html(format!("<!doctype html><title>rtrain</title><p>{message}</p>")))
             .into_response();
