@@ -191,6 +191,46 @@ fn generate_continues_text_from_a_gpt_run_or_checkpoint() {
         };
         assert_eq!(sampled("7"), sampled("7"));
     }
+    // The run also exports the model as a Hugging Face GPT-2 folder whose tokens are the bytes:
+    // loaded through the Hugging Face path (its own tokenizer and KV cache), it writes what the
+    // checkpoint writes (within the 16 positions of this model).
+    let exported = run_path.join("model");
+    let short = &prompt[..6];
+    let greedy = |model: &Path| {
+        let args = ["generate", "--model", model.to_str().unwrap(), "--prompt", short, "--max-new-tokens", "8"];
+        let out = run(&[&args[..], &["--temperature", "0", "--json"]].concat(), LIMIT);
+        assert!(out.status.success(), "{}: {}", model.display(), stderr(&out));
+        json_lines(&out)[0]["text"].as_str().unwrap().to_string()
+    };
+    let continuation = greedy(&exported);
+    assert_eq!(continuation, greedy(&run_path));
+    assert_eq!(continuation.len(), 8);
+    // transformers loads the export the same way, where it is installed.
+    let has_transformers = std::process::Command::new("python3")
+        .args(["-c", "import transformers, torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_transformers {
+        let score = run(&["score", "--model", exported.to_str().unwrap(), "--text", prompt, "--json"], LIMIT);
+        assert!(score.status.success(), "{}", stderr(&score));
+        let scores = dir.path().join("score.jsonl");
+        std::fs::write(&scores, &score.stdout).unwrap();
+        let check = std::process::Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/check_gpt_export.py"))
+            .args([exported.as_os_str(), scores.as_os_str()])
+            .args([prompt, short, continuation.as_str()])
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    } else {
+        eprintln!("SKIPPED the transformers half: python3 cannot import transformers and torch here");
+    }
+
     let stop = run(
         &["generate", "--model", run_path.to_str().unwrap(), "--prompt", prompt, "--temperature", "0", "--stop", " "],
         LIMIT,

@@ -104,12 +104,15 @@ impl TrainStep for LmTrainer {
         .collect()
     }
 
-    /// Rank 0 lets the trained model continue the corpus's first bytes greedily, for the launch
-    /// to show (`<run>/samples.json`).
+    /// Rank 0 exports the trained model as a Hugging Face GPT-2 folder (`<run>/model`, its
+    /// tokenizer the 256 bytes), and lets it continue the corpus's first bytes greedily, for the
+    /// launch to show (`<run>/samples.json`).
     fn finish(&mut self, ctx: &mut TrainContext) -> Result<(), TrainError> {
         if !ctx.is_rank_zero() {
             return Ok(());
         }
+        crate::hf::export_gpt2(&self.vs, self.model.config(), &ctx.run_dir.join("model"))
+            .map_err(|source| TrainError::Model { context: "the exported model", source })?;
         let n_ctx = self.model.config().n_ctx as usize;
         let prompt: Vec<u8> = self.corpus.bytes().iter().take(n_ctx.min(32)).copied().collect();
         let mut ids: Vec<i64> = prompt.iter().map(|&b| i64::from(b)).collect();

@@ -72,6 +72,53 @@ fn padded_attention(ids: &Tensor, present: &Tensor) -> (Tensor, Tensor) {
     (positions, mask)
 }
 
+/// The variables of `vs` under transformers' names (GPT-2's `Conv1D` weights transposed).
+fn write_weights(vs: &VarStore, gpt2: bool, dir: &Path, kind: Kind, max_shard_bytes: usize) -> Result<(), HfError> {
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    if gpt2 {
+        for (name, t) in tensors.iter_mut() {
+            if is_conv1d(name) {
+                *t = t.tr().contiguous();
+            }
+        }
+    }
+    weights::write_dir_tensors(dir, &tensors, kind, max_shard_bytes)
+}
+
+/// Writes the built-in byte-level GPT (`vs`, shaped `cfg`) as a Hugging Face GPT-2 folder:
+/// `model.safetensors`, `config.json` and a `tokenizer.json` whose 256 tokens are the bytes
+/// (token id = byte value), which `rtrain generate` and transformers both load.
+pub fn export_gpt2(vs: &VarStore, cfg: &crate::model::GptConfig, dir: &Path) -> Result<(), HfError> {
+    std::fs::create_dir_all(dir).map_err(|source| HfError::Io { path: dir.to_path_buf(), source })?;
+    write_weights(vs, true, dir, Kind::Float, usize::MAX)?;
+    let config = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_ctx,
+        "n_ctx": cfg.n_ctx,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": true,
+        // Bytes only: no BOS or EOS token (GPT-2's defaults would name id 50256).
+        "bos_token_id": null,
+        "eos_token_id": null,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "dtype": "float32",
+    });
+    let path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&config)
+        .map_err(|e| HfError::Config { path: path.clone(), message: e.to_string() })?;
+    std::fs::write(&path, text + "\n").map_err(|source| HfError::Io { path, source })?;
+    tokenizer::write_byte_tokenizer(&dir.join("tokenizer.json"))
+}
+
 /// GPT-2 weights stored transposed by Hugging Face (`Conv1D`).
 fn is_conv1d(name: &str) -> bool {
     name.ends_with(".weight")
@@ -138,16 +185,7 @@ impl HfModel {
     /// Saves config.json and the weights (`kind`: f32 or bf16) with transformers' names, in one
     /// file or in shards of at most `max_shard_bytes`.
     pub fn save(&self, dir: &Path, kind: Kind, max_shard_bytes: usize) -> Result<(), HfError> {
-        let mut tensors: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        if matches!(self.network, Network::Gpt2(_)) {
-            for (name, t) in tensors.iter_mut() {
-                if is_conv1d(name) {
-                    *t = t.tr().contiguous();
-                }
-            }
-        }
-        weights::write_dir_tensors(dir, &tensors, kind, max_shard_bytes)?;
+        write_weights(&self.vs, matches!(self.network, Network::Gpt2(_)), dir, kind, max_shard_bytes)?;
         let mut config = self.raw_config.clone();
         if let Some(obj) = config.as_object_mut() {
             let dtype = if kind == Kind::BFloat16 { "bfloat16" } else { "float32" };

@@ -215,3 +215,48 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>, HfError> {
         Err(source) => Err(HfError::Io { path: path.to_path_buf(), source }),
     }
 }
+
+/// GPT-2's printable stand-in for each byte, as byte-level BPE vocabularies spell tokens: the
+/// printable Latin-1 bytes stand for themselves, the others for the code points from 256 on, in
+/// byte order.
+fn byte_char(byte: u8) -> char {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    if printable(byte) {
+        return char::from(byte);
+    }
+    let before = (0..byte).filter(|&b| !printable(b)).count() as u32;
+    char::from_u32(256 + before).unwrap_or('\u{FFFD}')
+}
+
+/// A `tokenizer.json` of 256 byte tokens (id = byte value, no merges, no special tokens): the
+/// byte-level BPE form transformers loads, for the built-in byte-level GPT.
+pub fn write_byte_tokenizer(path: &Path) -> Result<(), HfError> {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..=255u8).map(|b| (byte_char(b).to_string(), serde_json::Value::from(b))).collect();
+    let byte_level = |kind: &str| serde_json::json!({ "type": kind, "add_prefix_space": false, "trim_offsets": false, "use_regex": false });
+    let doc = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": byte_level("ByteLevel"),
+        "post_processor": null,
+        "decoder": byte_level("ByteLevel"),
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": null,
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": false,
+            "byte_fallback": false,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": [],
+        },
+    });
+    let text = serde_json::to_string(&doc)
+        .map_err(|e| HfError::Config { path: path.to_path_buf(), message: e.to_string() })?;
+    std::fs::write(path, text).map_err(|source| HfError::Io { path: path.to_path_buf(), source })
+}
