@@ -72,14 +72,7 @@ fn a_live_run_is_shown_by_its_dashboard_in_a_browser() {
     let cfg = write_config(dir.path(), "shown.toml", &tiny_gpt("shown", dir.path(), 2, 1, 1_000_000));
     let run_path = dir.path().join("shown");
     let log = dir.path().join("launch.log");
-    let child = Command::new(RTRAIN)
-        .args(["launch", cfg.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start rtrain");
-    let guard = Guard(Some(child));
+    let guard = spawn_logged(&["launch", cfg.to_str().unwrap()], &log);
     assert!(wait_until(LIMIT, || printed_url(&log).is_some()), "no dashboard URL printed");
     let (addr, token) = printed_url(&log).unwrap();
     assert!(addr.starts_with("127.0.0.1:"), "served on loopback only: {addr}");

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -59,14 +59,7 @@ fn garbage_and_strangers_on_every_port_leave_the_job_training() {
     let cfg = write_config(dir.path(), "job.toml", &tiny_gpt("hostile", dir.path(), 2, 1, 1_000_000));
     let run_path = dir.path().join("hostile");
     let log = dir.path().join("launch.log");
-    let child = Command::new(RTRAIN)
-        .args(["launch", cfg.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let guard = Guard(Some(child));
+    let guard = spawn_logged(&["launch", cfg.to_str().unwrap()], &log);
     assert!(wait_until(LIMIT, || metrics(&run_path).len() >= 5), "no steps");
     let rank0 = pid_of(&run_path, "trainer", 0).expect("rank 0");
     let grpc = env_of(rank0, "RTRAIN_COORDINATOR").expect("coordinator address");

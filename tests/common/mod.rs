@@ -68,6 +68,19 @@ pub fn spawn(args: &[&str]) -> Guard {
     Guard(Some(child))
 }
 
+/// Starts `rtrain ARGS` with its stderr written to the file `log`, which the test may read while
+/// it runs (a pipe is read only once the process exits, and would fill up before).
+pub fn spawn_logged(args: &[&str], log: &Path) -> Guard {
+    let child = Command::new(RTRAIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("create the log"))
+        .spawn()
+        .expect("start rtrain");
+    Guard(Some(child))
+}
+
 /// Waits for the child to exit within `limit`, else kills it and fails the test.
 pub fn wait_output(mut guard: Guard, limit: Duration) -> Output {
     let mut child = guard.0.take().expect("child");
