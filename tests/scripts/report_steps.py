@@ -28,6 +28,8 @@ lockstep.mkdir(parents=True, exist_ok=True)
 
 
 def wait_for_peers(step):
+    """Waits until every rank has reached `step`; False when a peer stopped on request instead
+    (it left the `stop` mark after the previous step)."""
     (lockstep / f"{ctx.rank}.tmp").write_text(str(step))
     (lockstep / f"{ctx.rank}.tmp").replace(lockstep / str(ctx.rank))
     for peer in range(ctx.world_size):
@@ -37,20 +39,34 @@ def wait_for_peers(step):
                     break
             except (OSError, ValueError):
                 pass
+            if (lockstep / "stop").exists():
+                return False
             time.sleep(0.005)
+    return True
+
+
+def save(step):
+    with rtrain.save_checkpoint(step) as d:
+        if d is not None:
+            (d / "state.json").write_text(json.dumps({"step": step, "total": total}))
+
+
+def stop(step):
+    """Every rank stops after the same step: the first asked marks it, the others follow."""
+    (lockstep / "stop").write_text(str(step))
+    save(step)
+    print(f"rank {ctx.rank} stopped on request at step {step}", flush=True)
+    raise SystemExit(0)
 
 
 for step in range(start + 1, steps + 1):
     time.sleep(pause)
-    wait_for_peers(step)
+    if not wait_for_peers(step):
+        stop(step - 1)
     total += step
     rtrain.report(step, loss=1.0 / step, lr=0.1, tokens=100, running_total=total)
-    stopping = rtrain.stop_requested()
-    if step % every == 0 or stopping:
-        with rtrain.save_checkpoint(step) as d:
-            if d is not None:
-                (d / "state.json").write_text(json.dumps({"step": step, "total": total}))
-    if stopping:
-        print(f"rank {ctx.rank} stopped on request at step {step}", flush=True)
-        raise SystemExit(0)
+    if rtrain.stop_requested():
+        stop(step)
+    if step % every == 0:
+        save(step)
 print(f"rank {ctx.rank} done, total {total}", flush=True)
