@@ -58,12 +58,12 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     value.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("bearer ")).map(|_| &value[7..])
 }
 
-/// Logs a call refused for its token: the first, then the 10th, 100th... so a flood of them
-/// cannot flood the log.
+/// Logs a call refused for its token: the 1st, 10th, 100th, then every 1000th, so a flood of
+/// them cannot flood the log.
 pub(crate) fn note_refusal(channel: &str, peer: Option<std::net::SocketAddr>) {
     static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-    if n.is_power_of_two() || n % 1000 == 0 {
+    if [1, 10, 100].contains(&n) || n.is_multiple_of(1000) {
         let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
         tracing::warn!(refused = n, %peer, "{channel} call without the job token refused");
     }
