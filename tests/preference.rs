@@ -12,10 +12,6 @@ use rtrain_trainer::hf::RewardModel;
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
 /// Pairs on two-digit sums where the answer alone beats the answer with text after it.
 fn write_pairs(dir: &Path, n: usize) -> PathBuf {
     let mut lines = String::new();

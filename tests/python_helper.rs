@@ -12,10 +12,6 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
 fn script_job(dir: &Path, name: &str, steps: u32, pause_s: f64) -> PathBuf {
     let text = format!(
         r#"

@@ -10,10 +10,6 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
 fn sft_job(dir: &Path, name: &str, workers: u32, grad_accum: u32, steps: u32) -> PathBuf {
     let text = format!(
         r#"

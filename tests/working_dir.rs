@@ -4,24 +4,16 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-/// `rtrain ARGS` run in `cwd`.
+/// `rtrain ARGS` run in `cwd` to its end.
 fn run_in(cwd: &Path, args: &[&str]) -> Output {
-    let child = Command::new(RTRAIN)
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start rtrain");
-    wait_output(Guard(Some(child)), LIMIT)
+    wait_output(spawn_in(cwd, args), LIMIT)
 }
 
 #[test]

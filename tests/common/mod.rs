@@ -57,9 +57,20 @@ impl Drop for Guard {
     }
 }
 
+/// A path inside the repository (where configs, examples and scripts are).
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
 pub fn spawn(args: &[&str]) -> Guard {
+    spawn_in(Path::new("."), args)
+}
+
+/// `rtrain ARGS` started in the directory `cwd`.
+pub fn spawn_in(cwd: &Path, args: &[&str]) -> Guard {
     let child = Command::new(RTRAIN)
         .args(args)
+        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -100,6 +111,10 @@ pub fn wait_output(mut guard: Guard, limit: Duration) -> Output {
 
 pub fn run(args: &[&str], limit: Duration) -> Output {
     wait_output(spawn(args), limit)
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub fn stderr(out: &Output) -> String {

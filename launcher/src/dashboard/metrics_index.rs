@@ -68,6 +68,7 @@ impl MetricsIndex {
     }
 
     /// Complete lines so far.
+    #[cfg(test)]
     pub fn line_count(&self) -> usize {
         self.starts.len()
     }

@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use crate::checkpoint::{self as store, LATEST_FILE};
 use crate::coordinator::same_token;
 use crate::launch::status::STATUS_FILE;
-pub use metrics_index::MetricsIndex;
+use metrics_index::MetricsIndex;
 
 /// The page, with its script and styles.
 const PAGE: &str = include_str!("page.html");
