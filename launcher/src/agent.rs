@@ -1,6 +1,8 @@
-//! The local agent: spawns worker processes, watches them, signals them and reports their
-//! exits. Each worker leads its own process group, so stopping it stops whatever it started,
-//! and it dies with the driver (PR_SET_PDEATHSIG) even if the driver is killed with SIGKILL.
+//! The agent: spawns worker processes, watches them, signals them and reports their exits. Each
+//! worker leads its own process group, so stopping it stops whatever it started, and it dies with
+//! the process that started it (PR_SET_PDEATHSIG) even if that one is killed with SIGKILL. The
+//! workers of other hosts are started by their host's agent (`rtrain agent`), through a
+//! [`RemoteHost`]; they are supervised here the same way.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -14,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use crate::hosts::RemoteHost;
 use crate::progress::Printer;
 
 /// How long the output of an ended worker may take to reach its log.
@@ -24,10 +27,13 @@ const ECHO_DRAIN: Duration = Duration::from_secs(2);
 pub enum ExitKind {
     Code(i32),
     Signal(i32),
+    /// Its host's agent went away (the host failed, or its network did): whatever became of
+    /// the process, the job has lost it.
+    Lost,
 }
 
 impl ExitKind {
-    fn from_status(status: ExitStatus) -> Self {
+    pub(crate) fn from_status(status: ExitStatus) -> Self {
         match (status.code(), status.signal()) {
             (Some(code), _) => ExitKind::Code(code),
             (None, Some(sig)) => ExitKind::Signal(sig),
@@ -45,6 +51,7 @@ impl std::fmt::Display for ExitKind {
         match self {
             ExitKind::Code(code) => write!(f, "exit code {code}"),
             ExitKind::Signal(sig) => write!(f, "signal {} ({})", sig, signal_name(*sig)),
+            ExitKind::Lost => write!(f, "host lost"),
         }
     }
 }
@@ -107,10 +114,26 @@ pub struct WorkerExit {
     pub kind: ExitKind,
 }
 
-/// The processes an agent started on this node.
+/// A worker that has not been reaped.
+enum Live {
+    /// On this host: its process-group id.
+    Local(i32),
+    /// On another host: the agent there and its id for the process.
+    Remote(Arc<RemoteHost>, u64),
+}
+
+impl Live {
+    fn signal(&self, signal: i32) {
+        match self {
+            Live::Local(pgid) => signal_group(*pgid, signal),
+            Live::Remote(host, id) => host.signal(*id, signal),
+        }
+    }
+}
+
+/// The processes an agent started, on this host or through the agents of others.
 pub struct Agent {
-    /// Process-group ids of workers that have not been reaped.
-    live: BTreeMap<ProcId, i32>,
+    live: BTreeMap<ProcId, Live>,
     exits: mpsc::UnboundedSender<WorkerExit>,
 }
 
@@ -179,7 +202,7 @@ impl Agent {
             source,
         })?;
         let pid = child.id().unwrap_or(0);
-        self.live.insert(launch.id.clone(), pid as i32);
+        self.live.insert(launch.id.clone(), Live::Local(pid as i32));
         let mut copies = Vec::new();
         if let (Some((prefix, printer)), Some(log)) = (launch.echo, echo_log) {
             let log = Arc::new(Mutex::new(log));
@@ -205,11 +228,19 @@ impl Agent {
         Ok(pid)
     }
 
+    /// Starts one worker on another host, through its agent; its exit arrives on the same
+    /// channel as the local ones' (as [`ExitKind::Lost`] if the host goes away first). The log
+    /// path and working directory are the same paths there.
+    pub fn spawn_on(&mut self, host: &Arc<RemoteHost>, launch: WorkerLaunch) {
+        let id = host.spawn(&launch, self.exits.clone());
+        self.live.insert(launch.id, Live::Remote(host.clone(), id));
+    }
+
     /// Marks a worker reaped (call on each exit event before signalling others).
     pub fn reaped(&mut self, id: &ProcId) {
-        if let Some(pgid) = self.live.remove(id) {
+        if let Some(live) = self.live.remove(id) {
             // Whatever the worker left running in its group goes with it.
-            signal_group(pgid, libc::SIGKILL);
+            live.signal(libc::SIGKILL);
         }
     }
 
@@ -217,27 +248,41 @@ impl Agent {
         self.live.keys().cloned().collect()
     }
 
-    /// The process group (and process) id of a live worker.
-    /// Every live worker with its pid.
+    /// Every live worker of this host with its pid (the process group's id).
     pub fn pids(&self) -> Vec<(ProcId, i32)> {
-        self.live.iter().map(|(id, pid)| (id.clone(), *pid)).collect()
+        self.live
+            .iter()
+            .filter_map(|(id, live)| match live {
+                Live::Local(pid) => Some((id.clone(), *pid)),
+                Live::Remote(..) => None,
+            })
+            .collect()
     }
 
+    /// The pid of a live worker of this host.
     pub fn pid(&self, id: &ProcId) -> Option<i32> {
-        self.live.get(id).copied()
+        match self.live.get(id)? {
+            Live::Local(pid) => Some(*pid),
+            Live::Remote(..) => None,
+        }
     }
 
     /// SIGKILLs one worker's process group (a hung worker: SIGTERM would wait for nothing).
     pub fn kill(&self, id: &ProcId) {
-        if let Some(pgid) = self.live.get(id) {
-            signal_group(*pgid, libc::SIGKILL);
+        self.signal(id, libc::SIGKILL);
+    }
+
+    /// Sends `signal` to one live worker's process group.
+    pub fn signal(&self, id: &ProcId, signal: i32) {
+        if let Some(live) = self.live.get(id) {
+            live.signal(signal);
         }
     }
 
     /// Sends `signal` to every live worker's process group.
     pub fn signal_all(&self, signal: i32) {
-        for pgid in self.live.values() {
-            signal_group(*pgid, signal);
+        for live in self.live.values() {
+            live.signal(signal);
         }
     }
 
@@ -285,9 +330,7 @@ impl Agent {
         let mut seen = Vec::new();
         let signal = |agent: &Self, sig| {
             for id in ids {
-                if let Some(pgid) = agent.live.get(id) {
-                    signal_group(*pgid, sig);
-                }
+                agent.signal(id, sig);
             }
         };
         let pending = |agent: &Self| ids.iter().any(|id| agent.live.contains_key(id));

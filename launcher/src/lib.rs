@@ -10,9 +10,12 @@
 pub mod agent;
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod coordinator;
 pub mod dashboard;
 pub mod failure;
+pub mod host_agent;
+pub mod hosts;
 pub mod launch;
 pub mod plot;
 pub mod progress;

@@ -91,10 +91,25 @@ pub struct RankPlacement {
     pub cores: Vec<usize>,
     /// CUDA device indices, sorted; LOCAL_RANK indexes them.
     pub gpus: Vec<usize>,
+    /// The host it runs on: an index into the hosts it was placed over (0: the driver's).
+    pub node: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ScheduleError {
+    #[error(
+        "role {role} needs at least {needed} workers but its {hosts} hosts hold only {fits} ({cpus_key} each{gpus}); \
+         lower {size_key}, or add hosts"
+    )]
+    NotEnoughHosts {
+        role: String,
+        needed: usize,
+        fits: usize,
+        hosts: usize,
+        size_key: String,
+        cpus_key: String,
+        gpus: String,
+    },
     #[error(
         "role {role} needs {needed} CPU cores ({workers} × {per_worker} {cpus_key}) but only {available} of \
          this machine's {total} are left for it; lower {size_key} or {cpus_key}"
@@ -180,11 +195,83 @@ pub fn place_job(groups: &[GroupRequest], node: NodeResources) -> Result<Vec<Vec
                     let (cores, threads) = cores.next().unwrap_or_default();
                     let gpus = (next_gpu..next_gpu + g.gpus_per_worker).collect();
                     next_gpu += g.gpus_per_worker;
-                    RankPlacement { rank, local_rank: rank, threads, cores, gpus }
+                    RankPlacement { rank, local_rank: rank, threads, cores, gpus, node: 0 }
                 })
                 .collect()
         })
         .collect())
+}
+
+/// Places the training role `trainer` over `hosts` (the driver's first) and the other roles
+/// (`side`) on the driver's host: the gang gets as many workers as fit (between its min and max),
+/// spread evenly over the hosts, with the ranks of each host contiguous and hosts in order, as
+/// torchrun numbers them. Returns the gang's ranks and each side role's.
+pub fn place_over_hosts(
+    trainer: &GroupRequest,
+    side: &[GroupRequest],
+    hosts: &[NodeResources],
+) -> Result<(Vec<RankPlacement>, Vec<Vec<RankPlacement>>), ScheduleError> {
+    let Some((driver, others)) = hosts.split_first() else {
+        return Err(ScheduleError::NotEnoughHosts {
+            role: trainer.role.clone(),
+            needed: trainer.min_workers,
+            fits: 0,
+            hosts: 0,
+            size_key: trainer.size_key.clone(),
+            cpus_key: trainer.cpus_key.clone(),
+            gpus: String::new(),
+        });
+    };
+    // The side roles come first on the driver's host (their smallest sizes).
+    let side_min: Vec<GroupRequest> = side.iter().map(|g| GroupRequest { max_workers: g.min_workers, ..g.clone() }).collect();
+    place_job(&side_min, *driver)?;
+    let driver_gpus = driver.gpus.saturating_sub(side.iter().map(|g| g.min_workers * g.gpus_per_worker).sum::<usize>());
+    let driver_cpus = driver.cpus as f64 - side.iter().map(|g| g.min_workers as f64 * g.cpus_per_worker).sum::<f64>();
+    let fits = |cpus: f64, gpus: usize| {
+        let by_cpu = ((cpus + EPS) / trainer.cpus_per_worker).floor().max(0.0) as usize;
+        let by_gpu = if trainer.gpus_per_worker == 0 { usize::MAX } else { gpus / trainer.gpus_per_worker };
+        by_cpu.min(by_gpu)
+    };
+    let capacity: Vec<usize> = std::iter::once(fits(driver_cpus, driver_gpus))
+        .chain(others.iter().map(|h| fits(h.cpus as f64, h.gpus)))
+        .collect();
+    let total = capacity.iter().sum::<usize>().min(trainer.max_workers);
+    if total < trainer.min_workers {
+        return Err(ScheduleError::NotEnoughHosts {
+            role: trainer.role.clone(),
+            needed: trainer.min_workers,
+            fits: total,
+            hosts: hosts.len(),
+            size_key: trainer.size_key.clone(),
+            cpus_key: format!("{} = {}", trainer.cpus_key, trainer.cpus_per_worker),
+            gpus: if trainer.gpus_per_worker > 0 {
+                format!(", {} GPUs", trainer.gpus_per_worker)
+            } else {
+                String::new()
+            },
+        });
+    }
+    // One worker at a time to the host with the fewest that has room (the first, on ties).
+    let mut counts = vec![0usize; hosts.len()];
+    for _ in 0..total {
+        let next = (0..hosts.len()).filter(|&h| counts[h] < capacity[h]).min_by_key(|&h| (counts[h], h));
+        if let Some(h) = next {
+            counts[h] += 1;
+        }
+    }
+    let fixed = |n: usize| GroupRequest { min_workers: n, max_workers: n, ..trainer.clone() };
+    let mut driver_groups = vec![fixed(counts[0])];
+    driver_groups.extend(side.iter().cloned());
+    let mut on_driver = place_job(&driver_groups, *driver)?.into_iter();
+    let mut gang = on_driver.next().unwrap_or_default();
+    let side_placed: Vec<Vec<RankPlacement>> = on_driver.collect();
+    for (h, host) in others.iter().enumerate() {
+        let node = h + 1;
+        let placed = place_job(&[fixed(counts[node])], *host)?.into_iter().next().unwrap_or_default();
+        let offset = gang.len();
+        gang.extend(placed.into_iter().map(|p| RankPlacement { rank: offset + p.rank, node, ..p }));
+    }
+    Ok((gang, side_placed))
 }
 
 /// Cores and thread counts for processes with CPU `shares`, in order. Shares are scaled up to
@@ -324,5 +411,49 @@ mod tests {
         assert_eq!(p[0][0].gpus, vec![0, 1]);
         assert_eq!(p[0][1].gpus, vec![2, 3]);
         assert_eq!(p[1][0].gpus, vec![4]);
+    }
+
+    #[test]
+    fn a_gang_over_hosts_is_spread_evenly_with_contiguous_ranks_per_host() {
+        let trainer = group("trainer", 4, 4, 1.0, 0);
+        let (gang, side) = place_over_hosts(&trainer, &[], &[node(2, 0), node(2, 0)]).unwrap();
+        let where_: Vec<(usize, usize, usize)> = gang.iter().map(|p| (p.rank, p.node, p.local_rank)).collect();
+        assert_eq!(where_, vec![(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]);
+        assert!(side.is_empty());
+        // Uneven: the driver's host takes the extra one.
+        let (gang, _) = place_over_hosts(&group("trainer", 3, 3, 1.0, 0), &[], &[node(4, 0), node(4, 0)]).unwrap();
+        assert_eq!(gang.iter().map(|p| p.node).collect::<Vec<_>>(), vec![0, 0, 1]);
+    }
+
+    #[test]
+    fn side_roles_stay_on_the_drivers_host_and_take_their_share_first() {
+        let trainer = group("trainer", 2, 4, 1.0, 0);
+        let actor = group("actor", 1, 1, 1.0, 0);
+        let (gang, side) = place_over_hosts(&trainer, &[actor], &[node(2, 0), node(2, 0)]).unwrap();
+        // The driver's host holds the actor and one trainer rank; the other host two.
+        assert_eq!(gang.iter().map(|p| p.node).collect::<Vec<_>>(), vec![0, 1, 1]);
+        assert_eq!(side[0].len(), 1);
+        assert!(side[0][0].cores.iter().all(|c| !gang[0].cores.contains(c)), "pinned apart: {side:?} {gang:?}");
+    }
+
+    #[test]
+    fn an_elastic_gang_shrinks_to_the_hosts_left_and_names_what_is_missing() {
+        let trainer = group("trainer", 2, 4, 1.0, 0);
+        let (gang, _) = place_over_hosts(&trainer, &[], &[node(2, 0)]).unwrap();
+        assert_eq!(gang.len(), 2);
+        let fixed = group("trainer", 4, 4, 1.0, 0);
+        let e = place_over_hosts(&fixed, &[], &[node(2, 0)]).unwrap_err();
+        assert!(matches!(e, ScheduleError::NotEnoughHosts { needed: 4, fits: 2, hosts: 1, .. }), "{e}");
+        assert!(e.to_string().contains("add hosts"), "{e}");
+        // GPUs bound it too.
+        let gpus = group("trainer", 1, 8, 1.0, 1);
+        let (gang, _) = place_over_hosts(&gpus, &[], &[node(16, 2), node(16, 3)]).unwrap();
+        assert_eq!(gang.iter().map(|p| (p.node, p.gpus.clone())).collect::<Vec<_>>(), vec![
+            (0, vec![0]),
+            (0, vec![1]),
+            (1, vec![0]),
+            (1, vec![1]),
+            (1, vec![2])
+        ]);
     }
 }

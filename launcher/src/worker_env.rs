@@ -7,8 +7,9 @@ use crate::scheduler::{RankPlacement, device_list};
 /// The environment of rank `p` of a role placed as `all`: the role's `env` (what every process of
 /// the role's attempt is told) with the rank's own numbers, threads and devices. OMP_NUM_THREADS
 /// follows the cores it was given, unless the launcher's own environment sets it.
-/// `visible_devices` are the launcher's GPUs, which placement indices refer to; `cuda` gives the
-/// process CUDA_VISIBLE_DEVICES even without GPUs of its own.
+/// `visible_devices` are the GPUs of `p`'s host, which placement indices refer to; `cuda` gives
+/// the process CUDA_VISIBLE_DEVICES even without GPUs of its own. Over several hosts, NODE_RANK
+/// numbers the hosts in the order of their ranks, LOCAL_WORLD_SIZE counts the host's ranks.
 pub(crate) fn worker_env(
     env: &WorkerEnv,
     p: &RankPlacement,
@@ -16,14 +17,23 @@ pub(crate) fn worker_env(
     cuda: bool,
     visible_devices: &[String],
 ) -> Vec<(String, String)> {
+    let here: Vec<&RankPlacement> = all.iter().filter(|q| q.node == p.node).collect();
+    let mut nodes: Vec<usize> = Vec::new();
+    for q in all {
+        if !nodes.contains(&q.node) {
+            nodes.push(q.node);
+        }
+    }
     let cuda_visible_devices = (cuda || !p.gpus.is_empty()).then(|| {
-        let gpus: Vec<usize> = all.iter().flat_map(|q| q.gpus.iter().copied()).collect();
+        let gpus: Vec<usize> = here.iter().flat_map(|q| q.gpus.iter().copied()).collect();
         device_list(&gpus, visible_devices)
     });
     WorkerEnv {
         rank: p.rank,
         local_rank: p.local_rank,
-        local_world_size: all.len(),
+        local_world_size: here.len(),
+        node_rank: nodes.iter().position(|n| *n == p.node).unwrap_or(0),
+        nodes: nodes.len().max(1),
         threads: std::env::var_os("OMP_NUM_THREADS").is_none().then_some(p.threads),
         cuda_visible_devices,
         ..env.clone()

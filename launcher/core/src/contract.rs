@@ -18,6 +18,13 @@ pub mod vars {
     pub const GLOBAL_BATCH: &str = "RTRAIN_GLOBAL_BATCH";
     /// A verified checkpoint directory to resume from; unset for a fresh start.
     pub const RESUME_FROM: &str = "RTRAIN_RESUME_FROM";
+    /// The certificate (PEM) of the CA that issued the coordinator's: set when the job spans
+    /// several hosts, whose control plane is TLS.
+    pub const TLS_CA: &str = "RTRAIN_TLS_CA";
+    /// Hosts of the training gang's attempt (set when more than one).
+    pub const NODES: &str = "RTRAIN_NODES";
+    /// The address this host's processes listen on for their peers.
+    pub const BIND_HOST: &str = "RTRAIN_BIND_HOST";
 }
 
 /// Whether rtrain sets the variable `name` for its workers itself (so `job.env` may not).
@@ -81,6 +88,12 @@ pub struct WorkerEnv {
     pub threads: Option<usize>,
     /// CUDA_VISIBLE_DEVICES, when the process has GPUs.
     pub cuda_visible_devices: Option<String>,
+    /// The job CA's certificate, when the control plane is TLS.
+    pub tls_ca: Option<String>,
+    /// Hosts of the role's attempt.
+    pub nodes: usize,
+    /// The address this process's host listens on for peers; loopback when unset.
+    pub bind_host: Option<String>,
 }
 
 impl WorkerEnv {
@@ -123,6 +136,9 @@ impl WorkerEnv {
             (vars::RESUME_FROM, self.resume_from.as_ref().map(|p| p.display().to_string())),
             ("OMP_NUM_THREADS", self.threads.map(|t| t.to_string())),
             ("CUDA_VISIBLE_DEVICES", self.cuda_visible_devices.clone()),
+            (vars::TLS_CA, self.tls_ca.clone()),
+            (vars::NODES, (self.nodes > 1).then(|| self.nodes.to_string())),
+            (vars::BIND_HOST, self.bind_host.clone()),
         ];
         env.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
         env.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
@@ -161,6 +177,9 @@ impl WorkerEnv {
             resume_from: get(vars::RESUME_FROM).filter(|p| !p.is_empty()).map(PathBuf::from),
             threads: optional("OMP_NUM_THREADS")?.map(|t| t as usize),
             cuda_visible_devices: get("CUDA_VISIBLE_DEVICES"),
+            tls_ca: get(vars::TLS_CA).filter(|v| !v.is_empty()),
+            nodes: optional(vars::NODES)?.map_or(1, |n| n.max(1) as usize),
+            bind_host: get(vars::BIND_HOST).filter(|v| !v.is_empty()),
         };
         if env.rank >= env.world_size {
             return Err(EnvError {
@@ -203,6 +222,9 @@ mod tests {
             resume_from: Some("/runs/demo/checkpoints/step-000020".into()),
             threads: Some(4),
             cuda_visible_devices: Some("2,3".into()),
+            tls_ca: Some("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into()),
+            nodes: 2,
+            bind_host: Some("10.0.0.2".into()),
         }
     }
 
@@ -221,6 +243,9 @@ mod tests {
             resume_from: None,
             threads: None,
             cuda_visible_devices: None,
+            tls_ca: None,
+            nodes: 1,
+            bind_host: None,
             ..sample()
         };
         let vars = bare.to_env();

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as ChannelEndpoint};
 
 use crate::contract::{EnvError, WorkerEnv, unix_now};
 use crate::proto::coordinator_client::CoordinatorClient;
@@ -34,14 +34,36 @@ pub enum JobClientError {
     Timeout { call: &'static str },
 }
 
-/// A lazily connected client of the coordinator at `addr` (the first call connects, and a
-/// dropped connection is re-established), on `runtime`.
-pub fn connect(runtime: &tokio::runtime::Runtime, addr: &str, token: &str) -> Result<Client, JobClientError> {
+/// The name the coordinator's certificate is issued to, whatever address it is reached at.
+pub const TLS_SERVER_NAME: &str = "rtrain-coordinator";
+
+/// The coordinator at `addr`, over TLS when `tls_ca` (the certificate of the job's CA, PEM) is
+/// given: the coordinator of a job over several hosts proves itself with a certificate that CA
+/// issued for [`TLS_SERVER_NAME`].
+pub fn endpoint(addr: &str, tls_ca: Option<&str>) -> Result<ChannelEndpoint, JobClientError> {
     let bad_addr = |reason: String| JobClientError::Address { addr: addr.to_string(), reason };
-    let endpoint = Channel::from_shared(format!("http://{addr}"))
+    let scheme = if tls_ca.is_some() { "https" } else { "http" };
+    let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| bad_addr(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    if let Some(ca) = tls_ca {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(TLS_SERVER_NAME);
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad_addr(format!("TLS: {e}")))?;
+    }
+    Ok(endpoint)
+}
+
+/// A lazily connected client of the coordinator at `addr` (the first call connects, and a
+/// dropped connection is re-established), on `runtime`; over TLS when `tls_ca` is given.
+pub fn connect(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+    token: &str,
+    tls_ca: Option<&str>,
+) -> Result<Client, JobClientError> {
+    let bad_addr = |reason: String| JobClientError::Address { addr: addr.to_string(), reason };
+    let endpoint = endpoint(addr, tls_ca)?;
     let interceptor = TokenInterceptor::new(token).map_err(|e| bad_addr(e.to_string()))?;
     let channel = {
         let _guard = runtime.enter();
@@ -105,7 +127,7 @@ impl JobClient {
             .thread_name("rtrain-job-client")
             .enable_all()
             .build()?;
-        let client = connect(&runtime, &env.coordinator, &env.token)?;
+        let client = connect(&runtime, &env.coordinator, &env.token, env.tls_ca.as_deref())?;
         let id = WorkerId { role: env.role.clone(), rank: env.rank as u32, attempt: env.attempt };
         Ok(Self { runtime, client, id })
     }

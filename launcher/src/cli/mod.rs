@@ -130,6 +130,29 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
+    /// Serve a job over several hosts from this host: join its coordinator and run the
+    /// processes the driver places here (one agent per host besides the driver's).
+    Agent {
+        /// The coordinator's HOST:PORT (the job's `cluster.bind`).
+        #[arg(long)]
+        join: String,
+        /// The job token (`cluster.token_file`; mode 0600). The job CA's certificate, which
+        /// the driver writes beside it as `<FILE>.ca.pem`, proves the coordinator.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The job CA's certificate, if not beside the token file.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// This host's name in the job (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The address other hosts reach this one at (default: the one facing the coordinator).
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+        /// Seconds to keep trying to join (the driver may start after its agents).
+        #[arg(long, default_value_t = 300.0)]
+        wait_s: f64,
+    },
     /// Run as a built-in worker (started by `rtrain launch`, not by hand).
     #[command(hide = true)]
     Worker,
@@ -221,7 +244,7 @@ pub struct ScoreArgs {
 pub fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Launch(_) | Command::Worker | Command::Role { .. }) {
+    if !matches!(cli.command, Command::Launch(_) | Command::Agent { .. } | Command::Worker | Command::Role { .. }) {
         end_quietly_when_the_reader_goes();
     }
     match cli.command {
@@ -251,6 +274,17 @@ pub fn main() -> ExitCode {
         },
         Command::Dashboard { run, port } => runs::dashboard_command(&run, port),
         Command::Stop { run, timeout_s } => runs::stop_command(&run, std::time::Duration::from_secs(timeout_s)),
+        Command::Agent { join, token_file, ca_file, name, address, wait_s } => {
+            let opts = crate::host_agent::AgentOptions {
+                join,
+                token_file,
+                ca_file,
+                name,
+                address,
+                wait: std::time::Duration::from_secs_f64(wait_s.clamp(0.0, 1e6)),
+            };
+            agent_command(opts)
+        }
         Command::Bench(BenchCommand::Recovery { config, kills, steps_between, json }) => {
             bench::recovery_command(config, kills, steps_between, json)
         }
@@ -260,6 +294,23 @@ pub fn main() -> ExitCode {
         // Arguments are checked here; the command runs in the binary that links libtorch.
         Command::Bench(_) | Command::Generate(_) | Command::Score(_) | Command::Worker | Command::Role { .. } => {
             exec_worker_binary()
+        }
+    }
+}
+
+fn agent_command(opts: crate::host_agent::AgentOptions) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            say!("error: cannot start the agent's runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match runtime.block_on(crate::host_agent::run_agent(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say!("rtrain agent: error: {e}");
+            ExitCode::from(if e.is_usage() { EXIT_CONFIG } else { EXIT_FAILED })
         }
     }
 }

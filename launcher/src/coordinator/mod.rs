@@ -9,4 +9,4 @@ mod service;
 
 pub use book::{JobBook, Refusal};
 pub(crate) use http::{bearer, note_refusal, same_token};
-pub use service::{CoordinatorEvent, CoordinatorHandle, start_coordinator};
+pub use service::{CoordinatorEvent, CoordinatorHandle, CoordinatorSetup, serve_coordinator, start_coordinator};

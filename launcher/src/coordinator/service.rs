@@ -12,10 +12,13 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::book::{JobBook, Refusal, Registered};
+use crate::agent::ExitKind;
+use crate::hosts::{HostInfo, Hosts};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
-    Ack, BroadcastRequest, Command, FailureReport, HeartbeatRequest, LookupReply, LookupRequest, MetricsReport,
-    PublishRequest, RegisterReply, RegisterRequest, StepMetrics, TOKEN_HEADER, WorkerId,
+    Ack, AgentCommand, AgentEvent, BroadcastRequest, Command, FailureReport, HeartbeatRequest, LookupReply,
+    LookupRequest, MetricsReport, PublishRequest, RegisterReply, RegisterRequest, StepMetrics, TOKEN_HEADER, WorkerId,
+    agent_event,
 };
 
 /// What the coordinator tells the driver.
@@ -56,6 +59,8 @@ pub(crate) struct Shared {
     /// Last (attempt, step) written: step reports must move forward within an attempt.
     last_step: Mutex<Option<(u32, u64)>>,
     pub(crate) token: String,
+    /// The other hosts' agents.
+    hosts: Arc<Hosts>,
 }
 
 impl Shared {
@@ -211,20 +216,46 @@ impl CoordinatorHandle {
     }
 }
 
-/// Binds the coordinator's gRPC service and its HTTP/JSON endpoint on `bind`'s address (port 0
-/// picks free ports) and serves until shut down. Every call must carry `token`. Step reports are
-/// accepted from rank 0 of `training_role` only.
 /// The largest control-plane message either way: a 4096-rank peer list is about 100 KiB.
 const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// How long an agent has to introduce itself once its session is open.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection whose peer stops answering pings this long is closed (an agent's host that
+/// vanished without closing its connection is lost after this).
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How a coordinator serves.
+pub struct CoordinatorSetup {
+    /// The gRPC service's address (port 0 picks a free port). The HTTP/JSON endpoint is always
+    /// on loopback: it serves the processes of the driver's host.
+    pub bind: SocketAddr,
+    /// Every call must carry it.
+    pub token: String,
+    /// Step reports are accepted from rank 0 of this role only.
+    pub training_role: Option<String>,
+    /// Where agents of other hosts join.
+    pub hosts: Arc<Hosts>,
+    /// Serve gRPC over TLS with this identity (certificate chain and key, PEM).
+    pub tls: Option<(String, String)>,
+}
+
+/// Starts a single-host coordinator on `bind` (plain gRPC; no agents).
 pub async fn start_coordinator(
     bind: SocketAddr,
     token: String,
     training_role: Option<String>,
 ) -> std::io::Result<(CoordinatorHandle, mpsc::UnboundedReceiver<CoordinatorEvent>)> {
+    serve_coordinator(CoordinatorSetup { bind, token, training_role, hosts: Arc::new(Hosts::new(1)), tls: None }).await
+}
+
+/// Binds the coordinator's gRPC service and its HTTP/JSON endpoint and serves until shut down.
+pub async fn serve_coordinator(
+    setup: CoordinatorSetup,
+) -> std::io::Result<(CoordinatorHandle, mpsc::UnboundedReceiver<CoordinatorEvent>)> {
+    let CoordinatorSetup { bind, token, training_role, hosts, tls } = setup;
     let listener = tokio::net::TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
-    let http_listener = tokio::net::TcpListener::bind(SocketAddr::new(bind.ip(), 0)).await?;
+    let http_listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let http_addr = http_listener.local_addr()?;
     let (events, events_rx) = mpsc::unbounded_channel();
     let (commands, _) = broadcast::channel(COMMAND_BACKLOG);
@@ -236,6 +267,7 @@ pub async fn start_coordinator(
         training_role,
         last_step: Mutex::new(None),
         token: token.clone(),
+        hosts,
     });
     let service = CoordinatorService { shared: shared.clone() };
     let check_token = move |req: Request<()>| -> Result<Request<()>, Status> {
@@ -247,11 +279,20 @@ pub async fn start_coordinator(
             }
         }
     };
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(2 * KEEPALIVE));
+    if let Some((cert, key)) = tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+    }
     let grpc = tokio::spawn(async move {
         let server = CoordinatorServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let result = tonic::transport::Server::builder()
+        let result = builder
             .add_service(tonic::service::interceptor::InterceptedService::new(server, check_token))
             // Without TCP_NODELAY a reply's last frames wait for the client's delayed ACK (~40 ms).
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
@@ -270,6 +311,24 @@ struct CoordinatorService {
 }
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send>>;
+type AgentCommandStream = Pin<Box<dyn Stream<Item = Result<AgentCommand, Status>> + Send>>;
+
+/// The host an agent describes in its hello, checked.
+fn host_info(hello: crate::proto::AgentHello) -> Result<HostInfo, Status> {
+    let name_ok = !hello.name.is_empty()
+        && hello.name.len() <= 255
+        && hello.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !name_ok {
+        return Err(Status::invalid_argument("an agent's name is 1 to 255 of A-Z a-z 0-9 - _ ."));
+    }
+    if hello.address.parse::<std::net::IpAddr>().is_err() {
+        return Err(Status::invalid_argument(format!("`{}` is not an IP address", hello.address.escape_debug())));
+    }
+    if hello.cpus == 0 || hello.devices.len() > 4096 {
+        return Err(Status::invalid_argument("an agent reports at least one CPU and at most 4096 GPUs"));
+    }
+    Ok(HostInfo { name: hello.name, address: hello.address, cpus: hello.cpus as usize, devices: hello.devices })
+}
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
@@ -364,5 +423,43 @@ impl Coordinator for CoordinatorService {
     async fn broadcast(&self, request: Request<BroadcastRequest>) -> Result<Response<Ack>, Status> {
         self.shared.broadcast(&request.into_inner())?;
         Ok(Response::new(Ack {}))
+    }
+
+    type AgentSessionStream = AgentCommandStream;
+
+    async fn agent_session(
+        &self,
+        request: Request<Streaming<AgentEvent>>,
+    ) -> Result<Response<Self::AgentSessionStream>, Status> {
+        let from = request.remote_addr();
+        let mut events = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, events.message()).await {
+            Ok(Ok(Some(AgentEvent { event: Some(agent_event::Event::Hello(hello)) }))) => hello,
+            _ => return Err(Status::invalid_argument("an agent's session begins with its hello")),
+        };
+        let info = host_info(hello)?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let hosts = self.shared.hosts.clone();
+        let host = hosts.join(info.clone(), commands).map_err(|e| {
+            tracing::warn!(agent = %info.name, from = ?from, reason = %e, "agent refused");
+            Status::failed_precondition(e.to_string())
+        })?;
+        tracing::info!(agent = %info.name, address = %info.address, cpus = info.cpus, "agent joined");
+        tokio::spawn(async move {
+            while let Ok(Some(event)) = events.message().await {
+                if let Some(agent_event::Event::Exit(exit)) = event.event {
+                    let kind = match (exit.code, exit.signal) {
+                        (Some(code), _) => ExitKind::Code(code),
+                        (None, Some(signal)) => ExitKind::Signal(signal),
+                        (None, None) => ExitKind::Code(-1),
+                    };
+                    host.exited(exit.id, kind);
+                }
+            }
+            tracing::warn!(agent = %host.info.name, "agent's session ended");
+            hosts.leave(&host);
+        });
+        let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), Ok);
+        Ok(Response::new(Box::pin(stream)))
     }
 }

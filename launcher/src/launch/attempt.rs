@@ -3,6 +3,7 @@
 //! roles are served meanwhile, and a role that fails past its budget ends the attempt and the job.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::policy::{FailureClass, root_cause, signature};
@@ -12,6 +13,7 @@ use crate::agent::{Agent, ExitKind, ProcId, WorkerExit, WorkerLaunch};
 use crate::config::DeviceKind;
 use crate::coordinator::CoordinatorEvent;
 use crate::failure::{FailureSummary, RankFailure};
+use crate::hosts::RemoteHost;
 use crate::proto::FailureReport;
 use crate::scheduler::RankPlacement;
 use crate::worker_env::{free_port, pinned_cpus};
@@ -61,6 +63,7 @@ impl Launch<'_> {
         &mut self,
         attempt: u32,
         placement: &[RankPlacement],
+        remotes: &[Arc<RemoteHost>],
         resume: Option<&Path>,
         global_batch: usize,
     ) -> Result<AttemptEnd, LaunchError> {
@@ -94,13 +97,15 @@ impl Launch<'_> {
             let launch = WorkerLaunch {
                 id: ProcId::new(&role, p.rank),
                 command: command.clone(),
-                env: self.job.env_of(&role_env, p, placement),
+                env: self.job.env_of(&role_env, p, placement, remotes),
                 log_path: logs.join(format!("{role}-{}.log", p.rank)),
                 echo: self.job.echo_of(&role, p.rank, matches!(self.opts.program, WorkerProgram::External(_))),
                 cpus: if spec.device == DeviceKind::Cpu { pinned_cpus(p, &self.job.allowed_cpus) } else { Vec::new() },
                 cwd: spec.working_dir.clone(),
             };
-            if let Err(e) = agent.spawn(launch) {
+            if let Some(host) = p.node.checked_sub(1).and_then(|i| remotes.get(i)) {
+                agent.spawn_on(host, launch);
+            } else if let Err(e) = agent.spawn(launch) {
                 agent.stop_all(STOP_GRACE, &mut exits).await;
                 return Err(e.into());
             }

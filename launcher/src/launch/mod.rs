@@ -6,13 +6,14 @@
 //! gang's attempts are driven in [`attempt`], the other roles in [`side_roles`].
 
 mod attempt;
+mod placement;
 pub mod policy;
 mod side_roles;
 pub mod status;
 pub mod summary;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -23,14 +24,15 @@ use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{DeviceKind, EchoChoice, JobSpec, LoadedConfig, RoleProgram, RoleSpec};
 use crate::contract::WorkerEnv;
 use crate::contract::unix_now;
-use crate::coordinator::{CoordinatorEvent, CoordinatorHandle, start_coordinator};
+use crate::cluster::{ClusterError, JobTls, ca_path, token_from_file};
+use crate::coordinator::{CoordinatorEvent, CoordinatorHandle, CoordinatorSetup, serve_coordinator};
+use crate::hosts::{Hosts, RemoteHost};
 use crate::dashboard::{Dashboard, view_token};
 use crate::failure::FailureSummary;
 use crate::progress::RunProgress;
 use crate::proto::{MetricsReport, StepMetrics};
 use crate::run_dir::{RunDir, RunDirError};
-use crate::scheduler::RankPlacement;
-use crate::scheduler::{GroupRequest, NodeResources, ScheduleError, place_job};
+use crate::scheduler::{GroupRequest, NodeResources, RankPlacement, ScheduleError};
 use crate::worker_env::{allowed_cpus, job_token, worker_env};
 use policy::{FailureClass, GangFailure, RestartDecision, Restarts, after_gang_failure};
 use side_roles::{SideRoles, SideState};
@@ -75,6 +77,10 @@ pub enum LaunchError {
     Resume(String),
     #[error("cannot serve the dashboard on 127.0.0.1:{port}: {source} (set dashboard.port to a free port, 0 for any)")]
     Dashboard { port: u16, source: std::io::Error },
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error("cannot listen on cluster.bind = {bind}: {source}")]
+    Bind { bind: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// How a launch ended.
@@ -114,6 +120,12 @@ pub(crate) struct JobContext {
     echo: EchoChoice,
     progress: RunProgress,
     builtin_exe: Option<PathBuf>,
+    /// The other hosts of a job over several.
+    hosts: Arc<Hosts>,
+    /// The job CA's certificate, when the control plane is TLS (a job over several hosts).
+    tls_ca: Option<String>,
+    /// The driver host's address that the other hosts reach (a job over several hosts).
+    bind_host: Option<String>,
 }
 
 impl JobContext {
@@ -148,7 +160,7 @@ impl JobContext {
             attempt,
             max_restarts,
             run_id: self.run_id.clone(),
-            master_addr: "127.0.0.1".into(),
+            master_addr: self.bind_host.clone().unwrap_or_else(|| "127.0.0.1".into()),
             master_port,
             coordinator: self.coordinator.clone(),
             http: Some(self.http.clone()),
@@ -159,13 +171,30 @@ impl JobContext {
             resume_from: None,
             threads: None,
             cuda_visible_devices: None,
+            tls_ca: self.tls_ca.clone(),
+            nodes: 1,
+            bind_host: self.bind_host.clone(),
         }
     }
 
-    /// The environment of rank `p` of a role placed as `all`.
-    fn env_of(&self, role_env: &WorkerEnv, p: &RankPlacement, all: &[RankPlacement]) -> Vec<(String, String)> {
+    /// The environment of rank `p` of a role placed as `all`, on the driver's host or, when
+    /// `p.node` > 0, on `remotes[p.node - 1]` (which has no HTTP endpoint: it serves loopback).
+    fn env_of(
+        &self,
+        role_env: &WorkerEnv,
+        p: &RankPlacement,
+        all: &[RankPlacement],
+        remotes: &[Arc<RemoteHost>],
+    ) -> Vec<(String, String)> {
         let mut env = self.user_env.clone();
-        env.extend(worker_env(role_env, p, all, self.device == DeviceKind::Cuda, &self.visible_devices));
+        let cuda = self.device == DeviceKind::Cuda;
+        match p.node.checked_sub(1).and_then(|i| remotes.get(i)) {
+            None => env.extend(worker_env(role_env, p, all, cuda, &self.visible_devices)),
+            Some(host) => {
+                let there = WorkerEnv { http: None, bind_host: Some(host.info.address.clone()), ..role_env.clone() };
+                env.extend(worker_env(&there, p, all, cuda, &host.info.devices));
+            }
+        }
         env
     }
 
@@ -264,9 +293,29 @@ fn group_requests(spec: &JobSpec, fixed: Option<&[usize]>) -> Vec<GroupRequest> 
 /// the restart budgets.
 pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<LaunchReport, LaunchError> {
     let spec = &loaded.spec;
-    // The whole job is placed before anything starts or any file is written.
-    let placements = place_job(&group_requests(spec, None), NodeResources::local())?;
-    let token = job_token();
+    // The whole job is placed before anything starts or any file is written (over several hosts,
+    // the training gang is placed once they have joined).
+    let placements = if spec.cluster.multi_host() {
+        let side: Vec<GroupRequest> =
+            group_requests(spec, None).into_iter().zip(&spec.roles).filter(|(_, r)| !r.training).map(|(g, _)| g).collect();
+        let mut side = crate::scheduler::place_job(&side, NodeResources::local())?.into_iter();
+        spec.roles.iter().map(|r| if r.training { Vec::new() } else { side.next().unwrap_or_default() }).collect()
+    } else {
+        placement::place_roles(spec, None, &[NodeResources::local()])?
+    };
+    let cluster = &spec.cluster;
+    let token = match &cluster.token_file {
+        Some(path) => token_from_file(path, &job_token())?,
+        None => job_token(),
+    };
+    // Beyond one host the control plane crosses the network: TLS, with a CA made for this launch.
+    let tls = match cluster.multi_host() {
+        true => Some(JobTls::generate(&spec.name)?),
+        false => None,
+    };
+    if let (Some(tls), Some(token_file)) = (&tls, &cluster.token_file) {
+        tls.write_ca(&ca_path(token_file))?;
+    }
     // Its port is taken before the run directory, so a port in use fails the launch untouched.
     let settings = &loaded.config.dashboard;
     let dashboard = match settings.enabled {
@@ -279,9 +328,16 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     };
     let run = RunDir::open(&spec.run_path, &loaded.config, opts.fresh)?;
     let training = spec.training_role().map(|r| r.name.clone());
-    let (coordinator, events) = start_coordinator(SocketAddr::from(([127, 0, 0, 1], 0)), token.clone(), training)
-        .await
-        .map_err(LaunchError::Coordinator)?;
+    let hosts = Arc::new(Hosts::new(cluster.hosts));
+    let setup = CoordinatorSetup {
+        bind: cluster.bind,
+        token: token.clone(),
+        training_role: training,
+        hosts: hosts.clone(),
+        tls: tls.as_ref().map(|t| (t.cert_pem.clone(), t.key_pem.clone())),
+    };
+    let (coordinator, events) =
+        serve_coordinator(setup).await.map_err(|source| LaunchError::Bind { bind: cluster.bind, source })?;
     let side_specs: Vec<_> = spec.roles.iter().cloned().zip(placements).filter(|(r, _)| !r.training).collect();
     let side_names: Vec<String> = side_specs.iter().map(|(r, _)| r.name.clone()).collect();
     let job = JobContext {
@@ -300,6 +356,9 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         echo: spec.echo,
         progress: RunProgress::new(spec.training_role().map(|_| spec.steps), &side_names),
         builtin_exe: opts.builtin_exe.clone(),
+        hosts,
+        tls_ca: tls.map(|t| t.ca_pem),
+        bind_host: cluster.multi_host().then(|| coordinator.addr.ip().to_string()),
     };
     if let Some(d) = &dashboard {
         job.println(&format!("dashboard: {}", d.url()));
@@ -452,12 +511,20 @@ impl Launch<'_> {
                 }
             }
             let side_sizes = self.side.sizes();
-            let placement = match place_job(&group_requests(spec, Some(&side_sizes)), NodeResources::local()) {
-                Ok(mut p) => p.swap_remove(0),
-                Err(e) if self.attempts.is_empty() => return Err(e.into()),
-                Err(e) => {
+            let (placement, remotes) = match self.place_gang(&side_sizes).await {
+                Ok(placed) => placed,
+                Err(placement::Unplaced::Interrupted(signal)) => {
+                    return Ok((Outcome::Interrupted { signal }, workers, global_batch));
+                }
+                Err(placement::Unplaced::Schedule(e)) if self.attempts.is_empty() => return Err(e.into()),
+                Err(placement::Unplaced::Schedule(e)) => {
                     let mut summary =
                         FailureSummary::new(&spec.name, attempt, format!("cannot place the gang for a restart: {e}"));
+                    summary.previous_attempts = self.previous_causes();
+                    return Ok((Outcome::Failed(summary), workers, global_batch));
+                }
+                Err(placement::Unplaced::Hosts(why)) => {
+                    let mut summary = FailureSummary::new(&spec.name, attempt, why);
                     summary.previous_attempts = self.previous_causes();
                     return Ok((Outcome::Failed(summary), workers, global_batch));
                 }
@@ -481,7 +548,7 @@ impl Launch<'_> {
                 recovery_s: None,
             });
             let resume_path = resume.map(|(c, _)| c.path);
-            let end = self.run_attempt(attempt, &placement, resume_path.as_deref(), global_batch).await?;
+            let end = self.run_attempt(attempt, &placement, &remotes, resume_path.as_deref(), global_batch).await?;
             let (summary, failure, detected) = match end {
                 AttemptEnd::Finished => return Ok((Outcome::Finished, workers, global_batch)),
                 AttemptEnd::Interrupted { signal } => {
@@ -723,6 +790,7 @@ fn describe(kind: ExitKind) -> String {
     match kind {
         ExitKind::Code(_) => format!("exited with {kind}"),
         ExitKind::Signal(_) => format!("was killed by {kind}"),
+        ExitKind::Lost => "was lost with its host (its agent's session ended)".to_string(),
     }
 }
 

@@ -55,7 +55,7 @@ pub fn root_cause(
     let report = |e: &WorkerExit| {
         reported.iter().find(|r| r.id.as_ref().is_some_and(|id| id.role == e.id.role && id.rank as usize == e.id.rank))
     };
-    if let Some(e) = failed.iter().find(|e| matches!(e.kind, ExitKind::Signal(_))) {
+    if let Some(e) = failed.iter().find(|e| matches!(e.kind, ExitKind::Signal(_) | ExitKind::Lost)) {
         return Some((e.clone(), FailureClass::Infrastructure));
     }
     if let Some(e) = failed.iter().find(|e| !report(e).is_some_and(|r| r.collective)) {
@@ -103,7 +103,7 @@ pub struct GangFailure {
 /// come from outside the process (a kill, a stop by rtrain), which say nothing of the next
 /// attempt.
 pub fn signature(cause: &WorkerExit, report: Option<&FailureReport>) -> Option<String> {
-    if let ExitKind::Signal(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP) = cause.kind {
+    if let ExitKind::Signal(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP) | ExitKind::Lost = cause.kind {
         return None;
     }
     Some(match report {

@@ -51,7 +51,7 @@ impl ControlPlane {
             .thread_name("rtrain-control")
             .enable_all()
             .build()?;
-        let client = connect(&runtime, &env.coordinator, &env.token)?;
+        let client = connect(&runtime, &env.coordinator, &env.token, env.tls_ca.as_deref())?;
         let id = WorkerId { role: env.role.clone(), rank: env.rank as u32, attempt: env.attempt };
         Ok(Self {
             runtime,

@@ -11,7 +11,9 @@ use std::time::Instant;
 use tch::Device;
 
 use crate::checkpoint::{self, TrainerState};
-use crate::collective::{Collective, CollectiveError, NcclCollective, ReduceOp, ShmCollective, TcpCollective, shm};
+use crate::collective::{
+    Collective, CollectiveError, HierarchicalCollective, NcclCollective, ReduceOp, ShmCollective, TcpCollective, shm,
+};
 use crate::config::{self, BackendKind, DeviceKind, MetricChoice};
 use crate::proto::StepMetrics;
 use crate::snapshot::Snapshot;
@@ -146,7 +148,7 @@ where
     tch::set_num_threads(threads);
     tch::manual_seed(spec.seed as i64);
 
-    let host = std::env::var("RTRAIN_BIND_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let host = env.bind_host.clone().unwrap_or_else(|| "127.0.0.1".into());
     let point =
         TcpCollective::bind(&host).map_err(|source| TrainError::CollectivePort { host: host.clone(), source })?;
     let peers = control.rendezvous(point.addr(), spec.rendezvous_timeout, spec.heartbeat_interval)?;
@@ -160,6 +162,20 @@ where
             let nccl =
                 NcclCollective::new(env.rank, env.world_size, env.local_rank, &mut bootstrap, spec.collective_timeout)?;
             (Device::Cuda(env.local_rank), Box::new(nccl))
+        }
+        // Over several hosts: shared memory within each, one ring between them.
+        (DeviceKind::Cpu, BackendKind::Shm { .. } | BackendKind::Tcp) if env.nodes > 1 => {
+            backend = "hierarchical";
+            let session = u64::from(env.attempt);
+            let collective = HierarchicalCollective::new(
+                bootstrap,
+                env.node_rank as u64,
+                &host,
+                &env.token,
+                session,
+                spec.collective_timeout,
+            )?;
+            (Device::Cpu, Box::new(collective))
         }
         (DeviceKind::Cpu, BackendKind::Shm { or_tcp }) => {
             match ShmCollective::try_new(bootstrap, shm::DEFAULT_SLOT_BYTES) {

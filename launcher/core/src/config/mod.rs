@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use overrides::apply_override;
 pub use resolve::{
-    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec, FaultSpec,
+    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, ClusterSpec, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec, FaultSpec,
     HeldOut, JobSpec, ModelSpec, OptimSpec, RoleProgram, RoleSpec, TRAINING_ROLE, TrainerKind, resolve,
 };
 pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
 pub use schema::{
-    BackendChoice, CheckpointSection, DashboardSection, DataSection, EchoChoice, EvalSection, FaultSection, JobConfig,
+    BackendChoice, CheckpointSection, ClusterSection, DashboardSection, DataSection, EchoChoice, EvalSection, FaultSection, JobConfig,
     JobSection, MetricChoice, MetricsSection, ModelInit, ModelKind, ModelSection, OrderChoice, RendezvousSection,
     RestartMode, RoleSection, TrainSection, TrainerChoice, Workers,
 };
@@ -80,6 +80,7 @@ pub fn anchor_paths(config: &mut JobConfig, path: &Path) -> Result<(), ConfigErr
         anchor(&mut config.data.source);
     }
     anchor(&mut config.data.eval_path);
+    anchor(&mut config.cluster.token_file);
     if let Some(rl) = config.rl.as_mut() {
         anchor(&mut rl.eval_path);
         if let Some(path) = rl.reward.as_mut().and_then(|r| r.path.as_mut()) {

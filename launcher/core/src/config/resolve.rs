@@ -151,6 +151,59 @@ pub struct JobSpec {
     pub user: toml::Table,
     /// Every role of the job, the training role (if any) first.
     pub roles: Vec<RoleSpec>,
+    /// The hosts the job runs on (`[cluster]`).
+    pub cluster: ClusterSpec,
+}
+
+/// `[cluster]`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSpec {
+    /// Hosts, counting the driver's.
+    pub hosts: usize,
+    /// Where the coordinator listens (loopback and a free port for one host).
+    pub bind: std::net::SocketAddr,
+    /// Where the job token is kept (required beyond one host: agents read it).
+    pub token_file: Option<PathBuf>,
+}
+
+impl ClusterSpec {
+    pub fn multi_host(&self) -> bool {
+        self.hosts > 1
+    }
+}
+
+/// At most this many hosts in one job.
+pub const MAX_HOSTS: u64 = 1024;
+
+fn resolve_cluster(c: &super::ClusterSection) -> Result<ClusterSpec, (String, String)> {
+    let bad = |key: &str, message: String| (format!("cluster.{key}"), message);
+    if !(1..=MAX_HOSTS).contains(&c.hosts) {
+        return Err(bad("hosts", format!("must be between 1 and {MAX_HOSTS}, got {}", c.hosts)));
+    }
+    let bind = match c.bind.as_str() {
+        "" if c.hosts > 1 => {
+            return Err(bad(
+                "bind",
+                format!(
+                    "cluster.hosts = {} needs the address the other hosts reach this one at, e.g. \"10.0.0.1:29400\"",
+                    c.hosts
+                ),
+            ));
+        }
+        "" => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        text => text.parse().map_err(|_| {
+            bad("bind", format!("`{text}` is not ADDRESS:PORT (an IP address and a port, e.g. \"10.0.0.1:29400\")"))
+        })?,
+    };
+    if c.hosts > 1 && c.token_file.is_empty() {
+        return Err(bad(
+            "token_file",
+            "a job over several hosts keeps its token in a file the agents read (e.g. \"job.token\"; written with mode 0600 if missing)"
+                .into(),
+        ));
+    }
+    let token_file = (!c.token_file.is_empty()).then(|| PathBuf::from(&c.token_file));
+    Ok(ClusterSpec { hosts: c.hosts as usize, bind, token_file })
 }
 
 /// The name of the role `[train]` describes.
@@ -724,6 +777,10 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         }
         env.push((name.clone(), value.clone()));
     }
+    let cluster = resolve_cluster(&cfg.cluster).map_err(keyed)?;
+    if cluster.multi_host() && !has_training {
+        return Err(bad("cluster.hosts", "a job over several hosts spreads its training role over them; this job has none".into()));
+    }
     Ok(JobSpec {
         name: job.name.clone(),
         run_path: Path::new(&job.run_dir).join(&job.name),
@@ -769,6 +826,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         fault,
         user: cfg.user.clone(),
         roles,
+        cluster,
     })
 }
 

@@ -65,6 +65,9 @@ pub struct JobConfig {
     pub metrics: MetricsSection,
     #[serde(default)]
     pub dashboard: DashboardSection,
+    /// A job over several hosts: how many, where the coordinator listens, the token file.
+    #[serde(default, skip_serializing_if = "ClusterSection::is_default")]
+    pub cluster: ClusterSection,
     /// Held-out evaluation during training (`train.trainer = "lm"` or `"sft"`).
     #[serde(default)]
     pub eval: EvalSection,
@@ -270,6 +273,34 @@ pub struct DashboardSection {
 impl Default for DashboardSection {
     fn default() -> Self {
         Self { enabled: true, port: 0 }
+    }
+}
+
+/// `[cluster]`: a job over several hosts. The driver's host is one of them; every other runs
+/// `rtrain agent --join <bind> --token-file <token_file>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Hosts the job runs on, counting the driver's own; the gang waits for them up to
+    /// `rendezvous.timeout_s`.
+    pub hosts: u64,
+    /// `ADDRESS:PORT` the coordinator listens on for the other hosts (port 0 takes a free one);
+    /// empty: loopback, for a job on one host.
+    pub bind: String,
+    /// The job token: read from this file, or written there (mode 0600) when it does not exist.
+    /// Relative to `job.working_dir`. Empty: a new token for every launch, kept in memory.
+    pub token_file: String,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self { hosts: 1, bind: String::new(), token_file: String::new() }
+    }
+}
+
+impl ClusterSection {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
     }
 }
 

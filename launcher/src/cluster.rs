@@ -1,0 +1,173 @@
+//! What a job over several hosts needs besides what one host does: the job token in a file the
+//! agents read too, and a certificate authority made for the job, whose certificate proves the
+//! coordinator to every process (its control plane crosses the network, so it is TLS).
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+use crate::job_client::TLS_SERVER_NAME;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot read the job token {}: {source}", path.display())]
+    ReadToken { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{} may be read by other users (mode {mode:o}); the job token is a password: run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("{} holds no job token: it should hold one line of 16 to 256 of A-Z a-z 0-9 - _", path.display())]
+    BadToken { path: PathBuf },
+    #[error("cannot make the job's TLS certificates: {0}")]
+    Tls(#[from] rcgen::Error),
+}
+
+/// The job token in `path`, checked: only its owner may read it. `Ok(None)` when there is no file.
+pub fn read_token(path: &Path) -> Result<Option<String>, ClusterError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(ClusterError::ReadToken { path: path.into(), source }),
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ClusterError::Exposed { path: path.into(), mode });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ClusterError::ReadToken { path: path.into(), source })?;
+    let token = text.trim();
+    let valid = (16..=256).contains(&token.len())
+        && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(ClusterError::BadToken { path: path.into() });
+    }
+    Ok(Some(token.to_string()))
+}
+
+/// The job token in `path`, or `fresh` written there (mode 0600, created exclusively, so two
+/// launches racing for the file agree on the one that won).
+pub fn token_from_file(path: &Path, fresh: &str) -> Result<String, ClusterError> {
+    if let Some(token) = read_token(path)? {
+        return Ok(token);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| ClusterError::Write { path: dir.into(), source })?;
+    }
+    match std::fs::File::options().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(mut file) => {
+            file.write_all(format!("{fresh}\n").as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(|source| ClusterError::Write { path: path.into(), source })?;
+            Ok(fresh.to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            read_token(path)?.ok_or_else(|| ClusterError::BadToken { path: path.into() })
+        }
+        Err(source) => Err(ClusterError::Write { path: path.into(), source }),
+    }
+}
+
+/// Where the job CA's certificate is written for the agents: beside the token file.
+pub fn ca_path(token_file: &Path) -> PathBuf {
+    let mut name = token_file.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".ca.pem");
+    token_file.with_file_name(name)
+}
+
+/// A job's certificates: its CA's (public, for every client) and the coordinator's with its key
+/// (kept in memory only).
+#[derive(Clone)]
+pub struct JobTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for JobTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobTls").field("ca_pem", &self.ca_pem).finish_non_exhaustive()
+    }
+}
+
+impl JobTls {
+    /// A new CA, used once: it signs the coordinator's certificate for [`TLS_SERVER_NAME`] and
+    /// its key is dropped.
+    pub fn generate(job: &str) -> Result<Self, ClusterError> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cn: String = job.chars().filter(|c| c.is_ascii_graphic()).take(48).collect();
+        ca.distinguished_name.push(DnType::CommonName, format!("rtrain job CA {cn}"));
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate()?;
+        let mut server = CertificateParams::new(vec![TLS_SERVER_NAME.to_string()])?;
+        server.distinguished_name.push(DnType::CommonName, TLS_SERVER_NAME);
+        let cert = server.signed_by(&key, &issuer)?;
+        Ok(Self { ca_pem: ca_cert.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Writes the CA's certificate to `path` (readable by the owner only, like the token).
+    pub fn write_ca(&self, path: &Path) -> Result<(), ClusterError> {
+        let write = |path: &Path| -> std::io::Result<()> {
+            let tmp = path.with_extension("pem.tmp");
+            let mut file = std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            file.write_all(self.ca_pem.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        write(path).map_err(|source| ClusterError::Write { path: path.into(), source })
+    }
+}
+
+/// The address of this host that faces `peer`: the source address the kernel picks for a route
+/// to it (a UDP socket is connected to it; nothing is sent).
+pub fn address_towards(peer: std::net::SocketAddr) -> std::io::Result<std::net::IpAddr> {
+    let any: std::net::SocketAddr = if peer.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.connect(peer)?;
+    Ok(socket.local_addr()?.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_is_written_once_with_mode_600_and_refused_when_others_may_read_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/job.token");
+        assert_eq!(token_from_file(&path, "0123456789abcdef0123").unwrap(), "0123456789abcdef0123");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // The file wins over a new token.
+        assert_eq!(token_from_file(&path, "ffffffffffffffffffff").unwrap(), "0123456789abcdef0123");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = token_from_file(&path, "x").unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, "short\n").unwrap();
+        assert!(matches!(read_token(&path), Err(ClusterError::BadToken { .. })));
+        assert_eq!(read_token(&dir.path().join("none")).unwrap(), None);
+    }
+
+    #[test]
+    fn the_ca_sits_beside_the_token() {
+        assert_eq!(ca_path(Path::new("/a/b/job.token")), Path::new("/a/b/job.token.ca.pem"));
+    }
+
+    #[test]
+    fn the_job_ca_issues_the_coordinator_certificate() {
+        let tls = JobTls::generate("demo").unwrap();
+        assert!(tls.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(tls.key_pem.contains("PRIVATE KEY"));
+        assert_ne!(tls.ca_pem, tls.cert_pem);
+        // The key never shows in debug output.
+        assert!(!format!("{tls:?}").contains("PRIVATE"));
+    }
+}

@@ -1,0 +1,240 @@
+//! `rtrain agent --join ADDR:PORT --token-file FILE`: the agent of a host besides the driver's,
+//! like torchrun's elastic agent. It joins the job's coordinator (TLS, with the job token), says
+//! what its host has, then starts and signals the processes the driver asks for and reports their
+//! exits. It runs only what its own coordinator asks; when the session ends (the job finished, or
+//! the driver is gone) it stops every process it started and exits.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::agent::{Agent, ExitKind, ProcId, WorkerLaunch};
+use crate::cluster::{ClusterError, address_towards, ca_path, read_token};
+use crate::job_client::endpoint;
+use crate::proto::coordinator_client::CoordinatorClient;
+use crate::proto::{AgentCommand, AgentEvent, AgentHello, ProcessExit, TokenInterceptor, agent_command, agent_event};
+use crate::scheduler::NodeResources;
+use crate::worker_env::allowed_cpus;
+
+/// How long the agent's processes get to exit after SIGTERM when the job ends.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Between tries to join a coordinator that is not up yet.
+const RETRY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The coordinator, `host:port`.
+    pub join: String,
+    pub token_file: PathBuf,
+    /// The job CA's certificate; by default beside the token file (`<token file>.ca.pem`).
+    pub ca_file: Option<PathBuf>,
+    /// This host's name in the job; by default the machine's host name.
+    pub name: Option<String>,
+    /// The address other hosts reach this one at; by default the one facing the coordinator.
+    pub address: Option<IpAddr>,
+    /// How long to keep trying to join (the driver may start after its agents).
+    pub wait: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("--join {0}: expected HOST:PORT of the job's coordinator (cluster.bind)")]
+    Join(String),
+    #[error(transparent)]
+    Token(#[from] ClusterError),
+    #[error("the coordinator at {addr} refused this agent: {message}")]
+    Refused { addr: String, message: String },
+    #[error("could not join the coordinator at {addr} within {wait:.0?}: {last}")]
+    Unreachable { addr: String, wait: Duration, last: String },
+    #[error("lost the coordinator at {addr}: {message} (the processes of this host were stopped)")]
+    Lost { addr: String, message: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl AgentError {
+    /// Settings the user must change, as opposed to a job that went away.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, AgentError::Join(_) | AgentError::Token(_) | AgentError::Refused { .. })
+    }
+}
+
+/// What the agent needs to join, read afresh on every try (the driver may write them late).
+struct Credentials {
+    token: String,
+    ca: String,
+}
+
+fn credentials(opts: &AgentOptions) -> Result<Result<Credentials, String>, AgentError> {
+    let Some(token) = read_token(&opts.token_file)? else {
+        return Ok(Err(format!("no token file {} yet", opts.token_file.display())));
+    };
+    let ca_file = opts.ca_file.clone().unwrap_or_else(|| ca_path(&opts.token_file));
+    match std::fs::read_to_string(&ca_file) {
+        Ok(ca) => Ok(Ok(Credentials { token, ca })),
+        Err(e) => Ok(Err(format!("cannot read the job's CA certificate {} ({e}); the driver writes it", ca_file.display()))),
+    }
+}
+
+/// Joins the coordinator and serves it until the job ends.
+pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
+    let coordinator: SocketAddr = tokio::net::lookup_host(&opts.join)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| AgentError::Join(opts.join.clone()))?;
+    let address = match opts.address {
+        Some(a) => a,
+        None => address_towards(coordinator)?,
+    };
+    let name = opts.name.clone().unwrap_or_else(crate::launch::status::host_name);
+    let resources = NodeResources::local();
+    let hello = AgentHello {
+        name: name.clone(),
+        address: address.to_string(),
+        cpus: allowed_cpus().len().max(1).min(resources.cpus) as u32,
+        devices: NodeResources::local_devices(),
+    };
+    let deadline = tokio::time::Instant::now() + opts.wait;
+    let (mut inbound, outbound) = loop {
+        let last = match credentials(&opts)? {
+            Err(why) => why,
+            Ok(creds) => match open_session(&opts.join, &creds, hello.clone()).await {
+                Ok(session) => break session,
+                Err(status) if is_refusal(&status) => {
+                    return Err(AgentError::Refused { addr: opts.join.clone(), message: status.message().to_string() });
+                }
+                Err(status) => status.message().to_string(),
+            },
+        };
+        if tokio::time::Instant::now() + RETRY > deadline {
+            return Err(AgentError::Unreachable { addr: opts.join.clone(), wait: opts.wait, last });
+        }
+        tokio::time::sleep(RETRY).await;
+    };
+    eprintln!(
+        "rtrain agent: joined {} as {name} ({address}, {} CPUs, {} GPUs)",
+        opts.join,
+        hello.cpus,
+        hello.devices.len()
+    );
+
+    let (mut agent, mut exits) = Agent::new();
+    let mut ids: BTreeMap<ProcId, u64> = BTreeMap::new();
+    let allowed = allowed_cpus();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let ended = loop {
+        tokio::select! {
+            command = inbound.message() => match command {
+                Ok(Some(AgentCommand { command: Some(agent_command::Command::Spawn(spawn)) })) => {
+                    let id = ProcId::new(&spawn.role, spawn.rank as usize);
+                    if ids.contains_key(&id) {
+                        // A process of the same name from an earlier attempt goes first.
+                        agent.kill(&id);
+                    }
+                    let cores: Option<Vec<usize>> =
+                        spawn.cores.iter().map(|&c| allowed.get(c as usize).copied()).collect();
+                    let launch = WorkerLaunch {
+                        id: id.clone(),
+                        command: spawn.command,
+                        env: spawn.env.into_iter().collect(),
+                        log_path: PathBuf::from(&spawn.log_path),
+                        echo: None,
+                        cpus: cores.unwrap_or_default(),
+                        cwd: PathBuf::from(&spawn.cwd),
+                    };
+                    if let Some(dir) = launch.log_path.parent() {
+                        let _ = std::fs::create_dir_all(dir);
+                    }
+                    ids.insert(id.clone(), spawn.id);
+                    if let Err(e) = agent.spawn(launch.clone()) {
+                        note_in_log(&launch.log_path, &format!("rtrain agent on {name}: {e}"));
+                        ids.remove(&id);
+                        let _ = outbound.send(exit_event(spawn.id, ExitKind::Code(127)));
+                    }
+                }
+                Ok(Some(AgentCommand { command: Some(agent_command::Command::Signal(signal)) })) => {
+                    if let Some((id, _)) = ids.iter().find(|(_, n)| **n == signal.id) {
+                        agent.signal(id, signal.signal);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break Ok(()),
+                Err(status) => break Err(AgentError::Lost { addr: opts.join.clone(), message: status.message().to_string() }),
+            },
+            Some(exit) = exits.recv() => {
+                agent.reaped(&exit.id);
+                if let Some(n) = ids.remove(&exit.id) {
+                    let _ = outbound.send(exit_event(n, exit.kind));
+                }
+            }
+            _ = sigterm.recv() => break Ok(()),
+            _ = sigint.recv() => break Ok(()),
+        }
+    };
+    agent.stop_all(STOP_GRACE, &mut exits).await;
+    if ended.is_ok() {
+        eprintln!("rtrain agent: the job ended; this host's processes are stopped");
+    }
+    ended
+}
+
+/// The coordinator answered: this agent is not welcome (a wrong token, a full job), as opposed to
+/// a coordinator not up yet.
+fn is_refusal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unauthenticated | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+    )
+}
+
+type Session = (tonic::Streaming<AgentCommand>, mpsc::UnboundedSender<AgentEvent>);
+
+async fn open_session(addr: &str, creds: &Credentials, hello: AgentHello) -> Result<Session, tonic::Status> {
+    let channel = endpoint(addr, Some(&creds.ca))
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(error_chain(&e)))?;
+    let interceptor = TokenInterceptor::new(&creds.token).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    let mut client = CoordinatorClient::with_interceptor(channel, interceptor);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(AgentEvent { event: Some(agent_event::Event::Hello(hello)) });
+    let inbound = client.agent_session(UnboundedReceiverStream::new(rx)).await?.into_inner();
+    Ok((inbound, tx))
+}
+
+/// An error with its causes, which say what failed (a refused connection, a certificate).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+fn exit_event(id: u64, kind: ExitKind) -> AgentEvent {
+    let (code, signal) = match kind {
+        ExitKind::Code(code) => (Some(code), None),
+        ExitKind::Signal(signal) => (None, Some(signal)),
+        ExitKind::Lost => (Some(-1), None),
+    };
+    AgentEvent { event: Some(agent_event::Event::Exit(ProcessExit { id, code, signal })) }
+}
+
+/// Appends a line to a process's log (best effort: the log is where its failure is looked for).
+fn note_in_log(path: &Path, line: &str) {
+    use std::io::Write;
+    if let Ok(mut file) = std::fs::File::options().create(true).append(true).open(path) {
+        let _ = writeln!(file, "{line}");
+    }
+}
