@@ -163,6 +163,10 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
                         agent.signal(id, signal.signal);
                     }
                 }
+                Ok(Some(AgentCommand { command: Some(agent_command::Command::End(end)) })) => {
+                    eprintln!("rtrain agent: {}", end.reason);
+                    break Ok(());
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => break Ok(()),
                 Err(status) => break Err(AgentError::Lost { addr: opts.join.clone(), message: status.message().to_string() }),
@@ -177,9 +181,10 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
             _ = sigint.recv() => break Ok(()),
         }
     };
+    let stopped = agent.live().len();
     agent.stop_all(STOP_GRACE, &mut exits).await;
-    if ended.is_ok() {
-        eprintln!("rtrain agent: the job ended; this host's processes are stopped");
+    if stopped > 0 {
+        eprintln!("rtrain agent: stopped {stopped} process(es) of this host");
     }
     ended
 }

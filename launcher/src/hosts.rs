@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::{ExitKind, ProcId, WorkerExit, WorkerLaunch};
-use crate::proto::{AgentCommand, SignalProcess, SpawnProcess, agent_command};
+use crate::proto::{AgentCommand, AgentEnd, SignalProcess, SpawnProcess, agent_command};
 use crate::scheduler::NodeResources;
 
 /// What an agent says of its host when it joins.
@@ -61,6 +61,12 @@ impl RemoteHost {
             self.exited(id, ExitKind::Lost);
         }
         id
+    }
+
+    /// Tells the agent the job is over (it stops its processes and leaves).
+    fn end(&self, reason: &str) {
+        let command = agent_command::Command::End(AgentEnd { reason: reason.to_string() });
+        let _ = self.commands.send(AgentCommand { command: Some(command) });
     }
 
     /// Sends `signal` to the process group of process `id` there.
@@ -181,6 +187,15 @@ impl Hosts {
         drop(joined);
         self.changed.send_modify(|n| *n += 1);
         Ok(host)
+    }
+
+    /// Tells every live agent that the job is over; returns how many were told.
+    pub fn end_all(&self, reason: &str) -> usize {
+        let live = self.live();
+        for host in &live {
+            host.end(reason);
+        }
+        live.len()
     }
 
     /// The session of `host` ended.

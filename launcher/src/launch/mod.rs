@@ -404,7 +404,11 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     l.side.stop_all().await;
     l.job.progress.finish();
     let roles = l.role_summaries();
-    let Launch { run, coordinator, startup, progressed, restarts, attempts, .. } = l;
+    let Launch { run, coordinator, startup, progressed, restarts, attempts, job, .. } = l;
+    // The agents of other hosts leave with the job; their last command needs a moment to go out.
+    if job.hosts.end_all(&format!("the job {ended}")) > 0 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     coordinator.shutdown();
     drop(dashboard);
     let (outcome, workers, global_batch) = result?;

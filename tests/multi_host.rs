@@ -1,0 +1,274 @@
+//! Jobs over several hosts, simulated: each host is a network namespace the test creates, joined
+//! to the others by a bridge in a namespace of its own, with addresses the test assigns (10.99.0.x,
+//! reachable from nowhere else). The driver runs in the first, `rtrain agent` in each other one;
+//! traffic between them goes through the bridge, like traffic between machines. Needs root (to
+//! make namespaces) and iproute2, which scripts/test.sh installs.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// The coordinator's port on the first host.
+const PORT: u16 = 29400;
+
+/// Network namespaces joined by a bridge; removed (with every process in them) when dropped.
+struct Hosts {
+    tag: String,
+    count: usize,
+}
+
+impl Hosts {
+    /// `count` hosts, or `None` (said on stderr) where namespaces cannot be made.
+    fn new(count: usize, test: &str) -> Option<Self> {
+        let root = unsafe { libc::geteuid() } == 0;
+        let ip = Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
+        if !(root && ip) {
+            let why = format!("{test}: needs root and iproute2 to make network namespaces (scripts/test.sh installs it)");
+            assert!(std::env::var_os("RTRAIN_TEST_REQUIRE_ALL").is_none(), "{why}");
+            eprintln!("skipped: {why}");
+            return None;
+        }
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let hosts = Hosts { tag: format!("rt{}x{n}", std::process::id()), count };
+        let bridge = hosts.bridge();
+        sh(&["ip", "netns", "add", &bridge]);
+        sh(&["ip", "-n", &bridge, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &bridge, "link", "set", "br0", "up"]);
+        for i in 0..count {
+            let (ns, port) = (hosts.ns(i), format!("p{i}"));
+            sh(&["ip", "netns", "add", &ns]);
+            sh(&["ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &bridge]);
+            sh(&["ip", "-n", &bridge, "link", "set", &port, "master", "br0"]);
+            sh(&["ip", "-n", &bridge, "link", "set", &port, "up"]);
+            sh(&["ip", "-n", &ns, "addr", "add", &format!("{}/24", hosts.addr(i)), "dev", "eth0"]);
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        Some(hosts)
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}b", self.tag)
+    }
+
+    fn ns(&self, i: usize) -> String {
+        format!("{}h{i}", self.tag)
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("10.99.0.{}", i + 1)
+    }
+
+    /// `rtrain ARGS` in host `i`, its stderr in `log`.
+    fn rtrain(&self, i: usize, args: &[&str], log: &Path) -> Guard {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(i), RTRAIN])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log.with_extension("out")).expect("log"))
+            .stderr(std::fs::File::create(log).expect("log"))
+            .spawn()
+            .expect("start rtrain in a namespace");
+        Guard(Some(child))
+    }
+
+    /// An agent in host `i` joining the driver in host 0.
+    fn agent(&self, i: usize, token_file: &Path, log: &Path) -> Guard {
+        let join = format!("{}:{PORT}", self.addr(0));
+        let name = format!("host{i}");
+        self.rtrain(i, &["agent", "--join", &join, "--token-file", path(token_file), "--name", &name], log)
+    }
+
+    /// SIGKILLs every process in host `i`: its agent and its workers, as if it lost power.
+    fn kill_all(&self, i: usize) -> usize {
+        let out = Command::new("ip").args(["netns", "pids", &self.ns(i)]).output().expect("ip netns pids");
+        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        for pid in &pids {
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        pids.len()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for i in 0..self.count {
+            self.kill_all(i);
+            let _ = Command::new("ip").args(["netns", "del", &self.ns(i)]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.bridge()]).status();
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("run ip");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A tiny GPT job of four workers, over `hosts` hosts (the driver's at 10.99.0.1) when more than 1;
+/// `cpus` per worker (each simulated host has all of this machine's cores: with 1, two workers
+/// fill a two-core host).
+fn job(dir: &Path, name: &str, workers: &str, cpus: f64, hosts: usize, steps: u32) -> std::path::PathBuf {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpus = cpus * cores / 2.0;
+    let mut text = tiny_gpt(name, &dir.join("runs"), 4, 1, steps)
+        .replace("workers = 4\n", &format!("workers = {workers}\ncpus_per_worker = {cpus}\n"));
+    text.push_str("\n[checkpoint]\nevery = 5\n\n[rendezvous]\ntimeout_s = 30\n");
+    if hosts > 1 {
+        text.push_str(&format!(
+            "\n[cluster]\nhosts = {hosts}\nbind = \"10.99.0.1:{PORT}\"\ntoken_file = \"secret/job.token\"\n"
+        ));
+    }
+    write_config(dir, &format!("{name}.toml"), &text)
+}
+
+/// Loss per step of a run, in step order (the last attempt's value for a step seen twice).
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for m in metrics(run) {
+        if let (Some(step), Some(loss)) = (m["step"].as_u64(), m["loss"].as_f64()) {
+            by_step.insert(step, loss);
+        }
+    }
+    by_step.into_iter().collect()
+}
+
+fn wait_exit(guard: Guard, limit: Duration, log: &Path) -> std::process::Output {
+    let out = wait_output(guard, limit);
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    eprintln!("--- {}:\n{text}", log.display());
+    out
+}
+
+#[test]
+fn two_hosts_of_two_workers_train_like_one_host_of_four_and_strangers_are_refused() {
+    let Some(hosts) = Hosts::new(2, "two_hosts_of_two_workers") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // The reference: four workers on one host.
+    let one = job(d, "one", "4", 0.5, 1, 12);
+    let out = run(&["launch", path(&one)], Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let two = job(d, "two", "4", 0.5, 2, 12);
+    let driver = hosts.rtrain(0, &["launch", path(&two)], &d.join("driver.log"));
+    let token = d.join("secret/job.token");
+    assert!(wait_until(Duration::from_secs(30), || token.exists() && d.join("secret/job.token.ca.pem").exists()));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&token).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // A stranger's token is refused, and so is a client that does not speak TLS.
+    let wrong = d.join("wrong.token");
+    std::fs::write(&wrong, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::copy(d.join("secret/job.token.ca.pem"), d.join("wrong.token.ca.pem")).unwrap();
+    let stranger = hosts.agent(1, &wrong, &d.join("stranger.log"));
+    let out = wait_exit(stranger, Duration::from_secs(60), &d.join("stranger.log"));
+    assert_eq!(out.status.code(), Some(2));
+    let said = std::fs::read_to_string(d.join("stranger.log")).unwrap();
+    assert!(said.contains("refused this agent") && said.contains("token"), "{said}");
+    let plain = Command::new("ip")
+        .args(["netns", "exec", &hosts.ns(1), "python3", "-c"])
+        .arg(format!(
+            "import socket; s = socket.create_connection(('10.99.0.1', {PORT}), timeout=5); \
+             s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + bytes(64)); \
+             r = s.recv(64); print(r[:1].hex() if r else 'closed')"
+        ))
+        .output()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&plain.stdout).trim().to_string();
+    // A TLS alert (0x15) or a closed connection: never an HTTP/2 frame.
+    assert!(reply == "15" || reply == "closed", "plain text got {reply:?}: {}", String::from_utf8_lossy(&plain.stderr));
+
+    let agent = hosts.agent(1, &token, &d.join("agent.log"));
+    let out = wait_exit(driver, Duration::from_secs(180), &d.join("driver.log"));
+    assert!(out.status.success(), "the driver failed");
+    let agent_out = wait_exit(agent, Duration::from_secs(30), &d.join("agent.log"));
+    assert!(agent_out.status.success(), "the agent did not leave cleanly with the job");
+    let driver_said = std::fs::read_to_string(d.join("driver.log")).unwrap();
+    assert!(driver_said.contains("hosts: this one and host1 (10.99.0.2)"), "{driver_said}");
+    assert!(!driver_said.contains(&std::fs::read_to_string(&token).unwrap().trim().to_string()), "token printed");
+
+    // Ranks 2 and 3 ran on the second host, with torchrun's numbers for it.
+    let run = d.join("runs/two");
+    let env_of = |rank: usize| std::fs::read_to_string(run.join(format!("logs/attempt-0/trainer-{rank}.log"))).unwrap();
+    assert!(env_of(2).contains("backend=\"hierarchical\""), "{}", env_of(2));
+    let a = losses(&d.join("runs/one"));
+    let b = losses(&run);
+    assert_eq!(a.len(), 12);
+    assert_eq!(a.iter().map(|s| s.0).collect::<Vec<_>>(), b.iter().map(|s| s.0).collect::<Vec<_>>());
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "step {step}: one host {x}, two hosts {y}");
+    }
+}
+
+/// Waits until the run has logged `step` (or fails the test with the driver's log).
+fn wait_for_step(run: &Path, step: u64, log: &Path) {
+    let reached = wait_until(Duration::from_secs(120), || losses(run).last().is_some_and(|s| s.0 >= step));
+    assert!(reached, "no step {step}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+}
+
+#[test]
+fn an_elastic_gang_goes_on_over_the_hosts_left_when_one_dies() {
+    let Some(hosts) = Hosts::new(2, "an_elastic_gang_goes_on") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = job(d, "elastic", "{ min = 2, max = 4 }", 1.0, 2, 150);
+    let log = d.join("driver.log");
+    let driver = hosts.rtrain(0, &["launch", path(&config)], &log);
+    let token = d.join("secret/job.token");
+    assert!(wait_until(Duration::from_secs(30), || d.join("secret/job.token.ca.pem").exists()));
+    let _agent = hosts.agent(1, &token, &d.join("agent.log"));
+    let run = d.join("runs/elastic");
+    wait_for_step(&run, 12, &log);
+    assert!(hosts.kill_all(1) >= 3, "the agent and its two workers");
+
+    let out = wait_exit(driver, Duration::from_secs(240), &log);
+    assert!(out.status.success(), "the job did not survive the loss of a host");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("was lost with its host"), "{said}");
+    assert!(said.contains("continuing on 1 of cluster.hosts = 2 hosts (lost: host1)"), "{said}");
+    let summary = summary(&run);
+    assert_eq!(summary["workers"], 2, "{summary}");
+    assert_eq!(summary["global_batch"], 16, "the global batch of four workers is kept: {summary}");
+    assert_eq!(summary["final_step"], 150);
+    assert!(summary["attempts"][1]["resumed_from_step"].as_u64().is_some_and(|s| s >= 10), "{summary}");
+}
+
+#[test]
+fn a_fixed_gang_waits_for_its_lost_host_to_come_back() {
+    let Some(hosts) = Hosts::new(2, "a_fixed_gang_waits") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = job(d, "fixed", "4", 1.0, 2, 150);
+    let log = d.join("driver.log");
+    let driver = hosts.rtrain(0, &["launch", path(&config)], &log);
+    let token = d.join("secret/job.token");
+    assert!(wait_until(Duration::from_secs(30), || d.join("secret/job.token.ca.pem").exists()));
+    let _first = hosts.agent(1, &token, &d.join("agent1.log"));
+    let run = d.join("runs/fixed");
+    wait_for_step(&run, 12, &log);
+    hosts.kill_all(1);
+    // The driver says it waits, and the host comes back.
+    assert!(wait_until(Duration::from_secs(60), || std::fs::read_to_string(&log)
+        .is_ok_and(|t| t.contains("for 1 more host(s)") && t.matches("waiting up to").count() >= 2)));
+    let _again = hosts.agent(1, &token, &d.join("agent2.log"));
+
+    let out = wait_exit(driver, Duration::from_secs(240), &log);
+    assert!(out.status.success(), "the job did not resume once its host was back");
+    let summary = summary(&run);
+    assert_eq!(summary["workers"], 4, "{summary}");
+    assert_eq!(summary["restarts"], 1, "{summary}");
+    assert_eq!(summary["final_step"], 150);
+    assert!(summary["attempts"][1]["resumed_from_step"].as_u64().is_some_and(|s| s >= 10), "{summary}");
+}
