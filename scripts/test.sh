@@ -13,12 +13,19 @@ if ! "$TEST_VENV/bin/python" -c "import tensorboard" 2>/dev/null; then
   python3 -m venv "$TEST_VENV"
   "$TEST_VENV/bin/pip" install --quiet "tensorboard>=2.16"
 fi
-# Chromium from Debian's packages, for the test that loads the dashboard in a real browser.
-if ! command -v chromium >/dev/null 2>&1; then
+# From Debian's packages: Chromium, for the test that loads the dashboard in a real browser;
+# iproute2, for the tests that simulate hosts with network namespaces; Slurm and munge, for the
+# test that runs a job on a real two-node Slurm cluster started on this machine.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v slurmctld >/dev/null 2>&1 || missing+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || missing+=(munge)
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # The tests that need what this script installs fail, rather than skip, when it is missing.
 export RTRAIN_TEST_REQUIRE_ALL=1

@@ -91,7 +91,12 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
         Some(a) => a,
         None => address_towards(coordinator)?,
     };
-    let name = opts.name.clone().unwrap_or_else(crate::launch::status::host_name);
+    // Under Slurm, the node's name in the allocation (several may share one machine).
+    let name = opts
+        .name
+        .clone()
+        .or_else(|| std::env::var("SLURMD_NODENAME").ok().filter(|n| !n.is_empty()))
+        .unwrap_or_else(crate::launch::status::host_name);
     let resources = NodeResources::local();
     let hello = AgentHello {
         name: name.clone(),

@@ -22,6 +22,7 @@ pub mod progress;
 pub mod run_dir;
 pub mod run_lock;
 pub mod scheduler;
+pub mod slurm;
 pub mod tensorboard;
 mod worker_env;
 

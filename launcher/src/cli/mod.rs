@@ -153,6 +153,9 @@ pub enum Command {
         #[arg(long, default_value_t = 300.0)]
         wait_s: f64,
     },
+    /// Run a job on a Slurm cluster.
+    #[command(subcommand)]
+    Slurm(SlurmCommand),
     /// Run as a built-in worker (started by `rtrain launch`, not by hand).
     #[command(hide = true)]
     Worker,
@@ -168,6 +171,27 @@ pub struct ConfigArgs {
     /// Override a key by its dotted path, e.g. `--set train.workers=4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SlurmCommand {
+    /// Write the job's batch script beside its run directory and submit it with sbatch: on the
+    /// first node `rtrain launch` starts an agent on each other node with srun.
+    Submit {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Nodes to allocate: the job's hosts.
+        #[arg(long)]
+        nodes: usize,
+        #[arg(long)]
+        partition: Option<String>,
+        /// The time limit, as sbatch takes it (e.g. 2:00:00).
+        #[arg(long)]
+        time: Option<String>,
+        /// Print the script instead of writing and submitting it.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +298,9 @@ pub fn main() -> ExitCode {
         },
         Command::Dashboard { run, port } => runs::dashboard_command(&run, port),
         Command::Stop { run, timeout_s } => runs::stop_command(&run, std::time::Duration::from_secs(timeout_s)),
+        Command::Slurm(SlurmCommand::Submit { config, nodes, partition, time, dry_run }) => {
+            slurm_submit(&config, crate::slurm::SubmitOptions { nodes, partition, time }, dry_run)
+        }
         Command::Agent { join, token_file, ca_file, name, address, wait_s } => {
             let opts = crate::host_agent::AgentOptions {
                 join,
@@ -294,6 +321,44 @@ pub fn main() -> ExitCode {
         // Arguments are checked here; the command runs in the binary that links libtorch.
         Command::Bench(_) | Command::Generate(_) | Command::Score(_) | Command::Worker | Command::Role { .. } => {
             exec_worker_binary()
+        }
+    }
+}
+
+fn slurm_submit(args: &ConfigArgs, opts: crate::slurm::SubmitOptions, dry_run: bool) -> ExitCode {
+    let loaded = match load(args) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    if opts.nodes == 0 || opts.nodes as u64 > crate::config::MAX_HOSTS {
+        say!("error: --nodes must be between 1 and {}", crate::config::MAX_HOSTS);
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            say!("error: cannot find the running executable: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let config = std::path::absolute(&args.file).unwrap_or_else(|_| args.file.clone());
+    let script = crate::slurm::sbatch_script(&loaded.spec, &config, &args.overrides, &exe, &opts);
+    if dry_run {
+        print!("{script}");
+        return ExitCode::SUCCESS;
+    }
+    let submitted = crate::slurm::write_script(&loaded.spec, &script)
+        .and_then(|path| crate::slurm::submit(&path).map(|id| (path, id)));
+    match submitted {
+        Ok((path, id)) => {
+            say!("submitted Slurm job {id} ({})", path.display());
+            say!("  its output: {}", loaded.spec.run_path.with_file_name(format!("{}.slurm-{id}.out", loaded.spec.name)).display());
+            say!("  follow it: rtrain status {}", loaded.spec.run_path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }
@@ -545,7 +610,14 @@ pub fn launch_command(
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    let opts = LaunchOptions { fresh: args.fresh, started, program, builtin_exe: worker_exe().ok() };
+    let slurm = match crate::slurm::allocation() {
+        Ok(alloc) => alloc,
+        Err(e) => {
+            say!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let opts = LaunchOptions { fresh: args.fresh, started, program, builtin_exe: worker_exe().ok(), slurm };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

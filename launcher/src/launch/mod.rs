@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::{ExitKind, SpawnError};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
-use crate::config::{DeviceKind, EchoChoice, JobSpec, LoadedConfig, RoleProgram, RoleSpec};
+use crate::config::{ClusterSpec, DeviceKind, EchoChoice, JobSpec, LoadedConfig, RoleProgram, RoleSpec};
 use crate::contract::WorkerEnv;
 use crate::contract::unix_now;
 use crate::cluster::{ClusterError, JobTls, ca_path, token_from_file};
@@ -61,6 +61,8 @@ pub struct LaunchOptions {
     /// `rtrain-worker`, which runs the built-in role programs (`rtrain-worker role NAME`), when
     /// it was found.
     pub builtin_exe: Option<PathBuf>,
+    /// The Slurm allocation the launch runs in: over several nodes, they are the job's hosts.
+    pub slurm: Option<crate::slurm::Allocation>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,8 @@ pub enum LaunchError {
     Cluster(#[from] ClusterError),
     #[error("cannot listen on cluster.bind = {bind}: {source}")]
     Bind { bind: std::net::SocketAddr, source: std::io::Error },
+    #[error("slurm: {0}")]
+    Slurm(#[from] crate::slurm::SlurmError),
 }
 
 /// How a launch ended.
@@ -126,6 +130,10 @@ pub(crate) struct JobContext {
     tls_ca: Option<String>,
     /// The driver host's address that the other hosts reach (a job over several hosts).
     bind_host: Option<String>,
+    /// The hosts it runs on (`[cluster]`, or the Slurm allocation's).
+    cluster: ClusterSpec,
+    /// The agents of the other hosts are started by the launch itself (with srun).
+    agents_started: bool,
 }
 
 impl JobContext {
@@ -227,6 +235,16 @@ impl JobContext {
     fn println(&self, line: &str) {
         self.progress.println(line);
     }
+
+    /// How the other hosts join, for the messages that wait for them.
+    fn agents_hint(&self) -> String {
+        if self.agents_started {
+            let log = self.run_dir.join("logs").join("agents.log");
+            return format!("their agents were started with srun (their output: {})", log.display());
+        }
+        let token = self.cluster.token_file.as_ref().map_or(String::new(), |p| p.display().to_string());
+        format!("run `rtrain agent --join {} --token-file {token}` on each", self.coordinator)
+    }
 }
 
 /// Progress over the whole launch, across attempts.
@@ -293,9 +311,14 @@ fn group_requests(spec: &JobSpec, fixed: Option<&[usize]>) -> Vec<GroupRequest> 
 /// the restart budgets.
 pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<LaunchReport, LaunchError> {
     let spec = &loaded.spec;
+    let slurm = opts.slurm.as_ref().filter(|a| a.nodes.len() > 1);
+    let cluster = match slurm {
+        Some(alloc) => crate::slurm::cluster_in(alloc, spec)?,
+        None => spec.cluster.clone(),
+    };
     // The whole job is placed before anything starts or any file is written (over several hosts,
     // the training gang is placed once they have joined).
-    let placements = if spec.cluster.multi_host() {
+    let placements = if cluster.multi_host() {
         let side: Vec<GroupRequest> =
             group_requests(spec, None).into_iter().zip(&spec.roles).filter(|(_, r)| !r.training).map(|(g, _)| g).collect();
         let mut side = crate::scheduler::place_job(&side, NodeResources::local())?.into_iter();
@@ -303,7 +326,6 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     } else {
         placement::place_roles(spec, None, &[NodeResources::local()])?
     };
-    let cluster = &spec.cluster;
     let token = match &cluster.token_file {
         Some(path) => token_from_file(path, &job_token())?,
         None => job_token(),
@@ -359,6 +381,13 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         hosts,
         tls_ca: tls.map(|t| t.ca_pem),
         bind_host: cluster.multi_host().then(|| coordinator.addr.ip().to_string()),
+        cluster: cluster.clone(),
+        agents_started: slurm.is_some(),
+    };
+    // Inside a Slurm allocation the driver starts the other nodes' agents itself.
+    let _agents = match (slurm, &cluster.token_file) {
+        (Some(alloc), Some(token_file)) => Some(start_slurm_agents(alloc, &job, coordinator.addr, token_file, spec)?),
+        _ => None,
     };
     if let Some(d) = &dashboard {
         job.println(&format!("dashboard: {}", d.url()));
@@ -777,6 +806,37 @@ impl Launch<'_> {
             self.job.println(&format!("warning: {e}"));
         }
     }
+}
+
+/// `srun` starting the agents of the allocation's other nodes; its output goes to
+/// `logs/agents.log`. Dropping the child kills it (the agents leave with the job anyway).
+fn start_slurm_agents(
+    alloc: &crate::slurm::Allocation,
+    job: &JobContext,
+    join: std::net::SocketAddr,
+    token_file: &Path,
+    spec: &JobSpec,
+) -> Result<tokio::process::Child, LaunchError> {
+    let exe = std::env::current_exe().map_err(LaunchError::Coordinator)?;
+    let log_path = job.run_dir.join("logs").join("agents.log");
+    let _ = std::fs::create_dir_all(job.run_dir.join("logs"));
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|source| LaunchError::Spawn(SpawnError::Log { path: log_path.clone(), source }))?;
+    let err = log.try_clone().map_err(|source| LaunchError::Spawn(SpawnError::Log { path: log_path.clone(), source }))?;
+    let mut cmd = crate::slurm::agents_command(alloc, &exe, join, token_file, spec.rendezvous_timeout.as_secs_f64());
+    cmd.stdin(std::process::Stdio::null()).stdout(log).stderr(err);
+    job.println(&format!(
+        "Slurm job {}: starting an agent on each of {} with srun (their output: {})",
+        alloc.job_id,
+        alloc.nodes[1..].join(", "),
+        log_path.display()
+    ));
+    tokio::process::Command::from(cmd).kill_on_drop(true).spawn().map_err(|source| {
+        LaunchError::Slurm(crate::slurm::SlurmError::Run { program: "srun".into(), source })
+    })
 }
 
 /// Unfinished checkpoint writes of an earlier attempt (no writer is running between attempts).

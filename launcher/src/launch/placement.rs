@@ -46,12 +46,12 @@ impl Launch<'_> {
     ) -> Result<(Vec<RankPlacement>, Vec<Arc<RemoteHost>>), Unplaced> {
         let spec = &self.loaded.spec;
         let t = spec.roles.iter().position(|r| r.training).unwrap_or(0);
-        if !spec.cluster.multi_host() {
+        if !self.job.cluster.multi_host() {
             let mut all = place_roles(spec, Some(side_sizes), &[NodeResources::local()]).map_err(Unplaced::Schedule)?;
             return Ok((all.swap_remove(t), Vec::new()));
         }
         let hosts = self.job.hosts.clone();
-        let wanted = spec.cluster.hosts - 1;
+        let wanted = self.job.cluster.hosts - 1;
         let remotes = hosts.live();
         let over = |remotes: &[Arc<RemoteHost>]| {
             let mut nodes = vec![NodeResources::local()];
@@ -69,7 +69,7 @@ impl Launch<'_> {
             self.job.println(&format!(
                 "continuing on {} of cluster.hosts = {} hosts (lost: {})",
                 remotes.len() + 1,
-                spec.cluster.hosts,
+                self.job.cluster.hosts,
                 names.join(", ")
             ));
             return Ok((gang, remotes));
@@ -77,12 +77,10 @@ impl Launch<'_> {
         if remotes.len() < wanted {
             self.job.progress.set_phase("waiting for hosts");
             let missing = wanted - remotes.len();
-            let token = spec.cluster.token_file.as_ref().map_or(String::new(), |p| p.display().to_string());
             self.job.println(&format!(
-                "waiting up to {:.0} s (rendezvous.timeout_s) for {missing} more host(s): run `rtrain agent --join {} \
-                 --token-file {token}` on each",
+                "waiting up to {:.0} s (rendezvous.timeout_s) for {missing} more host(s): {}",
                 spec.rendezvous_timeout.as_secs_f64(),
-                self.job.coordinator
+                self.job.agents_hint()
             ));
             let deadline = tokio::time::Instant::now() + spec.rendezvous_timeout;
             let joined = tokio::select! {
@@ -95,13 +93,11 @@ impl Launch<'_> {
                 let lost: Vec<String> = hosts.lost().into_iter().map(|h| h.name).collect();
                 let lost = if lost.is_empty() { String::new() } else { format!(" (lost: {})", lost.join(", ")) };
                 return Err(Unplaced::Hosts(format!(
-                    "only {} of cluster.hosts = {} hosts joined within rendezvous.timeout_s = {:.0} s{lost}; start \
-                     `rtrain agent --join {} --token-file {token}` on the missing {}",
+                    "only {} of cluster.hosts = {} hosts joined within rendezvous.timeout_s = {:.0} s{lost}: {}",
                     live.len() + 1,
-                    spec.cluster.hosts,
+                    self.job.cluster.hosts,
                     spec.rendezvous_timeout.as_secs_f64(),
-                    self.job.coordinator,
-                    wanted - live.len().min(wanted),
+                    self.job.agents_hint()
                 )));
             }
         }

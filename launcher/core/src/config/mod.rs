@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use overrides::apply_override;
 pub use resolve::{
-    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, ClusterSpec, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec, FaultSpec,
+    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, ClusterSpec, MAX_HOSTS, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec, FaultSpec,
     HeldOut, JobSpec, ModelSpec, OptimSpec, RoleProgram, RoleSpec, TRAINING_ROLE, TrainerKind, resolve,
 };
 pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
