@@ -84,6 +84,18 @@ impl Hosts {
         self.rtrain(i, &["agent", "--join", &join, "--token-file", path(token_file), "--name", &name], log)
     }
 
+    /// Names host `i` resolves, as a cluster's DNS would (`ip netns exec` shows the file as
+    /// /etc/hosts inside the namespace).
+    fn resolve(&self, i: usize, names: &[(&str, String)]) {
+        let dir = Path::new("/etc/netns").join(self.ns(i));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for (name, addr) in names {
+            text.push_str(&format!("{addr} {name}\n"));
+        }
+        std::fs::write(dir.join("hosts"), text).unwrap();
+    }
+
     /// SIGKILLs every process in host `i`: its agent and its workers, as if it lost power.
     fn kill_all(&self, i: usize) -> usize {
         let out = Command::new("ip").args(["netns", "pids", &self.ns(i)]).output().expect("ip netns pids");
@@ -100,6 +112,7 @@ impl Drop for Hosts {
         for i in 0..self.count {
             self.kill_all(i);
             let _ = Command::new("ip").args(["netns", "del", &self.ns(i)]).status();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(self.ns(i)));
         }
         let _ = Command::new("ip").args(["netns", "del", &self.bridge()]).status();
     }
@@ -271,4 +284,85 @@ fn a_fixed_gang_waits_for_its_lost_host_to_come_back() {
     assert_eq!(summary["restarts"], 1, "{summary}");
     assert_eq!(summary["final_step"], 150);
     assert!(summary["attempts"][1]["resumed_from_step"].as_u64().is_some_and(|s| s >= 10), "{summary}");
+}
+
+#[test]
+fn the_kubernetes_pods_commands_form_a_working_job() {
+    use rtrain_launcher::k8s;
+    let Some(hosts) = Hosts::new(2, "the_kubernetes_pods_commands") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = job(d, "kube", "4", 0.5, 1, 12);
+    let out = run(
+        &["k8s", "manifest", path(&config), "--nodes", "2", "--image", "rtrain:test", "--set", "train.steps=10"],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest = k8s::Manifest::from_yaml(&stdout(&out)).expect("the printed manifest reads back");
+
+    // What Kubernetes would mount: the Secret (mode 0400), the ConfigMap, the image's working
+    // directory and the run volume, here as folders.
+    use std::os::unix::fs::PermissionsExt;
+    let mounts = [
+        (k8s::SECRETS_DIR, d.join("secrets")),
+        (k8s::CONFIG_DIR, d.join("config")),
+        (k8s::RUNS_DIR, d.join("volume")),
+        ("/workspace", d.join("workspace")),
+    ];
+    for (_, folder) in &mounts {
+        std::fs::create_dir_all(folder).unwrap();
+    }
+    for (file, text) in manifest.secret.string_data.as_ref().unwrap() {
+        let file = d.join("secrets").join(file);
+        std::fs::write(&file, text).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
+    for (file, text) in manifest.config.data.as_ref().unwrap() {
+        std::fs::write(d.join("config").join(file), text).unwrap();
+    }
+    let pod = manifest.job.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let command: Vec<String> = pod.containers[0]
+        .command
+        .clone()
+        .unwrap()
+        .iter()
+        .map(|arg| {
+            let (key, value) = arg.split_once('=').map_or(("", arg.as_str()), |(k, v)| (k, v));
+            let value = mounts
+                .iter()
+                .find(|(at, _)| value == *at || value.starts_with(&format!("{at}/")))
+                .map_or(value.to_string(), |(at, folder)| format!("{}{}", folder.display(), &value[at.len()..]));
+            if key.is_empty() { value } else { format!("{key}={value}") }
+        })
+        .collect();
+    let name = "kube";
+    hosts.resolve(1, &[(&format!("{name}-0.{name}"), hosts.addr(0))]);
+
+    let pods: Vec<Guard> = (0..2)
+        .map(|i| {
+            let child = Command::new("ip")
+                .args(["netns", "exec", &hosts.ns(i), RTRAIN])
+                .args(&command[1..])
+                .env("JOB_COMPLETION_INDEX", i.to_string())
+                .env("POD_IP", hosts.addr(i))
+                .env("HOSTNAME", format!("{name}-{i}"))
+                .current_dir(d.join("workspace"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join(format!("pod{i}.log"))).unwrap())
+                .spawn()
+                .unwrap();
+            Guard(Some(child))
+        })
+        .collect();
+    for (i, pod) in pods.into_iter().enumerate() {
+        let out = wait_exit(pod, Duration::from_secs(180), &d.join(format!("pod{i}.log")));
+        assert!(out.status.success(), "pod {i} failed");
+    }
+    let run = d.join("volume").join(name);
+    let summary = summary(&run);
+    assert_eq!((summary["status"].as_str(), summary["workers"].as_u64()), (Some("finished"), Some(4)), "{summary}");
+    assert_eq!(summary["final_step"], 10, "the manifest's --set reached the pods");
+    let pod0 = std::fs::read_to_string(d.join("pod0.log")).unwrap();
+    assert!(pod0.contains("hosts: this one and kube-1 (10.99.0.2)"), "{pod0}");
 }

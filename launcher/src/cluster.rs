@@ -12,12 +12,12 @@ use crate::job_client::TLS_SERVER_NAME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot read the job token {}: {source}", path.display())]
+    #[error("cannot read {}: {source}", path.display())]
     ReadToken { path: PathBuf, source: std::io::Error },
     #[error("cannot write {}: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
     #[error(
-        "{} may be read by other users (mode {mode:o}); the job token is a password: run `chmod 600 {}`",
+        "{} may be read by other users (mode {mode:o}); it is a secret: run `chmod 600 {}`",
         path.display(),
         path.display()
     )]
@@ -111,6 +111,22 @@ impl JobTls {
         server.distinguished_name.push(DnType::CommonName, TLS_SERVER_NAME);
         let cert = server.signed_by(&key, &issuer)?;
         Ok(Self { ca_pem: ca_cert.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// The user's own files; the key must be readable by its owner only.
+    pub fn from_files(files: &crate::config::TlsFiles) -> Result<Self, ClusterError> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| ClusterError::ReadToken { path: path.into(), source })
+        };
+        let mode = std::fs::metadata(&files.key)
+            .map_err(|source| ClusterError::ReadToken { path: files.key.clone(), source })?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(ClusterError::Exposed { path: files.key.clone(), mode });
+        }
+        Ok(Self { ca_pem: read(&files.ca)?, cert_pem: read(&files.cert)?, key_pem: read(&files.key)? })
     }
 
     /// Writes the CA's certificate to `path` (readable by the owner only, like the token).

@@ -25,7 +25,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Between tries to join a coordinator that is not up yet.
 const RETRY: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentOptions {
     /// The coordinator, `host:port`.
     pub join: String,

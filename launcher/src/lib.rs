@@ -16,6 +16,7 @@ pub mod dashboard;
 pub mod failure;
 pub mod host_agent;
 pub mod hosts;
+pub mod k8s;
 pub mod launch;
 pub mod plot;
 pub mod progress;

@@ -156,6 +156,9 @@ pub enum Command {
     /// Run a job on a Slurm cluster.
     #[command(subcommand)]
     Slurm(SlurmCommand),
+    /// Run a job on a Kubernetes cluster.
+    #[command(subcommand)]
+    K8s(K8sCommand),
     /// Run as a built-in worker (started by `rtrain launch`, not by hand).
     #[command(hide = true)]
     Worker,
@@ -191,6 +194,53 @@ pub enum SlurmCommand {
         /// Print the script instead of writing and submitting it.
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum K8sCommand {
+    /// Print the objects that run the job over N pods (`kubectl apply -f -`): a Secret with the
+    /// job token and TLS files, the config as a ConfigMap, a headless Service and an Indexed Job.
+    /// The Secret holds the token: keep the output out of logs.
+    Manifest {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Pods: the job's hosts.
+        #[arg(long)]
+        nodes: usize,
+        /// An image with rtrain, rtrain-worker, libtorch and the job's files.
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        namespace: Option<String>,
+        /// The coordinator's port on pod 0.
+        #[arg(long, default_value_t = 29400)]
+        port: u16,
+        /// A ReadWriteMany PersistentVolumeClaim for the run directory (checkpoints and logs
+        /// that every pod sees; without it each pod has its own and restarts cannot resume).
+        #[arg(long)]
+        run_claim: Option<String>,
+        /// The job's working directory in the image.
+        #[arg(long, default_value = "/workspace")]
+        workdir: String,
+        /// The rtrain executable in the image.
+        #[arg(long, default_value = "rtrain")]
+        rtrain: String,
+    },
+    /// What each pod of the manifest's Job runs: pod 0 (JOB_COMPLETION_INDEX) launches the job,
+    /// the others join it as agents.
+    Pod {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Pods in the job.
+        #[arg(long)]
+        hosts: usize,
+        /// Pod 0's coordinator, HOST:PORT.
+        #[arg(long)]
+        driver: String,
+        /// Where the Secret's files are mounted.
+        #[arg(long)]
+        secrets: PathBuf,
     },
 }
 
@@ -268,20 +318,12 @@ pub struct ScoreArgs {
 pub fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Launch(_) | Command::Agent { .. } | Command::Worker | Command::Role { .. }) {
+    if !matches!(cli.command, Command::Launch(_) | Command::Agent { .. } | Command::K8s(K8sCommand::Pod { .. }) | Command::Worker | Command::Role { .. }) {
         end_quietly_when_the_reader_goes();
     }
     match cli.command {
         Command::Validate(args) => validate(&args),
-        Command::Launch(args) => {
-            let program = |loaded: &LoadedConfig| match &loaded.spec.entrypoint {
-                Some(cmd) => Ok(WorkerProgram::External(cmd.clone())),
-                None => {
-                    worker_exe().map(|exe| WorkerProgram::Runtime(vec![exe.display().to_string(), "worker".into()]))
-                }
-            };
-            launch_command(&args, started, program)
-        }
+        Command::Launch(args) => launch_command(&args, started, job_program),
         Command::Ckpt(cmd) => ckpt::run(cmd),
         Command::Runs { dir } => runs::runs_command(&dir),
         Command::Status { run, json } => runs::status_command(&run, json),
@@ -300,6 +342,22 @@ pub fn main() -> ExitCode {
         Command::Stop { run, timeout_s } => runs::stop_command(&run, std::time::Duration::from_secs(timeout_s)),
         Command::Slurm(SlurmCommand::Submit { config, nodes, partition, time, dry_run }) => {
             slurm_submit(&config, crate::slurm::SubmitOptions { nodes, partition, time }, dry_run)
+        }
+        Command::K8s(K8sCommand::Manifest { config, nodes, image, namespace, port, run_claim, workdir, rtrain }) => {
+            let opts = crate::k8s::ManifestOptions {
+                nodes,
+                image,
+                namespace,
+                port,
+                run_claim,
+                workdir,
+                rtrain,
+                overrides: config.overrides.clone(),
+            };
+            k8s_manifest(&config, &opts)
+        }
+        Command::K8s(K8sCommand::Pod { config, hosts, driver, secrets }) => {
+            k8s_pod(config, hosts, &driver, &secrets, started)
         }
         Command::Agent { join, token_file, ca_file, name, address, wait_s } => {
             let opts = crate::host_agent::AgentOptions {
@@ -359,6 +417,65 @@ fn slurm_submit(args: &ConfigArgs, opts: crate::slurm::SubmitOptions, dry_run: b
         Err(e) => {
             say!("error: {e}");
             ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// What the training role's workers run: the job's entrypoint, or the built-in worker.
+fn job_program(loaded: &LoadedConfig) -> Result<WorkerProgram, String> {
+    match &loaded.spec.entrypoint {
+        Some(cmd) => Ok(WorkerProgram::External(cmd.clone())),
+        None => worker_exe().map(|exe| WorkerProgram::Runtime(vec![exe.display().to_string(), "worker".into()])),
+    }
+}
+
+fn k8s_manifest(args: &ConfigArgs, opts: &crate::k8s::ManifestOptions) -> ExitCode {
+    let loaded = match load(args) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let text = match std::fs::read_to_string(&args.file) {
+        Ok(t) => t,
+        Err(e) => {
+            say!("error: cannot read {}: {e}", args.file.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match crate::k8s::manifest(&loaded.spec, &text, opts).and_then(|m| m.to_yaml()) {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn k8s_pod(config: ConfigArgs, hosts: usize, driver: &str, secrets: &std::path::Path, started: Instant) -> ExitCode {
+    let index = match std::env::var("JOB_COMPLETION_INDEX").ok().and_then(|i| i.parse::<usize>().ok()) {
+        Some(i) => i,
+        None => {
+            say!("error: JOB_COMPLETION_INDEX is not set: `rtrain k8s pod` runs in a pod of an Indexed Job");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let pod_ip = std::env::var("POD_IP")
+        .ok()
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or_else(crate::slurm::this_host_address);
+    let name = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| format!("pod-{index}"));
+    match crate::k8s::pod_role(index, pod_ip, hosts, driver, secrets, name) {
+        Ok(crate::k8s::PodRole::Driver { overrides }) => {
+            let mut config = config;
+            config.overrides.extend(overrides);
+            launch_command(&LaunchArgs { config, fresh: false }, started, job_program)
+        }
+        Ok(crate::k8s::PodRole::Agent(opts)) => agent_command(opts),
+        Err(e) => {
+            say!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

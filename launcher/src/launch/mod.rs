@@ -331,13 +331,17 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         None => job_token(),
     };
     // Beyond one host the control plane crosses the network: TLS, with a CA made for this launch.
-    let tls = match cluster.multi_host() {
-        true => Some(JobTls::generate(&spec.name)?),
-        false => None,
+    let tls = match (&cluster.tls, cluster.multi_host()) {
+        (Some(files), true) => Some(JobTls::from_files(files)?),
+        (None, true) => {
+            let tls = JobTls::generate(&spec.name)?;
+            if let Some(token_file) = &cluster.token_file {
+                tls.write_ca(&ca_path(token_file))?;
+            }
+            Some(tls)
+        }
+        (_, false) => None,
     };
-    if let (Some(tls), Some(token_file)) = (&tls, &cluster.token_file) {
-        tls.write_ca(&ca_path(token_file))?;
-    }
     // Its port is taken before the run directory, so a port in use fails the launch untouched.
     let settings = &loaded.config.dashboard;
     let dashboard = match settings.enabled {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use overrides::apply_override;
 pub use resolve::{
-    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, ClusterSpec, MAX_HOSTS, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec, FaultSpec,
+    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, ClusterSpec, MAX_HOSTS, TlsFiles, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec, FaultSpec,
     HeldOut, JobSpec, ModelSpec, OptimSpec, RoleProgram, RoleSpec, TRAINING_ROLE, TrainerKind, resolve,
 };
 pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
@@ -80,7 +80,14 @@ pub fn anchor_paths(config: &mut JobConfig, path: &Path) -> Result<(), ConfigErr
         anchor(&mut config.data.source);
     }
     anchor(&mut config.data.eval_path);
-    anchor(&mut config.cluster.token_file);
+    for path in [
+        &mut config.cluster.token_file,
+        &mut config.cluster.tls_cert,
+        &mut config.cluster.tls_key,
+        &mut config.cluster.tls_ca,
+    ] {
+        anchor(path);
+    }
     if let Some(rl) = config.rl.as_mut() {
         anchor(&mut rl.eval_path);
         if let Some(path) = rl.reward.as_mut().and_then(|r| r.path.as_mut()) {

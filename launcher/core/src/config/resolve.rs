@@ -164,6 +164,16 @@ pub struct ClusterSpec {
     pub bind: std::net::SocketAddr,
     /// Where the job token is kept (required beyond one host: agents read it).
     pub token_file: Option<PathBuf>,
+    /// The user's own TLS files; `None`: a CA made for each launch.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The coordinator's certificate and key, and the CA that issued the certificate (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl ClusterSpec {
@@ -203,7 +213,20 @@ fn resolve_cluster(c: &super::ClusterSection) -> Result<ClusterSpec, (String, St
         ));
     }
     let token_file = (!c.token_file.is_empty()).then(|| PathBuf::from(&c.token_file));
-    Ok(ClusterSpec { hosts: c.hosts as usize, bind, token_file })
+    let tls = match (c.tls_cert.as_str(), c.tls_key.as_str(), c.tls_ca.as_str()) {
+        ("", "", "") => None,
+        (cert, key, ca) if !cert.is_empty() && !key.is_empty() && !ca.is_empty() => {
+            Some(TlsFiles { cert: cert.into(), key: key.into(), ca: ca.into() })
+        }
+        _ => {
+            let missing = [("tls_cert", &c.tls_cert), ("tls_key", &c.tls_key), ("tls_ca", &c.tls_ca)]
+                .into_iter()
+                .find(|(_, v)| v.is_empty())
+                .map_or("tls_ca", |(k, _)| k);
+            return Err(bad(missing, "cluster.tls_cert, tls_key and tls_ca go together: set all three, or none".into()));
+        }
+    };
+    Ok(ClusterSpec { hosts: c.hosts as usize, bind, token_file, tls })
 }
 
 /// The name of the role `[train]` describes.

@@ -290,11 +290,25 @@ pub struct ClusterSection {
     /// The job token: read from this file, or written there (mode 0600) when it does not exist.
     /// Relative to `job.working_dir`. Empty: a new token for every launch, kept in memory.
     pub token_file: String,
+    /// Your own TLS files for the coordinator (PEM; all three or none): its certificate, issued
+    /// for the name `rtrain-coordinator`, its key (mode 0600), and the CA that issued it, which the
+    /// agents are given with `--ca-file`. None: the driver makes a CA for each launch and writes its
+    /// certificate beside the token file.
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_ca: String,
 }
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        Self { hosts: 1, bind: String::new(), token_file: String::new() }
+        Self {
+            hosts: 1,
+            bind: String::new(),
+            token_file: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_ca: String::new(),
+        }
     }
 }
 
