@@ -77,11 +77,13 @@ impl Hosts {
         Guard(Some(child))
     }
 
-    /// An agent in host `i` joining the driver in host 0.
+    /// An agent in host `i` joining the driver in host 0, its cache beside its log.
     fn agent(&self, i: usize, token_file: &Path, log: &Path) -> Guard {
         let join = format!("{}:{PORT}", self.addr(0));
         let name = format!("host{i}");
-        self.rtrain(i, &["agent", "--join", &join, "--token-file", path(token_file), "--name", &name], log)
+        let cache = log.with_file_name(format!("cache{i}"));
+        let args = ["agent", "--join", &join, "--token-file", path(token_file), "--name", &name, "--cache-dir", path(&cache)];
+        self.rtrain(i, &args, log)
     }
 
     /// Names host `i` resolves, as a cluster's DNS would (`ip netns exec` shows the file as
@@ -346,6 +348,7 @@ fn the_kubernetes_pods_commands_form_a_working_job() {
                 .env("JOB_COMPLETION_INDEX", i.to_string())
                 .env("POD_IP", hosts.addr(i))
                 .env("HOSTNAME", format!("{name}-{i}"))
+                .env("RTRAIN_CACHE_DIR", d.join(format!("cache{i}")))
                 .current_dir(d.join("workspace"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -365,4 +368,57 @@ fn the_kubernetes_pods_commands_form_a_working_job() {
     assert_eq!(summary["final_step"], 10, "the manifest's --set reached the pods");
     let pod0 = std::fs::read_to_string(d.join("pod0.log")).unwrap();
     assert!(pod0.contains("hosts: this one and kube-1 (10.99.0.2)"), "{pod0}");
+}
+
+#[test]
+fn the_working_directory_is_shipped_to_every_host_and_an_edit_reaches_the_next_launch() {
+    let Some(hosts) = Hosts::new(2, "the_working_directory_is_shipped") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ws = d.join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    let script = |version: &str| {
+        let who = "rank $RANK node $NODE_RANK group $GROUP_RANK local $LOCAL_RANK of $LOCAL_WORLD_SIZE world $WORLD_SIZE";
+        format!("echo \"{who} version {version} in $(pwd)\"\nls -a\n")
+    };
+    std::fs::write(ws.join("train.sh"), script("v1")).unwrap();
+    std::fs::write(ws.join(".gitignore"), "big.bin\n").unwrap();
+    std::fs::write(ws.join("big.bin"), vec![0u8; 4096]).unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let config = write_config(
+        &ws,
+        "job.toml",
+        &format!(
+            "[job]\nname = \"ship\"\nentrypoint = [\"sh\", \"train.sh\"]\n\n[train]\nworkers = 2\ncpus_per_worker = {cpus}\n\n\
+             [cluster]\nhosts = 2\nbind = \"10.99.0.1:{PORT}\"\ntoken_file = \"job.token\"\n"
+        ),
+    );
+    let launch = |n: usize| {
+        let log = d.join(format!("driver{n}.log"));
+        let driver = hosts.rtrain(0, &["launch", path(&config), "--fresh"], &log);
+        let token = ws.join("job.token");
+        assert!(wait_until(Duration::from_secs(30), || ws.join("job.token.ca.pem").exists()));
+        let agent = hosts.agent(1, &token, &d.join(format!("agent{n}.log")));
+        assert!(wait_exit(driver, Duration::from_secs(120), &log).status.success());
+        assert!(wait_exit(agent, Duration::from_secs(30), &d.join(format!("agent{n}.log"))).status.success());
+        std::fs::remove_file(ws.join("job.token.ca.pem")).unwrap();
+        let logs = ws.join("runs/ship/logs/attempt-0");
+        (std::fs::read_to_string(logs.join("trainer-0.log")).unwrap(), std::fs::read_to_string(logs.join("trainer-1.log")).unwrap())
+    };
+    let (rank0, rank1) = launch(1);
+    // Rank 0 runs in the working directory itself, rank 1 in the second host's copy of it,
+    // with torchrun's numbers for two nodes of one process each.
+    assert!(rank0.contains(&format!("rank 0 node 0 group 0 local 0 of 1 world 2 version v1 in {}", ws.display())), "{rank0}");
+    let copies = d.join("cache1/working_dirs");
+    let copy = |line: &str| line.rsplit(" in ").next().unwrap_or("").trim().to_string();
+    let line = rank1.lines().find(|l| l.starts_with("rank 1")).unwrap_or_default().to_string();
+    assert!(line.starts_with("rank 1 node 1 group 1 local 0 of 1 world 2 version v1 in "), "{rank1}");
+    assert!(copy(&line).starts_with(path(&copies)), "{line}");
+    let shipped: Vec<&str> = rank1.lines().skip(1).collect();
+    assert_eq!(shipped, [".", "..", ".gitignore", "job.toml", "train.sh"], "{rank1}");
+
+    std::fs::write(ws.join("train.sh"), script("v2")).unwrap();
+    let (_, rank1) = launch(2);
+    assert!(rank1.contains("version v2"), "the edit did not reach the second host: {rank1}");
+    assert_eq!(std::fs::read_dir(&copies).unwrap().count(), 2, "one copy per version");
 }

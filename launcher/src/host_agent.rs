@@ -38,7 +38,22 @@ pub struct AgentOptions {
     pub address: Option<IpAddr>,
     /// How long to keep trying to join (the driver may start after its agents).
     pub wait: Duration,
+    /// Where shipped working directories are kept.
+    pub cache_dir: PathBuf,
 }
+
+/// The agent's cache: `$RTRAIN_CACHE_DIR`, or `$XDG_CACHE_HOME/rtrain`, or `~/.cache/rtrain`.
+pub fn default_cache_dir() -> PathBuf {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("RTRAIN_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("rtrain")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/rtrain")))
+        .unwrap_or_else(|| std::env::temp_dir().join("rtrain-cache"))
+}
+
+/// The largest working directory an agent fetches (the driver refuses to ship more than
+/// `cluster.max_working_dir_mb`).
+const MAX_FETCH_BYTES: u64 = 64 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -105,7 +120,7 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
         devices: NodeResources::local_devices(),
     };
     let deadline = tokio::time::Instant::now() + opts.wait;
-    let (mut inbound, outbound) = loop {
+    let (mut inbound, outbound, mut client) = loop {
         let last = match credentials(&opts)? {
             Err(why) => why,
             Ok(creds) => match open_session(&opts.join, &creds, hello.clone()).await {
@@ -138,6 +153,14 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
             command = inbound.message() => match command {
                 Ok(Some(AgentCommand { command: Some(agent_command::Command::Spawn(spawn)) })) => {
                     let id = ProcId::new(&spawn.role, spawn.rank as usize);
+                    let cwd = match working_dir(&mut client, &opts.cache_dir, &spawn).await {
+                        Ok(cwd) => cwd,
+                        Err(e) => {
+                            note_in_log(Path::new(&spawn.log_path), &format!("rtrain agent on {name}: {e}"));
+                            let _ = outbound.send(exit_event(spawn.id, ExitKind::Code(127)));
+                            continue;
+                        }
+                    };
                     if ids.contains_key(&id) {
                         // A process of the same name from an earlier attempt goes first.
                         agent.kill(&id);
@@ -151,7 +174,7 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
                         log_path: PathBuf::from(&spawn.log_path),
                         echo: None,
                         cpus: cores.unwrap_or_default(),
-                        cwd: PathBuf::from(&spawn.cwd),
+                        cwd,
                     };
                     if let Some(dir) = launch.log_path.parent() {
                         let _ = std::fs::create_dir_all(dir);
@@ -203,7 +226,50 @@ fn is_refusal(status: &tonic::Status) -> bool {
     )
 }
 
-type Session = (tonic::Streaming<AgentCommand>, mpsc::UnboundedSender<AgentEvent>);
+type Client = CoordinatorClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenInterceptor>>;
+type Session = (tonic::Streaming<AgentCommand>, mpsc::UnboundedSender<AgentEvent>, Client);
+
+/// Where a process the driver asks for runs here: in this host's copy of the shipped working
+/// directory (fetched and unpacked the first time), or where it says when nothing is shipped.
+async fn working_dir(client: &mut Client, cache: &Path, spawn: &crate::proto::SpawnProcess) -> Result<PathBuf, String> {
+    let asked = PathBuf::from(&spawn.cwd);
+    let digest = &spawn.working_dir_digest;
+    let Ok(rel) = asked.strip_prefix(&spawn.working_dir_root) else { return Ok(asked) };
+    if digest.is_empty() {
+        return Ok(asked);
+    }
+    let valid = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit());
+    if !valid {
+        return Err(format!("the driver sent a malformed working directory digest {digest:?}"));
+    }
+    let copy = crate::working_dir::cached(cache, digest);
+    if !copy.is_dir() {
+        let request = crate::proto::WorkingDirRequest { digest: digest.clone() };
+        let mut chunks = client.working_dir(request).await.map_err(|s| format!("cannot fetch the working directory: {}", s.message()))?.into_inner();
+        let mut bytes = Vec::new();
+        loop {
+            match chunks.message().await {
+                Ok(Some(chunk)) => {
+                    bytes.extend_from_slice(&chunk.data);
+                    if bytes.len() as u64 > MAX_FETCH_BYTES {
+                        return Err(format!("the working directory is larger than {MAX_FETCH_BYTES} bytes"));
+                    }
+                }
+                Ok(None) => break,
+                Err(s) => return Err(format!("fetching the working directory failed: {}", s.message())),
+            }
+        }
+        let bytes_len = bytes.len();
+        let cache = cache.to_path_buf();
+        let digest = digest.clone();
+        tokio::task::spawn_blocking(move || crate::working_dir::unpack(&cache, &digest, &bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        eprintln!("rtrain agent: unpacked the job's working directory ({bytes_len} bytes) into {}", copy.display());
+    }
+    Ok(copy.join(rel))
+}
 
 async fn open_session(addr: &str, creds: &Credentials, hello: AgentHello) -> Result<Session, tonic::Status> {
     let channel = endpoint(addr, Some(&creds.ca))
@@ -218,7 +284,7 @@ async fn open_session(addr: &str, creds: &Credentials, hello: AgentHello) -> Res
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = tx.send(AgentEvent { event: Some(agent_event::Event::Hello(hello)) });
     let inbound = client.agent_session(UnboundedReceiverStream::new(rx)).await?.into_inner();
-    Ok((inbound, tx))
+    Ok((inbound, tx, client))
 }
 
 /// An error with its causes, which say what failed (a refused connection, a certificate).

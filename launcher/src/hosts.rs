@@ -34,6 +34,8 @@ impl HostInfo {
 /// One host's agent, as the driver sees it.
 pub struct RemoteHost {
     pub info: HostInfo,
+    /// The shipped working directory: its archive's digest and its path here.
+    shipped: Option<(String, std::path::PathBuf)>,
     commands: mpsc::UnboundedSender<AgentCommand>,
     /// Processes started there and not yet reported ended: their id, name and where the exit goes.
     pending: Mutex<HashMap<u64, (ProcId, mpsc::UnboundedSender<WorkerExit>)>>,
@@ -55,6 +57,8 @@ impl RemoteHost {
             cwd: launch.cwd.display().to_string(),
             log_path: launch.log_path.display().to_string(),
             cores: launch.cpus.iter().map(|&c| c as u32).collect(),
+            working_dir_digest: self.shipped.as_ref().map_or(String::new(), |s| s.0.clone()),
+            working_dir_root: self.shipped.as_ref().map_or(String::new(), |s| s.1.display().to_string()),
         };
         let sent = self.commands.send(AgentCommand { command: Some(agent_command::Command::Spawn(spawn)) });
         if sent.is_err() || self.lost.load(Ordering::SeqCst) {
@@ -115,14 +119,18 @@ pub enum JoinRefusal {
 pub struct Hosts {
     /// `cluster.hosts`: the driver's own host and `expected - 1` agents.
     expected: usize,
+    /// What every host's processes run in (see [`RemoteHost`]).
+    shipped: Option<(String, std::path::PathBuf)>,
     joined: Mutex<Vec<Arc<RemoteHost>>>,
     /// Bumped on every join and loss.
     changed: watch::Sender<u64>,
 }
 
 impl Hosts {
-    pub fn new(expected: usize) -> Self {
-        Self { expected, joined: Mutex::new(Vec::new()), changed: watch::channel(0).0 }
+    /// `expected` hosts counting the driver's; `shipped`: the digest of the working directory's
+    /// archive and its path on the driver's host, when it is shipped.
+    pub fn new(expected: usize, shipped: Option<(String, std::path::PathBuf)>) -> Self {
+        Self { expected, shipped, joined: Mutex::new(Vec::new()), changed: watch::channel(0).0 }
     }
 
     /// The live hosts besides the driver's, in the order they joined.
@@ -178,6 +186,7 @@ impl Hosts {
         joined.retain(|h| !(h.is_lost() && h.info.name == info.name));
         let host = Arc::new(RemoteHost {
             info,
+            shipped: self.shipped.clone(),
             commands,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -231,7 +240,7 @@ mod tests {
 
     #[test]
     fn joins_are_counted_against_the_hosts_expected_and_names_are_unique() {
-        let hosts = Hosts::new(3);
+        let hosts = Hosts::new(3, None);
         let (tx, _rx) = mpsc::unbounded_channel();
         let a = hosts.join(info("a"), tx.clone()).unwrap();
         assert_eq!(hosts.join(info("a"), tx.clone()).err(), Some(JoinRefusal::SameName("a".into())));
@@ -244,12 +253,12 @@ mod tests {
         hosts.join(info("a"), tx).unwrap();
         assert_eq!(hosts.live().len(), 2);
         assert!(hosts.lost().is_empty());
-        assert_eq!(Hosts::new(1).join(info("a"), mpsc::unbounded_channel().0).err(), Some(JoinRefusal::SingleHost));
+        assert_eq!(Hosts::new(1, None).join(info("a"), mpsc::unbounded_channel().0).err(), Some(JoinRefusal::SingleHost));
     }
 
     #[test]
     fn a_lost_host_reports_every_process_it_had_as_lost() {
-        let hosts = Hosts::new(2);
+        let hosts = Hosts::new(2, None);
         let (tx, mut commands) = mpsc::unbounded_channel();
         let host = hosts.join(info("a"), tx).unwrap();
         let (exits, mut rx) = mpsc::unbounded_channel();

@@ -324,6 +324,7 @@ pub fn pod_role(
         address: Some(pod_ip),
         // The driver's pod may be scheduled long after this one.
         wait: std::time::Duration::from_secs(600),
+        cache_dir: crate::host_agent::default_cache_dir(),
     }))
 }
 

@@ -26,6 +26,7 @@ pub mod scheduler;
 pub mod slurm;
 pub mod tensorboard;
 mod worker_env;
+pub mod working_dir;
 
 /// The contract with the processes the launcher starts, from `rtrain-core`.
 pub use rtrain_core::{checkpoint, config, contract, exit, heartbeat, job_client, proto};

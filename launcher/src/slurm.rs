@@ -74,7 +74,7 @@ pub fn cluster_in(alloc: &Allocation, spec: &JobSpec) -> Result<ClusterSpec, Slu
         name.push(".token");
         spec.run_path.with_file_name(name)
     });
-    Ok(ClusterSpec { hosts: allocated, bind, token_file: Some(token_file), tls: configured.tls.clone() })
+    Ok(ClusterSpec { hosts: allocated, bind, token_file: Some(token_file), ..configured.clone() })
 }
 
 /// The first address of this host that is up and not loopback (IPv4 first); loopback if none.

@@ -152,6 +152,10 @@ pub enum Command {
         /// Seconds to keep trying to join (the driver may start after its agents).
         #[arg(long, default_value_t = 300.0)]
         wait_s: f64,
+        /// Where the job's shipped working directories are kept (default: $RTRAIN_CACHE_DIR,
+        /// $XDG_CACHE_HOME/rtrain or ~/.cache/rtrain).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
     },
     /// Run a job on a Slurm cluster.
     #[command(subcommand)]
@@ -359,7 +363,7 @@ pub fn main() -> ExitCode {
         Command::K8s(K8sCommand::Pod { config, hosts, driver, secrets }) => {
             k8s_pod(config, hosts, &driver, &secrets, started)
         }
-        Command::Agent { join, token_file, ca_file, name, address, wait_s } => {
+        Command::Agent { join, token_file, ca_file, name, address, wait_s, cache_dir } => {
             let opts = crate::host_agent::AgentOptions {
                 join,
                 token_file,
@@ -367,6 +371,7 @@ pub fn main() -> ExitCode {
                 name,
                 address,
                 wait: std::time::Duration::from_secs_f64(wait_s.clamp(0.0, 1e6)),
+                cache_dir: cache_dir.unwrap_or_else(crate::host_agent::default_cache_dir),
             };
             agent_command(opts)
         }

@@ -14,11 +14,12 @@ use tonic::{Request, Response, Status, Streaming};
 use super::book::{JobBook, Refusal, Registered};
 use crate::agent::ExitKind;
 use crate::hosts::{HostInfo, Hosts};
+use crate::working_dir::Bundle;
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
     Ack, AgentCommand, AgentEvent, BroadcastRequest, Command, FailureReport, HeartbeatRequest, LookupReply,
     LookupRequest, MetricsReport, PublishRequest, RegisterReply, RegisterRequest, StepMetrics, TOKEN_HEADER, WorkerId,
-    agent_event,
+    WorkingDirChunk, WorkingDirRequest, agent_event,
 };
 
 /// What the coordinator tells the driver.
@@ -61,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) token: String,
     /// The other hosts' agents.
     hosts: Arc<Hosts>,
+    /// The working directory they fetch.
+    working_dir: Option<Bundle>,
 }
 
 impl Shared {
@@ -237,6 +240,8 @@ pub struct CoordinatorSetup {
     pub hosts: Arc<Hosts>,
     /// Serve gRPC over TLS with this identity (certificate chain and key, PEM).
     pub tls: Option<(String, String)>,
+    /// The job's working directory, for the agents to fetch.
+    pub working_dir: Option<Bundle>,
 }
 
 /// Starts a single-host coordinator on `bind` (plain gRPC; no agents).
@@ -245,14 +250,15 @@ pub async fn start_coordinator(
     token: String,
     training_role: Option<String>,
 ) -> std::io::Result<(CoordinatorHandle, mpsc::UnboundedReceiver<CoordinatorEvent>)> {
-    serve_coordinator(CoordinatorSetup { bind, token, training_role, hosts: Arc::new(Hosts::new(1)), tls: None }).await
+    let hosts = Arc::new(Hosts::new(1, None));
+    serve_coordinator(CoordinatorSetup { bind, token, training_role, hosts, tls: None, working_dir: None }).await
 }
 
 /// Binds the coordinator's gRPC service and its HTTP/JSON endpoint and serves until shut down.
 pub async fn serve_coordinator(
     setup: CoordinatorSetup,
 ) -> std::io::Result<(CoordinatorHandle, mpsc::UnboundedReceiver<CoordinatorEvent>)> {
-    let CoordinatorSetup { bind, token, training_role, hosts, tls } = setup;
+    let CoordinatorSetup { bind, token, training_role, hosts, tls, working_dir } = setup;
     let listener = tokio::net::TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let http_listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
@@ -268,6 +274,7 @@ pub async fn serve_coordinator(
         last_step: Mutex::new(None),
         token: token.clone(),
         hosts,
+        working_dir,
     });
     let service = CoordinatorService { shared: shared.clone() };
     let check_token = move |req: Request<()>| -> Result<Request<()>, Status> {
@@ -312,6 +319,10 @@ struct CoordinatorService {
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send>>;
 type AgentCommandStream = Pin<Box<dyn Stream<Item = Result<AgentCommand, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<WorkingDirChunk, Status>> + Send>>;
+
+/// Bytes of the working directory's archive per message.
+const CHUNK_BYTES: usize = 1 << 20;
 
 /// The host an agent describes in its hello, checked.
 fn host_info(hello: crate::proto::AgentHello) -> Result<HostInfo, Status> {
@@ -423,6 +434,21 @@ impl Coordinator for CoordinatorService {
     async fn broadcast(&self, request: Request<BroadcastRequest>) -> Result<Response<Ack>, Status> {
         self.shared.broadcast(&request.into_inner())?;
         Ok(Response::new(Ack {}))
+    }
+
+    type WorkingDirStream = ChunkStream;
+
+    async fn working_dir(&self, request: Request<WorkingDirRequest>) -> Result<Response<Self::WorkingDirStream>, Status> {
+        let digest = request.into_inner().digest;
+        let bundle = match &self.shared.working_dir {
+            Some(b) if b.digest == digest => b.bytes.clone(),
+            _ => return Err(Status::not_found(format!("this job ships no working directory {digest}"))),
+        };
+        let chunks = (0..bundle.len().div_ceil(CHUNK_BYTES).max(1)).map(move |i| {
+            let data = bundle[i * CHUNK_BYTES..((i + 1) * CHUNK_BYTES).min(bundle.len())].to_vec();
+            Ok(WorkingDirChunk { data })
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
     type AgentSessionStream = AgentCommandStream;

@@ -85,6 +85,8 @@ pub enum LaunchError {
     Bind { bind: std::net::SocketAddr, source: std::io::Error },
     #[error("slurm: {0}")]
     Slurm(#[from] crate::slurm::SlurmError),
+    #[error(transparent)]
+    WorkingDir(#[from] crate::working_dir::BundleError),
 }
 
 /// How a launch ended.
@@ -342,6 +344,18 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
         }
         (_, false) => None,
     };
+    // Beyond one host the working directory goes to the others with the job.
+    let bundle = match cluster.multi_host() {
+        true => {
+            // Never the job's secrets, nor its outputs.
+            let ca = cluster.token_file.as_deref().map(ca_path);
+            let tls = cluster.tls.iter().flat_map(|t| [t.cert.as_path(), t.key.as_path(), t.ca.as_path()]);
+            let skip: Vec<&Path> =
+                [Some(spec.run_path.as_path()), cluster.token_file.as_deref(), ca.as_deref()].into_iter().flatten().chain(tls).collect();
+            Some(crate::working_dir::pack(&spec.working_dir, &skip, cluster.max_working_dir_mb)?)
+        }
+        false => None,
+    };
     // Its port is taken before the run directory, so a port in use fails the launch untouched.
     let settings = &loaded.config.dashboard;
     let dashboard = match settings.enabled {
@@ -354,13 +368,15 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     };
     let run = RunDir::open(&spec.run_path, &loaded.config, opts.fresh)?;
     let training = spec.training_role().map(|r| r.name.clone());
-    let hosts = Arc::new(Hosts::new(cluster.hosts));
+    let shipped = bundle.as_ref().map(|b| (b.digest.clone(), b.root.clone()));
+    let hosts = Arc::new(Hosts::new(cluster.hosts, shipped));
     let setup = CoordinatorSetup {
         bind: cluster.bind,
         token: token.clone(),
         training_role: training,
         hosts: hosts.clone(),
         tls: tls.as_ref().map(|t| (t.cert_pem.clone(), t.key_pem.clone())),
+        working_dir: bundle.clone(),
     };
     let (coordinator, events) =
         serve_coordinator(setup).await.map_err(|source| LaunchError::Bind { bind: cluster.bind, source })?;
@@ -395,6 +411,15 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     };
     if let Some(d) = &dashboard {
         job.println(&format!("dashboard: {}", d.url()));
+    }
+    if let Some(b) = &bundle {
+        job.println(&format!(
+            "shipping job.working_dir {} to the other hosts: {} files, {:.1} MB (sha256 {})",
+            b.root.display(),
+            b.files,
+            b.bytes.len() as f64 / 1e6,
+            &b.digest[..12]
+        ));
     }
     if let Some(old) = run.moved_aside().filter(|_| !opts.fresh) {
         job.println(&format!(

@@ -166,6 +166,8 @@ pub struct ClusterSpec {
     pub token_file: Option<PathBuf>,
     /// The user's own TLS files; `None`: a CA made for each launch.
     pub tls: Option<TlsFiles>,
+    /// The most megabytes of the working directory shipped to the other hosts.
+    pub max_working_dir_mb: u64,
 }
 
 /// The coordinator's certificate and key, and the CA that issued the certificate (PEM files).
@@ -226,7 +228,7 @@ fn resolve_cluster(c: &super::ClusterSection) -> Result<ClusterSpec, (String, St
             return Err(bad(missing, "cluster.tls_cert, tls_key and tls_ca go together: set all three, or none".into()));
         }
     };
-    Ok(ClusterSpec { hosts: c.hosts as usize, bind, token_file, tls })
+    Ok(ClusterSpec { hosts: c.hosts as usize, bind, token_file, tls, max_working_dir_mb: c.max_working_dir_mb })
 }
 
 /// The name of the role `[train]` describes.

@@ -297,6 +297,8 @@ pub struct ClusterSection {
     pub tls_cert: String,
     pub tls_key: String,
     pub tls_ca: String,
+    /// The most megabytes of `job.working_dir` shipped to the other hosts at each launch.
+    pub max_working_dir_mb: u64,
 }
 
 impl Default for ClusterSection {
@@ -308,6 +310,7 @@ impl Default for ClusterSection {
             tls_cert: String::new(),
             tls_key: String::new(),
             tls_ca: String::new(),
+            max_working_dir_mb: 100,
         }
     }
 }
