@@ -27,7 +27,8 @@ impl Hosts {
         let root = unsafe { libc::geteuid() } == 0;
         let ip = Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
         if !(root && ip) {
-            let why = format!("{test}: needs root and iproute2 to make network namespaces (scripts/test.sh installs it)");
+            let why =
+                format!("{test}: needs root and iproute2 to make network namespaces (scripts/test.sh installs it)");
             assert!(std::env::var_os("RTRAIN_TEST_REQUIRE_ALL").is_none(), "{why}");
             eprintln!("skipped: {why}");
             return None;
@@ -82,7 +83,8 @@ impl Hosts {
         let join = format!("{}:{PORT}", self.addr(0));
         let name = format!("host{i}");
         let cache = log.with_file_name(format!("cache{i}"));
-        let args = ["agent", "--join", &join, "--token-file", path(token_file), "--name", &name, "--cache-dir", path(&cache)];
+        let args =
+            ["agent", "--join", &join, "--token-file", path(token_file), "--name", &name, "--cache-dir", path(&cache)];
         self.rtrain(i, &args, log)
     }
 
@@ -101,7 +103,8 @@ impl Hosts {
     /// SIGKILLs every process in host `i`: its agent and its workers, as if it lost power.
     fn kill_all(&self, i: usize) -> usize {
         let out = Command::new("ip").args(["netns", "pids", &self.ns(i)]).output().expect("ip netns pids");
-        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let pids: Vec<i32> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
         for pid in &pids {
             unsafe { libc::kill(*pid, libc::SIGKILL) };
         }
@@ -378,7 +381,8 @@ fn the_working_directory_is_shipped_to_every_host_and_an_edit_reaches_the_next_l
     let ws = d.join("ws");
     std::fs::create_dir_all(&ws).unwrap();
     let script = |version: &str| {
-        let who = "rank $RANK node $NODE_RANK group $GROUP_RANK local $LOCAL_RANK of $LOCAL_WORLD_SIZE world $WORLD_SIZE";
+        let who =
+            "rank $RANK node $NODE_RANK group $GROUP_RANK local $LOCAL_RANK of $LOCAL_WORLD_SIZE world $WORLD_SIZE";
         format!("echo \"{who} version {version} in $(pwd)\"\nls -a\n")
     };
     std::fs::write(ws.join("train.sh"), script("v1")).unwrap();
@@ -403,12 +407,18 @@ fn the_working_directory_is_shipped_to_every_host_and_an_edit_reaches_the_next_l
         assert!(wait_exit(agent, Duration::from_secs(30), &d.join(format!("agent{n}.log"))).status.success());
         std::fs::remove_file(ws.join("job.token.ca.pem")).unwrap();
         let logs = ws.join("runs/ship/logs/attempt-0");
-        (std::fs::read_to_string(logs.join("trainer-0.log")).unwrap(), std::fs::read_to_string(logs.join("trainer-1.log")).unwrap())
+        (
+            std::fs::read_to_string(logs.join("trainer-0.log")).unwrap(),
+            std::fs::read_to_string(logs.join("trainer-1.log")).unwrap(),
+        )
     };
     let (rank0, rank1) = launch(1);
     // Rank 0 runs in the working directory itself, rank 1 in the second host's copy of it,
     // with torchrun's numbers for two nodes of one process each.
-    assert!(rank0.contains(&format!("rank 0 node 0 group 0 local 0 of 1 world 2 version v1 in {}", ws.display())), "{rank0}");
+    assert!(
+        rank0.contains(&format!("rank 0 node 0 group 0 local 0 of 1 world 2 version v1 in {}", ws.display())),
+        "{rank0}"
+    );
     let copies = d.join("cache1/working_dirs");
     let copy = |line: &str| line.rsplit(" in ").next().unwrap_or("").trim().to_string();
     let line = rank1.lines().find(|l| l.starts_with("rank 1")).unwrap_or_default().to_string();

@@ -20,9 +20,9 @@ struct Cluster {
 impl Cluster {
     fn start(dir: &Path) -> Option<Self> {
         let root = unsafe { libc::geteuid() } == 0;
-        let tools = ["slurmctld", "slurmd", "munged", "sbatch"]
-            .iter()
-            .all(|t| Command::new("sh").args(["-c", &format!("command -v {t}")]).output().is_ok_and(|o| o.status.success()));
+        let tools = ["slurmctld", "slurmd", "munged", "sbatch"].iter().all(|t| {
+            Command::new("sh").args(["-c", &format!("command -v {t}")]).output().is_ok_and(|o| o.status.success())
+        });
         if !(root && tools) {
             let why = "the Slurm test needs root, slurm-wlm and munge (scripts/test.sh installs them)";
             assert!(std::env::var_os("RTRAIN_TEST_REQUIRE_ALL").is_none(), "{why}");
@@ -59,7 +59,8 @@ fn a_job_submitted_to_slurm_trains_over_the_allocations_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let Some(cluster) = Cluster::start(&d.join("slurm")) else { return };
-    let mut text = tiny_gpt("sl", &d.join("runs"), 2, 1, 20).replace("workers = 2\n", "workers = 2\ncpus_per_worker = 0.5\n");
+    let mut text =
+        tiny_gpt("sl", &d.join("runs"), 2, 1, 20).replace("workers = 2\n", "workers = 2\ncpus_per_worker = 0.5\n");
     text.push_str("\n[rendezvous]\ntimeout_s = 60\n");
     let config = write_config(d, "sl.toml", &text);
     let rtrain = |args: &[&str]| {
@@ -77,7 +78,8 @@ fn a_job_submitted_to_slurm_trains_over_the_allocations_nodes() {
     let out = rtrain(&["slurm", "submit", config.to_str().unwrap(), "--nodes", "2", "--time", "10:00"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let said = stderr(&out) + &stdout(&out);
-    let id = said.split("submitted Slurm job ").nth(1).and_then(|t| t.split_whitespace().next()).expect(&said).to_string();
+    let id =
+        said.split("submitted Slurm job ").nth(1).and_then(|t| t.split_whitespace().next()).expect(&said).to_string();
     assert_eq!(std::fs::read_to_string(d.join("runs/sl.sbatch")).unwrap(), script);
 
     let run = d.join("runs/sl");

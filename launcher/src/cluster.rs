@@ -41,8 +41,8 @@ pub fn read_token(path: &Path) -> Result<Option<String>, ClusterError> {
     }
     let text = std::fs::read_to_string(path).map_err(|source| ClusterError::ReadToken { path: path.into(), source })?;
     let token = text.trim();
-    let valid = (16..=256).contains(&token.len())
-        && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let valid =
+        (16..=256).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if !valid {
         return Err(ClusterError::BadToken { path: path.into() });
     }

@@ -91,7 +91,9 @@ fn credentials(opts: &AgentOptions) -> Result<Result<Credentials, String>, Agent
     let ca_file = opts.ca_file.clone().unwrap_or_else(|| ca_path(&opts.token_file));
     match std::fs::read_to_string(&ca_file) {
         Ok(ca) => Ok(Ok(Credentials { token, ca })),
-        Err(e) => Ok(Err(format!("cannot read the job's CA certificate {} ({e}); the driver writes it", ca_file.display()))),
+        Err(e) => {
+            Ok(Err(format!("cannot read the job's CA certificate {} ({e}); the driver writes it", ca_file.display())))
+        }
     }
 }
 
@@ -226,7 +228,8 @@ fn is_refusal(status: &tonic::Status) -> bool {
     )
 }
 
-type Client = CoordinatorClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenInterceptor>>;
+type Client =
+    CoordinatorClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenInterceptor>>;
 type Session = (tonic::Streaming<AgentCommand>, mpsc::UnboundedSender<AgentEvent>, Client);
 
 /// Where a process the driver asks for runs here: in this host's copy of the shipped working
@@ -245,7 +248,11 @@ async fn working_dir(client: &mut Client, cache: &Path, spawn: &crate::proto::Sp
     let copy = crate::working_dir::cached(cache, digest);
     if !copy.is_dir() {
         let request = crate::proto::WorkingDirRequest { digest: digest.clone() };
-        let mut chunks = client.working_dir(request).await.map_err(|s| format!("cannot fetch the working directory: {}", s.message()))?.into_inner();
+        let mut chunks = client
+            .working_dir(request)
+            .await
+            .map_err(|s| format!("cannot fetch the working directory: {}", s.message()))?
+            .into_inner();
         let mut bytes = Vec::new();
         loop {
             match chunks.message().await {
@@ -279,7 +286,8 @@ async fn open_session(addr: &str, creds: &Credentials, hello: AgentHello) -> Res
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(error_chain(&e)))?;
-    let interceptor = TokenInterceptor::new(&creds.token).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    let interceptor =
+        TokenInterceptor::new(&creds.token).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
     let mut client = CoordinatorClient::with_interceptor(channel, interceptor);
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = tx.send(AgentEvent { event: Some(agent_event::Event::Hello(hello)) });

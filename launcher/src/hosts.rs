@@ -253,7 +253,10 @@ mod tests {
         hosts.join(info("a"), tx).unwrap();
         assert_eq!(hosts.live().len(), 2);
         assert!(hosts.lost().is_empty());
-        assert_eq!(Hosts::new(1, None).join(info("a"), mpsc::unbounded_channel().0).err(), Some(JoinRefusal::SingleHost));
+        assert_eq!(
+            Hosts::new(1, None).join(info("a"), mpsc::unbounded_channel().0).err(),
+            Some(JoinRefusal::SingleHost)
+        );
     }
 
     #[test]
@@ -264,7 +267,9 @@ mod tests {
         let (exits, mut rx) = mpsc::unbounded_channel();
         let first = host.spawn(&launch(0), exits.clone());
         host.spawn(&launch(1), exits.clone());
-        assert!(matches!(commands.try_recv().unwrap().command, Some(agent_command::Command::Spawn(s)) if s.id == first));
+        assert!(
+            matches!(commands.try_recv().unwrap().command, Some(agent_command::Command::Spawn(s)) if s.id == first)
+        );
         host.exited(first, ExitKind::Code(0));
         assert_eq!(rx.try_recv().unwrap().kind, ExitKind::Code(0));
         hosts.leave(&host);

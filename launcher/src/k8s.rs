@@ -98,7 +98,8 @@ impl Manifest {
 
 /// A name Kubernetes takes for Services and Jobs (RFC 1123 label, short enough for pod names).
 fn object_name(job: &str) -> Result<String, K8sError> {
-    let name: String = job.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let name: String =
+        job.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     let name = name.trim_matches('-').to_string();
     if name.is_empty() || name.len() > 50 {
         return Err(K8sError::Invalid(format!(
@@ -223,8 +224,18 @@ pub fn manifest(spec: &JobSpec, config_text: &str, opts: &ManifestOptions) -> Re
                 ..Default::default()
             }),
             volume_mounts: Some(vec![
-                VolumeMount { name: "secrets".into(), mount_path: SECRETS_DIR.into(), read_only: Some(true), ..Default::default() },
-                VolumeMount { name: "config".into(), mount_path: CONFIG_DIR.into(), read_only: Some(true), ..Default::default() },
+                VolumeMount {
+                    name: "secrets".into(),
+                    mount_path: SECRETS_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "config".into(),
+                    mount_path: CONFIG_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
                 VolumeMount { name: "runs".into(), mount_path: RUNS_DIR.into(), ..Default::default() },
             ]),
             ..Default::default()

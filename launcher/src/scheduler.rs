@@ -223,13 +223,14 @@ pub fn place_over_hosts(
         });
     };
     // The side roles come first on the driver's host (their smallest sizes).
-    let side_min: Vec<GroupRequest> = side.iter().map(|g| GroupRequest { max_workers: g.min_workers, ..g.clone() }).collect();
+    let side_min: Vec<GroupRequest> =
+        side.iter().map(|g| GroupRequest { max_workers: g.min_workers, ..g.clone() }).collect();
     place_job(&side_min, *driver)?;
     let driver_gpus = driver.gpus.saturating_sub(side.iter().map(|g| g.min_workers * g.gpus_per_worker).sum::<usize>());
     let driver_cpus = driver.cpus as f64 - side.iter().map(|g| g.min_workers as f64 * g.cpus_per_worker).sum::<f64>();
     let fits = |cpus: f64, gpus: usize| {
         let by_cpu = ((cpus + EPS) / trainer.cpus_per_worker).floor().max(0.0) as usize;
-        let by_gpu = if trainer.gpus_per_worker == 0 { usize::MAX } else { gpus / trainer.gpus_per_worker };
+        let by_gpu = gpus.checked_div(trainer.gpus_per_worker).unwrap_or(usize::MAX);
         by_cpu.min(by_gpu)
     };
     let capacity: Vec<usize> = std::iter::once(fits(driver_cpus, driver_gpus))
@@ -448,12 +449,9 @@ mod tests {
         // GPUs bound it too.
         let gpus = group("trainer", 1, 8, 1.0, 1);
         let (gang, _) = place_over_hosts(&gpus, &[], &[node(16, 2), node(16, 3)]).unwrap();
-        assert_eq!(gang.iter().map(|p| (p.node, p.gpus.clone())).collect::<Vec<_>>(), vec![
-            (0, vec![0]),
-            (0, vec![1]),
-            (1, vec![0]),
-            (1, vec![1]),
-            (1, vec![2])
-        ]);
+        assert_eq!(
+            gang.iter().map(|p| (p.node, p.gpus.clone())).collect::<Vec<_>>(),
+            vec![(0, vec![0]), (0, vec![1]), (1, vec![0]), (1, vec![1]), (1, vec![2])]
+        );
     }
 }

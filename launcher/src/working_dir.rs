@@ -206,7 +206,8 @@ mod tests {
     fn too_much_is_refused_naming_the_biggest_file_and_damage_is_caught() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("data.npy"), vec![1u8; 1_500_000]).unwrap();
-        let e = pack(dir.path(), &[&dir.path().join("runs"), &dir.path().join("job.token")], 1).unwrap_err().to_string();
+        let e =
+            pack(dir.path(), &[&dir.path().join("runs"), &dir.path().join("job.token")], 1).unwrap_err().to_string();
         assert!(e.contains("cluster.max_working_dir_mb = 1") && e.contains("data.npy, 1.5 MB"), "{e}");
         let ok = pack(dir.path(), &[&dir.path().join("runs"), &dir.path().join("job.token")], 2).unwrap();
         let cache = tempfile::tempdir().unwrap();

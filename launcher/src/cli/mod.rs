@@ -322,7 +322,14 @@ pub struct ScoreArgs {
 pub fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Launch(_) | Command::Agent { .. } | Command::K8s(K8sCommand::Pod { .. }) | Command::Worker | Command::Role { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Launch(_)
+            | Command::Agent { .. }
+            | Command::K8s(K8sCommand::Pod { .. })
+            | Command::Worker
+            | Command::Role { .. }
+    ) {
         end_quietly_when_the_reader_goes();
     }
     match cli.command {
@@ -415,7 +422,10 @@ fn slurm_submit(args: &ConfigArgs, opts: crate::slurm::SubmitOptions, dry_run: b
     match submitted {
         Ok((path, id)) => {
             say!("submitted Slurm job {id} ({})", path.display());
-            say!("  its output: {}", loaded.spec.run_path.with_file_name(format!("{}.slurm-{id}.out", loaded.spec.name)).display());
+            say!(
+                "  its output: {}",
+                loaded.spec.run_path.with_file_name(format!("{}.slurm-{id}.out", loaded.spec.name)).display()
+            );
             say!("  follow it: rtrain status {}", loaded.spec.run_path.display());
             ExitCode::SUCCESS
         }
@@ -466,10 +476,8 @@ fn k8s_pod(config: ConfigArgs, hosts: usize, driver: &str, secrets: &std::path::
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let pod_ip = std::env::var("POD_IP")
-        .ok()
-        .and_then(|ip| ip.parse().ok())
-        .unwrap_or_else(crate::slurm::this_host_address);
+    let pod_ip =
+        std::env::var("POD_IP").ok().and_then(|ip| ip.parse().ok()).unwrap_or_else(crate::slurm::this_host_address);
     let name = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| format!("pod-{index}"));
     match crate::k8s::pod_role(index, pod_ip, hosts, driver, secrets, name) {
         Ok(crate::k8s::PodRole::Driver { overrides }) => {

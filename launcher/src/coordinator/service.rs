@@ -14,13 +14,13 @@ use tonic::{Request, Response, Status, Streaming};
 use super::book::{JobBook, Refusal, Registered};
 use crate::agent::ExitKind;
 use crate::hosts::{HostInfo, Hosts};
-use crate::working_dir::Bundle;
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
     Ack, AgentCommand, AgentEvent, BroadcastRequest, Command, FailureReport, HeartbeatRequest, LookupReply,
     LookupRequest, MetricsReport, PublishRequest, RegisterReply, RegisterRequest, StepMetrics, TOKEN_HEADER, WorkerId,
     WorkingDirChunk, WorkingDirRequest, agent_event,
 };
+use crate::working_dir::Bundle;
 
 /// What the coordinator tells the driver.
 #[derive(Debug, Clone)]
@@ -438,7 +438,10 @@ impl Coordinator for CoordinatorService {
 
     type WorkingDirStream = ChunkStream;
 
-    async fn working_dir(&self, request: Request<WorkingDirRequest>) -> Result<Response<Self::WorkingDirStream>, Status> {
+    async fn working_dir(
+        &self,
+        request: Request<WorkingDirRequest>,
+    ) -> Result<Response<Self::WorkingDirStream>, Status> {
         let digest = request.into_inner().digest;
         let bundle = match &self.shared.working_dir {
             Some(b) if b.digest == digest => b.bytes.clone(),

@@ -21,14 +21,14 @@ use tokio::sync::mpsc;
 
 use crate::agent::{ExitKind, SpawnError};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::cluster::{ClusterError, JobTls, ca_path, token_from_file};
 use crate::config::{ClusterSpec, DeviceKind, EchoChoice, JobSpec, LoadedConfig, RoleProgram, RoleSpec};
 use crate::contract::WorkerEnv;
 use crate::contract::unix_now;
-use crate::cluster::{ClusterError, JobTls, ca_path, token_from_file};
 use crate::coordinator::{CoordinatorEvent, CoordinatorHandle, CoordinatorSetup, serve_coordinator};
-use crate::hosts::{Hosts, RemoteHost};
 use crate::dashboard::{Dashboard, view_token};
 use crate::failure::FailureSummary;
+use crate::hosts::{Hosts, RemoteHost};
 use crate::progress::RunProgress;
 use crate::proto::{MetricsReport, StepMetrics};
 use crate::run_dir::{RunDir, RunDirError};
@@ -321,8 +321,12 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     // The whole job is placed before anything starts or any file is written (over several hosts,
     // the training gang is placed once they have joined).
     let placements = if cluster.multi_host() {
-        let side: Vec<GroupRequest> =
-            group_requests(spec, None).into_iter().zip(&spec.roles).filter(|(_, r)| !r.training).map(|(g, _)| g).collect();
+        let side: Vec<GroupRequest> = group_requests(spec, None)
+            .into_iter()
+            .zip(&spec.roles)
+            .filter(|(_, r)| !r.training)
+            .map(|(g, _)| g)
+            .collect();
         let mut side = crate::scheduler::place_job(&side, NodeResources::local())?.into_iter();
         spec.roles.iter().map(|r| if r.training { Vec::new() } else { side.next().unwrap_or_default() }).collect()
     } else {
@@ -350,8 +354,11 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
             // Never the job's secrets, nor its outputs.
             let ca = cluster.token_file.as_deref().map(ca_path);
             let tls = cluster.tls.iter().flat_map(|t| [t.cert.as_path(), t.key.as_path(), t.ca.as_path()]);
-            let skip: Vec<&Path> =
-                [Some(spec.run_path.as_path()), cluster.token_file.as_deref(), ca.as_deref()].into_iter().flatten().chain(tls).collect();
+            let skip: Vec<&Path> = [Some(spec.run_path.as_path()), cluster.token_file.as_deref(), ca.as_deref()]
+                .into_iter()
+                .flatten()
+                .chain(tls)
+                .collect();
             Some(crate::working_dir::pack(&spec.working_dir, &skip, cluster.max_working_dir_mb)?)
         }
         false => None,
@@ -854,7 +861,8 @@ fn start_slurm_agents(
         .append(true)
         .open(&log_path)
         .map_err(|source| LaunchError::Spawn(SpawnError::Log { path: log_path.clone(), source }))?;
-    let err = log.try_clone().map_err(|source| LaunchError::Spawn(SpawnError::Log { path: log_path.clone(), source }))?;
+    let err =
+        log.try_clone().map_err(|source| LaunchError::Spawn(SpawnError::Log { path: log_path.clone(), source }))?;
     let mut cmd = crate::slurm::agents_command(alloc, &exe, join, token_file, spec.rendezvous_timeout.as_secs_f64());
     cmd.stdin(std::process::Stdio::null()).stdout(log).stderr(err);
     job.println(&format!(
@@ -863,9 +871,10 @@ fn start_slurm_agents(
         alloc.nodes[1..].join(", "),
         log_path.display()
     ));
-    tokio::process::Command::from(cmd).kill_on_drop(true).spawn().map_err(|source| {
-        LaunchError::Slurm(crate::slurm::SlurmError::Run { program: "srun".into(), source })
-    })
+    tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| LaunchError::Slurm(crate::slurm::SlurmError::Run { program: "srun".into(), source }))
 }
 
 /// Unfinished checkpoint writes of an earlier attempt (no writer is running between attempts).

@@ -15,14 +15,15 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use overrides::apply_override;
 pub use resolve::{
-    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, ClusterSpec, MAX_HOSTS, TlsFiles, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec, FaultSpec,
-    HeldOut, JobSpec, ModelSpec, OptimSpec, RoleProgram, RoleSpec, TRAINING_ROLE, TrainerKind, resolve,
+    BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, ClusterSpec, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec,
+    FaultSpec, HeldOut, JobSpec, MAX_HOSTS, ModelSpec, OptimSpec, RoleProgram, RoleSpec, TRAINING_ROLE, TlsFiles,
+    TrainerKind, resolve,
 };
 pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
 pub use schema::{
-    BackendChoice, CheckpointSection, ClusterSection, DashboardSection, DataSection, EchoChoice, EvalSection, FaultSection, JobConfig,
-    JobSection, MetricChoice, MetricsSection, ModelInit, ModelKind, ModelSection, OrderChoice, RendezvousSection,
-    RestartMode, RoleSection, TrainSection, TrainerChoice, Workers,
+    BackendChoice, CheckpointSection, ClusterSection, DashboardSection, DataSection, EchoChoice, EvalSection,
+    FaultSection, JobConfig, JobSection, MetricChoice, MetricsSection, ModelInit, ModelKind, ModelSection, OrderChoice,
+    RendezvousSection, RestartMode, RoleSection, TrainSection, TrainerChoice, Workers,
 };
 
 /// A config file read, overridden, typed and resolved.

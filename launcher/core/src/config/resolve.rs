@@ -225,7 +225,10 @@ fn resolve_cluster(c: &super::ClusterSection) -> Result<ClusterSpec, (String, St
                 .into_iter()
                 .find(|(_, v)| v.is_empty())
                 .map_or("tls_ca", |(k, _)| k);
-            return Err(bad(missing, "cluster.tls_cert, tls_key and tls_ca go together: set all three, or none".into()));
+            return Err(bad(
+                missing,
+                "cluster.tls_cert, tls_key and tls_ca go together: set all three, or none".into(),
+            ));
         }
     };
     Ok(ClusterSpec { hosts: c.hosts as usize, bind, token_file, tls, max_working_dir_mb: c.max_working_dir_mb })
@@ -804,7 +807,10 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
     }
     let cluster = resolve_cluster(&cfg.cluster).map_err(keyed)?;
     if cluster.multi_host() && !has_training {
-        return Err(bad("cluster.hosts", "a job over several hosts spreads its training role over them; this job has none".into()));
+        return Err(bad(
+            "cluster.hosts",
+            "a job over several hosts spreads its training role over them; this job has none".into(),
+        ));
     }
     Ok(JobSpec {
         name: job.name.clone(),
