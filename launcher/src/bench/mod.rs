@@ -25,6 +25,11 @@ pub enum BenchCommand {
         /// ring between hosts) are timed side by side.
         #[arg(long, default_value_t = 1)]
         hosts: usize,
+        /// Give each simulated host a network of its own: NAME=ADDRESS per host, an `ip netns`
+        /// namespace and the host's address in it (bench/multi_host_allreduce.sh makes them,
+        /// joined by a rate-limited link). Needs root.
+        #[arg(long, value_delimiter = ',', value_name = "NAME=ADDRESS")]
+        netns: Vec<String>,
         /// Collective backend: shm (times a plain buffer, staged through shared memory, and a
         /// shared buffer reduced in place, as DDP's gradients are) or tcp.
         #[arg(long, default_value = "shm")]

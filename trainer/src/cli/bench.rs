@@ -7,7 +7,7 @@ use std::time::Instant;
 use rtrain_launcher::cli::{EXIT_CONFIG, EXIT_FAILED};
 
 use crate::collective::NcclCollective;
-use crate::collective::bench::{BenchBackend, allreduce_bench_on_hosts, memcpy_bandwidth_gbps};
+use crate::collective::bench::{BenchBackend, HostNetns, allreduce_bench_on_hosts, memcpy_bandwidth_gbps};
 use crate::hf::{Generation, HfError, HfModel, SamplingParams, Tokenizer, generate, generate_groups};
 
 /// `rtrain bench generate`.
@@ -33,6 +33,7 @@ pub fn generate_command(
 pub fn allreduce_command(
     ranks: usize,
     hosts: usize,
+    netns: &[String],
     backend: &str,
     max_mib: usize,
     iters: usize,
@@ -48,6 +49,22 @@ pub fn allreduce_command(
     }
     if hosts == 0 || hosts > ranks || (hosts > 1 && which == BenchBackend::Nccl) {
         eprintln!("error: --hosts must be from 1 to --ranks ({ranks}), and 1 with --backend nccl");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let spaces: Option<Vec<HostNetns>> = netns
+        .iter()
+        .map(|s| {
+            let (name, addr) = s.split_once('=')?;
+            addr.parse::<std::net::IpAddr>().ok()?;
+            Some(HostNetns { name: name.to_string(), addr: addr.to_string() })
+        })
+        .collect();
+    let Some(spaces) = spaces else {
+        eprintln!("error: --netns takes NAME=ADDRESS per host (an ip netns namespace and an IP address in it)");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if !spaces.is_empty() && spaces.len() != hosts {
+        eprintln!("error: --netns names {} namespaces for --hosts {hosts}: give one per host", spaces.len());
         return ExitCode::from(EXIT_CONFIG);
     }
     if which == BenchBackend::Nccl {
@@ -67,7 +84,7 @@ pub fn allreduce_command(
         mib *= 4;
     }
     let memcpy = memcpy_bandwidth_gbps(64 << 20);
-    let results = match allreduce_bench_on_hosts(which, ranks, hosts, &sizes, iters) {
+    let results = match allreduce_bench_on_hosts(which, ranks, hosts, &spaces, &sizes, iters) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: all-reduce benchmark failed: {e}");
@@ -85,8 +102,15 @@ pub fn allreduce_command(
         }
     } else {
         if hosts > 1 {
+            let network = match spaces.is_empty() {
+                true => "sharing loopback".to_string(),
+                false => format!(
+                    "each in its own network namespace ({})",
+                    spaces.iter().map(|s| format!("{} {}", s.name, s.addr)).collect::<Vec<_>>().join(", ")
+                ),
+            };
             println!(
-                "all-reduce sum f32, {ranks} ranks on {hosts} simulated hosts on loopback: flat tcp ring over every rank \
+                "all-reduce sum f32, {ranks} ranks on {hosts} simulated hosts {network}: flat tcp ring over every rank \
                  beside the hierarchical all-reduce (shared memory in a host, a ring between hosts); memcpy ceiling \
                  {memcpy:.2} GB/s"
             );
@@ -113,6 +137,21 @@ pub fn allreduce_command(
                 r.busbw_gbps,
                 100.0 * r.busbw_gbps / memcpy
             );
+        }
+        if hosts > 1 {
+            for size in &sizes {
+                let time = |algorithm: &str| {
+                    results.iter().find(|r| r.size_bytes == *size && r.algorithm == algorithm).map(|r| r.time_s)
+                };
+                if let (Some(flat), Some(hier)) = (time("flat-ring"), time("hierarchical")) {
+                    println!(
+                        "{:>7} MiB: hierarchical {:.2}x the flat ring (target >= 1.5x where hosts are joined by a link \
+                         slower than memory; docs/DESIGN.md 11.2)",
+                        size >> 20,
+                        flat / hier
+                    );
+                }
+            }
         }
     }
     ExitCode::SUCCESS

@@ -42,8 +42,8 @@ pub fn main_with(extensions: Extensions) -> ExitCode {
         },
         Command::Generate(args) => infer::generate_command(&args),
         Command::Score(args) => infer::score_command(&args),
-        Command::Bench(BenchCommand::Allreduce { ranks, hosts, backend, max_mib, iters, json }) => {
-            bench::allreduce_command(ranks, hosts, &backend, max_mib, iters, json)
+        Command::Bench(BenchCommand::Allreduce { ranks, hosts, netns, backend, max_mib, iters, json }) => {
+            bench::allreduce_command(ranks, hosts, &netns, &backend, max_mib, iters, json)
         }
         Command::Bench(BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, group_size, json }) => {
             bench::generate_command(&model, &batch, prompt_len, new_tokens, repeats, group_size, json)

@@ -63,24 +63,72 @@ pub fn allreduce_bench(
     sizes_bytes: &[usize],
     iters: usize,
 ) -> Result<Vec<AllReduceResult>, CollectiveError> {
-    allreduce_bench_on_hosts(backend, ranks, 1, sizes_bytes, iters)
+    allreduce_bench_on_hosts(backend, ranks, 1, &[], sizes_bytes, iters)
+}
+
+/// A simulated host with a network of its own: a network namespace (`ip netns`, under
+/// /run/netns) and this host's address in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostNetns {
+    pub name: String,
+    pub addr: String,
+}
+
+/// Moves the calling thread into the network namespace `name`: the sockets it makes from now on
+/// are that host's.
+fn enter_netns(name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(std::path::Path::new("/run/netns").join(name))?;
+    // SAFETY: setns on an open namespace file only changes this thread's network namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Rank `rank`'s end of a ring formed across `spaces` (one per host; rank r on host
+/// r·hosts/ranks), made in the calling thread, which moves into its host's namespace.
+fn join_across(
+    rank: usize,
+    ranks: usize,
+    spaces: &[HostNetns],
+    addrs: &std::sync::Mutex<Vec<String>>,
+    barrier: &std::sync::Barrier,
+) -> Result<TcpCollective, CollectiveError> {
+    let host = &spaces[rank * spaces.len() / ranks];
+    let io = |op: &'static str| move |source| CollectiveError::Io { op, peer: rank, source };
+    let point = enter_netns(&host.name).and_then(|()| TcpCollective::bind(&host.addr)).map_err(io("bind"));
+    if let Ok(point) = &point {
+        addrs.lock().unwrap_or_else(|p| p.into_inner())[rank] = point.addr().to_string();
+    }
+    // Every rank reaches the barrier, so that one that failed does not leave the others waiting.
+    barrier.wait();
+    let peers = addrs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    point?.connect(rank, &peers, "bench token", CONNECT_TIMEOUT)
 }
 
 /// [`allreduce_bench`] with the ranks on `hosts` simulated hosts (contiguous, as even as the
 /// ranks allow): with more than one, the flat TCP ring over every rank (`flat-ring`) and the
 /// host-aware all-reduce (`hierarchical`: shared memory inside a host, a ring between the hosts'
-/// leaders) are timed side by side.
+/// leaders) are timed side by side. The hosts share loopback, or, given `spaces` (one per host),
+/// each has a network namespace of its own, and traffic between hosts crosses their link.
 pub fn allreduce_bench_on_hosts(
     backend: BenchBackend,
     ranks: usize,
     hosts: usize,
+    spaces: &[HostNetns],
     sizes_bytes: &[usize],
     iters: usize,
 ) -> Result<Vec<AllReduceResult>, CollectiveError> {
     let iters = iters.max(1);
     let ranks = ranks.max(1);
-    let hosts = hosts.clamp(1, ranks);
-    let group = TcpCollective::loopback_group(ranks, CONNECT_TIMEOUT)?;
+    let hosts = if spaces.is_empty() { hosts.clamp(1, ranks) } else { spaces.len().clamp(1, ranks) };
+    let spaces = &spaces[..spaces.len().min(hosts)];
+    let loopback = match spaces.is_empty() {
+        true => TcpCollective::loopback_group(ranks, CONNECT_TIMEOUT)?.into_iter().map(Some).collect(),
+        false => (0..ranks).map(|_| None).collect::<Vec<_>>(),
+    };
+    let (addrs, barrier) = (std::sync::Mutex::new(vec![String::new(); ranks]), std::sync::Barrier::new(ranks));
     let variants: &[&'static str] = match backend {
         _ if hosts > 1 => &["flat-ring", "hierarchical"],
         BenchBackend::Tcp => &["ring"],
@@ -89,13 +137,21 @@ pub fn allreduce_bench_on_hosts(
     };
     // per_rank[r][v][s][i]: rank r's time for iteration i of size s in variant v.
     let per_rank: Vec<Vec<Vec<Vec<f64>>>> = std::thread::scope(|scope| {
-        let joins: Vec<_> = group
+        let joins: Vec<_> = loopback
             .into_iter()
             .enumerate()
             .map(|(rank, tcp)| {
-                scope.spawn(move || match hosts {
-                    1 => time_rank(backend, tcp, sizes_bytes, iters),
-                    _ => time_rank_on_host(tcp, (rank * hosts / ranks) as u64, sizes_bytes, iters),
+                let (addrs, barrier) = (&addrs, &barrier);
+                scope.spawn(move || {
+                    let host = rank * hosts / ranks;
+                    let (tcp, bind) = match tcp {
+                        Some(tcp) => (tcp, "127.0.0.1"),
+                        None => (join_across(rank, ranks, spaces, addrs, barrier)?, spaces[host].addr.as_str()),
+                    };
+                    match hosts {
+                        1 => time_rank(backend, tcp, sizes_bytes, iters),
+                        _ => time_rank_on_host(tcp, host as u64, bind, sizes_bytes, iters),
+                    }
                 })
             })
             .collect();
@@ -174,6 +230,7 @@ fn time_rank(
 fn time_rank_on_host(
     mut flat: TcpCollective,
     host: u64,
+    bind: &str,
     sizes_bytes: &[usize],
     iters: usize,
 ) -> Result<Vec<Vec<Vec<f64>>>, CollectiveError> {
@@ -184,7 +241,7 @@ fn time_rank_on_host(
             .collect::<Result<Vec<_>, _>>()
     };
     let flat_times = timed(&mut flat)?;
-    let mut hierarchical = HierarchicalCollective::new(flat, host, "127.0.0.1", "bench token", 1, CONNECT_TIMEOUT)?;
+    let mut hierarchical = HierarchicalCollective::new(flat, host, bind, "bench token", 1, CONNECT_TIMEOUT)?;
     Ok(vec![flat_times, timed(&mut hierarchical)?])
 }
 
@@ -251,7 +308,7 @@ mod tests {
 
     #[test]
     fn simulated_hosts_time_the_flat_and_the_hierarchical_all_reduce() {
-        let results = allreduce_bench_on_hosts(BenchBackend::Shm, 4, 2, &[4096, 1 << 16], 2).unwrap();
+        let results = allreduce_bench_on_hosts(BenchBackend::Shm, 4, 2, &[], &[4096, 1 << 16], 2).unwrap();
         let seen: Vec<_> = results.iter().map(|r| (r.size_bytes, r.algorithm, r.backend)).collect();
         assert_eq!(
             seen,
