@@ -67,6 +67,13 @@ fn sums_match_over_hosts_of_any_shape() {
 }
 
 #[test]
+fn large_buffers_are_summed_piece_by_piece_with_the_phases_overlapped() {
+    // Buffers of several pieces, the last one short: the pipelined path.
+    reduce_on(&[4, 4, 2, 2], (5 << 20) / 2 + 7, ReduceOp::Sum);
+    reduce_on(&[1, 2, 2], (1 << 17) + 1, ReduceOp::Avg);
+}
+
+#[test]
 fn broadcast_gather_and_barrier_cover_every_rank() {
     let out = within(Duration::from_secs(60), || {
         on_hosts(&[0, 0, 1, 1], |rank, comm| {

@@ -143,6 +143,81 @@ impl HierarchicalCollective {
     }
 }
 
+/// Elements per piece of a pipelined all-reduce: an eighth of the buffer, between 256 KiB and
+/// 4 MiB of f32, so the phases overlap over most of a gradient bucket while each piece's ring
+/// still runs at the link's rate. Buffers under two of the smallest pieces are not split.
+const MIN_PIECE: i64 = 1 << 16;
+const MAX_PIECE: i64 = 1 << 20;
+
+fn piece_len(numel: i64) -> i64 {
+    (numel / 8).clamp(MIN_PIECE, MAX_PIECE)
+}
+
+impl HierarchicalCollective {
+    /// Sums a large contiguous `tensor` piece by piece, overlapping the phases: while the leader's
+    /// ring sends piece i between hosts (on a thread of its own), the host already sums piece
+    /// i+1 over shared memory and hands out piece i−1. Every rank of a host issues the same
+    /// local operations in the same order (sum i, then hand out i−1), the leader waiting for the
+    /// ring to finish a piece before handing it out.
+    fn pipelined_sum(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        let flat = tensor.view(-1);
+        let numel = flat.numel() as i64;
+        let piece = piece_len(numel);
+        let pieces: Vec<Tensor> =
+            (0..(numel + piece - 1) / piece).map(|i| flat.narrow(0, i * piece, piece.min(numel - i * piece))).collect();
+        let local = self.local.as_mut();
+        std::thread::scope(|scope| {
+            let (to_ring, ring_rx) = std::sync::mpsc::channel::<Tensor>();
+            let (done_tx, done) = std::sync::mpsc::channel::<Result<(), CollectiveError>>();
+            let ring = self.leaders.as_mut().map(|leaders| {
+                scope.spawn(move || {
+                    for mut piece in ring_rx {
+                        let result = leaders.all_reduce(&mut piece, ReduceOp::Sum);
+                        let failed = result.is_err();
+                        if done_tx.send(result).is_err() || failed {
+                            return;
+                        }
+                    }
+                })
+            });
+            let leads = ring.is_some();
+            let lost_ring = || CollectiveError::Unavailable {
+                backend: "hierarchical",
+                reason: "the ring between hosts stopped".into(),
+            };
+            let hand_out = |local: &mut dyn Collective, piece: &Tensor| -> Result<(), CollectiveError> {
+                if leads {
+                    done.recv().map_err(|_| lost_ring())??;
+                }
+                local.broadcast(&mut piece.shallow_clone(), 0)
+            };
+            let mut result = Ok(());
+            for (i, piece) in pieces.iter().enumerate() {
+                result = local.all_reduce(&mut piece.shallow_clone(), ReduceOp::Sum);
+                if result.is_ok() && leads && to_ring.send(piece.shallow_clone()).is_err() {
+                    result = Err(lost_ring());
+                }
+                if result.is_ok() && i > 0 {
+                    result = hand_out(&mut *local, &pieces[i - 1]);
+                }
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_ok()
+                && let Some(last) = pieces.last()
+            {
+                result = hand_out(&mut *local, last);
+            }
+            drop(to_ring);
+            if let Some(ring) = ring {
+                let _ = ring.join();
+            }
+            result
+        })
+    }
+}
+
 /// Writes `addr` zero-padded into `field`.
 fn put_addr(field: &mut [u8], addr: &str, rank: usize) -> Result<(), CollectiveError> {
     let bytes = addr.as_bytes();
@@ -167,12 +242,17 @@ impl Collective for HierarchicalCollective {
     }
 
     fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError> {
-        self.local.all_reduce(tensor, ReduceOp::Sum)?;
-        if let Some(leaders) = self.leaders.as_mut() {
-            leaders.all_reduce(tensor, ReduceOp::Sum)?;
+        let numel = tensor.numel() as i64;
+        if self.hosts > 1 && tensor.is_contiguous() && numel >= 2 * MIN_PIECE {
+            self.pipelined_sum(tensor)?;
+        } else {
+            self.local.all_reduce(tensor, ReduceOp::Sum)?;
+            if let Some(leaders) = self.leaders.as_mut() {
+                leaders.all_reduce(tensor, ReduceOp::Sum)?;
+            }
+            // Every rank ends with its leader's bits.
+            self.local.broadcast(tensor, 0)?;
         }
-        // Every rank ends with its leader's bits.
-        self.local.broadcast(tensor, 0)?;
         if op == ReduceOp::Avg {
             tch::no_grad(|| {
                 let _ = tensor.g_div_scalar_(self.world as f64);
