@@ -173,12 +173,18 @@ fn two_hosts_of_two_workers_train_like_one_host_of_four_and_strangers_are_refuse
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
-    // The reference: four workers on one host.
-    let one = job(d, "one", "4", 0.5, 1, 12);
+    // The reference: four workers on one host. The model is big enough (≈250k parameters) that
+    // the all-reduce between hosts is pipelined in pieces.
+    let wider = |config: std::path::PathBuf| {
+        let text = std::fs::read_to_string(&config).unwrap().replace("n_embd = 32", "n_embd = 128");
+        std::fs::write(&config, text).unwrap();
+        config
+    };
+    let one = wider(job(d, "one", "4", 0.5, 1, 12));
     let out = run(&["launch", path(&one)], Duration::from_secs(120));
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let two = job(d, "two", "4", 0.5, 2, 12);
+    let two = wider(job(d, "two", "4", 0.5, 2, 12));
     let driver = hosts.rtrain(0, &["launch", path(&two)], &d.join("driver.log"));
     let token = d.join("secret/job.token");
     assert!(wait_until(Duration::from_secs(30), || token.exists() && d.join("secret/job.token.ca.pem").exists()));
