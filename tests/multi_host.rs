@@ -282,6 +282,14 @@ fn a_fixed_gang_waits_for_its_lost_host_to_come_back() {
     let _first = hosts.agent(1, &token, &d.join("agent1.log"));
     let run = d.join("runs/fixed");
     wait_for_step(&run, 12, &log);
+    // `rtrain status` shows where each rank runs: ranks 2 and 3 on the agent's host.
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("status.json")).unwrap()).unwrap();
+    let ranks = status["roles"]["trainer"]["ranks"].as_array().unwrap().clone();
+    let hosts_of: Vec<(&str, &str)> =
+        ranks.iter().map(|r| (r["host"].as_str().unwrap_or(""), r["state"].as_str().unwrap_or(""))).collect();
+    assert_eq!(&hosts_of[2..], [("host1", "running"), ("host1", "running")], "{status}");
+    assert!(ranks[0]["pid"].as_u64().is_some() && ranks[2]["pid"].is_null(), "{status}");
     hosts.kill_all(1);
     // The driver says it waits, and the host comes back.
     assert!(wait_until(Duration::from_secs(60), || std::fs::read_to_string(&log)

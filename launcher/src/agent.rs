@@ -114,6 +114,13 @@ pub struct WorkerExit {
     pub kind: ExitKind,
 }
 
+/// Where a live worker runs: on this host (its pid), or on another (its name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Whereabouts {
+    Here(i32),
+    On(String),
+}
+
 /// A worker that has not been reaped.
 enum Live {
     /// On this host: its process-group id.
@@ -255,6 +262,20 @@ impl Agent {
             .filter_map(|(id, live)| match live {
                 Live::Local(pid) => Some((id.clone(), *pid)),
                 Live::Remote(..) => None,
+            })
+            .collect()
+    }
+
+    /// Every live worker with its pid on this host, or the name of the host it runs on.
+    pub fn whereabouts(&self) -> Vec<(ProcId, Whereabouts)> {
+        self.live
+            .iter()
+            .map(|(id, live)| {
+                let at = match live {
+                    Live::Local(pid) => Whereabouts::Here(*pid),
+                    Live::Remote(host, _) => Whereabouts::On(host.info.name.clone()),
+                };
+                (id.clone(), at)
             })
             .collect()
     }

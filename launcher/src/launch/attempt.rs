@@ -193,7 +193,7 @@ impl Launch<'_> {
                         }
                     }
                 },
-                _ = status.tick() => self.write_status("running", attempt, &agent.pids()),
+                _ = status.tick() => self.write_status("running", attempt, &agent.whereabouts()),
                 _ = health.tick(), if gang_complete => {
                     let timeout = spec.fault.heartbeat_timeout.as_secs_f64();
                     let hung = self.coordinator.heartbeats(&role).into_iter().find(|(_, (age, _))| *age > timeout);

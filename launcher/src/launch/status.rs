@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::Launch;
-use crate::agent::ProcId;
+use crate::agent::{ProcId, Whereabouts};
 use crate::contract::unix_now;
 
 /// The file in the run directory.
@@ -19,11 +19,11 @@ impl Launch<'_> {
     /// Writes the run's state (`running`, or how it ended) with every role's processes: pid,
     /// last heartbeat and step. Best effort: a status that cannot be written is not worth
     /// stopping training for.
-    pub(super) fn write_status(&self, state: &str, attempt: u32, trainer: &[(ProcId, i32)]) {
+    pub(super) fn write_status(&self, state: &str, attempt: u32, trainer: &[(ProcId, Whereabouts)]) {
         let spec = &self.loaded.spec;
-        let mut pids = trainer.to_vec();
-        pids.extend(self.side.pids());
-        let host = host_name();
+        let mut procs = trainer.to_vec();
+        procs.extend(self.side.pids().into_iter().map(|(id, pid)| (id, Whereabouts::Here(pid))));
+        let here = host_name();
         let roles: serde_json::Map<String, Value> = spec
             .roles
             .iter()
@@ -31,13 +31,18 @@ impl Launch<'_> {
                 let beats = self.coordinator.heartbeats(&role.name);
                 let ranks: Vec<Value> = (0..role.size)
                     .map(|rank| {
-                        let pid = pids.iter().find(|(id, _)| id.role == role.name && id.rank == rank).map(|p| p.1);
+                        let at = procs.iter().find(|(id, _)| id.role == role.name && id.rank == rank).map(|p| &p.1);
+                        let (pid, host) = match at {
+                            Some(Whereabouts::Here(pid)) => (Some(*pid), here.as_str()),
+                            Some(Whereabouts::On(host)) => (None, host.as_str()),
+                            None => (None, here.as_str()),
+                        };
                         let beat = beats.get(&(rank as u32));
                         json!({
                             "rank": rank,
                             "host": host,
                             "pid": pid,
-                            "state": if pid.is_some() { "running" } else { "not running" },
+                            "state": if at.is_some() { "running" } else { "not running" },
                             "heartbeat_age_s": beat.map(|b| b.0),
                             "step": beat.map(|b| b.1),
                         })
