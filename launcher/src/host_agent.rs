@@ -122,6 +122,7 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
         devices: NodeResources::local_devices(),
     };
     let deadline = tokio::time::Instant::now() + opts.wait;
+    let mut tries = 0u64;
     let (mut inbound, outbound, mut client) = loop {
         let last = match credentials(&opts)? {
             Err(why) => why,
@@ -136,6 +137,12 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
         if tokio::time::Instant::now() + RETRY > deadline {
             return Err(AgentError::Unreachable { addr: opts.join.clone(), wait: opts.wait, last });
         }
+        // Said once, then every half minute: the driver may simply not be up yet.
+        if tries % 60 == 0 {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now()).as_secs();
+            eprintln!("rtrain agent: waiting for the coordinator at {} ({last}); trying for {left} s more", opts.join);
+        }
+        tries += 1;
         tokio::time::sleep(RETRY).await;
     };
     eprintln!(
@@ -300,7 +307,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
+        // Some errors already include their cause's text.
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(&format!(": {said}"));
+        }
         source = cause.source();
     }
     text
