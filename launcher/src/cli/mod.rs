@@ -570,6 +570,19 @@ fn validate(args: &ConfigArgs) -> ExitCode {
     for role in &s.roles {
         print_role(s, role);
     }
+    let c = &s.cluster;
+    if c.multi_host() {
+        let tls = match &c.tls {
+            Some(files) => format!("your certificate {}", files.cert.display()),
+            None => "a CA made at each launch".into(),
+        };
+        let token = c.token_file.as_ref().map_or(String::new(), |p| p.display().to_string());
+        println!(
+            "  cluster: {} hosts; the coordinator listens on {} (TLS: {tls}); token in {token}; the training gang's \
+             ranks spread over the hosts, the other roles on this one",
+            c.hosts, c.bind
+        );
+    }
     println!("  output: {}", s.run_path.display());
     ExitCode::SUCCESS
 }

@@ -232,6 +232,31 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_checked_and_name_their_key() {
+        let refused = |overrides: &[&str], key: &str, says: &str| {
+            let e = load_str("", overrides).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{overrides:?}: {e}");
+        };
+        refused(&["cluster.hosts=0"], "cluster.hosts", "between 1 and 1024");
+        refused(&["cluster.hosts=5000"], "cluster.hosts", "between 1 and 1024");
+        refused(&["cluster.hosts=2"], "cluster.bind", "10.0.0.1:29400");
+        refused(&["cluster.hosts=2", "cluster.bind=\"node1:29400\""], "cluster.bind", "not ADDRESS:PORT");
+        refused(&["cluster.hosts=2", "cluster.bind=\"10.0.0.1\""], "cluster.bind", "not ADDRESS:PORT");
+        refused(&["cluster.hosts=2", "cluster.bind=\"10.0.0.1:1\""], "cluster.token_file", "agents read");
+        refused(&["cluster.tls_cert=\"a.pem\""], "cluster.tls_key", "all three");
+        let ok =
+            load_str("", &["cluster.hosts=2", "cluster.bind=\"[::1]:29400\"", "cluster.token_file=\"t\""]).unwrap();
+        assert_eq!(ok.spec.cluster.hosts, 2);
+        assert!(ok.spec.cluster.token_file.unwrap().is_absolute(), "anchored to the working directory");
+        let e = load_str("[roles.a]\nsize = 1\nentrypoint = [\"x\"]\n[cluster]\nhosts = 2\nbind = \"10.0.0.1:1\"\ntoken_file = \"t\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluster.hosts") && e.contains("training role"), "{e}");
+        // One host: loopback and a free port, no token file needed.
+        assert!(load_str("", &[]).unwrap().spec.cluster.bind.ip().is_loopback());
+    }
+
+    #[test]
     fn missing_file_is_reported_with_its_path() {
         let e = load(Path::new("/nonexistent/job.toml"), &[]).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/job.toml") && e.contains("cannot read"), "{e}");
