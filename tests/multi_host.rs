@@ -236,25 +236,37 @@ fn two_hosts_of_two_workers_train_like_one_host_of_four_and_strangers_are_refuse
     }
 }
 
-/// Waits until the run has logged `step` (or fails the test with the driver's log).
-fn wait_for_step(run: &Path, step: u64, log: &Path) {
-    let reached = wait_until(Duration::from_secs(120), || losses(run).last().is_some_and(|s| s.0 >= step));
-    assert!(reached, "no step {step}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+/// A job of 150 steps training over two hosts, past its 12th step.
+struct Training {
+    driver: Guard,
+    agent: Guard,
+    /// The driver's output.
+    log: std::path::PathBuf,
+    run: std::path::PathBuf,
+    token: std::path::PathBuf,
+}
+
+/// Starts job `name` of `workers` (one core each) in `d`: its driver in host 0, an agent in
+/// host 1; returns once the run has logged step 12.
+fn training(hosts: &Hosts, d: &Path, name: &str, workers: &str) -> Training {
+    let config = job(d, name, workers, 1.0, 2, 150);
+    let log = d.join("driver.log");
+    let driver = hosts.rtrain(0, &["launch", path(&config)], &log);
+    let token = d.join("secret/job.token");
+    assert!(wait_until(Duration::from_secs(30), || d.join("secret/job.token.ca.pem").exists()));
+    let agent = hosts.agent(1, &token, &d.join("agent1.log"));
+    let run = d.join("runs").join(name);
+    let reached = wait_until(Duration::from_secs(120), || losses(&run).last().is_some_and(|s| s.0 >= 12));
+    assert!(reached, "no step 12:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    Training { driver, agent, log, run, token }
 }
 
 #[test]
 fn an_elastic_gang_goes_on_over_the_hosts_left_when_one_dies() {
     let Some(hosts) = Hosts::new(2, "an_elastic_gang_goes_on") else { return };
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let config = job(d, "elastic", "{ min = 2, max = 4 }", 1.0, 2, 150);
-    let log = d.join("driver.log");
-    let driver = hosts.rtrain(0, &["launch", path(&config)], &log);
-    let token = d.join("secret/job.token");
-    assert!(wait_until(Duration::from_secs(30), || d.join("secret/job.token.ca.pem").exists()));
-    let _agent = hosts.agent(1, &token, &d.join("agent.log"));
-    let run = d.join("runs/elastic");
-    wait_for_step(&run, 12, &log);
+    let Training { driver, agent: _agent, log, run, .. } =
+        training(&hosts, dir.path(), "elastic", "{ min = 2, max = 4 }");
     assert!(hosts.kill_all(1) >= 3, "the agent and its two workers");
 
     let out = wait_exit(driver, Duration::from_secs(240), &log);
@@ -274,14 +286,7 @@ fn a_fixed_gang_waits_for_its_lost_host_to_come_back() {
     let Some(hosts) = Hosts::new(2, "a_fixed_gang_waits") else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let config = job(d, "fixed", "4", 1.0, 2, 150);
-    let log = d.join("driver.log");
-    let driver = hosts.rtrain(0, &["launch", path(&config)], &log);
-    let token = d.join("secret/job.token");
-    assert!(wait_until(Duration::from_secs(30), || d.join("secret/job.token.ca.pem").exists()));
-    let _first = hosts.agent(1, &token, &d.join("agent1.log"));
-    let run = d.join("runs/fixed");
-    wait_for_step(&run, 12, &log);
+    let Training { driver, agent: _first, log, run, token } = training(&hosts, d, "fixed", "4");
     // `rtrain status` shows where each rank runs: ranks 2 and 3 on the agent's host.
     let status: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("status.json")).unwrap()).unwrap();
