@@ -438,7 +438,7 @@ fn the_working_directory_is_shipped_to_every_host_and_an_edit_reaches_the_next_l
         rank0.contains(&format!("rank 0 node 0 group 0 local 0 of 1 world 2 version v1 in {}", ws.display())),
         "{rank0}"
     );
-    let copies = d.join("cache1/working_dirs");
+    let copies = d.join("cache1/sessions");
     let copy = |line: &str| line.rsplit(" in ").next().unwrap_or("").trim().to_string();
     let line = rank1.lines().find(|l| l.starts_with("rank 1")).unwrap_or_default().to_string();
     assert!(line.starts_with("rank 1 node 1 group 1 local 0 of 1 world 2 version v1 in "), "{rank1}");
@@ -449,5 +449,7 @@ fn the_working_directory_is_shipped_to_every_host_and_an_edit_reaches_the_next_l
     std::fs::write(ws.join("train.sh"), script("v2")).unwrap();
     let (_, rank1) = launch(2);
     assert!(rank1.contains("version v2"), "the edit did not reach the second host: {rank1}");
-    assert_eq!(std::fs::read_dir(&copies).unwrap().count(), 2, "one copy per version");
+    // The agent keeps each version's archive, and removed its copies when it left.
+    assert_eq!(std::fs::read_dir(d.join("cache1/archives")).unwrap().count(), 2, "one archive per version");
+    assert_eq!(std::fs::read_dir(&copies).unwrap().count(), 0, "copies left behind");
 }

@@ -153,6 +153,7 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
     );
 
     let (mut agent, mut exits) = Agent::new();
+    let mut copies = Copies::new(&opts.cache_dir);
     let mut ids: BTreeMap<ProcId, u64> = BTreeMap::new();
     let allowed = allowed_cpus();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -162,7 +163,7 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
             command = inbound.message() => match command {
                 Ok(Some(AgentCommand { command: Some(agent_command::Command::Spawn(spawn)) })) => {
                     let id = ProcId::new(&spawn.role, spawn.rank as usize);
-                    let cwd = match working_dir(&mut client, &opts.cache_dir, &spawn).await {
+                    let cwd = match working_dir(&mut client, &mut copies, &spawn).await {
                         Ok(cwd) => cwd,
                         Err(e) => {
                             note_in_log(Path::new(&spawn.log_path), &format!("rtrain agent on {name}: {e}"));
@@ -239,9 +240,36 @@ type Client =
     CoordinatorClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenInterceptor>>;
 type Session = (tonic::Streaming<AgentCommand>, mpsc::UnboundedSender<AgentEvent>, Client);
 
-/// Where a process the driver asks for runs here: in this host's copy of the shipped working
-/// directory (fetched and unpacked the first time), or where it says when nothing is shipped.
-async fn working_dir(client: &mut Client, cache: &Path, spawn: &crate::proto::SpawnProcess) -> Result<PathBuf, String> {
+/// This agent session's copies of shipped working directories, one per archive, under
+/// `<cache>/sessions/`; removed when the session ends.
+struct Copies {
+    cache: PathBuf,
+    session: PathBuf,
+    made: std::collections::HashMap<String, PathBuf>,
+}
+
+impl Copies {
+    fn new(cache: &Path) -> Self {
+        let session =
+            cache.join("sessions").join(format!("{}-{}", std::process::id(), crate::contract::unix_now() as u64));
+        Self { cache: cache.to_path_buf(), session, made: std::collections::HashMap::new() }
+    }
+}
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.session);
+    }
+}
+
+/// Where a process the driver asks for runs here: in this session's copy of the shipped working
+/// directory (its archive fetched the first time this host sees it), or where it says when
+/// nothing is shipped.
+async fn working_dir(
+    client: &mut Client,
+    copies: &mut Copies,
+    spawn: &crate::proto::SpawnProcess,
+) -> Result<PathBuf, String> {
     let asked = PathBuf::from(&spawn.cwd);
     let digest = &spawn.working_dir_digest;
     let Ok(rel) = asked.strip_prefix(&spawn.working_dir_root) else { return Ok(asked) };
@@ -252,36 +280,44 @@ async fn working_dir(client: &mut Client, cache: &Path, spawn: &crate::proto::Sp
     if !valid {
         return Err(format!("the driver sent a malformed working directory digest {digest:?}"));
     }
-    let copy = crate::working_dir::cached(cache, digest);
-    if !copy.is_dir() {
-        let request = crate::proto::WorkingDirRequest { digest: digest.clone() };
-        let mut chunks = client
-            .working_dir(request)
-            .await
-            .map_err(|s| format!("cannot fetch the working directory: {}", s.message()))?
-            .into_inner();
-        let mut bytes = Vec::new();
-        loop {
-            match chunks.message().await {
-                Ok(Some(chunk)) => {
-                    bytes.extend_from_slice(&chunk.data);
-                    if bytes.len() as u64 > MAX_FETCH_BYTES {
-                        return Err(format!("the working directory is larger than {MAX_FETCH_BYTES} bytes"));
-                    }
-                }
-                Ok(None) => break,
-                Err(s) => return Err(format!("fetching the working directory failed: {}", s.message())),
-            }
-        }
-        let bytes_len = bytes.len();
-        let cache = cache.to_path_buf();
-        let digest = digest.clone();
-        tokio::task::spawn_blocking(move || crate::working_dir::unpack(&cache, &digest, &bytes))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        eprintln!("rtrain agent: unpacked the job's working directory ({bytes_len} bytes) into {}", copy.display());
+    if let Some(copy) = copies.made.get(digest) {
+        return Ok(copy.join(rel));
     }
+    let bytes = match crate::working_dir::cached_archive(&copies.cache, digest) {
+        Some(bytes) => bytes,
+        None => {
+            let request = crate::proto::WorkingDirRequest { digest: digest.clone() };
+            let mut chunks = client
+                .working_dir(request)
+                .await
+                .map_err(|s| format!("cannot fetch the working directory: {}", s.message()))?
+                .into_inner();
+            let mut bytes = Vec::new();
+            loop {
+                match chunks.message().await {
+                    Ok(Some(chunk)) => {
+                        bytes.extend_from_slice(&chunk.data);
+                        if bytes.len() as u64 > MAX_FETCH_BYTES {
+                            return Err(format!("the working directory is larger than {MAX_FETCH_BYTES} bytes"));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => return Err(format!("fetching the working directory failed: {}", s.message())),
+                }
+            }
+            crate::working_dir::store_archive(&copies.cache, digest, &bytes).map_err(|e| e.to_string())?;
+            bytes
+        }
+    };
+    let copy = copies.session.join(&digest[..16]);
+    let target = copy.clone();
+    let size = bytes.len();
+    tokio::task::spawn_blocking(move || crate::working_dir::unpack_into(&bytes, &target))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    eprintln!("rtrain agent: the job's working directory ({size} bytes) is unpacked in {}", copy.display());
+    copies.made.insert(digest.clone(), copy.clone());
     Ok(copy.join(rel))
 }
 

@@ -292,7 +292,8 @@ pub async fn serve_coordinator(
     if let Some((cert, key)) = tls {
         let identity = tonic::transport::Identity::from_pem(cert, key);
         builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            // A peer that does not finish its handshake does not keep its connection.
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity).timeout(HELLO_TIMEOUT))
             .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
     }
     let grpc = tokio::spawn(async move {

@@ -351,10 +351,11 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     // Beyond one host the working directory goes to the others with the job.
     let bundle = match cluster.multi_host() {
         true => {
-            // Never the job's secrets, nor its outputs.
+            // Never the job's secrets, nor any run's outputs (this one's, earlier ones' moved aside).
             let ca = cluster.token_file.as_deref().map(ca_path);
             let tls = cluster.tls.iter().flat_map(|t| [t.cert.as_path(), t.key.as_path(), t.ca.as_path()]);
-            let skip: Vec<&Path> = [Some(spec.run_path.as_path()), cluster.token_file.as_deref(), ca.as_deref()]
+            let run_dir = spec.run_path.parent().unwrap_or(&spec.run_path);
+            let skip: Vec<&Path> = [Some(run_dir), cluster.token_file.as_deref(), ca.as_deref()]
                 .into_iter()
                 .flatten()
                 .chain(tls)

@@ -244,6 +244,8 @@ mod tests {
         refused(&["cluster.hosts=2", "cluster.bind=\"10.0.0.1\""], "cluster.bind", "not ADDRESS:PORT");
         refused(&["cluster.hosts=2", "cluster.bind=\"10.0.0.1:1\""], "cluster.token_file", "agents read");
         refused(&["cluster.tls_cert=\"a.pem\""], "cluster.tls_key", "all three");
+        refused(&["cluster.hosts=2", "cluster.bind=\"0.0.0.0:29400\""], "cluster.bind", "can reach");
+        refused(&["cluster.max_working_dir_mb=0"], "cluster.max_working_dir_mb", "at least 1");
         let ok =
             load_str("", &["cluster.hosts=2", "cluster.bind=\"[::1]:29400\"", "cluster.token_file=\"t\""]).unwrap();
         assert_eq!(ok.spec.cluster.hosts, 2);

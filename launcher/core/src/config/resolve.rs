@@ -207,6 +207,18 @@ fn resolve_cluster(c: &super::ClusterSection) -> Result<ClusterSpec, (String, St
             bad("bind", format!("`{text}` is not ADDRESS:PORT (an IP address and a port, e.g. \"10.0.0.1:29400\")"))
         })?,
     };
+    if c.hosts > 1 && bind.ip().is_unspecified() {
+        return Err(bad(
+            "bind",
+            format!(
+                "{bind} is not an address the other hosts can reach: give this host's own address (the coordinator \
+                 tells every process to connect there)"
+            ),
+        ));
+    }
+    if c.max_working_dir_mb == 0 {
+        return Err(bad("max_working_dir_mb", "must be at least 1 (megabyte)".into()));
+    }
     if c.hosts > 1 && c.token_file.is_empty() {
         return Err(bad(
             "token_file",
