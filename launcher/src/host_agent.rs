@@ -5,7 +5,7 @@
 //! the driver is gone) it stops every process it started and exits.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,7 +57,7 @@ const MAX_FETCH_BYTES: u64 = 64 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("--join {0}: expected HOST:PORT of the job's coordinator (cluster.bind)")]
+    #[error("--join {0}: expected HOST:PORT of the job's coordinator (its cluster.bind)")]
     Join(String),
     #[error(transparent)]
     Token(#[from] ClusterError),
@@ -99,15 +99,11 @@ fn credentials(opts: &AgentOptions) -> Result<Result<Credentials, String>, Agent
 
 /// Joins the coordinator and serves it until the job ends.
 pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
-    let coordinator: SocketAddr = tokio::net::lookup_host(&opts.join)
-        .await
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| AgentError::Join(opts.join.clone()))?;
-    let address = match opts.address {
-        Some(a) => a,
-        None => address_towards(coordinator)?,
-    };
+    let port_ok =
+        opts.join.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !port_ok {
+        return Err(AgentError::Join(opts.join.clone()));
+    }
     // Under Slurm, the node's name in the allocation (several may share one machine).
     let name = opts
         .name
@@ -115,25 +111,39 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
         .or_else(|| std::env::var("SLURMD_NODENAME").ok().filter(|n| !n.is_empty()))
         .unwrap_or_else(crate::launch::status::host_name);
     let resources = NodeResources::local();
-    let hello = AgentHello {
-        name: name.clone(),
-        address: address.to_string(),
-        cpus: allowed_cpus().len().max(1).min(resources.cpus) as u32,
-        devices: NodeResources::local_devices(),
-    };
+    let cpus = allowed_cpus().len().max(1).min(resources.cpus) as u32;
     let deadline = tokio::time::Instant::now() + opts.wait;
     let mut tries = 0u64;
-    let (mut inbound, outbound, mut client) = loop {
-        let last = match credentials(&opts)? {
-            Err(why) => why,
-            Ok(creds) => match open_session(&opts.join, &creds, hello.clone()).await {
-                Ok(session) => break session,
-                Err(status) if is_refusal(&status) => {
-                    return Err(AgentError::Refused { addr: opts.join.clone(), message: status.message().to_string() });
+    // The coordinator's name may not resolve yet (a pod's DNS record comes with its address):
+    // resolving is part of what is retried.
+    let (mut inbound, outbound, mut client, address) = loop {
+        let last =
+            match (credentials(&opts)?, tokio::net::lookup_host(&opts.join).await.ok().and_then(|mut a| a.next())) {
+                (Err(why), _) => why,
+                (_, None) => format!("cannot resolve {}", opts.join),
+                (Ok(creds), Some(coordinator)) => {
+                    let address = match opts.address {
+                        Some(a) => a,
+                        None => address_towards(coordinator)?,
+                    };
+                    let hello = AgentHello {
+                        name: name.clone(),
+                        address: address.to_string(),
+                        cpus,
+                        devices: NodeResources::local_devices(),
+                    };
+                    match open_session(&opts.join, &creds, hello).await {
+                        Ok((inbound, outbound, client)) => break (inbound, outbound, client, address),
+                        Err(status) if is_refusal(&status) => {
+                            return Err(AgentError::Refused {
+                                addr: opts.join.clone(),
+                                message: status.message().to_string(),
+                            });
+                        }
+                        Err(status) => status.message().to_string(),
+                    }
                 }
-                Err(status) => status.message().to_string(),
-            },
-        };
+            };
         if tokio::time::Instant::now() + RETRY > deadline {
             return Err(AgentError::Unreachable { addr: opts.join.clone(), wait: opts.wait, last });
         }
@@ -146,10 +156,9 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
         tokio::time::sleep(RETRY).await;
     };
     eprintln!(
-        "rtrain agent: joined {} as {name} ({address}, {} CPUs, {} GPUs)",
+        "rtrain agent: joined {} as {name} ({address}, {cpus} CPUs, {} GPUs)",
         opts.join,
-        hello.cpus,
-        hello.devices.len()
+        NodeResources::local_devices().len()
     );
 
     let (mut agent, mut exits) = Agent::new();

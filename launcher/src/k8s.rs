@@ -101,6 +101,8 @@ fn object_name(job: &str) -> Result<String, K8sError> {
     let name: String =
         job.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     let name = name.trim_matches('-').to_string();
+    // A Service's name starts with a letter.
+    let name = if name.starts_with(|c: char| c.is_ascii_digit()) { format!("rt-{name}") } else { name };
     if name.is_empty() || name.len() > 50 {
         return Err(K8sError::Invalid(format!(
             "job.name `{job}` does not make a Kubernetes name (1 to 50 letters, digits or `-`)"
@@ -114,6 +116,21 @@ fn object_name(job: &str) -> Result<String, K8sError> {
 pub fn manifest(spec: &JobSpec, config_text: &str, opts: &ManifestOptions) -> Result<Manifest, K8sError> {
     if opts.nodes == 0 || opts.nodes as u64 > crate::config::MAX_HOSTS {
         return Err(K8sError::Invalid(format!("--nodes must be between 1 and {}", crate::config::MAX_HOSTS)));
+    }
+    if opts.image.trim().is_empty() || opts.image.chars().any(char::is_whitespace) {
+        return Err(K8sError::Invalid(format!("--image `{}` is not an image reference", opts.image)));
+    }
+    if let Some(ns) = &opts.namespace {
+        let label = !ns.is_empty()
+            && ns.len() <= 63
+            && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !ns.starts_with('-')
+            && !ns.ends_with('-');
+        if !label {
+            return Err(K8sError::Invalid(format!(
+                "--namespace `{ns}` is not a Kubernetes namespace name (lower-case letters, digits and `-`)"
+            )));
+        }
     }
     if spec.training_role().is_none() {
         return Err(K8sError::Invalid("the job has no training role to spread over pods".into()));
@@ -204,7 +221,9 @@ pub fn manifest(spec: &JobSpec, config_text: &str, opts: &ManifestOptions) -> Re
     };
     let pod = PodSpec {
         subdomain: Some(name.clone()),
-        restart_policy: Some("Never".into()),
+        // A pod whose rtrain fails is restarted in place (same name and address): an agent
+        // rejoins, a driver resumes from the run's checkpoints.
+        restart_policy: Some("OnFailure".into()),
         containers: vec![Container {
             name: "rtrain".into(),
             image: Some(opts.image.clone()),
@@ -266,8 +285,8 @@ pub fn manifest(spec: &JobSpec, config_text: &str, opts: &ManifestOptions) -> Re
             completion_mode: Some("Indexed".into()),
             completions: Some(opts.nodes as i32),
             parallelism: Some(opts.nodes as i32),
-            // rtrain restarts the gang itself; a pod that fails ends the Job.
-            backoff_limit: Some(0),
+            // Restarts of failed pods, over the whole Job, before it is failed.
+            backoff_limit: Some(6),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(BTreeMap::from([(LABEL.to_string(), name.clone())])),
@@ -399,6 +418,18 @@ mod tests {
         let volumes = pod.volumes.as_ref().unwrap();
         assert_eq!(volumes[0].secret.as_ref().unwrap().default_mode, Some(0o400));
         assert_eq!(volumes[2].persistent_volume_claim.as_ref().unwrap().claim_name, "runs");
+    }
+
+    #[test]
+    fn names_images_and_namespaces_are_checked() {
+        let mut text_spec = spec(2);
+        text_spec.name = "123_Job".into();
+        let m = manifest(&text_spec, "", &opts()).unwrap();
+        assert_eq!(m.service.metadata.name.as_deref(), Some("rt-123-job"));
+        let bad_image = ManifestOptions { image: " ".into(), ..opts() };
+        assert!(manifest(&spec(2), "", &bad_image).unwrap_err().to_string().contains("--image"));
+        let bad_ns = ManifestOptions { namespace: Some("Bad NS".into()), ..opts() };
+        assert!(manifest(&spec(2), "", &bad_ns).unwrap_err().to_string().contains("--namespace"));
     }
 
     #[test]
