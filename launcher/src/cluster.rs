@@ -26,6 +26,8 @@ pub enum ClusterError {
     BadToken { path: PathBuf },
     #[error("cannot make the job's TLS certificates: {0}")]
     Tls(#[from] rcgen::Error),
+    #[error("{} holds no {what} in PEM form (a `-----BEGIN ... {marker}-----` block)", path.display())]
+    NotPem { path: PathBuf, what: &'static str, marker: &'static str },
 }
 
 /// The job token in `path`, checked: only its owner may read it. `Ok(None)` when there is no file.
@@ -126,7 +128,18 @@ impl JobTls {
         if mode & 0o077 != 0 {
             return Err(ClusterError::Exposed { path: files.key.clone(), mode });
         }
-        Ok(Self { ca_pem: read(&files.ca)?, cert_pem: read(&files.cert)?, key_pem: read(&files.key)? })
+        let pem = |path: &Path, what: &'static str, marker: &'static str| {
+            let text = read(path)?;
+            match text.contains("-----BEGIN ") && text.contains(&format!("{marker}-----")) {
+                true => Ok(text),
+                false => Err(ClusterError::NotPem { path: path.into(), what, marker }),
+            }
+        };
+        Ok(Self {
+            ca_pem: pem(&files.ca, "CA certificate (cluster.tls_ca)", "CERTIFICATE")?,
+            cert_pem: pem(&files.cert, "certificate (cluster.tls_cert)", "CERTIFICATE")?,
+            key_pem: pem(&files.key, "private key (cluster.tls_key)", "PRIVATE KEY")?,
+        })
     }
 
     /// Writes the CA's certificate to `path` (readable by the owner only, like the token).
@@ -170,6 +183,29 @@ mod tests {
         std::fs::write(&path, "short\n").unwrap();
         assert!(matches!(read_token(&path), Err(ClusterError::BadToken { .. })));
         assert_eq!(read_token(&dir.path().join("none")).unwrap(), None);
+    }
+
+    #[test]
+    fn your_own_tls_files_are_checked_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = JobTls::generate("x").unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let files = crate::config::TlsFiles {
+            cert: write("tls.crt", &tls.cert_pem, 0o644),
+            key: write("tls.key", &tls.key_pem, 0o600),
+            ca: write("ca.crt", &tls.ca_pem, 0o644),
+        };
+        assert_eq!(JobTls::from_files(&files).unwrap().ca_pem, tls.ca_pem);
+        let garbage = crate::config::TlsFiles { cert: write("bad.crt", "garbage", 0o644), ..files.clone() };
+        let e = JobTls::from_files(&garbage).unwrap_err().to_string();
+        assert!(e.contains("bad.crt") && e.contains("cluster.tls_cert"), "{e}");
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(JobTls::from_files(&files).unwrap_err().to_string().contains("chmod 600"));
     }
 
     #[test]

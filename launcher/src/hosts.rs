@@ -124,13 +124,21 @@ pub struct Hosts {
     joined: Mutex<Vec<Arc<RemoteHost>>>,
     /// Bumped on every join and loss.
     changed: watch::Sender<u64>,
+    /// The job is over: its agents are leaving.
+    ending: AtomicBool,
 }
 
 impl Hosts {
     /// `expected` hosts counting the driver's; `shipped`: the digest of the working directory's
     /// archive and its path on the driver's host, when it is shipped.
     pub fn new(expected: usize, shipped: Option<(String, std::path::PathBuf)>) -> Self {
-        Self { expected, shipped, joined: Mutex::new(Vec::new()), changed: watch::channel(0).0 }
+        Self {
+            expected,
+            shipped,
+            joined: Mutex::new(Vec::new()),
+            changed: watch::channel(0).0,
+            ending: AtomicBool::new(false),
+        }
     }
 
     /// The live hosts besides the driver's, in the order they joined.
@@ -200,11 +208,17 @@ impl Hosts {
 
     /// Tells every live agent that the job is over; returns how many were told.
     pub fn end_all(&self, reason: &str) -> usize {
+        self.ending.store(true, Ordering::SeqCst);
         let live = self.live();
         for host in &live {
             host.end(reason);
         }
         live.len()
+    }
+
+    /// Whether [`Hosts::end_all`] was called.
+    pub fn ending(&self) -> bool {
+        self.ending.load(Ordering::SeqCst)
     }
 
     /// The session of `host` ended.

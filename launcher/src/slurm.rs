@@ -56,19 +56,16 @@ fn run(cmd: &mut Command) -> Result<String, SlurmError> {
 }
 
 /// The cluster settings of a job run inside `alloc`: its nodes are the hosts; the coordinator
-/// listens on this host's address (a free port) unless `cluster.bind` says where; the token is
-/// kept beside the run directory unless `cluster.token_file` says where.
+/// listens on this node's address (Slurm chose the node, so `cluster.bind` gives only the port;
+/// 0 takes a free one); the token is kept beside the run directory unless `cluster.token_file`
+/// says where.
 pub fn cluster_in(alloc: &Allocation, spec: &JobSpec) -> Result<ClusterSpec, SlurmError> {
     let configured = &spec.cluster;
     let allocated = alloc.nodes.len();
     if configured.hosts > 1 && configured.hosts != allocated {
         return Err(SlurmError::Hosts { config: configured.hosts, allocated });
     }
-    let bind = if configured.bind.ip().is_loopback() && allocated > 1 {
-        SocketAddr::new(this_host_address(), 0)
-    } else {
-        configured.bind
-    };
+    let bind = SocketAddr::new(this_host_address(), configured.bind.port());
     let token_file = configured.token_file.clone().unwrap_or_else(|| {
         let mut name = spec.run_path.file_name().unwrap_or_default().to_os_string();
         name.push(".token");
@@ -136,6 +133,26 @@ pub struct SubmitOptions {
     pub time: Option<String>,
 }
 
+/// Refuses what would fail inside the allocation: a `cluster.hosts` other than `nodes`, and
+/// sbatch values that are not one word.
+pub fn check_submit(spec: &JobSpec, opts: &SubmitOptions) -> Result<(), String> {
+    let hosts = spec.cluster.hosts;
+    if hosts > 1 && hosts != opts.nodes {
+        return Err(format!(
+            "cluster.hosts = {hosts} but --nodes {}: leave cluster.hosts out (the allocation decides) or ask for {hosts} nodes",
+            opts.nodes
+        ));
+    }
+    for (flag, value) in [("--partition", &opts.partition), ("--time", &opts.time)] {
+        if let Some(v) = value
+            && (v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_:.,+".contains(&b)))
+        {
+            return Err(format!("{flag} `{}` is not a value sbatch takes", v.escape_debug()));
+        }
+    }
+    Ok(())
+}
+
 /// The batch script of `spec` (its config at `config`, with `overrides`) for `rtrain launch` at
 /// `exe`.
 pub fn sbatch_script(spec: &JobSpec, config: &Path, overrides: &[String], exe: &Path, opts: &SubmitOptions) -> String {
@@ -197,6 +214,24 @@ mod tests {
         assert_eq!(shell_quote("/a/b-c.toml"), "/a/b-c.toml");
         assert_eq!(shell_quote("/a b/it's"), r"'/a b/it'\''s'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn submissions_that_would_fail_in_the_allocation_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        let cluster = "[cluster]\nhosts = 2\nbind = \"10.0.0.1:29400\"\ntoken_file = \"t\"\n";
+        std::fs::write(&path, cluster).unwrap();
+        let spec = crate::config::load(&path, &[]).unwrap().spec;
+        let opts = |nodes, time: Option<&str>| SubmitOptions { nodes, partition: None, time: time.map(String::from) };
+        assert!(check_submit(&spec, &opts(3, None)).unwrap_err().contains("cluster.hosts = 2 but --nodes 3"));
+        assert!(check_submit(&spec, &opts(2, Some("1:00\nrm -rf /"))).unwrap_err().contains("--time"));
+        assert!(check_submit(&spec, &opts(2, Some("1-02:00:00"))).is_ok());
+        // Inside the allocation the node's own address replaces the one configured; the port stays.
+        let alloc = Allocation { job_id: "1".into(), nodes: vec!["n1".into(), "n2".into()] };
+        let c = cluster_in(&alloc, &spec).unwrap();
+        assert_eq!((c.hosts, c.bind.port()), (2, 29400));
+        assert_eq!(c.bind.ip(), this_host_address());
     }
 
     #[test]

@@ -411,6 +411,10 @@ fn slurm_submit(args: &ConfigArgs, opts: crate::slurm::SubmitOptions, dry_run: b
             return ExitCode::from(EXIT_FAILED);
         }
     };
+    if let Err(e) = crate::slurm::check_submit(&loaded.spec, &opts) {
+        say!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let config = std::path::absolute(&args.file).unwrap_or_else(|_| args.file.clone());
     let script = crate::slurm::sbatch_script(&loaded.spec, &config, &args.overrides, &exe, &opts);
     if dry_run {

@@ -471,7 +471,8 @@ impl Coordinator for CoordinatorService {
         let (commands, rx) = mpsc::unbounded_channel();
         let hosts = self.shared.hosts.clone();
         let host = hosts.join(info.clone(), commands).map_err(|e| {
-            tracing::warn!(agent = %info.name, from = ?from, reason = %e, "agent refused");
+            let from = from.map_or("an unknown address".to_string(), |a| a.to_string());
+            tracing::warn!(agent = %info.name, %from, reason = %e, "agent refused");
             Status::failed_precondition(e.to_string())
         })?;
         tracing::info!(agent = %info.name, address = %info.address, cpus = info.cpus, "agent joined");
@@ -486,7 +487,11 @@ impl Coordinator for CoordinatorService {
                     host.exited(exit.id, kind);
                 }
             }
-            tracing::warn!(agent = %host.info.name, "agent's session ended");
+            if hosts.ending() {
+                tracing::debug!(agent = %host.info.name, "agent's session ended with the job");
+            } else {
+                tracing::warn!(agent = %host.info.name, "agent's session ended: its processes are lost");
+            }
             hosts.leave(&host);
         });
         let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), Ok);

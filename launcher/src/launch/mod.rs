@@ -245,7 +245,11 @@ impl JobContext {
             return format!("their agents were started with srun (their output: {})", log.display());
         }
         let token = self.cluster.token_file.as_ref().map_or(String::new(), |p| p.display().to_string());
-        format!("run `rtrain agent --join {} --token-file {token}` on each", self.coordinator)
+        let ca = match &self.cluster.tls {
+            Some(files) => format!(" --ca-file {}", files.ca.display()),
+            None => String::new(),
+        };
+        format!("run `rtrain agent --join {} --token-file {token}{ca}` on each", self.coordinator)
     }
 }
 
@@ -472,7 +476,12 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     let roles = l.role_summaries();
     let Launch { run, coordinator, startup, progressed, restarts, attempts, job, .. } = l;
     // The agents of other hosts leave with the job; their last command needs a moment to go out.
-    if job.hosts.end_all(&format!("the job {ended}")) > 0 {
+    let why = match ended {
+        "finished" => "the job finished",
+        "interrupted" => "the job was interrupted",
+        _ => "the job failed",
+    };
+    if job.hosts.end_all(why) > 0 {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     coordinator.shutdown();
