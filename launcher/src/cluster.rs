@@ -98,10 +98,13 @@ impl std::fmt::Debug for JobTls {
 
 impl JobTls {
     /// A new CA, used once: it signs the coordinator's certificate for [`TLS_SERVER_NAME`] and
-    /// its key is dropped.
+    /// its key is dropped. Both are valid from the start of last year to the end of next year.
     pub fn generate(job: &str) -> Result<Self, ClusterError> {
+        let year = 1970 + (crate::contract::unix_now() / 31_556_952.0) as i32;
+        let (from, until) = (rcgen::date_time_ymd(year - 1, 1, 1), rcgen::date_time_ymd(year + 2, 1, 1));
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        (ca.not_before, ca.not_after) = (from, until);
         ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let cn: String = job.chars().filter(|c| c.is_ascii_graphic()).take(48).collect();
@@ -110,6 +113,7 @@ impl JobTls {
         let issuer = Issuer::new(ca, ca_key);
         let key = KeyPair::generate()?;
         let mut server = CertificateParams::new(vec![TLS_SERVER_NAME.to_string()])?;
+        (server.not_before, server.not_after) = (from, until);
         server.distinguished_name.push(DnType::CommonName, TLS_SERVER_NAME);
         let cert = server.signed_by(&key, &issuer)?;
         Ok(Self { ca_pem: ca_cert.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })

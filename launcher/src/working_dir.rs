@@ -75,7 +75,8 @@ pub fn pack(dir: &Path, skip: &[&Path], limit_mb: u64) -> Result<Bundle, BundleE
         .git_exclude(true)
         .require_git(false)
         .ignore(true)
-        .parents(false)
+        // A repository's .gitignore above the folder counts too, as git reads it.
+        .parents(true)
         .add_custom_ignore_filename(IGNORE_FILE)
         .filter_entry(|e| e.file_name() != ".git")
         .build();
