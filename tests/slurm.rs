@@ -70,7 +70,14 @@ fn a_job_submitted_to_slurm_trains_over_the_allocations_nodes() {
     let dry = rtrain(&["slurm", "submit", config.to_str().unwrap(), "--nodes", "2", "--time", "10:00", "--dry-run"]);
     assert!(dry.status.success(), "{}", stderr(&dry));
     let script = stdout(&dry);
-    for line in ["#SBATCH --nodes=2", "#SBATCH --time=10:00", &format!("launch {}", config.display())] {
+    // Each node's share of the gang (one worker of half a core) and a core for rtrain itself.
+    let lines = [
+        "#SBATCH --nodes=2",
+        "#SBATCH --time=10:00",
+        "#SBATCH --cpus-per-task=2",
+        &format!("launch {}", config.display()),
+    ];
+    for line in lines {
         assert!(script.contains(line), "{line} missing from:\n{script}");
     }
     assert!(!d.join("runs/sl.sbatch").exists(), "a dry run writes nothing");

@@ -162,6 +162,15 @@ pub fn sbatch_script(spec: &JobSpec, config: &Path, overrides: &[String], exe: &
     s.push_str(&format!("#SBATCH --job-name={}\n", spec.name));
     s.push_str(&format!("#SBATCH --nodes={}\n", opts.nodes));
     s.push_str("#SBATCH --ntasks-per-node=1\n");
+    // Each node's share of the gang (the first node's, the largest), and the driver's own core.
+    if let Some(trainer) = spec.training_role() {
+        let per_node = trainer.size.div_ceil(opts.nodes.max(1));
+        let cpus = (per_node as f64 * trainer.cpus_per_worker).ceil() as usize + 1;
+        s.push_str(&format!("#SBATCH --cpus-per-task={cpus}\n"));
+        if trainer.gpus_per_worker > 0 {
+            s.push_str(&format!("#SBATCH --gpus-per-node={}\n", per_node * trainer.gpus_per_worker));
+        }
+    }
     s.push_str(&format!("#SBATCH --output={}\n", output.display()));
     if let Some(p) = &opts.partition {
         s.push_str(&format!("#SBATCH --partition={p}\n"));
@@ -220,13 +229,16 @@ mod tests {
     fn submissions_that_would_fail_in_the_allocation_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("job.toml");
-        let cluster = "[cluster]\nhosts = 2\nbind = \"10.0.0.1:29400\"\ntoken_file = \"t\"\n";
+        let cluster = "[train]\nworkers = 4\n[cluster]\nhosts = 2\nbind = \"10.0.0.1:29400\"\ntoken_file = \"t\"\n";
         std::fs::write(&path, cluster).unwrap();
         let spec = crate::config::load(&path, &[]).unwrap().spec;
         let opts = |nodes, time: Option<&str>| SubmitOptions { nodes, partition: None, time: time.map(String::from) };
         assert!(check_submit(&spec, &opts(3, None)).unwrap_err().contains("cluster.hosts = 2 but --nodes 3"));
         assert!(check_submit(&spec, &opts(2, Some("1:00\nrm -rf /"))).unwrap_err().contains("--time"));
         assert!(check_submit(&spec, &opts(2, Some("1-02:00:00"))).is_ok());
+        // Each node asks for its share of the gang's cores (4 workers of 1 core over 2 nodes) and one.
+        let script = sbatch_script(&spec, Path::new("/j.toml"), &[], Path::new("/bin/rtrain"), &opts(2, None));
+        assert!(script.contains("#SBATCH --cpus-per-task=3\n"), "{script}");
         // Inside the allocation the node's own address replaces the one configured; the port stays.
         let alloc = Allocation { job_id: "1".into(), nodes: vec!["n1".into(), "n2".into()] };
         let c = cluster_in(&alloc, &spec).unwrap();

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real two-node Slurm cluster on this machine, for the Slurm tests: munged, slurmctld and two
-# slurmd (nodes n1 and n2, one CPU each) from Debian's packages, configured under DIR.
+# slurmd (nodes n1 and n2, two CPUs each) from Debian's packages, configured under DIR.
 #   slurm_cluster.sh start DIR   writes DIR/slurm.conf, starts the daemons, waits for both nodes
 #   slurm_cluster.sh stop DIR    stops the daemons it started
 # Clients find the cluster with SLURM_CONF=DIR/slurm.conf. Both nodes share this machine's
@@ -58,8 +58,8 @@ AccountingStorageType=accounting_storage/none
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((ctld_port + 1)) CPUs=1 State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((ctld_port + 2)) CPUs=1 State=UNKNOWN
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((ctld_port + 1)) CPUs=2 State=UNKNOWN
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((ctld_port + 2)) CPUs=2 State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 EOF
 export SLURM_CONF="$dir/slurm.conf"
