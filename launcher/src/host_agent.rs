@@ -181,8 +181,19 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
                         }
                     };
                     if ids.contains_key(&id) {
-                        // A process of the same name from an earlier attempt goes first.
+                        // A process of the same name from an earlier attempt goes first (its exit
+                        // must not be taken for the new one's).
                         agent.kill(&id);
+                        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+                        while let Ok(Some(exit)) = tokio::time::timeout_at(deadline, exits.recv()).await {
+                            agent.reaped(&exit.id);
+                            if let Some(n) = ids.remove(&exit.id) {
+                                let _ = outbound.send(exit_event(n, exit.kind));
+                            }
+                            if exit.id == id {
+                                break;
+                            }
+                        }
                     }
                     let cores: Option<Vec<usize>> =
                         spawn.cores.iter().map(|&c| allowed.get(c as usize).copied()).collect();
