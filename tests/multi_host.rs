@@ -453,3 +453,22 @@ fn the_working_directory_is_shipped_to_every_host_and_an_edit_reaches_the_next_l
     assert_eq!(std::fs::read_dir(d.join("cache1/archives")).unwrap().count(), 2, "one archive per version");
     assert_eq!(std::fs::read_dir(&copies).unwrap().count(), 0, "copies left behind");
 }
+
+#[test]
+fn when_the_driver_is_killed_the_agents_stop_their_workers_and_leave() {
+    let Some(hosts) = Hosts::new(2, "when_the_driver_is_killed") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Training { mut driver, agent, .. } = training(&hosts, dir.path(), "orphan", "4");
+    let pids = |i: usize| {
+        let out = Command::new("ip").args(["netns", "pids", &hosts.ns(i)]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().count()
+    };
+    assert!(pids(1) >= 3, "the agent and its two workers run");
+    // `ip netns exec` execs rtrain itself: the child is the driver.
+    driver.0.as_mut().unwrap().kill().unwrap();
+    let out = wait_exit(agent, Duration::from_secs(60), &dir.path().join("agent1.log"));
+    assert_eq!(out.status.code(), Some(1), "the agent says it lost its coordinator");
+    let said = std::fs::read_to_string(dir.path().join("agent1.log")).unwrap();
+    assert!(said.contains("lost the coordinator") && said.contains("stopped 2 process(es)"), "{said}");
+    assert!(wait_until(Duration::from_secs(10), || pids(1) == 0), "processes left on the agent's host");
+}
