@@ -6,6 +6,7 @@
 //! gang's attempts are driven in [`attempt`], the other roles in [`side_roles`].
 
 mod attempt;
+mod hosts;
 mod placement;
 pub mod policy;
 mod side_roles;
@@ -21,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::{ExitKind, SpawnError};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
-use crate::cluster::{ClusterError, JobTls, ca_path, token_from_file};
+use crate::cluster::ClusterError;
 use crate::config::{ClusterSpec, DeviceKind, EchoChoice, JobSpec, LoadedConfig, RoleProgram, RoleSpec};
 use crate::contract::WorkerEnv;
 use crate::contract::unix_now;
@@ -33,7 +34,7 @@ use crate::progress::RunProgress;
 use crate::proto::{MetricsReport, StepMetrics};
 use crate::run_dir::{RunDir, RunDirError};
 use crate::scheduler::{GroupRequest, NodeResources, RankPlacement, ScheduleError};
-use crate::worker_env::{allowed_cpus, job_token, worker_env};
+use crate::worker_env::{allowed_cpus, worker_env};
 use policy::{FailureClass, GangFailure, RestartDecision, Restarts, after_gang_failure};
 use side_roles::{SideRoles, SideState};
 pub use summary::{AttemptRecord, RoleSummary, RunSummary, StartupPhases};
@@ -336,38 +337,7 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     } else {
         placement::place_roles(spec, None, &[NodeResources::local()])?
     };
-    let token = match &cluster.token_file {
-        Some(path) => token_from_file(path, &job_token())?,
-        None => job_token(),
-    };
-    // Beyond one host the control plane crosses the network: TLS, with a CA made for this launch.
-    let tls = match (&cluster.tls, cluster.multi_host()) {
-        (Some(files), true) => Some(JobTls::from_files(files)?),
-        (None, true) => {
-            let tls = JobTls::generate(&spec.name)?;
-            if let Some(token_file) = &cluster.token_file {
-                tls.write_ca(&ca_path(token_file))?;
-            }
-            Some(tls)
-        }
-        (_, false) => None,
-    };
-    // Beyond one host the working directory goes to the others with the job.
-    let bundle = match cluster.multi_host() {
-        true => {
-            // Never the job's secrets, nor any run's outputs (this one's, earlier ones' moved aside).
-            let ca = cluster.token_file.as_deref().map(ca_path);
-            let tls = cluster.tls.iter().flat_map(|t| [t.cert.as_path(), t.key.as_path(), t.ca.as_path()]);
-            let run_dir = spec.run_path.parent().unwrap_or(&spec.run_path);
-            let skip: Vec<&Path> = [Some(run_dir), cluster.token_file.as_deref(), ca.as_deref()]
-                .into_iter()
-                .flatten()
-                .chain(tls)
-                .collect();
-            Some(crate::working_dir::pack(&spec.working_dir, &skip, cluster.max_working_dir_mb)?)
-        }
-        false => None,
-    };
+    let hosts::Prepared { token, tls, bundle } = hosts::prepare(spec, &cluster)?;
     // Its port is taken before the run directory, so a port in use fails the launch untouched.
     let settings = &loaded.config.dashboard;
     let dashboard = match settings.enabled {
@@ -418,7 +388,9 @@ pub async fn launch(loaded: &LoadedConfig, opts: &LaunchOptions) -> Result<Launc
     };
     // Inside a Slurm allocation the driver starts the other nodes' agents itself.
     let _agents = match (slurm, &cluster.token_file) {
-        (Some(alloc), Some(token_file)) => Some(start_slurm_agents(alloc, &job, coordinator.addr, token_file, spec)?),
+        (Some(alloc), Some(token_file)) => {
+            Some(hosts::start_slurm_agents(alloc, &job, coordinator.addr, token_file, spec)?)
+        }
         _ => None,
     };
     if let Some(d) = &dashboard {
@@ -852,39 +824,6 @@ impl Launch<'_> {
             self.job.println(&format!("warning: {e}"));
         }
     }
-}
-
-/// `srun` starting the agents of the allocation's other nodes; its output goes to
-/// `logs/agents.log`. Dropping the child kills it (the agents leave with the job anyway).
-fn start_slurm_agents(
-    alloc: &crate::slurm::Allocation,
-    job: &JobContext,
-    join: std::net::SocketAddr,
-    token_file: &Path,
-    spec: &JobSpec,
-) -> Result<tokio::process::Child, LaunchError> {
-    let exe = std::env::current_exe().map_err(LaunchError::Coordinator)?;
-    let log_path = job.run_dir.join("logs").join("agents.log");
-    let _ = std::fs::create_dir_all(job.run_dir.join("logs"));
-    let log = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|source| LaunchError::Spawn(SpawnError::Log { path: log_path.clone(), source }))?;
-    let err =
-        log.try_clone().map_err(|source| LaunchError::Spawn(SpawnError::Log { path: log_path.clone(), source }))?;
-    let mut cmd = crate::slurm::agents_command(alloc, &exe, join, token_file, spec.rendezvous_timeout.as_secs_f64());
-    cmd.stdin(std::process::Stdio::null()).stdout(log).stderr(err);
-    job.println(&format!(
-        "Slurm job {}: starting an agent on each of {} with srun (their output: {})",
-        alloc.job_id,
-        alloc.nodes[1..].join(", "),
-        log_path.display()
-    ));
-    tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| LaunchError::Slurm(crate::slurm::SlurmError::Run { program: "srun".into(), source }))
 }
 
 /// Unfinished checkpoint writes of an earlier attempt (no writer is running between attempts).
