@@ -46,6 +46,6 @@ for i in $(seq 0 $((HOSTS - 1))); do
   spaces+=("$ns=10.98.0.$((i + 1))")
 done
 echo "simulated hosts: ${spaces[*]} (link: $LINK_RATE each way)"
-IFS=,
-target/release/rtrain bench allreduce --ranks "$RANKS" --hosts "$HOSTS" --netns "${spaces[*]}" \
+netns=$(IFS=,; echo "${spaces[*]}")
+target/release/rtrain bench allreduce --ranks "$RANKS" --hosts "$HOSTS" --netns "$netns" \
   --max-mib "$MAX_MIB" --iters "$ITERS"
