@@ -33,7 +33,7 @@ pub enum ExitKind {
 }
 
 impl ExitKind {
-    pub(crate) fn from_status(status: ExitStatus) -> Self {
+    fn from_status(status: ExitStatus) -> Self {
         match (status.code(), status.signal()) {
             (Some(code), _) => ExitKind::Code(code),
             (None, Some(sig)) => ExitKind::Signal(sig),

@@ -13,7 +13,7 @@ use crate::job_client::TLS_SERVER_NAME;
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cannot read {}: {source}", path.display())]
-    ReadToken { path: PathBuf, source: std::io::Error },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write {}: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
     #[error(
@@ -35,13 +35,13 @@ pub fn read_token(path: &Path) -> Result<Option<String>, ClusterError> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(ClusterError::ReadToken { path: path.into(), source }),
+        Err(source) => return Err(ClusterError::Read { path: path.into(), source }),
     };
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(ClusterError::Exposed { path: path.into(), mode });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ClusterError::ReadToken { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ClusterError::Read { path: path.into(), source })?;
     let token = text.trim();
     let valid =
         (16..=256).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
@@ -122,10 +122,10 @@ impl JobTls {
     /// The user's own files; the key must be readable by its owner only.
     pub fn from_files(files: &crate::config::TlsFiles) -> Result<Self, ClusterError> {
         let read = |path: &Path| {
-            std::fs::read_to_string(path).map_err(|source| ClusterError::ReadToken { path: path.into(), source })
+            std::fs::read_to_string(path).map_err(|source| ClusterError::Read { path: path.into(), source })
         };
         let mode = std::fs::metadata(&files.key)
-            .map_err(|source| ClusterError::ReadToken { path: files.key.clone(), source })?
+            .map_err(|source| ClusterError::Read { path: files.key.clone(), source })?
             .permissions()
             .mode()
             & 0o777;

@@ -186,11 +186,9 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
                         agent.kill(&id);
                         let deadline = tokio::time::Instant::now() + STOP_GRACE;
                         while let Ok(Some(exit)) = tokio::time::timeout_at(deadline, exits.recv()).await {
-                            agent.reaped(&exit.id);
-                            if let Some(n) = ids.remove(&exit.id) {
-                                let _ = outbound.send(exit_event(n, exit.kind));
-                            }
-                            if exit.id == id {
+                            let old = exit.id == id;
+                            report_exit(&mut agent, &mut ids, &outbound, exit);
+                            if old {
                                 break;
                             }
                         }
@@ -229,12 +227,7 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
                 Ok(None) => break Ok(()),
                 Err(status) => break Err(AgentError::Lost { addr: opts.join.clone(), message: status.message().to_string() }),
             },
-            Some(exit) = exits.recv() => {
-                agent.reaped(&exit.id);
-                if let Some(n) = ids.remove(&exit.id) {
-                    let _ = outbound.send(exit_event(n, exit.kind));
-                }
-            }
+            Some(exit) = exits.recv() => report_exit(&mut agent, &mut ids, &outbound, exit),
             _ = sigterm.recv() => break Ok(()),
             _ = sigint.recv() => break Ok(()),
         }
@@ -371,6 +364,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Reaps an exited process and tells the driver, under the id it gave the process.
+fn report_exit(
+    agent: &mut Agent,
+    ids: &mut BTreeMap<ProcId, u64>,
+    outbound: &mpsc::UnboundedSender<AgentEvent>,
+    exit: crate::agent::WorkerExit,
+) {
+    agent.reaped(&exit.id);
+    if let Some(n) = ids.remove(&exit.id) {
+        let _ = outbound.send(exit_event(n, exit.kind));
+    }
 }
 
 fn exit_event(id: u64, kind: ExitKind) -> AgentEvent {

@@ -151,10 +151,6 @@ impl Hosts {
         self.lock().iter().filter(|h| h.is_lost()).map(|h| h.info.clone()).collect()
     }
 
-    pub fn expected(&self) -> usize {
-        self.expected
-    }
-
     /// Waits until `count` hosts besides the driver's are live, or `deadline`; returns whether
     /// they are.
     pub async fn wait_for(&self, count: usize, deadline: tokio::time::Instant) -> bool {
@@ -167,11 +163,6 @@ impl Hosts {
                 return self.live().len() >= count;
             }
         }
-    }
-
-    /// A receiver that sees every join and loss.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
     }
 
     /// An agent joins with `info`; its commands go to `commands`. A host of the same name that

@@ -7,7 +7,6 @@
 //! when it ends. A file edited on the driver's host is on every host at the next launch, and
 //! what a job writes into its copy never reaches a later one.
 
-use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -205,17 +204,6 @@ pub fn unpack_into(bytes: &[u8], target: &Path) -> Result<(), BundleError> {
     let mut archive = tar::Archive::new(bytes);
     archive.set_preserve_permissions(true);
     archive.unpack(target).map_err(err)
-}
-
-/// Reads a whole stream of archive chunks (as the agent receives them) into memory, up to `limit`
-/// bytes.
-pub fn read_limited(mut reader: impl Read, limit: u64) -> std::io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    reader.by_ref().take(limit + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(std::io::Error::other(format!("more than {limit} bytes")));
-    }
-    Ok(bytes)
 }
 
 #[cfg(test)]
