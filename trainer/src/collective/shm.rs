@@ -392,7 +392,13 @@ fn poisoned_error(op: &'static str, by: usize, why: Poison) -> CollectiveError {
     let (peer, message) = match why {
         Poison::LostPeer { peer } => (peer, format!("rank {by} lost its connection to rank {peer}")),
         Poison::TimedOut { peer } => (by, format!("rank {by} timed out waiting for rank {peer}")),
-        Poison::Disagreed => (by, format!("rank {by} found that the ranks disagree on the operation")),
+        Poison::Disagreed => (
+            by,
+            format!(
+                "rank {by} found that the ranks disagree on the operation; every rank must make the same collective \
+                 calls in the same order"
+            ),
+        ),
         Poison::Failed => (by, format!("rank {by} failed")),
     };
     CollectiveError::Io {
