@@ -148,7 +148,7 @@ pub async fn run_agent(opts: AgentOptions) -> Result<(), AgentError> {
             return Err(AgentError::Unreachable { addr: opts.join.clone(), wait: opts.wait, last });
         }
         // Said once, then every half minute: the driver may simply not be up yet.
-        if tries % 60 == 0 {
+        if tries.is_multiple_of(60) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now()).as_secs();
             eprintln!("rtrain agent: waiting for the coordinator at {} ({last}); trying for {left} s more", opts.join);
         }

@@ -8,13 +8,16 @@ use crate::proto::StepMetrics;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// The launcher's terminal view: the training role's bar and one line per other role.
+/// A role's line: its name, its bar and the (status, metrics) texts the bar shows.
+type RoleLine = (String, ProgressBar, std::sync::Mutex<(String, String)>);
+
 pub struct RunProgress {
     bar: ProgressBar,
     total: u64,
     interactive: bool,
     restarts: std::sync::atomic::AtomicU32,
     /// One line per role beside the trainer: its processes, restarts and latest metrics.
-    roles: Vec<(String, ProgressBar, std::sync::Mutex<(String, String)>)>,
+    roles: Vec<RoleLine>,
     /// The training role's own headline metrics (an RL trainer's reward and accuracy), shown
     /// on the bar after the loss.
     trainer_metrics: std::sync::Mutex<String>,

@@ -293,8 +293,8 @@ async fn commands(State(shared): State<Arc<Shared>>, Query(caller): Query<Caller
         let line = json!({ "seq": c.seq, "kind": c.kind, "payload": payload, "from_role": c.from_role });
         Ok::<_, std::convert::Infallible>(format!("{line}\n"))
     });
-    Ok(Response::builder()
+    Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(lines))
-        .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?)
+        .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }

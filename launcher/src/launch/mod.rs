@@ -92,6 +92,7 @@ pub enum LaunchError {
 
 /// How a launch ended.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant, reason = "one per launch; boxing would buy nothing")]
 pub enum Outcome {
     Finished,
     Failed(FailureSummary),
