@@ -1,7 +1,8 @@
 """PyTorch DDP reference for the rtrain GPT benchmark spec (docs/DESIGN.md §11).
 
 Run with: torchrun --nproc-per-node 2 bench/pytorch_ddp.py --steps 20
-          (add --device cuda for one GPU per worker, DDP over nccl)
+          (add --device cuda for one GPU per worker, DDP over nccl; --precision bf16 for the
+          forward pass under bf16 autocast, as rtrain's train.precision = "bf16")
 
 GPT-2 block (pre-LayerNorm, fused QKV, causal SDPA, tanh-GELU MLP 4x), n_layer 4, n_head 4,
 n_embd 256, context 128, byte vocabulary 256, no dropout, fp32, AdamW lr 3e-4 (betas 0.9/0.95,
@@ -135,6 +136,10 @@ def main():
                         help="intra-op threads per worker (default: cores // local world size)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: one GPU per worker (LOCAL_RANK), DDP over nccl instead of gloo")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: forward and loss under torch.autocast(dtype=torch.bfloat16)")
+    parser.add_argument("--tf32", choices=("on", "off"), default="on",
+                        help="cuda: float32 matmuls on TF32 tensor cores (rtrain's train.tf32 default)")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be >= 1")
@@ -143,6 +148,8 @@ def main():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank = dist.get_rank()
     world = dist.get_world_size()
@@ -166,7 +173,8 @@ def main():
         # Random bytes: one sequence of context+1 per sample, shifted for next-byte targets.
         seq = torch.randint(0, VOCAB, (MICRO_BATCH, BLOCK_SIZE + 1), generator=data_gen)
         x, y = seq[:, :-1].to(device), seq[:, 1:].to(device)
-        loss = model(x, y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces (averages) gradient buckets here
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -186,6 +194,8 @@ def main():
         print(json.dumps({
             "framework": "pytorch-ddp",
             "device": args.device,
+            "precision": args.precision,
+            "tf32": cuda and args.tf32 == "on",
             "workers": world,
             "steps": args.steps,
             "tokens_per_s": tokens_per_step * window_steps / elapsed,

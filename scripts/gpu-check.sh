@@ -4,7 +4,9 @@
 #   - `rtrain score` of fixture models on GPU against CPU (largest log-prob difference);
 #   - a short SFT run on GPU against CPU (largest per-step loss difference);
 #   - resume on GPU (a run stopped at step 10 and resumed matches an uninterrupted one);
-#   - GPT demo tokens/s on GPU, rtrain and PyTorch DDP (nccl) side by side, on the same spec;
+#   - GPT demo tokens/s on GPU, rtrain and PyTorch DDP (nccl) side by side, on the same spec, in
+#     float32 with TF32 matmuls (both defaults) and in bf16 autocast;
+#   - bf16 autocast training on GPU against float32 (per-step loss difference);
 #   - with 2 or more GPUs: DDP over NCCL against CPU, placement under a restricted
 #     CUDA_VISIBLE_DEVICES, and `rtrain bench allreduce --backend nccl`.
 # It exits non-zero, naming each failed check, when any fails.
@@ -25,7 +27,8 @@ WORKER="$(dirname "$RTRAIN")/rtrain-worker"
 SFT=configs/sft_demo.toml
 GPT=configs/bench/ddp_gpt.toml
 FIXTURES=trainer/tests/fixtures/hf
-LOSS_TOL=${LOSS_TOL:-1e-2}   # GPU vs CPU float32 losses, over a short run
+LOSS_TOL=${LOSS_TOL:-1e-2}   # GPU vs CPU float32 losses (TF32 off), over a short run
+BF16_TOL=${BF16_TOL:-5e-2}   # bf16 autocast vs float32 losses on GPU, over a short run
 LOGPROB_TOL=${LOGPROB_TOL:-1e-3}
 
 die() { echo "gpu-check: $*" >&2; exit 1; }
@@ -134,8 +137,16 @@ PY
 sft_gpu_vs_cpu() {
   local common=(--set train.workers=1 --set train.steps=20 --set checkpoint.every=10)
   launch sft-cpu "$SFT" "${common[@]}" --set "job.run_dir=$WORK/sft-cpu" --set train.device=cpu || return 1
-  launch sft-gpu "$SFT" "${common[@]}" --set "job.run_dir=$WORK/sft-gpu" --set train.device=cuda || return 1
+  launch sft-gpu "$SFT" "${common[@]}" --set "job.run_dir=$WORK/sft-gpu" --set train.device=cuda \
+    --set train.tf32=false || return 1
   compare_losses "$WORK/sft-cpu/sft_demo/metrics.jsonl" "$WORK/sft-gpu/sft_demo/metrics.jsonl" "$LOSS_TOL"
+}
+
+bf16_vs_fp32_on_gpu() {
+  local common=(--set train.workers=1 --set train.steps=20 --set train.device=cuda)
+  launch sft-gpu-bf16 "$SFT" "${common[@]}" --set "job.run_dir=$WORK/sft-gpu-bf16" --set train.precision=bf16 || return 1
+  launch sft-gpu-fp32 "$SFT" "${common[@]}" --set "job.run_dir=$WORK/sft-gpu-fp32" --set train.tf32=false || return 1
+  compare_losses "$WORK/sft-gpu-fp32/sft_demo/metrics.jsonl" "$WORK/sft-gpu-bf16/sft_demo/metrics.jsonl" "$BF16_TOL"
 }
 
 resume_on_gpu() {
@@ -155,24 +166,27 @@ resume_on_gpu() {
 # tokens_per_s SUMMARY.json
 tokens_per_s() { python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["tokens_per_s"]))' "$1"; }
 
+# gpt_tokens_per_s WORKERS PRECISION: the GPT spec's tokens/s, rtrain and PyTorch DDP, both with
+# TF32 matmuls (their defaults here) and the forward pass in PRECISION (fp32 or bf16).
 gpt_tokens_per_s() {
-  local workers=$1 steps=30 line ours theirs
-  launch "gpt-gpu-$workers" "$GPT" --set "train.workers=$workers" --set train.device=cuda --set train.backend=auto \
-    --set "train.steps=$steps" --set "job.run_dir=$WORK/gpt-$workers" || return 1
+  local workers=$1 precision=$2 steps=30 line ours theirs name="$1-$2"
+  launch "gpt-gpu-$name" "$GPT" --set "train.workers=$workers" --set train.device=cuda --set train.backend=auto \
+    --set "train.precision=$precision" --set "train.steps=$steps" --set "job.run_dir=$WORK/gpt-$name" || return 1
   python3 -m torch.distributed.run --standalone --nproc-per-node "$workers" bench/pytorch_ddp.py \
-    --steps "$steps" --device cuda >"$WORK/torch-$workers.log" 2>&1 \
-    || { tail -n 40 "$WORK/torch-$workers.log" >&2; return 1; }
-  line=$(grep -m1 '^{"framework": "pytorch-ddp"' "$WORK/torch-$workers.log") || { echo "no result from pytorch_ddp.py" >&2; return 1; }
-  ours=$(tokens_per_s "$WORK/gpt-$workers/ddp_gpt/summary.json") || return 1
+    --steps "$steps" --device cuda --precision "$precision" >"$WORK/torch-$name.log" 2>&1 \
+    || { tail -n 40 "$WORK/torch-$name.log" >&2; return 1; }
+  line=$(grep -m1 '^{"framework": "pytorch-ddp"' "$WORK/torch-$name.log") || { echo "no result from pytorch_ddp.py" >&2; return 1; }
+  ours=$(tokens_per_s "$WORK/gpt-$name/ddp_gpt/summary.json") || return 1
   theirs=$(python3 -c 'import json,sys; print(round(json.loads(sys.argv[1])["tokens_per_s"]))' "$line") || return 1
-  printf 'GPT spec (%s), %d GPU worker(s), %d steps: rtrain %s tokens/s, PyTorch DDP (nccl) %s tokens/s\n' \
-    "$GPT" "$workers" "$steps" "$ours" "$theirs"
+  printf 'GPT spec (%s), %d GPU worker(s), %s, %d steps: rtrain %s tokens/s, PyTorch DDP (nccl) %s tokens/s (%.2fx)\n' \
+    "$GPT" "$workers" "$precision" "$steps" "$ours" "$theirs" "$(python3 -c "print($ours / $theirs)")"
 }
 
 ddp_nccl_vs_cpu() {
   local common=(--set train.workers=2 --set train.steps=20 --set train.micro_batch=4)
   launch ddp-cpu configs/gpt_demo.toml "${common[@]}" --set "job.run_dir=$WORK/ddp-cpu" --set train.device=cpu || return 1
-  launch ddp-gpu configs/gpt_demo.toml "${common[@]}" --set "job.run_dir=$WORK/ddp-gpu" --set train.device=cuda || return 1
+  launch ddp-gpu configs/gpt_demo.toml "${common[@]}" --set "job.run_dir=$WORK/ddp-gpu" --set train.device=cuda \
+    --set train.tf32=false || return 1
   compare_losses "$WORK/ddp-cpu/gpt_demo/metrics.jsonl" "$WORK/ddp-gpu/gpt_demo/metrics.jsonl" "$LOSS_TOL"
 }
 
@@ -206,9 +220,12 @@ allreduce_nccl() {
 check "score: GPU against CPU" score_gpu_vs_cpu
 check "SFT: GPU against CPU, per-step loss" sft_gpu_vs_cpu
 check "resume on GPU" resume_on_gpu
-check "GPT demo tokens/s, 1 GPU: rtrain and PyTorch DDP" gpt_tokens_per_s 1
+check "bf16 autocast against float32 on GPU, per-step loss" bf16_vs_fp32_on_gpu
+check "GPT demo tokens/s, 1 GPU, fp32 + TF32: rtrain and PyTorch DDP" gpt_tokens_per_s 1 fp32
+check "GPT demo tokens/s, 1 GPU, bf16: rtrain and PyTorch DDP" gpt_tokens_per_s 1 bf16
 if (( NGPU >= 2 )); then
-  check "GPT demo tokens/s, 2 GPUs: rtrain and PyTorch DDP" gpt_tokens_per_s 2
+  check "GPT demo tokens/s, 2 GPUs, fp32 + TF32: rtrain and PyTorch DDP" gpt_tokens_per_s 2 fp32
+  check "GPT demo tokens/s, 2 GPUs, bf16: rtrain and PyTorch DDP" gpt_tokens_per_s 2 bf16
   check "DDP over NCCL against CPU, 2 workers" ddp_nccl_vs_cpu
   check "placement under CUDA_VISIBLE_DEVICES" placement_under_visible_devices
   check "bench allreduce --backend nccl, $NGPU ranks" allreduce_nccl

@@ -163,3 +163,42 @@ fn held_out_loss_is_evaluated_and_ranks_checkpoints() {
     assert!(svg.starts_with("<svg") && svg.contains("eval_loss"), "{svg}");
     assert!(run_path.join("plots/trainer-loss.svg").exists());
 }
+
+/// The dtypes of a safetensors file's tensors, read from its header.
+fn safetensors_dtypes(path: &std::path::Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let tensors = header.as_object().unwrap().iter().filter(|(name, _)| *name != "__metadata__");
+    tensors.map(|(_, t)| t["dtype"].as_str().unwrap().to_string()).collect()
+}
+
+/// `train.precision = "bf16"`: two workers train under bf16 autocast, close to the float32 curve
+/// but not on it, and the checkpoint's weights and optimizer state stay float32.
+#[test]
+fn bf16_training_follows_the_fp32_curve_with_float32_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 8;
+    let fp32 = write_config(dir.path(), "fp32.toml", &tiny_gpt("fp32", dir.path(), 2, 1, steps));
+    let text = tiny_gpt("bf16", dir.path(), 2, 1, steps).replace("[train]\n", "[train]\nprecision = \"bf16\"\n");
+    let bf16 = write_config(dir.path(), "bf16.toml", &text);
+    for cfg in [&fp32, &bf16] {
+        let out = run(&["launch", cfg.to_str().unwrap()], LIMIT);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let (a, b) = (metrics(&dir.path().join("fp32")), metrics(&dir.path().join("bf16")));
+    assert_eq!((a.len(), b.len()), (steps as usize, steps as usize));
+    let mut differs = false;
+    for (x, y) in a.iter().zip(&b) {
+        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!((lx - ly).abs() < 0.02 * lx, "step {}: bf16 loss {ly} strays from fp32 {lx}", x["step"]);
+        differs |= lx != ly;
+    }
+    assert!(differs, "the bf16 run gave the fp32 losses exactly: autocast was not on");
+    assert!(b[steps as usize - 1]["loss"].as_f64() < b[0]["loss"].as_f64(), "bf16 training did not learn");
+    let last = dir.path().join(format!("bf16/checkpoints/step-{steps:06}"));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let dtypes = safetensors_dtypes(&last.join(file));
+        assert!(!dtypes.is_empty() && dtypes.iter().all(|d| d == "F32"), "{file}: {dtypes:?}");
+    }
+}

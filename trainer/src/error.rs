@@ -9,6 +9,7 @@ use crate::config::ConfigError;
 use crate::cuda::CudaError;
 use crate::data::DataError;
 use crate::hf::HfError;
+use crate::precision::PrecisionError;
 use crate::runtime::ControlError;
 
 /// An error that ends the worker; the runtime reports it to the coordinator, and
@@ -23,6 +24,9 @@ pub enum TrainError {
     /// A GPU was asked for but this machine or its PyTorch install cannot provide it.
     #[error(transparent)]
     Cuda(#[from] CudaError),
+    /// libtorch refused a `train.precision` or `train.tf32` setting.
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
     /// The job config cannot be read or is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),

@@ -14,6 +14,7 @@ pub mod hf;
 pub mod lm;
 pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod runtime;
 pub mod sft;
 pub mod snapshot;

@@ -14,6 +14,7 @@ use rtrain_trainer::collective::TcpCollective;
 use rtrain_trainer::data::rank_samples;
 use rtrain_trainer::engine::{Engine, EngineConfig, MicroLoss, WeightVersion};
 use rtrain_trainer::optim::{AdamWConfig, LrSchedule};
+use rtrain_trainer::precision::Precision;
 use rtrain_trainer::{LoopState, StepOutput, TrainError};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Reduction, Tensor};
@@ -28,6 +29,7 @@ const CONFIG: EngineConfig = EngineConfig {
     // Small enough that the first steps are clipped.
     grad_clip: 0.5,
     bucket_bytes: 16,
+    precision: Precision::Fp32,
 };
 
 /// A linear model whose initial parameters are a pure function of `offset` (no global RNG:

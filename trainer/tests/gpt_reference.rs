@@ -9,9 +9,13 @@ use std::path::PathBuf;
 
 use rtrain_trainer::model::GptConfig;
 use rtrain_trainer::optim::{AdamW, AdamWConfig, FlatParams};
-use tch::{Device, Tensor, nn};
+use rtrain_trainer::precision::{Precision, autocast};
+use tch::{Device, Kind, Tensor, nn};
 
 const TOL: f64 = 1e-5;
+/// bf16 against bf16: the same autocast policy on the same kernels; what remains is the order of
+/// float32 accumulations around the bf16 matmuls.
+const BF16_TOL: f64 = 1e-6;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt_tiny").join(name)
@@ -100,4 +104,64 @@ fn three_clipped_adamw_steps_match_pytorch() {
         let diff = max_abs_diff(&variables[&name], &want);
         assert!(diff < TOL, "{name} differs from PyTorch by {diff} after 3 steps");
     }
+}
+
+/// How far apart two runs are: the largest difference of any parameter after the 3 steps.
+fn max_param_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
+    a.iter().map(|(name, t)| max_abs_diff(t, &b[name])).fold(0.0, f64::max)
+}
+
+#[test]
+fn three_bf16_autocast_steps_match_pytorch_autocast() {
+    let (vs, model, mut flat) = tiny_model();
+    let reference = reference();
+    let (losses, norms) = (f64_list(&reference, "bf16_losses"), f64_list(&reference, "bf16_grad_norms"));
+    let fp32_losses = f64_list(&reference, "losses");
+    let batch = tensors("batch.safetensors");
+    let bf16 = tensors("bf16.safetensors");
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let mut opt = AdamW::new(cfg, &flat);
+    let mut report = Vec::new();
+
+    for step in 0..3 {
+        flat.zero_grads();
+        let inputs = batch["inputs"].get(step);
+        let (logits, loss) = autocast(Precision::Bf16, Device::Cpu, || {
+            (model.forward(&inputs), model.loss(&inputs, &batch["targets"].get(step)))
+        })
+        .expect("autocast");
+        if step == 0 {
+            assert_eq!(logits.kind(), Kind::BFloat16, "the head's matmul should run in bf16");
+            let diff = max_abs_diff(&logits.to_kind(Kind::Float), &bf16["logits"].to_kind(Kind::Float));
+            report.push(format!("logits {diff:.2e}"));
+            assert!(diff < BF16_TOL, "logits differ from PyTorch's autocast by {diff}");
+        }
+        assert_eq!(loss.kind(), Kind::Float, "autocast keeps the loss in float32");
+        loss.backward();
+        flat.gather_grads();
+        assert_eq!(flat.grads().kind(), Kind::Float, "gradients of the float32 master weights");
+        let norm = flat.clip_grad_norm(1.0);
+        let i = step as usize;
+        let loss = loss.double_value(&[]);
+        report.push(format!("loss {:.2e} (fp32 {:.2e})", (loss - losses[i]).abs(), (loss - fp32_losses[i]).abs()));
+        assert!((loss - losses[i]).abs() < BF16_TOL, "loss {loss} vs PyTorch {} at step {step}", losses[i]);
+        assert!((norm - norms[i]).abs() < BF16_TOL * norms[i], "norm {norm} vs {} at step {step}", norms[i]);
+        opt.step(&flat, 1e-3);
+    }
+
+    let variables = vs.variables();
+    let mine: HashMap<String, Tensor> = variables.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let want: HashMap<String, Tensor> = bf16
+        .iter()
+        .filter_map(|(n, t)| n.strip_prefix("after_3_steps.").map(|n| (n.to_string(), t.shallow_clone())))
+        .collect();
+    assert_eq!(want.len(), mine.len());
+    assert!(mine.values().all(|t| t.kind() == Kind::Float), "master weights stay float32");
+    let diff = max_param_diff(&mine, &want);
+    // The test must tell bf16 from float32: the float32 run ends further from PyTorch's bf16 run
+    // than this one does.
+    let fp32_gap = max_param_diff(&tensors("after_3_steps.safetensors"), &want);
+    report.push(format!("parameters {diff:.2e} (fp32 run {fp32_gap:.2e})"));
+    eprintln!("bf16 against PyTorch autocast: {}", report.join(", "));
+    assert!(diff < fp32_gap / 4.0, "parameters differ from PyTorch's autocast run by {diff} (fp32 run: {fp32_gap})");
 }

@@ -208,18 +208,20 @@ impl RlLoop {
         let mut targets = Vec::with_capacity(all.len());
         for chunk in all.chunks(micro) {
             let batch = collate(chunk, self.pad, Kind::Float, device).map_err(rl_error)?;
-            let est = tch::no_grad(|| -> Result<_, TrainError> {
-                let values = critic.values(&batch)?;
-                let mut rewards = outcome_token_rewards(&batch.scores, &batch.loss_mask).map_err(rl_error)?;
-                if let (Some(kl), Some(reference)) = (&self.kl_in_reward, &self.reference) {
-                    let (old, _) = self.response_log_probs(&self.model, &batch)?;
-                    let (ref_lp, _) = self.response_log_probs(reference, &batch)?;
-                    let penalty = kl.estimator.per_token(&old, &ref_lp).map_err(rl_error)? * kl.coef;
-                    rewards -= penalty * &batch.loss_mask;
-                }
-                let est = gae.estimate(&rewards, &values, &batch.loss_mask).map_err(rl_error)?;
-                Ok((est, values))
-            })?;
+            let est = self.engine.forward(|| {
+                tch::no_grad(|| -> Result<_, TrainError> {
+                    let values = critic.values(&batch)?;
+                    let mut rewards = outcome_token_rewards(&batch.scores, &batch.loss_mask).map_err(rl_error)?;
+                    if let (Some(kl), Some(reference)) = (&self.kl_in_reward, &self.reference) {
+                        let (old, _) = self.response_log_probs(&self.model, &batch)?;
+                        let (ref_lp, _) = self.response_log_probs(reference, &batch)?;
+                        let penalty = kl.estimator.per_token(&old, &ref_lp).map_err(rl_error)? * kl.coef;
+                        rewards -= penalty * &batch.loss_mask;
+                    }
+                    let est = gae.estimate(&rewards, &values, &batch.loss_mask).map_err(rl_error)?;
+                    Ok((est, values))
+                })
+            })??;
             let (est, values) = est;
             let (adv, ret, val) = (host(&est.advantages)?, host(&est.returns)?, host(&values)?);
             let r = batch.response_ids.size()[1] as usize;
@@ -317,7 +319,8 @@ impl TrainLoop for RlLoop {
                 for (c, chunk) in samples.chunks(micro).enumerate() {
                     let rows: Vec<&Sample> = chunk.iter().map(|(_, s)| *s).collect();
                     let batch = collate(&rows, self.pad, Kind::Float, ctx.device).map_err(rl_error)?;
-                    let (log_probs, logits) = self.response_log_probs(&self.model, &batch)?;
+                    let (log_probs, logits) =
+                        self.engine.forward(|| self.response_log_probs(&self.model, &batch))??;
                     let key = (m, c);
                     let old = if single_update {
                         log_probs.detach()
@@ -328,7 +331,9 @@ impl TrainLoop for RlLoop {
                         old_cache.get(&key).map_or_else(|| log_probs.detach(), Tensor::shallow_clone)
                     };
                     let reference = match &self.reference {
-                        Some(r) => Some(tch::no_grad(|| self.response_log_probs(r, &batch))?.0),
+                        Some(r) => {
+                            Some(self.engine.forward(|| tch::no_grad(|| self.response_log_probs(r, &batch)))??.0)
+                        }
                         None => None,
                     };
                     let mut seq_adv: Vec<f64> = chunk.iter().map(|(i, _)| advantages[*i]).collect();
@@ -380,7 +385,7 @@ impl TrainLoop for RlLoop {
                     if let (Some(critic), Some(old_values), Some(returns)) =
                         (&mut self.critic, rows(|t| &t.old_values), rows(|t| &t.returns))
                     {
-                        let values = critic.values(&batch)?;
+                        let values = critic.engine.forward(|| critic.values(&batch))??;
                         let config = ValueLossConfig {
                             clip: (rl.value_clip > 0.0).then_some(rl.value_clip),
                             aggregation: self.policy_loss.aggregation,

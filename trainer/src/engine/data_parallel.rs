@@ -8,10 +8,11 @@ use crate::collective::{Collective, ReduceOp};
 use crate::config::JobSpec;
 use crate::ddp::Ddp;
 use crate::optim::{AdamW, AdamWConfig, FlatParams, LrSchedule};
+use crate::precision::{Precision, autocast};
 use crate::train_loop::{StepOutput, TrainContext, TrainError};
 
-/// How the engine optimizes: AdamW's hyper-parameters, the learning-rate schedule, clipping and
-/// the DDP bucket size.
+/// How the engine optimizes: AdamW's hyper-parameters, the learning-rate schedule, clipping, the
+/// DDP bucket size and the forward passes' precision.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EngineConfig {
     pub adamw: AdamWConfig,
@@ -20,11 +21,14 @@ pub struct EngineConfig {
     pub grad_clip: f64,
     /// Gradients are all-reduced in buckets of this many bytes.
     pub bucket_bytes: usize,
+    /// The arithmetic of [`Engine::forward`]; parameters, gradients and optimizer state stay
+    /// float32 whatever it is.
+    pub precision: Precision,
 }
 
 impl EngineConfig {
     /// The job's `[train]` settings: AdamW (eps 1e-8) with linear warm-up then cosine decay over
-    /// `train.steps`, `train.grad_clip` and `train.bucket_mb`.
+    /// `train.steps`, `train.grad_clip`, `train.bucket_mb` and `train.precision`.
     pub fn from_spec(spec: &JobSpec) -> Self {
         let o = spec.optim;
         Self {
@@ -37,6 +41,7 @@ impl EngineConfig {
             },
             grad_clip: o.grad_clip,
             bucket_bytes: spec.bucket_bytes,
+            precision: spec.precision,
         }
     }
 }
@@ -80,6 +85,7 @@ pub struct Engine {
     pub(super) optimizer: AdamW,
     schedule: LrSchedule,
     grad_clip: f64,
+    precision: Precision,
     world_size: usize,
     /// This rank's `Σ loss × scale` and tokens since the last optimizer step.
     pending_loss: f64,
@@ -97,6 +103,7 @@ impl Engine {
             optimizer,
             schedule: config.schedule,
             grad_clip: config.grad_clip,
+            precision: config.precision,
             world_size: collective.world_size(),
             pending_loss: 0.0,
             pending_tokens: 0,
@@ -111,6 +118,13 @@ impl Engine {
     /// The learning rate of optimizer step `step`.
     pub fn lr_at(&self, step: u64) -> f64 {
         self.schedule.lr_at(step)
+    }
+
+    /// Runs a forward pass `f` in the job's precision: under bf16 autocast for `train.precision =
+    /// "bf16"` (matmuls in bf16 from the float32 weights, reductions and losses in float32), as is
+    /// for `"fp32"`. Call [`Engine::backward`] outside it, as autocast wants.
+    pub fn forward<T>(&self, f: impl FnOnce() -> T) -> Result<T, TrainError> {
+        Ok(autocast(self.precision, self.device(), f)?)
     }
 
     /// Back-propagates one micro-batch's loss, scaled by its share of the step's `units`

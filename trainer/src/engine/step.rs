@@ -102,7 +102,8 @@ impl<S: TrainStep> StepLoop<S> {
                 if samples.is_empty() {
                     continue;
                 }
-                let Some((sum, units)) = self.train_step.eval_loss(ctx, batch, samples)? else {
+                let Some((sum, units)) = self.engine.forward(|| self.train_step.eval_loss(ctx, batch, samples))??
+                else {
                     return Err(TrainError::setting(
                         "eval.every",
                         "this training loop has no held-out loss (it does not implement TrainStep::eval_loss)",
@@ -132,7 +133,7 @@ impl<S: TrainStep> TrainLoop for StepLoop<S> {
             if samples.is_empty() {
                 continue;
             }
-            let loss = self.train_step.loss(ctx, step, samples)?;
+            let loss = self.engine.forward(|| self.train_step.loss(ctx, step, samples))??;
             self.engine.backward(loss, units)?;
         }
         let mut out = self.engine.optimizer_step(ctx.collective.as_mut(), step)?;

@@ -144,6 +144,9 @@ where
     {
         tracing::error!(error = %e, "CUDA is not available");
     }
+    if spec.device == DeviceKind::Cuda {
+        crate::precision::set_tf32(spec.tf32)?;
+    }
     let threads = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     tch::set_num_threads(threads);
     tch::manual_seed(spec.seed as i64);

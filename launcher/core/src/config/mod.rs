@@ -16,8 +16,8 @@ pub use error::ConfigError;
 pub use overrides::apply_override;
 pub use resolve::{
     BUILTIN_PROGRAMS, BackendKind, CheckpointSpec, ClusterSpec, DEFAULT_EVAL_FRACTION, DataSpec, DeviceKind, EvalSpec,
-    FaultSpec, HeldOut, JobSpec, MAX_HOSTS, ModelSpec, OptimSpec, RoleProgram, RoleSpec, TRAINING_ROLE, TlsFiles,
-    TrainerKind, resolve,
+    FaultSpec, HeldOut, JobSpec, MAX_HOSTS, ModelSpec, OptimSpec, Precision, RoleProgram, RoleSpec, TRAINING_ROLE,
+    TlsFiles, TrainerKind, resolve,
 };
 pub use reward::{RewardKind, RewardSection, RewardSpec, resolve_reward};
 pub use schema::{
@@ -154,6 +154,12 @@ mod tests {
         assert!(e.contains("train.workers: must be at least 1"), "{e}");
         let e = load_str("[train]\ndevice = \"tpu\"", &[]).unwrap_err().to_string();
         assert!(e.contains("train.device") && e.contains("\"cuda\""), "{e}");
+        let e = load_str("[train]\nprecision = \"fp16\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.precision") && e.contains("\"bf16\""), "{e}");
+        let e = load_str("", &["train.tf32=1"]).unwrap_err().to_string();
+        assert!(e.contains("train.tf32"), "{e}");
+        let spec = load_str("[train]\nprecision = \"bf16\"\ntf32 = false", &[]).unwrap().spec;
+        assert_eq!((spec.precision, spec.tf32), (Precision::Bf16, false));
         let e = load_str("[train]\nbackend = \"nccl\"", &[]).unwrap_err().to_string();
         assert!(e.contains("train.backend") && e.contains("\"shm\", \"tcp\""), "{e}");
         let e = load_str("[model]\nn_head = 3", &[]).unwrap_err().to_string();

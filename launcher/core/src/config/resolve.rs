@@ -42,6 +42,11 @@ choice!(
     /// Where tensors live (`train.device`).
     DeviceKind, "a device", { Cpu = "cpu", Cuda = "cuda" }
 );
+choice!(
+    /// The forward pass's arithmetic (`train.precision`): float32, or bf16 autocast over float32
+    /// weights, gradients and optimizer state.
+    Precision, "a precision", { Fp32 = "fp32", Bf16 = "bf16" }
+);
 
 /// The trainer gang's collective backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +145,10 @@ pub struct JobSpec {
     pub cpus_per_worker: f64,
     pub collective_timeout: Duration,
     pub bucket_bytes: usize,
+    /// The forward pass's arithmetic; weights, gradients and optimizer state are float32 either way.
+    pub precision: Precision,
+    /// Float32 matmuls and convolutions on CUDA may use TF32 tensor cores.
+    pub tf32: bool,
     pub model: ModelSpec,
     pub data: DataSpec,
     pub rendezvous_timeout: Duration,
@@ -854,6 +863,8 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         cpus_per_worker,
         collective_timeout,
         bucket_bytes,
+        precision: train.precision,
+        tf32: train.tf32,
         model: ModelSpec {
             n_layer: model.n_layer,
             n_head: model.n_head,

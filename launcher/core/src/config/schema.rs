@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::choice::choice;
-use super::resolve::DeviceKind;
+use super::resolve::{DeviceKind, Precision};
 
 choice!(
     /// `train.trainer`: the built-in training loop.
@@ -147,6 +147,12 @@ pub struct TrainSection {
     pub collective_timeout_s: f64,
     /// DDP all-reduce bucket size in MiB.
     pub bucket_mb: f64,
+    /// `fp32`, or `bf16`: forward passes under bf16 autocast (matmuls in bf16, reductions and
+    /// losses in float32), with float32 weights, gradients and optimizer state.
+    pub precision: Precision,
+    /// Float32 matmuls and convolutions on CUDA use TF32 tensor cores (float32's range, a 10-bit
+    /// mantissa); `false` keeps them in full float32. No effect on CPU.
+    pub tf32: bool,
 }
 
 impl Default for TrainSection {
@@ -169,6 +175,8 @@ impl Default for TrainSection {
             cpus_per_worker: 1.0,
             collective_timeout_s: 120.0,
             bucket_mb: 25.0,
+            precision: Precision::Fp32,
+            tf32: true,
         }
     }
 }

@@ -1,0 +1,82 @@
+// The few libtorch settings that tch does not reach: autocast for a given device and dtype (tch
+// only toggles CUDA autocast, in float16) and TF32 on CUDA. Every entry point catches C++
+// exceptions and returns them as text, so none unwinds into Rust.
+
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
+
+#include <cstring>
+#include <exception>
+
+namespace {
+
+c10::DeviceType device_type(int cuda) { return cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU; }
+
+// Copies the message of the exception in flight into `err` (NUL-terminated, truncated to `len`).
+int fail(char* err, size_t len) {
+  const char* what = "unknown C++ exception";
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    what = e.what();
+  } catch (...) {
+  }
+  if (len > 0) {
+    std::strncpy(err, what, len - 1);
+    err[len - 1] = '\0';
+  }
+  return -1;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Enters an autocast region on `cuda` (else CPU) computing in bfloat16. The previous state goes to
+// `prev_enabled` and `prev_dtype`, for rtrain_autocast_exit.
+int rtrain_autocast_enter(int cuda, int* prev_enabled, int* prev_dtype, char* err, size_t len) {
+  try {
+    auto device = device_type(cuda);
+    *prev_enabled = at::autocast::is_autocast_enabled(device) ? 1 : 0;
+    *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(device));
+    at::autocast::set_autocast_dtype(device, at::kBFloat16);
+    at::autocast::set_autocast_enabled(device, true);
+    at::autocast::increment_nesting();
+    return 0;
+  } catch (...) {
+    return fail(err, len);
+  }
+}
+
+// Leaves the region rtrain_autocast_enter opened, restoring the state it saved. The outermost
+// region drops the cast copies of the weights, which the next optimizer step makes stale.
+int rtrain_autocast_exit(int cuda, int prev_enabled, int prev_dtype, char* err, size_t len) {
+  try {
+    auto device = device_type(cuda);
+    if (at::autocast::decrement_nesting() == 0) {
+      at::autocast::clear_cache();
+    }
+    at::autocast::set_autocast_enabled(device, prev_enabled != 0);
+    at::autocast::set_autocast_dtype(device, static_cast<c10::ScalarType>(prev_dtype));
+    return 0;
+  } catch (...) {
+    return fail(err, len);
+  }
+}
+
+// Lets float32 matmuls and convolutions on CUDA use TF32 tensor cores (`allow`), or keeps them in
+// full float32.
+int rtrain_set_tf32(int allow, char* err, size_t len) {
+  try {
+    at::globalContext().setAllowTF32CuBLAS(allow != 0);
+    at::globalContext().setAllowTF32CuDNN(allow != 0);
+    return 0;
+  } catch (...) {
+    return fail(err, len);
+  }
+}
+
+// Whether float32 matmuls on CUDA may use TF32, as libtorch reports it.
+int rtrain_tf32_allowed() { return at::globalContext().allowTF32CuBLAS() ? 1 : 0; }
+
+}  // extern "C"
