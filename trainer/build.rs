@@ -1,10 +1,10 @@
-//! Compiles `csrc/precision.cpp`, the libtorch settings tch does not reach, against the same
+//! Compiles `csrc/torch_extras.cpp`, the libtorch calls tch does not offer, against the same
 //! libtorch headers torch-sys uses (its `links = "tch"` metadata names the library folder).
 
 use std::path::PathBuf;
 
 fn main() {
-    println!("cargo:rerun-if-changed=csrc/precision.cpp");
+    println!("cargo:rerun-if-changed=csrc/torch_extras.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         panic!("torch-sys did not name its libtorch folder (DEP_TCH_LIBTORCH_LIB); run scripts/setup-libtorch.sh");
@@ -20,6 +20,6 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("csrc/precision.cpp")
-        .compile("rtrain_precision");
+        .file("csrc/torch_extras.cpp")
+        .compile("rtrain_torch_extras");
 }

@@ -18,6 +18,7 @@ pub mod precision;
 pub mod runtime;
 pub mod sft;
 pub mod snapshot;
+pub mod torch_extras;
 pub mod train_loop;
 
 pub use engine::{Engine, MicroLoss, StepLoop, TrainStep};

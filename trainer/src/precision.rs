@@ -5,42 +5,23 @@
 //! of matmul-like operators to bfloat16 and keeps reductions, softmax and losses in float32, as
 //! `torch.autocast(device, dtype=torch.bfloat16)` does. Backward runs outside the region (its
 //! operators follow the forward's dtypes). tch only toggles CUDA autocast in float16, so these
-//! settings go through a small C++ shim (`csrc/precision.cpp`) compiled against the same libtorch.
+//! settings go through [`crate::torch_extras`].
 
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::c_int;
 
 use tch::Device;
 
 pub use rtrain_core::config::Precision;
 
-unsafe extern "C" {
-    fn rtrain_autocast_enter(
-        cuda: c_int,
-        prev_enabled: *mut c_int,
-        prev_dtype: *mut c_int,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn rtrain_autocast_exit(cuda: c_int, prev_enabled: c_int, prev_dtype: c_int, err: *mut c_char, len: usize)
-    -> c_int;
-    fn rtrain_set_tf32(allow: c_int, err: *mut c_char, len: usize) -> c_int;
-    fn rtrain_tf32_allowed() -> c_int;
-}
+use crate::torch_extras::{call, ffi};
 
-/// A libtorch call of the shim failed; the text is libtorch's.
+/// A libtorch call for these settings failed; the text is libtorch's.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("libtorch refused a precision setting: {0}")]
 pub struct PrecisionError(String);
 
-/// Runs a shim entry point with a buffer for its error text.
-fn shim(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), PrecisionError> {
-    let mut err = [0 as c_char; 512];
-    if call(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim NUL-terminates what it writes within the buffer, which starts zeroed.
-    let text = unsafe { CStr::from_ptr(err.as_ptr()) };
-    Err(PrecisionError(text.to_string_lossy().into_owned()))
+fn shim(entry: impl FnOnce(*mut std::ffi::c_char, usize) -> c_int) -> Result<(), PrecisionError> {
+    call(entry).map_err(PrecisionError)
 }
 
 /// An autocast region: open while the guard lives. Regions nest; the outermost one's end drops
@@ -59,7 +40,7 @@ impl AutocastGuard {
         let cuda = c_int::from(device.is_cuda());
         let (mut prev_enabled, mut prev_dtype) = (0, 0);
         // SAFETY: the out-pointers are valid for the call; the shim catches every C++ exception.
-        shim(|err, len| unsafe { rtrain_autocast_enter(cuda, &mut prev_enabled, &mut prev_dtype, err, len) })?;
+        shim(|err, len| unsafe { ffi::rtrain_autocast_enter(cuda, &mut prev_enabled, &mut prev_dtype, err, len) })?;
         Ok(Self { cuda, prev_enabled, prev_dtype })
     }
 }
@@ -67,8 +48,9 @@ impl AutocastGuard {
 impl Drop for AutocastGuard {
     fn drop(&mut self) {
         // SAFETY: restores the state `bf16` saved; the shim catches every C++ exception.
-        let restored =
-            shim(|err, len| unsafe { rtrain_autocast_exit(self.cuda, self.prev_enabled, self.prev_dtype, err, len) });
+        let restored = shim(|err, len| unsafe {
+            ffi::rtrain_autocast_exit(self.cuda, self.prev_enabled, self.prev_dtype, err, len)
+        });
         if let Err(e) = restored {
             tracing::error!(error = %e, "cannot leave an autocast region");
         }
@@ -89,13 +71,13 @@ pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) 
 /// range), or keeps them in full float32. Process-wide; no effect on CPU.
 pub fn set_tf32(allow: bool) -> Result<(), PrecisionError> {
     // SAFETY: the shim catches every C++ exception.
-    shim(|err, len| unsafe { rtrain_set_tf32(c_int::from(allow), err, len) })
+    shim(|err, len| unsafe { ffi::rtrain_set_tf32(c_int::from(allow), err, len) })
 }
 
 /// Whether float32 matmuls on CUDA may use TF32 (libtorch's own answer).
 pub fn tf32_allowed() -> bool {
     // SAFETY: reads a flag of libtorch's global context.
-    unsafe { rtrain_tf32_allowed() != 0 }
+    unsafe { ffi::rtrain_tf32_allowed() != 0 }
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ fn rehoming_keeps_values_and_variables_alias_the_buffer() {
 }
 
 #[test]
-fn autograd_flows_through_views_and_gather_copies_grads() {
+fn autograd_flows_through_views_and_accumulates_into_the_buffer() {
     tch::manual_seed(1);
     let (x, y) = batch();
     // Two identical models: one re-homed, one left alone.
@@ -99,14 +99,40 @@ fn autograd_flows_through_views_and_gather_copies_grads() {
         assert!(want.abs().max().double_value(&[]) > 0.0, "{} has a zero grad", e.name);
     }
 
-    // A second backward accumulates; zero_grads resets the variables' grads.
-    model.loss(&x, &y).backward();
+    // The variables' .grad tensors are the buffer's slices: a second backward accumulates into
+    // the buffer itself, and zero_grads resets what the variables see.
     let doubled = flat.grads() * 2.0;
+    model.loss(&x, &y).backward();
+    assert!((flat.grads() - &doubled).abs().max().double_value(&[]) < 1e-6);
     flat.gather_grads();
     assert!((flat.grads() - doubled).abs().max().double_value(&[]) < 1e-6);
     flat.zero_grads();
+    let vars = vs.variables();
+    assert!(vars.values().all(|v| v.grad().abs().max().double_value(&[]) == 0.0));
     flat.gather_grads();
     assert_eq!(flat.grads().abs().max().double_value(&[]), 0.0);
+}
+
+#[test]
+fn a_replaced_grad_is_gathered_and_the_view_put_back() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let mut a = root.var("a", &[3], nn::Init::Const(1.0));
+    let _b = root.var("b", &[2], nn::Init::Const(1.0));
+    let mut flat = FlatParams::new(&vs);
+    // Code of its own gives `a` a separate .grad tensor.
+    rtrain_trainer::torch_extras::set_grad(&mut a, &Tensor::from_slice(&[1.0f32, 2.0, 3.0])).unwrap();
+    (&a * 2.0).sum(Kind::Float).backward();
+    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [0.0; 5], "the buffer saw a detached grad");
+    flat.gather_grads();
+    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [3.0, 4.0, 5.0, 0.0, 0.0]);
+    // The view is back: the next backward lands in the buffer.
+    (&a * 1.0).sum(Kind::Float).backward();
+    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [4.0, 5.0, 6.0, 0.0, 0.0]);
+    // A mismatched tensor is refused with a reason.
+    let e =
+        rtrain_trainer::torch_extras::set_grad(&mut a, &Tensor::zeros([2], (Kind::Float, Device::Cpu))).unwrap_err();
+    assert!(e.contains("shape"), "{e}");
 }
 
 #[test]
@@ -116,10 +142,14 @@ fn gather_writes_zeros_for_variables_without_grad() {
     let used = root.var("a_used", &[3], nn::Init::Const(1.0));
     let _unused = root.var("b_unused", &[2], nn::Init::Const(1.0));
     let mut flat = FlatParams::new(&vs);
-    let _ = flat.grads_mut().fill_(9.0);
     (&used * 3.0).sum(Kind::Float).backward();
     flat.gather_grads();
     assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [3.0, 3.0, 3.0, 0.0, 0.0]);
+    // After a step's zero_grads, a variable that gets no gradient reads zeros again.
+    flat.zero_grads();
+    (&used * 1.0).sum(Kind::Float).backward();
+    flat.gather_grads();
+    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [1.0, 1.0, 1.0, 0.0, 0.0]);
     assert_eq!(flat.decay_numel(), 0);
 }
 

@@ -81,7 +81,20 @@ impl FlatParams {
                 vars.push(var);
             }
         });
-        Self { params, grads, entries, vars, decay_numel }
+        let mut flat = Self { params, grads, entries, vars, decay_numel };
+        flat.attach_grads();
+        flat
+    }
+
+    /// Makes each variable's `.grad` its slice of the flat gradient buffer, so backward
+    /// accumulates straight into the buffer: no per-variable gradient tensors, no gather copy.
+    fn attach_grads(&mut self) {
+        for (var, entry) in self.vars.iter_mut().zip(&self.entries) {
+            let slot = self.grads.narrow(0, entry.offset, entry.numel()).view(entry.shape.as_slice());
+            if let Err(e) = crate::torch_extras::set_grad(var, &slot) {
+                panic!("cannot make {}'s .grad a view of the flat gradient buffer: {e}", entry.name);
+            }
+        }
     }
 
     /// The flat parameter buffer; the model's variables are views of it.
@@ -89,7 +102,7 @@ impl FlatParams {
         &self.params
     }
 
-    /// The flat gradient buffer, filled by [`FlatParams::gather_grads`].
+    /// The flat gradient buffer, which the variables' `.grad` tensors are views of.
     pub fn grads(&self) -> &Tensor {
         &self.grads
     }
@@ -99,13 +112,20 @@ impl FlatParams {
         &mut self.grads
     }
 
-    /// Copies each variable's `.grad` into the flat gradient buffer (zeros where a variable has
-    /// no gradient, e.g. unused in the forward pass).
+    /// Makes sure the flat gradient buffer holds every variable's gradient. Backward accumulates
+    /// into it already (the `.grad` tensors are views of it); a variable whose `.grad` was
+    /// replaced since (code that sets it to `None` or to a tensor of its own) has it copied in
+    /// (zeros where it has none) and the view put back.
     pub fn gather_grads(&mut self) {
+        let mut detached = false;
         tch::no_grad(|| {
             for (var, entry) in self.vars.iter().zip(&self.entries) {
                 let mut slot = self.grads.narrow(0, entry.offset, entry.numel());
                 let grad = var.grad();
+                if grad.defined() && grad.data_ptr() == slot.data_ptr() {
+                    continue;
+                }
+                detached = true;
                 if grad.defined() {
                     slot.copy_(&grad.reshape([-1]));
                 } else {
@@ -113,25 +133,28 @@ impl FlatParams {
                 }
             }
         });
+        if detached {
+            self.attach_grads();
+        }
     }
 
     /// Replaces the flat gradient buffer (before any step) with `buffer`, e.g. memory a
     /// collective reduces in place. It must match the current buffer's length, dtype and device.
-    pub fn set_grad_buffer(&mut self, buffer: Tensor) {
+    pub fn set_grad_buffer(&mut self, mut buffer: Tensor) {
         assert_eq!(
             (buffer.size(), buffer.kind(), buffer.device()),
             (self.grads.size(), self.grads.kind(), self.grads.device()),
             "a flat gradient buffer must match the one it replaces"
         );
+        tch::no_grad(|| buffer.copy_(&self.grads));
         self.grads = buffer;
+        self.attach_grads();
     }
 
-    /// Zeroes the variables' own `.grad` tensors so the next backward starts a fresh accumulation.
-    /// The flat gradient buffer is left as is; `gather_grads` overwrites it.
+    /// Zeroes the gradients (the flat buffer, which the `.grad` tensors are views of) so the
+    /// next backward starts a fresh accumulation.
     pub fn zero_grads(&mut self) {
-        for var in &mut self.vars {
-            var.zero_grad();
-        }
+        let _ = tch::no_grad(|| self.grads.zero_());
     }
 
     /// Scales the flat gradients in place so their global L2 norm is at most `max_norm`, and returns

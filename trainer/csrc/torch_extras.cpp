@@ -1,8 +1,9 @@
 // The few libtorch settings that tch does not reach: autocast for a given device and dtype (tch
-// only toggles CUDA autocast, in float16) and TF32 on CUDA. Every entry point catches C++
-// exceptions and returns them as text, so none unwinds into Rust.
+// only toggles CUDA autocast, in float16), TF32 on CUDA, and a variable's `.grad` tensor. Every
+// entry point catches C++ exceptions and returns them as text, so none unwinds into Rust.
 
 #include <ATen/Context.h>
+#include <ATen/Tensor.h>
 #include <ATen/autocast_mode.h>
 
 #include <cstring>
@@ -70,6 +71,20 @@ int rtrain_set_tf32(int allow, char* err, size_t len) {
   try {
     at::globalContext().setAllowTF32CuBLAS(allow != 0);
     at::globalContext().setAllowTF32CuDNN(allow != 0);
+    return 0;
+  } catch (...) {
+    return fail(err, len);
+  }
+}
+
+// Makes `grad` the `.grad` of `var`. Backward then accumulates into it in place (libtorch adds to a
+// defined `.grad` when it builds no graph of the gradient), so `grad` may be a view of a larger
+// buffer. Shapes, dtypes and devices must match; they are checked here.
+int rtrain_set_grad(at::Tensor* var, const at::Tensor* grad, char* err, size_t len) {
+  try {
+    TORCH_CHECK(var->sizes() == grad->sizes() && var->dtype() == grad->dtype() && var->device() == grad->device(),
+                "a .grad must match its variable's shape, dtype and device");
+    var->mutable_grad() = *grad;
     return 0;
   } catch (...) {
     return fail(err, len);
