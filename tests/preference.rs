@@ -145,6 +145,21 @@ fn dpo_starts_at_log_two_and_its_loss_does_not_depend_on_the_split() {
     assert!(config.contains("LlamaForCausalLM"), "DPO exports the policy: {config}");
 }
 
+/// Under bf16 autocast the reference log-probs are computed in the precision the policy trains
+/// in: before the first update every log-ratio is still exactly 0.
+#[test]
+fn dpo_in_bf16_starts_at_log_two() {
+    let dir = tempfile::tempdir().unwrap();
+    write_pairs(dir.path(), 40);
+    let out = launch(&job(dir.path(), "bf16", "dpo", 1, 1, 2), &["train.precision=\"bf16\""]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = dir.path().join("bf16");
+    let losses: Vec<f64> = metrics(&run).iter().filter_map(|r| r.get("loss").and_then(|l| l.as_f64())).collect();
+    let first = losses[0];
+    assert!((first - 2f64.ln()).abs() < 1e-6, "first loss {first}");
+    assert_eq!(eval(&run, "eval_before")["margin"], 0.0, "before training the implicit rewards are all 0");
+}
+
 #[test]
 fn killed_preference_workers_recover_exactly() {
     let dir = tempfile::tempdir().unwrap();

@@ -91,7 +91,14 @@ int rtrain_set_grad(at::Tensor* var, const at::Tensor* grad, char* err, size_t l
   }
 }
 
-// Whether float32 matmuls on CUDA may use TF32, as libtorch reports it.
-int rtrain_tf32_allowed() { return at::globalContext().allowTF32CuBLAS() ? 1 : 0; }
+// Whether float32 matmuls on CUDA may use TF32, as libtorch reports it, into `allowed`.
+int rtrain_tf32_allowed(int* allowed, char* err, size_t len) {
+  try {
+    *allowed = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+    return 0;
+  } catch (...) {
+    return fail(err, len);
+  }
+}
 
 }  // extern "C"

@@ -36,8 +36,9 @@ impl Ddp {
         &mut self.params
     }
 
-    /// Copies the accumulated gradients into the flat buffer and averages it across ranks
-    /// (sync point: every rank must call this in the same step).
+    /// Averages the accumulated gradients (already in the flat buffer, see
+    /// [`FlatParams::gather_grads`]) across ranks (sync point: every rank must call this in the
+    /// same step).
     pub fn sync_grads(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
         self.params.gather_grads();
         if collective.world_size() == 1 {

@@ -8,6 +8,7 @@
 //! settings go through [`crate::torch_extras`].
 
 use std::ffi::c_int;
+use std::marker::PhantomData;
 
 use tch::Device;
 
@@ -24,14 +25,16 @@ fn shim(entry: impl FnOnce(*mut std::ffi::c_char, usize) -> c_int) -> Result<(),
     call(entry).map_err(PrecisionError)
 }
 
-/// An autocast region: open while the guard lives. Regions nest; the outermost one's end drops
-/// the cached bf16 copies of the weights, so the next forward casts the updated ones.
+/// An autocast region: open while the guard lives, on the thread that opened it (autocast is
+/// per thread, so the guard cannot leave it). Regions nest; the outermost one's end drops the
+/// cached bf16 copies of the weights, so the next forward casts the updated ones.
 #[must_use = "autocast is on only while the guard lives"]
 #[derive(Debug)]
 pub struct AutocastGuard {
     cuda: c_int,
     prev_enabled: c_int,
     prev_dtype: c_int,
+    _this_thread: PhantomData<*const ()>,
 }
 
 impl AutocastGuard {
@@ -41,7 +44,7 @@ impl AutocastGuard {
         let (mut prev_enabled, mut prev_dtype) = (0, 0);
         // SAFETY: the out-pointers are valid for the call; the shim catches every C++ exception.
         shim(|err, len| unsafe { ffi::rtrain_autocast_enter(cuda, &mut prev_enabled, &mut prev_dtype, err, len) })?;
-        Ok(Self { cuda, prev_enabled, prev_dtype })
+        Ok(Self { cuda, prev_enabled, prev_dtype, _this_thread: PhantomData })
     }
 }
 
@@ -75,9 +78,11 @@ pub fn set_tf32(allow: bool) -> Result<(), PrecisionError> {
 }
 
 /// Whether float32 matmuls on CUDA may use TF32 (libtorch's own answer).
-pub fn tf32_allowed() -> bool {
-    // SAFETY: reads a flag of libtorch's global context.
-    unsafe { ffi::rtrain_tf32_allowed() != 0 }
+pub fn tf32_allowed() -> Result<bool, PrecisionError> {
+    let mut allowed = 0;
+    // SAFETY: the out-pointer is valid for the call; the shim catches every C++ exception.
+    shim(|err, len| unsafe { ffi::rtrain_tf32_allowed(&mut allowed, err, len) })?;
+    Ok(allowed != 0)
 }
 
 #[cfg(test)]
@@ -117,8 +122,8 @@ mod tests {
     #[test]
     fn the_tf32_switch_reaches_libtorch() {
         set_tf32(true).unwrap();
-        assert!(tf32_allowed());
+        assert!(tf32_allowed().unwrap());
         set_tf32(false).unwrap();
-        assert!(!tf32_allowed());
+        assert!(!tf32_allowed().unwrap());
     }
 }

@@ -27,7 +27,7 @@ pub(crate) mod ffi {
             len: usize,
         ) -> c_int;
         pub fn rtrain_set_tf32(allow: c_int, err: *mut c_char, len: usize) -> c_int;
-        pub fn rtrain_tf32_allowed() -> c_int;
+        pub fn rtrain_tf32_allowed(allowed: *mut c_int, err: *mut c_char, len: usize) -> c_int;
         pub fn rtrain_set_grad(var: *mut C_tensor, grad: *const C_tensor, err: *mut c_char, len: usize) -> c_int;
     }
 }

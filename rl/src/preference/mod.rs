@@ -24,6 +24,7 @@ use rtrain_core::job_client::JobClient;
 use rtrain_trainer::collective::ReduceOp;
 use rtrain_trainer::data::Epochs;
 use rtrain_trainer::hf::Tokenizer;
+use rtrain_trainer::precision::autocast;
 use rtrain_trainer::{
     Fingerprint, LoopState, MicroLoss, StepLoop, StepOutput, TrainContext, TrainError, TrainLoop, TrainStep,
 };
@@ -260,7 +261,11 @@ impl PreferenceLoop {
                 let pairs: Vec<&Pair> = chunk.iter().map(|&i| &self.eval[i]).collect();
                 let batch = PairBatch::new(&pairs, step.pad);
                 let reference = self.eval_reference.as_ref().map(|table| reference_rows(table, chunk));
-                sums.add(&step.learner.terms_with(&batch, ctx.device, reference.as_ref())?);
+                let terms = self
+                    .inner
+                    .engine()
+                    .forward(|| step.learner.terms_with(&batch, ctx.device, reference.as_ref()))??;
+                sums.add(&terms);
             }
             Ok(())
         })?;
@@ -343,10 +348,12 @@ fn reference_table(
     let mut table = Tensor::zeros([pairs.len() as i64, 2], (Kind::Float, tch::Device::Cpu));
     for (c, chunk) in pairs.chunks(REFERENCE_CHUNK).enumerate().filter(|(c, _)| c % ctx.world_size == ctx.rank) {
         let refs: Vec<&Pair> = chunk.iter().collect();
-        let lp = learner
-            .reference_log_probs(&PairBatch::new(&refs, pad), ctx.device)
-            .ok_or_else(|| TrainError::other("the DPO reference model was released too early"))?
-            .to_device(tch::Device::Cpu);
+        // In the precision the policy trains in, so that the two agree before the first step.
+        let lp = autocast(ctx.spec.precision, ctx.device, || {
+            learner.reference_log_probs(&PairBatch::new(&refs, pad), ctx.device)
+        })?
+        .ok_or_else(|| TrainError::other("the DPO reference model was released too early"))?
+        .to_device(tch::Device::Cpu);
         let m = chunk.len() as i64;
         table
             .narrow(0, (c * REFERENCE_CHUNK) as i64, m)

@@ -90,7 +90,9 @@ impl FlatParams {
     /// accumulates straight into the buffer: no per-variable gradient tensors, no gather copy.
     fn attach_grads(&mut self) {
         for (var, entry) in self.vars.iter_mut().zip(&self.entries) {
-            let slot = self.grads.narrow(0, entry.offset, entry.numel()).view(entry.shape.as_slice());
+            // Detached: the same memory, but no autograd view, so code that zeroes a `.grad` the
+            // usual way (`detach_()` then `zero_()`, as tch's `zero_grad` does) may still.
+            let slot = self.grads.narrow(0, entry.offset, entry.numel()).view(entry.shape.as_slice()).detach();
             if let Err(e) = crate::torch_extras::set_grad(var, &slot) {
                 panic!("cannot make {}'s .grad a view of the flat gradient buffer: {e}", entry.name);
             }
