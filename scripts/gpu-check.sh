@@ -8,7 +8,8 @@
 #     float32 with TF32 matmuls (both defaults) and in bf16 autocast;
 #   - bf16 autocast training on GPU against float32 (per-step loss difference);
 #   - with 2 or more GPUs: DDP over NCCL against CPU, placement under a restricted
-#     CUDA_VISIBLE_DEVICES, and `rtrain bench allreduce --backend nccl`.
+#     CUDA_VISIBLE_DEVICES, GRPO with its rollout actor on a GPU of its own (the actor's and the
+#     trainer's log-probs of the same tokens must agree), and `rtrain bench allreduce --backend nccl`.
 # It exits non-zero, naming each failed check, when any fails.
 #
 # No Rust toolchain is needed here: build on another machine with
@@ -213,6 +214,24 @@ placement_under_visible_devices() {
   [[ -n "$seen" && "$seen" == "$allowed" ]]
 }
 
+grpo_with_gpu_actors() {
+  # A base model fine-tuned briefly on GPU, then GRPO: 1 trainer and 1 actor, each on its GPU,
+  # TF32 off so that both compute the policy's log-probs in full float32.
+  local gpu=(--set train.device=cuda --set train.tf32=false)
+  launch grpo-sft configs/grpo_arith_sft.toml "${gpu[@]}" --set train.steps=20 --set "job.run_dir=$WORK/grpo" || return 1
+  launch grpo configs/grpo_arith.toml "${gpu[@]}" --set train.steps=4 --set rl.rollout_workers=1 \
+    --set rl.prompts_per_step=4 --set rl.group_size=4 --set rl.eval_max=20 \
+    --set "model.path=$WORK/grpo/arith_sft/model" --set "job.run_dir=$WORK/grpo" || return 1
+  python3 - "$WORK/grpo/grpo_arith/metrics.jsonl" <<'PY'
+import json, sys
+steps = [m for m in map(json.loads, open(sys.argv[1])) if m.get("role") == "trainer" and "reward_mean" in m]
+gaps = [m["behaviour_gap"] for m in steps]
+print(f"{len(steps)} GRPO steps with the actor on a GPU: samples {[m['samples'] for m in steps]}, "
+      f"max |trainer - actor| log-prob {max(gaps):.3g} (tolerance 1e-3)")
+sys.exit(0 if len(steps) == 4 and max(gaps) < 1e-3 and all(m["samples"] == 16 for m in steps) else 1)
+PY
+}
+
 allreduce_nccl() {
   "$RTRAIN" bench allreduce --backend nccl --ranks "$NGPU" --max-mib 256 --iters 5
 }
@@ -228,10 +247,11 @@ if (( NGPU >= 2 )); then
   check "GPT demo tokens/s, 2 GPUs, bf16: rtrain and PyTorch DDP" gpt_tokens_per_s 2 bf16
   check "DDP over NCCL against CPU, 2 workers" ddp_nccl_vs_cpu
   check "placement under CUDA_VISIBLE_DEVICES" placement_under_visible_devices
+  check "GRPO with its rollout actor on a GPU" grpo_with_gpu_actors
   check "bench allreduce --backend nccl, $NGPU ranks" allreduce_nccl
 else
   echo
-  echo "== only 1 GPU: skipping DDP over NCCL, placement and the NCCL all-reduce benchmark"
+  echo "== only 1 GPU: skipping DDP over NCCL, placement, GPU rollout actors and the NCCL all-reduce benchmark"
 fi
 
 echo

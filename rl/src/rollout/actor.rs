@@ -1,6 +1,6 @@
 //! The rollout actor: the built-in program of the `rollout` role (`rtrain-worker role rollout`).
 //!
-//! It loads the policy's model folder, finds the trainer's rollout controller through the job's
+//! It loads the policy's model folder (on the job's device: CPU, or a GPU of its own), finds the trainer's rollout controller through the job's
 //! address book, and then loops: ask for prompts, bring its weights up to the version the work
 //! needs (through shared memory from the trainer), generate `rl.group_size` samples per prompt,
 //! score them and hand them in. When the trainer restarts, the connection breaks: the actor looks
@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use rtrain_core::config::rl::{ROLLOUT_ROLE, RlSpec, WeightSyncChoice};
-use rtrain_core::config::{JobSpec, TRAINING_ROLE, TrainerKind};
+use rtrain_core::config::{DeviceKind, JobSpec, TRAINING_ROLE, TrainerKind};
 use rtrain_core::contract::WorkerEnv;
 use rtrain_core::job_client::JobClient;
 use rtrain_trainer::hf::{HfModel, SamplingParams, Tokenizer, generate_groups};
@@ -90,8 +90,9 @@ fn run() -> Result<(), ActorError> {
     let TrainerKind::Rl { model, .. } = &spec.trainer else {
         return Err(ActorError::Setup(format!("the {ROLLOUT_ROLE} program feeds an RL trainer; this job has none")));
     };
+    let device = actor_device(&spec)?;
     let setup = RlSetup::load(&spec).map_err(|e| ActorError::Setup(e.to_string()))?;
-    let mut loaded = HfModel::load(model, Device::Cpu).map_err(|e| ActorError::Setup(e.to_string()))?;
+    let mut loaded = HfModel::load(model, device).map_err(|e| ActorError::Setup(e.to_string()))?;
     loaded.vs.freeze();
     let mut vars: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -125,6 +126,21 @@ fn run() -> Result<(), ActorError> {
                 std::thread::sleep(Duration::from_millis(200));
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Where the actor generates: on the job's `train.device`. On CUDA the launcher gives each actor
+/// its own GPU (`CUDA_VISIBLE_DEVICES` lists it alone, so it is device 0), libtorch's CUDA backend
+/// is loaded before any other tch call, and float32 matmuls follow `train.tf32` as the trainer's
+/// do, so that both compute the policy's log-probs alike.
+fn actor_device(spec: &JobSpec) -> Result<Device, ActorError> {
+    match spec.device {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda => {
+            rtrain_trainer::cuda::require_cuda(0).map_err(|e| ActorError::Setup(e.to_string()))?;
+            rtrain_trainer::precision::set_tf32(spec.tf32).map_err(|e| ActorError::Setup(e.to_string()))?;
+            Ok(Device::Cuda(0))
         }
     }
 }
@@ -338,5 +354,31 @@ impl Actor {
             results.push(GroupResult { id: item.id, samples, gen_seconds, sync_seconds, actor: self.env.rank as u32 });
         }
         Ok(results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(device: &str) -> JobSpec {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, format!("[train]\ndevice = \"{device}\"\n")).unwrap();
+        rtrain_core::config::load(&path, &[]).unwrap().spec
+    }
+
+    #[test]
+    fn actors_generate_on_the_jobs_device() {
+        assert_eq!(actor_device(&spec("cpu")).unwrap(), Device::Cpu);
+        // On a machine with a GPU and PyTorch's CUDA libraries the actor takes its GPU; elsewhere
+        // it stops with what is missing.
+        match actor_device(&spec("cuda")) {
+            Ok(device) => assert_eq!(device, Device::Cuda(0)),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("CUDA") && e.contains("train.device = \"cpu\""), "{e}");
+            }
+        }
     }
 }
