@@ -214,6 +214,8 @@ where
         grad_accum = spec.grad_accum,
         attempt = env.attempt,
         backend,
+        precision = %spec.precision,
+        tf32 = spec.device == DeviceKind::Cuda && spec.tf32,
         "joined the gang"
     );
 
