@@ -7,9 +7,10 @@
 #   - GPT demo tokens/s on GPU, rtrain and PyTorch DDP (nccl) side by side, on the same spec, in
 #     float32 with TF32 matmuls (both defaults) and in bf16 autocast;
 #   - bf16 autocast training on GPU against float32 (per-step loss difference);
+#   - GRPO with its rollout actor on the trainer's GPU (`rl.colocate`), and with 2 or more GPUs on
+#     a GPU of its own: the actor's and the trainer's log-probs of the same tokens must agree;
 #   - with 2 or more GPUs: DDP over NCCL against CPU, placement under a restricted
-#     CUDA_VISIBLE_DEVICES, GRPO with its rollout actor on a GPU of its own (the actor's and the
-#     trainer's log-probs of the same tokens must agree), and `rtrain bench allreduce --backend nccl`.
+#     CUDA_VISIBLE_DEVICES, and `rtrain bench allreduce --backend nccl`.
 # It exits non-zero, naming each failed check, when any fails.
 #
 # No Rust toolchain is needed here: build on another machine with
@@ -214,15 +215,16 @@ placement_under_visible_devices() {
   [[ -n "$seen" && "$seen" == "$allowed" ]]
 }
 
+# grpo_with_gpu_actors COLOCATE: a base model fine-tuned briefly on GPU, then GRPO with 1 trainer
+# and 1 actor on GPU, the actor on the trainer's GPU (true) or its own (false); TF32 off so that
+# both compute the policy's log-probs in full float32.
 grpo_with_gpu_actors() {
-  # A base model fine-tuned briefly on GPU, then GRPO: 1 trainer and 1 actor, each on its GPU,
-  # TF32 off so that both compute the policy's log-probs in full float32.
-  local gpu=(--set train.device=cuda --set train.tf32=false)
-  launch grpo-sft configs/grpo_arith_sft.toml "${gpu[@]}" --set train.steps=20 --set "job.run_dir=$WORK/grpo" || return 1
-  launch grpo configs/grpo_arith.toml "${gpu[@]}" --set train.steps=4 --set rl.rollout_workers=1 \
-    --set rl.prompts_per_step=4 --set rl.group_size=4 --set rl.eval_max=20 \
-    --set "model.path=$WORK/grpo/arith_sft/model" --set "job.run_dir=$WORK/grpo" || return 1
-  python3 - "$WORK/grpo/grpo_arith/metrics.jsonl" <<'PY'
+  local colocate=$1 dir="$WORK/grpo-$1" gpu=(--set train.device=cuda --set train.tf32=false)
+  launch "grpo-sft-$1" configs/grpo_arith_sft.toml "${gpu[@]}" --set train.steps=20 --set "job.run_dir=$dir" || return 1
+  launch "grpo-$1" configs/grpo_arith.toml "${gpu[@]}" --set "rl.colocate=$colocate" --set train.steps=4 \
+    --set rl.rollout_workers=1 --set rl.prompts_per_step=4 --set rl.group_size=4 --set rl.eval_max=20 \
+    --set "model.path=$dir/arith_sft/model" --set "job.run_dir=$dir" || return 1
+  python3 - "$dir/grpo_arith/metrics.jsonl" <<'PY'
 import json, sys
 steps = [m for m in map(json.loads, open(sys.argv[1])) if m.get("role") == "trainer" and "reward_mean" in m]
 gaps = [m["behaviour_gap"] for m in steps]
@@ -240,6 +242,7 @@ check "score: GPU against CPU" score_gpu_vs_cpu
 check "SFT: GPU against CPU, per-step loss" sft_gpu_vs_cpu
 check "resume on GPU" resume_on_gpu
 check "bf16 autocast against float32 on GPU, per-step loss" bf16_vs_fp32_on_gpu
+check "GRPO with its rollout actor on the trainer's GPU" grpo_with_gpu_actors true
 check "GPT demo tokens/s, 1 GPU, fp32 + TF32: rtrain and PyTorch DDP" gpt_tokens_per_s 1 fp32
 check "GPT demo tokens/s, 1 GPU, bf16: rtrain and PyTorch DDP" gpt_tokens_per_s 1 bf16
 if (( NGPU >= 2 )); then
@@ -247,11 +250,11 @@ if (( NGPU >= 2 )); then
   check "GPT demo tokens/s, 2 GPUs, bf16: rtrain and PyTorch DDP" gpt_tokens_per_s 2 bf16
   check "DDP over NCCL against CPU, 2 workers" ddp_nccl_vs_cpu
   check "placement under CUDA_VISIBLE_DEVICES" placement_under_visible_devices
-  check "GRPO with its rollout actor on a GPU" grpo_with_gpu_actors
+  check "GRPO with its rollout actor on a GPU of its own" grpo_with_gpu_actors false
   check "bench allreduce --backend nccl, $NGPU ranks" allreduce_nccl
 else
   echo
-  echo "== only 1 GPU: skipping DDP over NCCL, placement, GPU rollout actors and the NCCL all-reduce benchmark"
+  echo "== only 1 GPU: skipping DDP over NCCL, placement, a rollout actor on a GPU of its own and the NCCL all-reduce benchmark"
 fi
 
 echo

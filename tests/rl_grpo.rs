@@ -229,8 +229,9 @@ fn at_a_temperature_the_behaviour_and_trainer_log_probs_are_of_the_tempered_poli
 
 #[test]
 fn rl_configs_with_mistakes_are_refused_naming_the_key() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["rl.group_size=1"], "rl.group_size"),
+        (&["rl.colocate=true"], "rl.colocate"),
         (&["rl.prompts_per_step=3", "train.workers=2"], "rl.prompts_per_step"),
         (&["rl.mini_batch=5"], "rl.mini_batch"),
         (&["rl.tis_cap=0.5"], "rl.tis_cap"),

@@ -137,6 +137,29 @@ pub enum ScheduleError {
         per_worker: usize,
         size_key: String,
     },
+    #[error(
+        "role {role} runs on the training role's GPUs ({key}), but no training rank with a GPU is on the driver's \
+         host, where {role} runs"
+    )]
+    NoTrainingGpus { role: String, key: String },
+}
+
+/// Gives each process of a role that runs on the training role's GPUs (`placements`, all on the
+/// driver's host) the GPUs of training rank i mod k, over the k training ranks on that host.
+pub fn share_training_gpus(
+    role: &str,
+    key: &str,
+    placements: &mut [RankPlacement],
+    training: &[RankPlacement],
+) -> Result<(), ScheduleError> {
+    let beside: Vec<&RankPlacement> = training.iter().filter(|t| t.node == 0 && !t.gpus.is_empty()).collect();
+    if beside.is_empty() && !placements.is_empty() {
+        return Err(ScheduleError::NoTrainingGpus { role: role.into(), key: key.into() });
+    }
+    for (i, p) in placements.iter_mut().enumerate() {
+        p.gpus = beside[i % beside.len()].gpus.clone();
+    }
+    Ok(())
 }
 
 /// Shares are compared with this slack, so 4 × 0.25 fills a core.
@@ -412,6 +435,25 @@ mod tests {
         assert_eq!(p[0][0].gpus, vec![0, 1]);
         assert_eq!(p[0][1].gpus, vec![2, 3]);
         assert_eq!(p[1][0].gpus, vec![4]);
+    }
+
+    #[test]
+    fn colocated_processes_share_the_gpus_of_the_training_ranks_on_the_drivers_host() {
+        // One GPU: the trainer takes it, two actors asking for none run beside it.
+        let mut p = place_job(&[group("trainer", 1, 1, 1.0, 1), group("rollout", 2, 2, 0.5, 0)], node(4, 1)).unwrap();
+        let gang = p[0].clone();
+        share_training_gpus("rollout", "rl.colocate", &mut p[1], &gang).unwrap();
+        assert_eq!(p[1].iter().map(|r| r.gpus.clone()).collect::<Vec<_>>(), vec![vec![0], vec![0]]);
+        // Three actors over two trainer ranks: round robin.
+        let mut p = place_job(&[group("trainer", 2, 2, 1.0, 1), group("rollout", 3, 3, 0.5, 0)], node(4, 2)).unwrap();
+        let gang = p[0].clone();
+        share_training_gpus("rollout", "rl.colocate", &mut p[1], &gang).unwrap();
+        assert_eq!(p[1].iter().map(|r| r.gpus.clone()).collect::<Vec<_>>(), vec![vec![0], vec![1], vec![0]]);
+        // No training rank with a GPU on the driver's host: named, not a panic.
+        let mut cpu = place_job(&[group("trainer", 1, 1, 1.0, 0), group("rollout", 1, 1, 0.5, 0)], node(4, 0)).unwrap();
+        let gang = cpu[0].clone();
+        let e = share_training_gpus("rollout", "rl.colocate", &mut cpu[1], &gang).unwrap_err().to_string();
+        assert!(e.contains("rollout") && e.contains("rl.colocate"), "{e}");
     }
 
     #[test]

@@ -603,7 +603,7 @@ fn print_training(s: &config::JobSpec) {
         s.global_batch, s.workers, s.micro_batch, s.grad_accum, s.tokens_per_step
     );
     println!(
-        "  {} steps, lr {:e} (warm-up {}, cosine to {:e}), device {:?}, backend {}",
+        "  {} steps, lr {:e} (warm-up {}, cosine to {:e}), device {}, backend {}, precision {}{}",
         s.steps,
         s.optim.lr,
         s.optim.warmup_steps,
@@ -612,7 +612,9 @@ fn print_training(s: &config::JobSpec) {
         match s.backend {
             config::BackendKind::Shm { or_tcp: true } => "shm (tcp where shared memory is unavailable)",
             other => other.name(),
-        }
+        },
+        s.precision,
+        if s.device == config::DeviceKind::Cuda && s.tf32 { ", TF32 matmuls" } else { "" }
     );
     println!(
         "  checkpoints every {} steps (and the last), keep {} newest{}; {} infrastructure and {} training-code restarts",
@@ -699,10 +701,8 @@ fn print_role(s: &config::JobSpec, r: &config::RoleSpec) {
         (config::RoleProgram::Worker, _) => "built-in trainer".into(),
         (other, _) => other.to_string(),
     };
-    println!(
-        "    {}: {size} × ({} CPU, {} GPU); {restart}; runs: {program}",
-        r.name, r.cpus_per_worker, r.gpus_per_worker
-    );
+    let gpus = if r.on_training_gpus { "the trainer's GPUs".to_string() } else { format!("{} GPU", r.gpus_per_worker) };
+    println!("    {}: {size} × ({} CPU, {gpus}); {restart}; runs: {program}", r.name, r.cpus_per_worker);
 }
 
 /// A before/after table of held-out scores (`eval_before` and `eval_after` of `doc`), one row

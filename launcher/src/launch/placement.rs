@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::{Launch, group_requests};
 use crate::config::JobSpec;
 use crate::hosts::RemoteHost;
-use crate::scheduler::{NodeResources, RankPlacement, ScheduleError, place_job, place_over_hosts};
+use crate::scheduler::{NodeResources, RankPlacement, ScheduleError, place_job, place_over_hosts, share_training_gpus};
 
 /// Every role's ranks, in the order of `spec.roles`, over `hosts` (the driver's first); `fixed`
 /// pins the sizes of the roles besides the training role.
@@ -20,13 +20,25 @@ pub(super) fn place_roles(
 ) -> Result<Vec<Vec<RankPlacement>>, ScheduleError> {
     let requests = group_requests(spec, fixed);
     let training = spec.roles.iter().position(|r| r.training);
-    let (Some(t), true) = (training, hosts.len() > 1) else {
-        return place_job(&requests, hosts.first().copied().unwrap_or_else(NodeResources::local));
+    let mut placed = match (training, hosts.len() > 1) {
+        (Some(t), true) => {
+            let side: Vec<_> = requests.iter().enumerate().filter(|(i, _)| *i != t).map(|(_, g)| g.clone()).collect();
+            let (gang, side) = place_over_hosts(&requests[t], &side, hosts)?;
+            let mut side = side.into_iter();
+            (0..requests.len()).map(|i| if i == t { gang.clone() } else { side.next().unwrap_or_default() }).collect()
+        }
+        _ => place_job(&requests, hosts.first().copied().unwrap_or_else(NodeResources::local))?,
     };
-    let side: Vec<_> = requests.iter().enumerate().filter(|(i, _)| *i != t).map(|(_, g)| g.clone()).collect();
-    let (gang, side) = place_over_hosts(&requests[t], &side, hosts)?;
-    let mut side = side.into_iter();
-    Ok((0..requests.len()).map(|i| if i == t { gang.clone() } else { side.next().unwrap_or_default() }).collect())
+    // Roles beside the trainer on its GPUs (colocated rollout actors) took none of their own.
+    if let Some(t) = training {
+        let gang = placed[t].clone();
+        for (role, ranks) in spec.roles.iter().zip(placed.iter_mut()) {
+            if role.on_training_gpus {
+                share_training_gpus(&role.name, "rl.colocate", ranks, &gang)?;
+            }
+        }
+    }
+    Ok(placed)
 }
 
 /// Why an attempt's gang could not be placed.

@@ -310,6 +310,7 @@ mod tests {
             restart: RestartMode::Alone,
             cpus_per_worker: 0.5,
             gpus_per_worker: 0,
+            on_training_gpus: false,
             max_restarts,
             backoff: Duration::from_secs(1),
             training: false,

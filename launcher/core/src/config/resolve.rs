@@ -270,6 +270,9 @@ pub struct RoleSpec {
     pub restart: RestartMode,
     pub cpus_per_worker: f64,
     pub gpus_per_worker: usize,
+    /// The role's processes run on the training role's GPUs (process i beside training rank i
+    /// mod its size on the driver's host) and take none of their own.
+    pub on_training_gpus: bool,
     /// Restarts the role may use; the training role counts against `fault` instead.
     pub max_restarts: u32,
     /// Delay before restarting a process, doubled per failure in a row.
@@ -774,6 +777,7 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             restart: RestartMode::Gang,
             cpus_per_worker,
             gpus_per_worker: usize::from(device == DeviceKind::Cuda),
+            on_training_gpus: false,
             max_restarts: fault.max_restarts.saturating_add(fault.max_user_restarts),
             backoff: fault.backoff,
             training: true,
@@ -783,6 +787,12 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
         roles.push(resolve_role(name, role, &trainer).map_err(|(key, message)| bad(&key, message))?);
     }
     if let TrainerKind::Rl { rl, .. } = &trainer {
+        if rl.colocate && device != DeviceKind::Cuda {
+            return Err(bad(
+                "rl.colocate",
+                "puts the rollout actors on the trainer's GPUs; it needs train.device = \"cuda\"".into(),
+            ));
+        }
         roles.push(RoleSpec {
             name: ROLLOUT_ROLE.into(),
             size: rl.rollout_workers,
@@ -790,7 +800,8 @@ pub fn resolve(cfg: &JobConfig, path: &Path) -> Result<JobSpec, ConfigError> {
             program: RoleProgram::BuiltIn(ROLLOUT_ROLE.into()),
             restart: RestartMode::Alone,
             cpus_per_worker: rl.rollout_cpus,
-            gpus_per_worker: usize::from(device == DeviceKind::Cuda),
+            gpus_per_worker: usize::from(device == DeviceKind::Cuda && !rl.colocate),
+            on_training_gpus: rl.colocate,
             max_restarts: rl.rollout_max_restarts as u32,
             backoff: fault.backoff,
             training: false,
@@ -962,6 +973,7 @@ fn resolve_role(name: &str, role: &super::RoleSection, trainer: &TrainerKind) ->
         restart: role.restart,
         cpus_per_worker,
         gpus_per_worker: role.gpus_per_worker.min(64) as usize,
+        on_training_gpus: false,
         max_restarts,
         backoff,
         training: false,

@@ -45,6 +45,10 @@ pub struct RlSection {
     pub rollout_workers: u64,
     /// CPU cores reserved per rollout actor; fractions share a core.
     pub rollout_cpus: f64,
+    /// With `train.device = "cuda"`: the actors run on the trainer's GPUs (actor i beside trainer
+    /// rank i mod workers on the driver's host) instead of taking GPUs of their own, so RL fits
+    /// on one GPU.
+    pub colocate: bool,
     /// Restarts of single rollout actors the job allows.
     pub rollout_max_restarts: u64,
     /// Samples generated per prompt (GRPO compares them within the group).
@@ -96,6 +100,7 @@ impl Default for RlSection {
         Self {
             rollout_workers: 2,
             rollout_cpus: 0.5,
+            colocate: false,
             rollout_max_restarts: 10,
             group_size: 8,
             prompts_per_step: 8,
@@ -141,6 +146,8 @@ pub struct RlSpec {
     pub algorithm: RlAlgorithm,
     pub rollout_workers: usize,
     pub rollout_cpus: f64,
+    /// The actors use the trainer's GPUs rather than their own.
+    pub colocate: bool,
     pub rollout_max_restarts: u64,
     pub group_size: usize,
     pub prompts_per_step: usize,
@@ -292,6 +299,7 @@ pub fn resolve_rl(rl: &RlSection, algorithm: RlAlgorithm, workers: usize) -> Res
         algorithm,
         rollout_workers,
         rollout_cpus: rl.rollout_cpus,
+        colocate: rl.colocate,
         rollout_max_restarts: rl.rollout_max_restarts.min(1_000_000),
         group_size,
         prompts_per_step,
