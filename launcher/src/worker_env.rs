@@ -8,13 +8,17 @@ use crate::scheduler::{RankPlacement, device_list};
 /// the role's attempt is told) with the rank's own numbers, threads and devices. OMP_NUM_THREADS
 /// follows the cores it was given, unless the launcher's own environment sets it.
 /// `visible_devices` are the GPUs of `p`'s host, which placement indices refer to; `cuda` gives
-/// the process CUDA_VISIBLE_DEVICES even without GPUs of its own. Over several hosts, NODE_RANK
-/// numbers the hosts in the order of their ranks, LOCAL_WORLD_SIZE counts the host's ranks.
+/// the process CUDA_VISIBLE_DEVICES even without GPUs of its own. A gang rank sees the GPUs of
+/// its role's ranks on its host, which LOCAL_RANK indexes (as under torchrun); with `own_gpus`
+/// (the processes of other roles, as Ray's actors) a process sees only its own, so its first GPU
+/// is device 0, also when it shares it with another role. Over several hosts, NODE_RANK numbers
+/// the hosts in the order of their ranks, LOCAL_WORLD_SIZE counts the host's ranks.
 pub(crate) fn worker_env(
     env: &WorkerEnv,
     p: &RankPlacement,
     all: &[RankPlacement],
     cuda: bool,
+    own_gpus: bool,
     visible_devices: &[String],
 ) -> Vec<(String, String)> {
     let here: Vec<&RankPlacement> = all.iter().filter(|q| q.node == p.node).collect();
@@ -25,7 +29,8 @@ pub(crate) fn worker_env(
         }
     }
     let cuda_visible_devices = (cuda || !p.gpus.is_empty()).then(|| {
-        let gpus: Vec<usize> = here.iter().flat_map(|q| q.gpus.iter().copied()).collect();
+        let gpus: Vec<usize> =
+            if own_gpus { p.gpus.clone() } else { here.iter().flat_map(|q| q.gpus.clone()).collect() };
         device_list(&gpus, visible_devices)
     });
     WorkerEnv {
@@ -73,4 +78,58 @@ pub(crate) fn job_token() -> String {
 /// A port free right now on loopback, for MASTER_PORT (torchrun scripts host their store there).
 pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(rank: usize, gpus: Vec<usize>) -> RankPlacement {
+        RankPlacement { rank, local_rank: rank, threads: 1, cores: vec![rank], gpus, node: 0 }
+    }
+
+    fn visible(env: &[(String, String)]) -> Option<&str> {
+        env.iter().find(|(k, _)| k == "CUDA_VISIBLE_DEVICES").map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn gang_ranks_see_their_hosts_gpus_and_other_roles_only_their_own() {
+        let devices: Vec<String> = ["4", "5", "6", "7"].map(String::from).to_vec();
+        let env = WorkerEnv {
+            rank: 0,
+            local_rank: 0,
+            world_size: 2,
+            local_world_size: 2,
+            node_rank: 0,
+            role: "r".into(),
+            attempt: 0,
+            max_restarts: 0,
+            run_id: "run".into(),
+            master_addr: "127.0.0.1".into(),
+            master_port: 1,
+            coordinator: "127.0.0.1:2".into(),
+            http: None,
+            token: "t".into(),
+            config: "job.toml".into(),
+            run_dir: None,
+            global_batch: None,
+            resume_from: None,
+            threads: None,
+            cuda_visible_devices: None,
+            tls_ca: None,
+            nodes: 1,
+            bind_host: None,
+        };
+        let gang = [rank(0, vec![0]), rank(1, vec![1])];
+        let e = worker_env(&env, &gang[1], &gang, true, false, &devices);
+        assert_eq!(visible(&e), Some("4,5"));
+        // Actors with a GPU each, and actors colocated on one GPU: each sees its own as device 0.
+        let actors = [rank(0, vec![2]), rank(1, vec![3])];
+        assert_eq!(visible(&worker_env(&env, &actors[1], &actors, true, true, &devices)), Some("7"));
+        let colocated = [rank(0, vec![0]), rank(1, vec![0])];
+        assert_eq!(visible(&worker_env(&env, &colocated[1], &colocated, true, true, &devices)), Some("4"));
+        // On CPU nothing is set for a process without GPUs.
+        let cpu = [rank(0, vec![])];
+        assert_eq!(visible(&worker_env(&env, &cpu[0], &cpu, false, false, &devices)), None);
+    }
 }

@@ -97,7 +97,7 @@ impl Launch<'_> {
             let launch = WorkerLaunch {
                 id: ProcId::new(&role, p.rank),
                 command: command.clone(),
-                env: self.job.env_of(&role_env, p, placement, remotes),
+                env: self.job.env_of(&role_env, p, placement, remotes, true),
                 log_path: logs.join(format!("{role}-{}.log", p.rank)),
                 echo: self.job.echo_of(&role, p.rank, matches!(self.opts.program, WorkerProgram::External(_))),
                 cpus: if spec.device == DeviceKind::Cpu { pinned_cpus(p, &self.job.allowed_cpus) } else { Vec::new() },

@@ -191,20 +191,22 @@ impl JobContext {
 
     /// The environment of rank `p` of a role placed as `all`, on the driver's host or, when
     /// `p.node` > 0, on `remotes[p.node - 1]` (which has no HTTP endpoint: it serves loopback).
+    /// `gang`: the training role, whose ranks see their host's GPUs; others see only their own.
     fn env_of(
         &self,
         role_env: &WorkerEnv,
         p: &RankPlacement,
         all: &[RankPlacement],
         remotes: &[Arc<RemoteHost>],
+        gang: bool,
     ) -> Vec<(String, String)> {
         let mut env = self.user_env.clone();
         let cuda = self.device == DeviceKind::Cuda;
         match p.node.checked_sub(1).and_then(|i| remotes.get(i)) {
-            None => env.extend(worker_env(role_env, p, all, cuda, &self.visible_devices)),
+            None => env.extend(worker_env(role_env, p, all, cuda, !gang, &self.visible_devices)),
             Some(host) => {
                 let there = WorkerEnv { http: None, bind_host: Some(host.info.address.clone()), ..role_env.clone() };
-                env.extend(worker_env(&there, p, all, cuda, &host.info.devices));
+                env.extend(worker_env(&there, p, all, cuda, !gang, &host.info.devices));
             }
         }
         env

@@ -142,7 +142,7 @@ impl SideRoles {
         let launch = WorkerLaunch {
             id: ProcId::new(&role.spec.name, rank),
             command: job.command_of(&role.spec)?,
-            env: job.env_of(&role_env, p, &role.placement, &[]),
+            env: job.env_of(&role_env, p, &role.placement, &[], false),
             log_path,
             echo: job.echo_of(&role.spec.name, rank, matches!(role.spec.program, RoleProgram::Command(_))),
             cpus: if job.device == DeviceKind::Cpu { pinned_cpus(p, &job.allowed_cpus) } else { Vec::new() },
