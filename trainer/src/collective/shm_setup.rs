@@ -54,8 +54,12 @@ impl Drop for ShmFile {
 /// A new zero-filled file under /dev/shm of `len` bytes, with its pages reserved up front (so a
 /// full /dev/shm fails here, not with SIGBUS at first touch).
 fn create_shm_file(tag: &str, len: usize) -> Result<ShmFile, String> {
+    // Unique within the process too: ranks run as threads of one process in benchmarks and tests,
+    // and two of them may ask in the same clock tick.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let path = PathBuf::from(SHM_DIR).join(format!("rtrain-{}-{nanos}-{tag}", std::process::id()));
+    let path = PathBuf::from(SHM_DIR).join(format!("rtrain-{}-{nanos}-{seq}-{tag}", std::process::id()));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
