@@ -335,3 +335,20 @@ fn ddp_gradients_live_in_shared_memory_and_are_averaged() {
         }
     });
 }
+
+#[test]
+fn a_peer_that_leaves_right_after_the_last_barrier_is_not_an_error() {
+    // Rank 0 passes the barrier, returns and closes its links while rank 1 may still be looking
+    // at the barrier: a rank that arrived and then left has not failed anyone.
+    within(Duration::from_secs(120), || {
+        for _ in 0..100 {
+            let results = on_ranks(4, 4096, |_, comm| {
+                let mut data = vec![1.0f32; 1000];
+                comm.all_reduce_f32(&mut data, ReduceOp::Sum).map_err(|e| e.to_string())
+            });
+            for r in results {
+                r.unwrap();
+            }
+        }
+    });
+}

@@ -330,9 +330,10 @@ impl ShmCollective {
         let started = Instant::now();
         let timeout = self.tcp.timeout();
         let mut polls = 0u32;
+        let lagging =
+            |gang: &GangSegment| (0..self.world).find(|&k| gang.line(k).arrived.load(Ordering::Acquire) < target);
         loop {
-            let lagging = (0..self.world).find(|&k| self.gang.line(k).arrived.load(Ordering::Acquire) < target);
-            let Some(peer) = lagging else {
+            let Some(peer) = lagging(&self.gang) else {
                 return Ok(());
             };
             // Only while someone lags: a rank that passed this barrier and then failed does not
@@ -343,6 +344,11 @@ impl ShmCollective {
             polls = polls.wrapping_add(1);
             if polls.is_multiple_of(256) {
                 if let Some(dead) = self.tcp.lost_peer() {
+                    // The peer may have arrived since the check above, finished and closed its
+                    // links (the last call before it exits): then this barrier is passed.
+                    if lagging(&self.gang).is_none() {
+                        return Ok(());
+                    }
                     // A failing rank poisons the gang before it closes its links: its reason,
                     // if it left one, says more than the closed connection.
                     if let Some((by, why)) = self.gang.poisoned() {
