@@ -98,8 +98,8 @@ mod tests {
         assert_eq!(inside.kind(), Kind::BFloat16);
         // Nested regions: the inner end leaves the outer one on.
         let nested = autocast(Precision::Bf16, Device::Cpu, || {
-            let _inner = AutocastGuard::bf16(Device::Cpu).unwrap();
-            drop(_inner);
+            let inner = AutocastGuard::bf16(Device::Cpu).unwrap();
+            drop(inner);
             a.matmul(&a)
         })
         .unwrap();
