@@ -1,13 +1,19 @@
 // The few libtorch settings that tch does not reach: autocast for a given device and dtype (tch
-// only toggles CUDA autocast, in float16), TF32 on CUDA, and a variable's `.grad` tensor. Every
-// entry point catches C++ exceptions and returns them as text, so none unwinds into Rust.
+// only toggles CUDA autocast, in float16), TF32 on CUDA, a variable's `.grad` tensor and a hook
+// that runs once backward has accumulated a variable's gradient. Every entry point catches C++
+// exceptions and returns them as text, so none unwinds into Rust.
 
 #include <ATen/Context.h>
 #include <ATen/Tensor.h>
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cstring>
 #include <exception>
+#include <unordered_set>
+#include <vector>
 
 namespace {
 
@@ -28,6 +34,18 @@ int fail(char* err, size_t len) {
   }
   return -1;
 }
+
+// Called by backward right after it has added a gradient into the variable's `.grad`.
+using ReadyFn = void (*)(const void* context, int64_t index);
+
+struct ReadyHook : torch::autograd::PostAccumulateGradHook {
+  ReadyHook(ReadyFn fn, const void* context, int64_t index) : fn(fn), context(context), index(index) {}
+  void operator()(const torch::autograd::Variable& /*unused*/) override { fn(context, index); }
+
+  ReadyFn fn;
+  const void* context;
+  int64_t index;
+};
 
 }  // namespace
 
@@ -85,6 +103,58 @@ int rtrain_set_grad(at::Tensor* var, const at::Tensor* grad, char* err, size_t l
     TORCH_CHECK(var->sizes() == grad->sizes() && var->dtype() == grad->dtype() && var->device() == grad->device(),
                 "a .grad must match its variable's shape, dtype and device");
     var->mutable_grad() = *grad;
+    return 0;
+  } catch (...) {
+    return fail(err, len);
+  }
+}
+
+// Has backward call `fn(context, index)` each time it has accumulated a gradient into `var`'s
+// `.grad` (on whichever thread runs backward), replacing any such hook `var` had. A null `fn`
+// removes the hook if it is the one set with `context` (a newer owner's stays).
+int rtrain_set_ready_hook(at::Tensor* var, ReadyFn fn, const void* context, int64_t index, char* err, size_t len) {
+  try {
+    if (fn == nullptr) {
+      auto& current = torch::autograd::impl::post_acc_grad_hooks(*var);
+      auto* ours = dynamic_cast<ReadyHook*>(current.get());
+      if (ours != nullptr && ours->context == context) {
+        current.reset();
+      }
+      return 0;
+    }
+    TORCH_CHECK(var->is_leaf() && var->requires_grad(), "only a leaf variable that requires grad accumulates one");
+    torch::autograd::impl::set_post_acc_grad_hooks(*var, std::make_unique<ReadyHook>(fn, context, index));
+    return 0;
+  } catch (...) {
+    return fail(err, len);
+  }
+}
+
+// Sets `reached[i]` to whether backward from `root` would accumulate a gradient into `vars[i]`:
+// whether the graph below `root` holds the variable's gradient accumulator.
+int rtrain_reached_by_backward(const at::Tensor* root, const at::Tensor* const* vars, size_t n, uint8_t* reached,
+                               char* err, size_t len) {
+  try {
+    std::unordered_set<const torch::autograd::Node*> seen;
+    std::vector<torch::autograd::Node*> todo;
+    auto visit = [&](const std::shared_ptr<torch::autograd::Node>& node) {
+      if (node && seen.insert(node.get()).second) {
+        todo.push_back(node.get());
+      }
+    };
+    // A root without a graph is at most a variable itself, which backward accumulates into.
+    visit(root->grad_fn() ? root->grad_fn() : torch::autograd::impl::try_get_grad_accumulator(*root));
+    while (!todo.empty()) {
+      auto* node = todo.back();
+      todo.pop_back();
+      for (const auto& edge : node->next_edges()) {
+        visit(edge.function);
+      }
+    }
+    for (size_t i = 0; i < n; i++) {
+      auto accumulator = torch::autograd::impl::try_get_grad_accumulator(*vars[i]);
+      reached[i] = accumulator && seen.count(accumulator.get()) ? 1 : 0;
+    }
     return 0;
   } catch (...) {
     return fail(err, len);

@@ -1,22 +1,47 @@
-//! Data-parallel gradient synchronisation: every rank starts from rank 0's parameters, and
-//! after backward the flat gradient buffer is averaged across ranks bucket by bucket.
+//! Data-parallel gradient synchronisation: every rank starts from rank 0's parameters, and the
+//! flat gradient buffer is averaged across ranks bucket by bucket, while backward still runs
+//! where the step allows it.
+//!
+//! Buckets are slices of the flat gradient buffer (so each is all-reduced in place), cut along
+//! its layout, which follows the reverse of the order the model created its variables: roughly
+//! the order backward finishes them (see [`FlatParams`]). They are all-reduced in one fixed
+//! order, the same on every rank, the order backward is expected to complete them in. During the
+//! last backward of a step ([`Ddp::sync_grads_during`]) a hook on every variable counts the
+//! gradients each bucket still waits for; as soon as the next bucket in that order is complete, a
+//! second thread all-reduces it while backward goes on. Whatever backward left incomplete (unused
+//! variables, a bucket that finished early but waits its turn) follows once backward returns.
 
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tch::Tensor;
 use tch::nn::VarStore;
 
 use crate::collective::{Collective, CollectiveError, ReduceOp};
-use crate::optim::FlatParams;
+use crate::optim::flat::creation_order;
+use crate::optim::{FlatEntry, FlatParams};
 
 /// One rank's side of DDP: owns the flat parameter and gradient buffers.
 pub struct Ddp {
     params: FlatParams,
-    bucket_elems: i64,
+    /// Slices of the flat gradient buffer in the order they are all-reduced.
+    buckets: Vec<Range<i64>>,
+    /// Shared with the variables' hooks, which hold a raw pointer to it until `Drop` removes them.
+    readiness: Arc<Readiness>,
+    /// Buckets of the last [`Ddp::sync_grads_during`] that were handed to the all-reduce thread
+    /// before backward returned.
+    overlapped: usize,
 }
 
 impl Ddp {
-    /// Flattens `vs` and broadcasts rank 0's parameters, so all ranks start identical. The
-    /// gradient buffer is the collective's shared memory where it has some (no staging copies).
+    /// Flattens `vs` in rank 0's creation order and broadcasts rank 0's parameters, so all ranks
+    /// start identical (sync point). The gradient buffer is the collective's shared memory where
+    /// it has some (no staging copies). Gradients are all-reduced in buckets of `bucket_bytes`.
     pub fn new(vs: &VarStore, collective: &mut dyn Collective, bucket_bytes: usize) -> Result<Self, CollectiveError> {
-        let mut params = FlatParams::new(vs);
+        let order = agree_on_creation_order(vs, collective)?;
+        let mut params = FlatParams::with_creation_order(vs, &order);
         if let Some(shared) = collective.shared_zeros(params.grads().numel() as i64, params.grads().kind())? {
             params.set_grad_buffer(shared);
         }
@@ -25,7 +50,16 @@ impl Ddp {
             tch::no_grad(|| collective.broadcast(&mut flat, 0))?;
         }
         let elem = params.params().kind().elt_size_in_bytes() as i64;
-        Ok(Self { params, bucket_elems: (bucket_bytes as i64 / elem).max(1) })
+        let (buckets, bucket_of) = plan_buckets(params.entries(), params.decay_numel(), bucket_bytes as i64 / elem);
+        let readiness = Arc::new(Readiness::new(bucket_of, buckets.len()));
+        let mut ddp = Self { params, buckets, readiness, overlapped: 0 };
+        if collective.world_size() > 1 {
+            let context = Arc::as_ptr(&ddp.readiness).cast();
+            // SAFETY: `context` points into the `Arc` that `ddp` owns; `Drop` removes the hooks
+            // before releasing it, and `grad_ready` only locks a mutex, so any thread may call it.
+            unsafe { ddp.params.set_ready_hooks(Some(grad_ready), context) };
+        }
+        Ok(ddp)
     }
 
     pub fn params(&self) -> &FlatParams {
@@ -36,24 +70,265 @@ impl Ddp {
         &mut self.params
     }
 
+    /// The slices of the flat gradient buffer, in the order they are all-reduced.
+    pub fn buckets(&self) -> &[Range<i64>] {
+        &self.buckets
+    }
+
+    /// How many buckets the last [`Ddp::sync_grads_during`] started to all-reduce before its
+    /// backward returned (the rest followed it).
+    pub fn overlapped_buckets(&self) -> usize {
+        self.overlapped
+    }
+
     /// Averages the accumulated gradients (already in the flat buffer, see
-    /// [`FlatParams::gather_grads`]) across ranks (sync point: every rank must call this in the
-    /// same step).
+    /// [`FlatParams::gather_grads`]) across ranks (sync point: every rank must call this, or
+    /// [`Ddp::sync_grads_during`], once in the same step).
     pub fn sync_grads(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
         self.params.gather_grads();
         if collective.world_size() == 1 {
             return Ok(());
         }
         let grads = self.params.grads().shallow_clone();
-        let total = grads.numel() as i64;
-        let mut offset = 0;
-        while offset < total {
-            let len = self.bucket_elems.min(total - offset);
-            // A 1-D slice of a contiguous buffer is contiguous: the backend reduces it in place.
-            let mut bucket = grads.narrow(0, offset, len);
-            collective.all_reduce(&mut bucket, ReduceOp::Avg)?;
-            offset += len;
+        for range in &self.buckets {
+            all_reduce_bucket(collective, &grads, range)?;
         }
         Ok(())
     }
+
+    /// Runs `backward` from `root` (the step's last: it must leave the step's gradients complete)
+    /// while averaging the gradients across ranks, each bucket as soon as backward has finished
+    /// it, on a second thread; variables the graph below `root` does not reach count as finished
+    /// from the start. Returns what `backward` returned and whether the gradients were synced.
+    /// A sync point like [`Ddp::sync_grads`], with the same all-reduces in the same order, so
+    /// ranks may use either in a step.
+    pub fn sync_grads_during<T>(
+        &mut self,
+        collective: &mut dyn Collective,
+        root: &Tensor,
+        backward: impl FnOnce() -> T,
+    ) -> (T, Result<(), CollectiveError>) {
+        // `.grad` tensors code replaced become views again, so backward adds into the buffer.
+        self.params.gather_grads();
+        if collective.world_size() == 1 {
+            self.overlapped = 0;
+            return (backward(), Ok(()));
+        }
+        // Without the graph's answer every variable is waited for: slower, still right.
+        let reached = self.params.reached_by_backward(root).unwrap_or_else(|e| {
+            tracing::warn!("cannot tell which variables backward reaches ({e}); the all-reduce waits for all");
+            vec![true; self.params.entries().len()]
+        });
+        let grads = self.params.grads().shallow_clone();
+        let buckets = &self.buckets;
+        let (out, overlapped, synced) = std::thread::scope(|scope| {
+            let (launch, launched) = mpsc::channel::<usize>();
+            let comm = scope.spawn(move || -> Result<(), CollectiveError> {
+                for bucket in launched {
+                    all_reduce_bucket(collective, &grads, &buckets[bucket])?;
+                }
+                Ok(())
+            });
+            // Disarms on the way out even if `backward` panics, so the thread above ends.
+            let armed = Armed::new(&self.readiness, launch, &reached);
+            let out = backward();
+            let overlapped = armed.launch_the_rest();
+            let synced = comm.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (out, overlapped, synced)
+        });
+        self.overlapped = overlapped;
+        (out, synced)
+    }
+}
+
+impl Drop for Ddp {
+    fn drop(&mut self) {
+        let context = Arc::as_ptr(&self.readiness).cast();
+        // SAFETY: removes only the hooks this Ddp set (a later Ddp on the same variables keeps its).
+        unsafe { self.params.set_ready_hooks(None, context) };
+    }
+}
+
+/// Every rank takes rank 0's creation order of the variables (sync point): a model built by
+/// walking a map may create them in a different order on each rank, and the flat layouts must
+/// match element for element.
+fn agree_on_creation_order(
+    vs: &VarStore,
+    collective: &mut dyn Collective,
+) -> Result<BTreeMap<String, usize>, CollectiveError> {
+    let mut order = creation_order(vs);
+    if collective.world_size() == 1 {
+        return Ok(order);
+    }
+    // By name on every rank; ranks with different variables disagree on the element count.
+    let mut positions = Tensor::from_slice(&order.values().map(|&p| p as i64).collect::<Vec<_>>());
+    collective.broadcast(&mut positions, 0)?;
+    let positions = Vec::<i64>::try_from(&positions).map_err(|e| CollectiveError::Unsupported {
+        op: "broadcast",
+        reason: format!("reading rank 0's variable order: {e}"),
+    })?;
+    for (slot, position) in order.values_mut().zip(positions) {
+        *slot = position as usize;
+    }
+    Ok(order)
+}
+
+/// Cuts the layout into buckets of about `bucket_elems` elements (a larger variable is a bucket
+/// of its own), never across the end of the decay group, and orders them by when backward is
+/// expected to complete them: a bucket is complete when its earliest-created variable is, and
+/// backward finishes the latest-created first. Returns the ranges in that order and, for each
+/// entry, the position of its bucket.
+fn plan_buckets(entries: &[FlatEntry], decay_numel: i64, bucket_elems: i64) -> (Vec<Range<i64>>, Vec<usize>) {
+    // (range, entries, earliest creation) in layout order.
+    let mut cut: Vec<(Range<i64>, Vec<usize>, usize)> = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let end = entry.offset + entry.numel();
+        let fits = cut.last().is_some_and(|(range, _, _)| {
+            range.end - range.start < bucket_elems.max(1) && (range.start < decay_numel) == (entry.offset < decay_numel)
+        });
+        match cut.last_mut() {
+            Some((range, members, earliest)) if fits => {
+                range.end = end;
+                members.push(i);
+                *earliest = (*earliest).min(entry.created);
+            }
+            _ => cut.push((entry.offset..end, vec![i], entry.created)),
+        }
+    }
+    cut.sort_by_key(|(range, _, earliest)| (std::cmp::Reverse(*earliest), range.start));
+    let mut bucket_of = vec![0; entries.len()];
+    for (position, (_, members, _)) in cut.iter().enumerate() {
+        for &i in members {
+            bucket_of[i] = position;
+        }
+    }
+    (cut.into_iter().map(|(range, _, _)| range).collect(), bucket_of)
+}
+
+fn all_reduce_bucket(
+    collective: &mut dyn Collective,
+    grads: &Tensor,
+    range: &Range<i64>,
+) -> Result<(), CollectiveError> {
+    // A 1-D slice of a contiguous buffer is contiguous: the backend reduces it in place.
+    let mut bucket = grads.narrow(0, range.start, range.end - range.start);
+    collective.all_reduce(&mut bucket, ReduceOp::Avg)
+}
+
+/// Which buckets backward has completed during an overlapped sync, fed by the variables' hooks.
+struct Readiness {
+    state: Mutex<ReadyState>,
+}
+
+struct ReadyState {
+    /// Each entry's bucket (its position in the all-reduce order).
+    bucket_of: Vec<usize>,
+    /// Entries per bucket.
+    sizes: Vec<usize>,
+    /// Where complete buckets go, in order; `None` outside an overlapped sync.
+    launch: Option<Sender<usize>>,
+    /// Entries whose gradient backward has accumulated.
+    seen: Vec<bool>,
+    /// Per bucket, entries still to come.
+    waiting: Vec<usize>,
+    /// The next bucket to launch.
+    next: usize,
+}
+
+impl Readiness {
+    fn new(bucket_of: Vec<usize>, buckets: usize) -> Self {
+        let mut sizes = vec![0; buckets];
+        for &b in &bucket_of {
+            sizes[b] += 1;
+        }
+        let entries = bucket_of.len();
+        let state = ReadyState {
+            bucket_of,
+            sizes,
+            launch: None,
+            seen: vec![false; entries],
+            waiting: vec![0; buckets],
+            next: 0,
+        };
+        Self { state: Mutex::new(state) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ReadyState> {
+        // A panic while holding the lock leaves the counts usable; nothing is half-written.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl ReadyState {
+    /// Backward has accumulated `entry`'s gradient: launch every bucket that is now next in line
+    /// and complete.
+    fn ready(&mut self, entry: usize) {
+        if self.launch.is_none() || self.seen.get(entry).is_none_or(|&seen| seen) {
+            return;
+        }
+        self.seen[entry] = true;
+        self.waiting[self.bucket_of[entry]] -= 1;
+        while self.next < self.waiting.len() && self.waiting[self.next] == 0 {
+            self.send(self.next);
+            self.next += 1;
+        }
+    }
+
+    fn send(&self, bucket: usize) {
+        if let Some(launch) = &self.launch {
+            // The receiver is gone only when an all-reduce failed; that error is reported.
+            let _ = launch.send(bucket);
+        }
+    }
+}
+
+/// An overlapped sync in progress: the hooks launch buckets until it ends.
+struct Armed<'a> {
+    readiness: &'a Readiness,
+}
+
+impl<'a> Armed<'a> {
+    /// Starts listening; entries not `reached` by backward are finished already.
+    fn new(readiness: &'a Readiness, launch: Sender<usize>, reached: &[bool]) -> Self {
+        let mut guard = readiness.lock();
+        let state = &mut *guard;
+        state.seen.fill(false);
+        state.waiting.clone_from(&state.sizes);
+        state.next = 0;
+        state.launch = Some(launch);
+        for (entry, _) in reached.iter().enumerate().filter(|(_, reached)| !**reached) {
+            state.ready(entry);
+        }
+        drop(guard);
+        Self { readiness }
+    }
+
+    /// Backward has returned: launches the buckets not launched yet, in order, and stops
+    /// listening. Returns how many were launched before.
+    fn launch_the_rest(self) -> usize {
+        let mut state = self.readiness.lock();
+        let early = state.next;
+        for bucket in early..state.waiting.len() {
+            state.send(bucket);
+        }
+        state.next = state.waiting.len();
+        early
+        // `Drop` closes the channel.
+    }
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        self.readiness.lock().launch = None;
+    }
+}
+
+/// The variables' hook: backward has accumulated entry `index`'s gradient.
+///
+/// # Safety
+/// `context` is the `Readiness` of a live [`Ddp`] (it removes its hooks before freeing it).
+unsafe extern "C" fn grad_ready(context: *const std::ffi::c_void, index: i64) {
+    // SAFETY: as the function's contract says.
+    let readiness = unsafe { &*context.cast::<Readiness>() };
+    readiness.lock().ready(index as usize);
 }

@@ -144,10 +144,17 @@ fn two_ranks_with_uneven_micro_batches_match_one_rank() {
                     let mut outputs = Vec::new();
                     for step in 0..3 {
                         // micro 3, accumulation 2: rank 0 gets 0..3 and 6..8, rank 1 3..6 and nothing.
+                        // Rank 0 syncs during its last backward, rank 1 (last micro-batch empty)
+                        // in the optimizer step.
                         for m in 0..2 {
                             let samples = rank_samples(m, rank, 2, 3, GLOBAL);
-                            if !samples.is_empty() {
-                                let micro = MicroLoss::mean(model.mse(step, samples.clone()), samples.len());
+                            if samples.is_empty() {
+                                continue;
+                            }
+                            let micro = MicroLoss::mean(model.mse(step, samples.clone()), samples.len());
+                            if rank == 0 && m == 1 {
+                                engine.backward_and_sync(micro, GLOBAL as f64, &mut comm).unwrap();
+                            } else {
                                 engine.backward(micro, GLOBAL as f64).unwrap();
                             }
                         }
@@ -166,6 +173,20 @@ fn two_ranks_with_uneven_micro_batches_match_one_rank() {
     for (g, w) in ranks[0].1.iter().zip(&want) {
         assert!((g.loss - w.loss).abs() <= 1e-6 * w.loss.abs().max(1.0), "loss {} vs {}", g.loss, w.loss);
     }
+}
+
+#[test]
+fn a_backward_after_the_steps_sync_is_refused() {
+    let mut comm = single_rank();
+    let model = Model::new(0.0);
+    let mut engine = Engine::new(&model.vs, &mut comm, CONFIG).unwrap();
+    let whole = || MicroLoss::mean(model.mse(0, 0..GLOBAL), GLOBAL);
+    engine.backward_and_sync(whole(), GLOBAL as f64, &mut comm).unwrap();
+    let err = engine.backward(whole(), GLOBAL as f64).unwrap_err().to_string();
+    assert!(err.contains("backward_and_sync") && err.contains("last micro-batch"), "{err}");
+    // The step itself goes on, and the next one takes backward passes again.
+    engine.optimizer_step(&mut comm, 0).unwrap();
+    engine.backward(whole(), GLOBAL as f64).unwrap();
 }
 
 /// One step of the whole batch.

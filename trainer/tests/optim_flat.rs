@@ -14,6 +14,12 @@ fn batch() -> (Tensor, Tensor) {
     (x, y)
 }
 
+/// The gradient buffer's slice of variable `name`.
+fn grad_of(flat: &FlatParams, name: &str) -> Vec<f32> {
+    let entry = flat.entries().iter().find(|e| e.name == name).unwrap();
+    Vec::<f32>::try_from(flat.view(flat.grads(), entry).reshape([-1])).unwrap()
+}
+
 fn values(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<_> = vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -21,7 +27,7 @@ fn values(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 }
 
 #[test]
-fn layout_puts_matrices_first_sorted_by_name() {
+fn layout_puts_matrices_first_each_group_latest_created_first() {
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = TINY.init(&vs.root());
     let flat = FlatParams::new(&vs);
@@ -31,8 +37,11 @@ fn layout_puts_matrices_first_sorted_by_name() {
 
     let split = entries.iter().position(|e| e.shape.len() < 2).unwrap();
     assert!(entries[split..].iter().all(|e| e.shape.len() < 2));
-    assert!(entries[..split].windows(2).all(|w| w[0].name < w[1].name));
-    assert!(entries[split..].windows(2).all(|w| w[0].name < w[1].name));
+    assert!(entries[..split].windows(2).all(|w| w[0].created > w[1].created));
+    assert!(entries[split..].windows(2).all(|w| w[0].created > w[1].created));
+    let mut created: Vec<usize> = entries.iter().map(|e| e.created).collect();
+    created.sort();
+    assert_eq!(created, (0..entries.len()).collect::<Vec<_>>());
     assert_eq!(flat.decay_numel(), entries[split].offset);
     let mut offset = 0;
     for e in entries {
@@ -40,9 +49,33 @@ fn layout_puts_matrices_first_sorted_by_name() {
         offset += e.numel();
     }
     assert_eq!(offset, flat.numel());
-    assert_eq!(entries[0].name, "transformer.h.0.attn.c_attn.weight");
+    // The model builds its blocks input first, so the last block's weights lead (backward
+    // finishes them first) and the token embedding, built first, comes last of its group.
+    let at = |name: &str| entries.iter().position(|e| e.name == name).unwrap();
+    assert!(at("transformer.h.1.attn.c_attn.weight") < at("transformer.h.0.attn.c_attn.weight"));
+    assert!(at("transformer.h.1.ln_1.weight") < at("transformer.h.0.ln_1.weight"));
+    assert_eq!(entries[split - 1].name, "transformer.wte.weight");
     assert_eq!(flat.params().kind(), Kind::Float);
     assert_eq!(flat.params().size(), [flat.numel()]);
+}
+
+#[test]
+fn creation_order_follows_the_model_not_the_names() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    for name in ["c", "a", "b", "empty"] {
+        let shape: &[i64] = if name == "empty" { &[0] } else { &[2] };
+        let _ = root.var(name, shape, nn::Init::Const(1.0));
+    }
+    let order = rtrain_trainer::optim::flat::creation_order(&vs);
+    // Zero-size variables have no storage to recognise them by: last, by name.
+    assert_eq!(
+        order.iter().map(|(n, &p)| (n.as_str(), p)).collect::<Vec<_>>(),
+        [("a", 1), ("b", 2), ("c", 0), ("empty", 3)]
+    );
+    let flat = FlatParams::new(&vs);
+    let names: Vec<&str> = flat.entries().iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["empty", "b", "a", "c"]);
 }
 
 #[test]
@@ -130,10 +163,10 @@ fn a_replaced_grad_is_gathered_and_the_view_put_back() {
     (&a * 2.0).sum(Kind::Float).backward();
     assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [0.0; 5], "the buffer saw a detached grad");
     flat.gather_grads();
-    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [3.0, 4.0, 5.0, 0.0, 0.0]);
+    assert_eq!((grad_of(&flat, "a"), grad_of(&flat, "b")), (vec![3.0, 4.0, 5.0], vec![0.0, 0.0]));
     // The view is back: the next backward lands in the buffer.
     (&a * 1.0).sum(Kind::Float).backward();
-    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [4.0, 5.0, 6.0, 0.0, 0.0]);
+    assert_eq!((grad_of(&flat, "a"), grad_of(&flat, "b")), (vec![4.0, 5.0, 6.0], vec![0.0, 0.0]));
     // A mismatched tensor is refused with a reason.
     let e =
         rtrain_trainer::torch_extras::set_grad(&mut a, &Tensor::zeros([2], (Kind::Float, Device::Cpu))).unwrap_err();
@@ -149,12 +182,12 @@ fn gather_writes_zeros_for_variables_without_grad() {
     let mut flat = FlatParams::new(&vs);
     (&used * 3.0).sum(Kind::Float).backward();
     flat.gather_grads();
-    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [3.0, 3.0, 3.0, 0.0, 0.0]);
+    assert_eq!((grad_of(&flat, "a_used"), grad_of(&flat, "b_unused")), (vec![3.0; 3], vec![0.0; 2]));
     // After a step's zero_grads, a variable that gets no gradient reads zeros again.
     flat.zero_grads();
     (&used * 1.0).sum(Kind::Float).backward();
     flat.gather_grads();
-    assert_eq!(Vec::<f32>::try_from(flat.grads()).unwrap(), [1.0, 1.0, 1.0, 0.0, 0.0]);
+    assert_eq!((grad_of(&flat, "a_used"), grad_of(&flat, "b_unused")), (vec![1.0; 3], vec![0.0; 2]));
     assert_eq!(flat.decay_numel(), 0);
 }
 

@@ -316,6 +316,8 @@ impl TrainLoop for RlLoop {
                 let mini: Vec<&Sample> = groups[first..first + rl.mini_batch].iter().flatten().collect();
                 let norm = normaliser(&mini)?;
                 let samples: Vec<(usize, &Sample)> = (mine.start * g..mine.end * g).map(|i| (i, all[i])).collect();
+                // Every rank has as many chunks; the last one syncs the gradients during backward.
+                let last_chunk = samples.len().div_ceil(micro).saturating_sub(1);
                 for (c, chunk) in samples.chunks(micro).enumerate() {
                     let rows: Vec<&Sample> = chunk.iter().map(|(_, s)| *s).collect();
                     let batch = collate(&rows, self.pad, Kind::Float, ctx.device).map_err(rl_error)?;
@@ -381,7 +383,12 @@ impl TrainLoop for RlLoop {
                         .map_err(rl_error)?;
                     let n_tokens =
                         chunk.iter().map(|(_, s)| s.prompt_token_ids.len() + s.response_token_ids.len()).sum();
-                    self.engine.backward(MicroLoss::sum(out.loss).with_tokens(n_tokens), 1.0)?;
+                    let policy_loss = MicroLoss::sum(out.loss).with_tokens(n_tokens);
+                    if c == last_chunk {
+                        self.engine.backward_and_sync(policy_loss, 1.0, ctx.collective.as_mut())?;
+                    } else {
+                        self.engine.backward(policy_loss, 1.0)?;
+                    }
                     if let (Some(critic), Some(old_values), Some(returns)) =
                         (&mut self.critic, rows(|t| &t.old_values), rows(|t| &t.returns))
                     {
@@ -393,7 +400,12 @@ impl TrainLoop for RlLoop {
                         let vl = config
                             .compute(&values, &old_values, &returns, &batch.loss_mask, &norm)
                             .map_err(rl_error)?;
-                        value_loss_sum += critic.engine.backward(MicroLoss::sum(vl.loss * rl.vf_coef), 1.0)?;
+                        let value_loss = MicroLoss::sum(vl.loss * rl.vf_coef);
+                        value_loss_sum += if c == last_chunk {
+                            critic.engine.backward_and_sync(value_loss, 1.0, ctx.collective.as_mut())?
+                        } else {
+                            critic.engine.backward(value_loss, 1.0)?
+                        };
                     }
                     if epoch == 0 {
                         let ent = tch::no_grad(|| entropy_from_logits(&logits.detach()));

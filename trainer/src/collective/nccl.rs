@@ -1,7 +1,10 @@
 //! `nccl`: CUDA tensors through NCCL, loaded at run time (builds without CUDA; see [`nccl_lib`]).
 //!
-//! Operations are enqueued on the legacy default CUDA stream, the one libtorch uses unless told
-//! otherwise, so they are ordered with the surrounding tensor work. The communicator is
+//! Operations run on a stream of their own, after the work enqueued so far on the legacy default
+//! stream (the one libtorch uses unless told otherwise): an event recorded there orders them after
+//! the kernels that wrote their tensors, while kernels enqueued later (the rest of backward, when
+//! DDP all-reduces a bucket from another thread) run beside them. Each call returns once its own
+//! stream is done, so work enqueued after it sees the result. The communicator is
 //! non-blocking: init and every call return at once and are polled (NCCL's asynchronous error,
 //! then the stream) until done, an error, or the timeout, which aborts the communicator: a hung
 //! peer becomes a [`CollectiveError::Timeout`] instead of a stuck worker, at init too.
@@ -14,7 +17,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaContext, sys as cuda};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, sys as cuda};
 use cudarc::nccl::sys;
 use tch::{Device, Kind, Tensor};
 
@@ -29,6 +32,10 @@ pub struct NcclCollective {
     device_index: usize,
     lib: &'static NcclLibrary,
     ctx: Arc<CudaContext>,
+    /// The stream NCCL runs on (non-blocking: no implicit order with the default stream).
+    stream: Arc<CudaStream>,
+    /// Recorded on the default stream before each call, waited for by `stream`.
+    inputs_ready: CudaEvent,
     comm: sys::ncclComm_t,
     timeout: Duration,
     /// Set when an operation failed or timed out; the communicator was aborted.
@@ -59,6 +66,8 @@ unsafe impl Send for NcclCollective {}
 struct Prepared {
     lib: &'static NcclLibrary,
     ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    inputs_ready: CudaEvent,
     id: Option<[u8; NCCL_ID_BYTES]>,
 }
 
@@ -99,7 +108,7 @@ impl NcclCollective {
         let prepared = prepare(rank, device_index);
         let readiness: InitReadiness = prepared.as_ref().map(|p| p.id).map_err(Clone::clone);
         let id_bytes = agree_on_nccl_id(bootstrap, readiness)?;
-        let Prepared { lib, ctx, .. } =
+        let Prepared { lib, ctx, stream, inputs_ready, .. } =
             prepared.map_err(|reason| CollectiveError::Unavailable { backend: "nccl", reason })?;
 
         let mut id = sys::ncclUniqueId { internal: [0; NCCL_ID_BYTES] };
@@ -112,6 +121,8 @@ impl NcclCollective {
             device_index,
             lib,
             ctx,
+            stream,
+            inputs_ready,
             comm: std::ptr::null_mut(),
             timeout,
             broken: None,
@@ -158,18 +169,24 @@ impl NcclCollective {
         Ok((tensor.data_ptr(), tensor.numel() * kind.elt_size_in_bytes()))
     }
 
-    /// Runs one NCCL call on the default stream and waits for it within the timeout.
+    /// Runs one NCCL call on the communicator's stream, after the work enqueued so far on the
+    /// default stream, and waits for it within the timeout.
     fn run(
         &mut self,
         op: &'static str,
-        enqueue: impl FnOnce(&NcclLibrary, sys::ncclComm_t) -> NcclStatus,
+        enqueue: impl FnOnce(&NcclLibrary, sys::ncclComm_t, sys::cudaStream_t) -> NcclStatus,
     ) -> Result<(), CollectiveError> {
         if let Some(reason) = &self.broken {
             return Err(self.io_error(op, format!("the communicator was aborted by an earlier error: {reason}")));
         }
         self.quiescent = false;
         self.ctx.bind_to_thread().map_err(|e| self.io_error(op, format!("binding the CUDA context: {e:?}")))?;
-        let status = enqueue(self.lib, self.comm);
+        let default_stream = self.ctx.default_stream();
+        self.inputs_ready
+            .record(&default_stream)
+            .and_then(|()| self.stream.wait(&self.inputs_ready))
+            .map_err(|e| self.io_error(op, format!("ordering after the default stream: {e:?}")))?;
+        let status = enqueue(self.lib, self.comm, self.stream.cu_stream() as sys::cudaStream_t);
         // A non-blocking communicator may still be setting up connections: in progress.
         if status != NCCL_SUCCESS && status != NCCL_IN_PROGRESS {
             let reason = self.lib.describe(status, self.comm);
@@ -178,8 +195,8 @@ impl NcclCollective {
         self.wait(op, true)
     }
 
-    /// Polls until NCCL has no call in progress and (with `stream`) the default stream has run
-    /// the enqueued work, NCCL reports an error, or the timeout passes; the last two abort the
+    /// Polls until NCCL has no call in progress and (with `stream`) the communicator's stream has
+    /// run the enqueued work, NCCL reports an error, or the timeout passes; the last two abort the
     /// communicator. Sync point.
     fn wait(&mut self, op: &'static str, stream: bool) -> Result<(), CollectiveError> {
         let start = Instant::now();
@@ -195,9 +212,9 @@ impl NcclCollective {
             match async_status {
                 NCCL_IN_PROGRESS => {}
                 NCCL_SUCCESS if !stream => return Ok(()),
-                // SAFETY: the null stream is the legacy default stream of the current context;
+                // SAFETY: the stream belongs to the current context and lives as long as `self`;
                 // cuStreamQuery was resolved (and so cannot panic) in `prepare`.
-                NCCL_SUCCESS => match unsafe { cuda::cuStreamQuery(std::ptr::null_mut()) } {
+                NCCL_SUCCESS => match unsafe { cuda::cuStreamQuery(self.stream.cu_stream()) } {
                     cuda::CUresult::CUDA_SUCCESS => return Ok(()),
                     cuda::CUresult::CUDA_ERROR_NOT_READY => {}
                     other => return Err(self.fail(op, format!("CUDA stream error {other:?}"))),
@@ -290,10 +307,10 @@ impl Collective for NcclCollective {
             ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
         };
         let count = tensor.numel();
-        self.run("all_reduce", |lib, comm| {
+        self.run("all_reduce", |lib, comm, stream| {
             // SAFETY: `ptr` addresses `count` elements of `dtype` on this communicator's device,
             // and `tensor` stays borrowed until the stream has finished.
-            unsafe { (lib.all_reduce)(ptr, ptr, count, dtype, red, comm, std::ptr::null_mut()) }
+            unsafe { (lib.all_reduce)(ptr, ptr, count, dtype, red, comm, stream) }
         })
     }
 
@@ -305,19 +322,9 @@ impl Collective for NcclCollective {
             });
         }
         let (ptr, bytes) = self.device_buffer("broadcast", tensor)?;
-        self.run("broadcast", |lib, comm| {
+        self.run("broadcast", |lib, comm, stream| {
             // SAFETY: `ptr` addresses `bytes` bytes on this communicator's device.
-            unsafe {
-                (lib.broadcast)(
-                    ptr,
-                    ptr,
-                    bytes,
-                    sys::ncclDataType_t::ncclUint8,
-                    root as i32,
-                    comm,
-                    std::ptr::null_mut(),
-                )
-            }
+            unsafe { (lib.broadcast)(ptr, ptr, bytes, sys::ncclDataType_t::ncclUint8, root as i32, comm, stream) }
         })
     }
 
@@ -328,9 +335,9 @@ impl Collective for NcclCollective {
         let options = (input.f_kind().map_err(torch_err)?, Device::Cuda(self.device_index));
         let gathered = Tensor::f_empty([(self.world * input.numel()) as i64], options).map_err(torch_err)?;
         let recv = gathered.data_ptr();
-        self.run("all_gather", |lib, comm| {
+        self.run("all_gather", |lib, comm, stream| {
             // SAFETY: `send` holds `bytes` bytes and `recv` `world * bytes`, both on this device.
-            unsafe { (lib.all_gather)(send, recv, bytes, sys::ncclDataType_t::ncclUint8, comm, std::ptr::null_mut()) }
+            unsafe { (lib.all_gather)(send, recv, bytes, sys::ncclDataType_t::ncclUint8, comm, stream) }
         })?;
         let mut shape = vec![self.world as i64];
         shape.extend(input.size());
@@ -363,11 +370,16 @@ fn prepare(rank: usize, device_index: usize) -> Result<Prepared, String> {
     }
     // cudarc resolves each driver symbol on its first call and panics when the driver lacks it
     // (one older than its CUDA 13 bindings); every symbol used later is resolved here.
-    let ctx = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Arc<CudaContext>, String> {
-        let ctx = CudaContext::new(device_index).map_err(|e| format!("CUDA device {device_index}: {e:?}"))?;
-        // SAFETY: the null stream is the legacy default stream of the context just made current.
-        match unsafe { cuda::cuStreamQuery(std::ptr::null_mut()) } {
-            cuda::CUresult::CUDA_SUCCESS | cuda::CUresult::CUDA_ERROR_NOT_READY => Ok(ctx),
+    type Device = (Arc<CudaContext>, Arc<CudaStream>, CudaEvent);
+    let (ctx, stream, inputs_ready) = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Device, String> {
+        let device_error = |e| format!("CUDA device {device_index}: {e:?}");
+        let ctx = CudaContext::new(device_index).map_err(device_error)?;
+        let stream = ctx.new_stream().map_err(device_error)?;
+        let inputs_ready = ctx.new_event(None).map_err(device_error)?;
+        inputs_ready.record(&ctx.default_stream()).and_then(|()| stream.wait(&inputs_ready)).map_err(device_error)?;
+        // SAFETY: the stream belongs to the context just made current.
+        match unsafe { cuda::cuStreamQuery(stream.cu_stream()) } {
+            cuda::CUresult::CUDA_SUCCESS | cuda::CUresult::CUDA_ERROR_NOT_READY => Ok((ctx, stream, inputs_ready)),
             other => Err(format!("CUDA device {device_index}: stream query failed with {other:?}")),
         }
     }))
@@ -396,7 +408,7 @@ fn prepare(rank: usize, device_index: usize) -> Result<Prepared, String> {
     } else {
         None
     };
-    Ok(Prepared { lib, ctx, id })
+    Ok(Prepared { lib, ctx, stream, inputs_ready, id })
 }
 
 fn nccl_dtype(kind: Kind) -> Option<sys::ncclDataType_t> {

@@ -90,6 +90,8 @@ pub struct Engine {
     /// This rank's `Σ loss × scale` and tokens since the last optimizer step.
     pending_loss: f64,
     pending_tokens: usize,
+    /// The step's gradients are averaged already ([`Engine::backward_and_sync`]).
+    synced: bool,
 }
 
 impl Engine {
@@ -107,6 +109,7 @@ impl Engine {
             world_size: collective.world_size(),
             pending_loss: 0.0,
             pending_tokens: 0,
+            synced: false,
         })
     }
 
@@ -129,11 +132,47 @@ impl Engine {
 
     /// Back-propagates one micro-batch's loss, scaled by its share of the step's `units`
     /// (samples or tokens of the global batch, the same on every rank; see [`MicroLoss`]), and
-    /// adds it to the step's reported loss. Returns the micro-batch's own loss.
+    /// adds it to the step's reported loss. Returns the micro-batch's own loss. For the step's
+    /// last micro-batch, [`Engine::backward_and_sync`] is faster.
     pub fn backward(&mut self, micro: MicroLoss, units: f64) -> Result<f64, TrainError> {
-        // × W: the gradient all-reduce averages over the W ranks, and the step's loss is a sum.
+        let scaled = self.scaled(&micro, units)?;
+        scaled.f_backward()?;
+        self.account(&micro, units)
+    }
+
+    /// As [`Engine::backward`], for the step's last micro-batch on this rank: averages the
+    /// gradients across ranks while backward runs (each bucket of the flat gradient buffer as
+    /// soon as backward has finished it), so little of the all-reduce is left for
+    /// [`Engine::optimizer_step`]. Sync point, in place of the one in `optimizer_step`; a rank
+    /// whose last micro-batch is empty calls `optimizer_step` alone and syncs there.
+    pub fn backward_and_sync(
+        &mut self,
+        micro: MicroLoss,
+        units: f64,
+        collective: &mut dyn Collective,
+    ) -> Result<f64, TrainError> {
+        let scaled = self.scaled(&micro, units)?;
+        let (backward, synced) = self.ddp.sync_grads_during(collective, &scaled, || scaled.f_backward());
+        backward?;
+        synced?;
+        self.synced = true;
+        self.account(&micro, units)
+    }
+
+    /// The micro-batch's loss × its share of the step (× W: the gradient all-reduce averages over
+    /// the W ranks, and the step's loss is a sum).
+    fn scaled(&self, micro: &MicroLoss, units: f64) -> Result<Tensor, TrainError> {
+        if self.synced {
+            return Err(TrainError::other(
+                "a backward pass after Engine::backward_and_sync in the same step: its gradients would miss the \
+                 other ranks; call backward_and_sync for the step's last micro-batch only",
+            ));
+        }
+        Ok(&micro.loss * (micro.weight * self.world_size as f64 / units))
+    }
+
+    fn account(&mut self, micro: &MicroLoss, units: f64) -> Result<f64, TrainError> {
         let scale = micro.weight * self.world_size as f64 / units;
-        (&micro.loss * scale).f_backward()?;
         let loss = micro.loss.f_double_value(&[])?;
         self.pending_loss += loss * scale;
         self.pending_tokens += micro.tokens;
@@ -141,12 +180,14 @@ impl Engine {
     }
 
     /// Ends optimizer step `step` (sync point: every rank calls it once per step): averages the
-    /// accumulated gradients across ranks, clips them, updates the parameters with AdamW at the
+    /// accumulated gradients across ranks (unless [`Engine::backward_and_sync`] did), clips them, updates the parameters with AdamW at the
     /// schedule's learning rate, clears the gradients and bumps the [`WeightVersion`]. Returns the
     /// step's loss over the global batch and its tokens, the same on every rank.
     pub fn optimizer_step(&mut self, collective: &mut dyn Collective, step: u64) -> Result<StepOutput, TrainError> {
         let lr = self.schedule.lr_at(step);
-        self.ddp.sync_grads(collective)?;
+        if !std::mem::take(&mut self.synced) {
+            self.ddp.sync_grads(collective)?;
+        }
         let params = self.ddp.params_mut();
         let grad_norm = if self.grad_clip > 0.0 {
             params.clip_grad_norm(self.grad_clip)

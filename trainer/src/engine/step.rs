@@ -128,13 +128,19 @@ impl<S: TrainStep> TrainLoop for StepLoop<S> {
         let spec = &ctx.spec;
         let (micro, accum, global, world) = (spec.micro_batch, spec.grad_accum, spec.global_batch, ctx.world_size);
         let units = self.train_step.units(ctx, step)?;
+        // This rank's last non-empty micro-batch syncs the gradients during its backward.
+        let last = (0..accum).rev().find(|&m| !rank_samples(m, ctx.rank, world, micro, global).is_empty());
         for m in 0..accum {
             let samples = rank_samples(m, ctx.rank, world, micro, global);
             if samples.is_empty() {
                 continue;
             }
             let loss = self.engine.forward(|| self.train_step.loss(ctx, step, samples))??;
-            self.engine.backward(loss, units)?;
+            if Some(m) == last {
+                self.engine.backward_and_sync(loss, units, ctx.collective.as_mut())?;
+            } else {
+                self.engine.backward(loss, units)?;
+            }
         }
         let mut out = self.engine.optimizer_step(ctx.collective.as_mut(), step)?;
         if let Some(eval) = ctx.spec.eval.as_ref().filter(|e| e.due(step + 1, ctx.spec.steps)) {

@@ -10,6 +10,8 @@
 //! writes made through the flat buffer. Mutate it only between `backward` and the next forward
 //! (the optimizer step), never while a graph that saved the parameters is still to be run.
 
+use std::collections::BTreeMap;
+
 use tch::{Kind, Tensor, nn};
 
 /// Where one variable lives in the flat buffers.
@@ -21,6 +23,9 @@ pub struct FlatEntry {
     pub offset: i64,
     /// The variable's shape.
     pub shape: Vec<i64>,
+    /// Where the variable comes in the order the model created its variables (see
+    /// [`creation_order`]); backward tends to finish the latest-created first.
+    pub created: usize,
 }
 
 impl FlatEntry {
@@ -30,11 +35,36 @@ impl FlatEntry {
     }
 }
 
+/// Each trainable variable's position in the order the model created it (the order of
+/// `VarStore::trainable_variables`), by name. Models build their layers input first, so backward,
+/// which runs from the output, tends to finish the gradients in the reverse of this order (the
+/// assumption PyTorch DDP starts its buckets from too). Variables tch cannot place come last, by
+/// name.
+pub fn creation_order(vs: &nn::VarStore) -> BTreeMap<String, usize> {
+    // tch keeps the trainable variables in creation order but names them only in a map; the two
+    // hold the same tensors, told apart by their storage (zero-size ones have none to compare).
+    let created: Vec<usize> = vs.trainable_variables().iter().map(|t| t.data_ptr() as usize).collect();
+    let mut named: Vec<(String, Option<usize>)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(name, t)| {
+            let ptr = t.data_ptr() as usize;
+            let position = (t.numel() > 0).then(|| created.iter().position(|&p| p == ptr)).flatten();
+            (name, position)
+        })
+        .collect();
+    named.sort_by(|(a, pa), (b, pb)| (pa.is_none(), pa, a).cmp(&(pb.is_none(), pb, b)));
+    named.into_iter().enumerate().map(|(i, (name, _))| (name, i)).collect()
+}
+
 /// The trainable parameters of a `VarStore`, re-homed into one flat f32 buffer.
 ///
 /// Layout: variables with two or more dimensions (matrices and embeddings, which get weight
-/// decay) first, then the rest (biases, LayerNorm), each group sorted by name. The layout is
-/// therefore the same on every rank that builds the same model.
+/// decay) first, then the rest (biases, LayerNorm), each group in the reverse of the order the
+/// model created them ([`creation_order`]): roughly the order backward finishes their gradients,
+/// so the buffer's slices fill up one after the other and each can be all-reduced while backward
+/// goes on. Ranks must use the same order (DDP takes rank 0's).
 #[derive(Debug)]
 pub struct FlatParams {
     params: Tensor,
@@ -53,15 +83,31 @@ impl FlatParams {
     /// through the views as long as the file holds f32 tensors (a different dtype makes `load`
     /// replace the variable's storage and silently detaches it from the flat buffer).
     pub fn new(vs: &nn::VarStore) -> Self {
-        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        // Decay group (dim >= 2) first, then by name: must match on every rank.
-        named.sort_by(|(a, ta), (b, tb)| (ta.dim() < 2, a).cmp(&(tb.dim() < 2, b)));
+        Self::with_creation_order(vs, &creation_order(vs))
+    }
+
+    /// As [`FlatParams::new`], with the creation order given (one [`creation_order`] returned,
+    /// possibly another rank's); it must name every trainable variable of `vs`.
+    pub fn with_creation_order(vs: &nn::VarStore, order: &BTreeMap<String, usize>) -> Self {
+        let mut named: Vec<(String, Tensor, usize)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(name, t)| {
+                let created = order.get(&name).copied().unwrap_or_else(|| panic!("no creation order for {name}"));
+                (name, t, created)
+            })
+            .collect();
+        // Decay group (dim >= 2) first, each group latest-created first, then by name.
+        named.sort_by(|(a, ta, ca), (b, tb, cb)| {
+            (ta.dim() < 2, std::cmp::Reverse(ca), a).cmp(&(tb.dim() < 2, std::cmp::Reverse(cb), b))
+        });
 
         let mut entries = Vec::with_capacity(named.len());
         let mut offset = 0;
         let mut decay_numel = 0;
-        for (name, var) in &named {
-            let entry = FlatEntry { name: name.clone(), offset, shape: var.size() };
+        for (name, var, created) in &named {
+            let entry = FlatEntry { name: name.clone(), offset, shape: var.size(), created: *created };
             offset += entry.numel();
             if var.dim() >= 2 {
                 decay_numel = offset;
@@ -74,7 +120,7 @@ impl FlatParams {
         let grads = Tensor::zeros([offset], options);
         let mut vars = Vec::with_capacity(named.len());
         tch::no_grad(|| {
-            for ((_, mut var), entry) in named.into_iter().zip(&entries) {
+            for ((_, mut var, _), entry) in named.into_iter().zip(&entries) {
                 let mut slot = params.narrow(0, entry.offset, entry.numel());
                 slot.copy_(&var.reshape([-1]));
                 var.set_data(&slot.view(entry.shape.as_slice()));
@@ -97,6 +143,31 @@ impl FlatParams {
                 panic!("cannot make {}'s .grad a view of the flat gradient buffer: {e}", entry.name);
             }
         }
+    }
+
+    /// Has backward call `hook(context, i)` once it has accumulated the gradient of entry `i`
+    /// (see [`crate::torch_extras::set_ready_hook`]); `None` removes the hooks set with
+    /// `context`.
+    ///
+    /// # Safety
+    /// As [`crate::torch_extras::set_ready_hook`]: `context` must stay valid for `hook` until
+    /// the hooks are removed, which the caller must do before it goes.
+    pub unsafe fn set_ready_hooks(
+        &mut self,
+        hook: Option<crate::torch_extras::ReadyFn>,
+        context: *const std::ffi::c_void,
+    ) {
+        for (i, (var, entry)) in self.vars.iter_mut().zip(&self.entries).enumerate() {
+            // SAFETY: passed on from the caller.
+            if let Err(e) = unsafe { crate::torch_extras::set_ready_hook(var, hook, context, i as i64) } {
+                panic!("cannot hook the gradient of {}: {e}", entry.name);
+            }
+        }
+    }
+
+    /// For each entry, whether backward from `root` would give it a gradient.
+    pub fn reached_by_backward(&self, root: &Tensor) -> Result<Vec<bool>, String> {
+        crate::torch_extras::reached_by_backward(root, &self.vars)
     }
 
     /// The flat parameter buffer; the model's variables are views of it.
