@@ -6,6 +6,11 @@
 # Run with: bash bench/ddp_compare.sh            (20 steps, 3 alternating rounds)
 #           STEPS=50 ROUNDS=5 bash bench/ddp_compare.sh   (or: bash bench/ddp_compare.sh 50)
 # STRICT=1 makes a missed target exit with status 3.
+#
+# LINK_RATE=500mbit puts a network between the workers: both frameworks run inside a network
+# namespace of their own whose loopback carries LINK_RATE (tc tbf), and both all-reduce over TCP
+# (rtrain with train.backend = "tcp", PyTorch with gloo), so the gradient all-reduce costs about
+# what backward does and hiding it behind backward (both overlap) shows. Needs root and iproute2.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +18,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STEPS="${1:-${STEPS:-20}}"
 ROUNDS="${ROUNDS:-3}"
 STRICT="${STRICT:-0}"
+LINK_RATE="${LINK_RATE:-}"
 CONFIG=configs/bench/ddp_gpt.toml
 JOB_NAME=ddp_gpt
 RTRAIN=target/release/rtrain
@@ -38,7 +44,26 @@ cargo build --release
 [[ -x "$RTRAIN" ]] || die "cargo build succeeded but $RTRAIN is missing"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/rtrain-ddp-compare.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+IN_NS=()
+RTRAIN_SET=()
+NETNS=""
+cleanup() {
+  rm -rf "$WORK"
+  if [[ -n "$NETNS" ]]; then ip netns del "$NETNS" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+if [[ -n "$LINK_RATE" ]]; then
+  [[ "$(id -u)" -eq 0 ]] || die "LINK_RATE needs root (to make a network namespace)"
+  command -v ip >/dev/null && command -v tc >/dev/null || die "LINK_RATE needs iproute2 (ip, tc)"
+  NETNS="rtrain-ddp-$$"
+  ip netns add "$NETNS"
+  ip -n "$NETNS" link set lo up
+  ip netns exec "$NETNS" tc qdisc add dev lo root tbf rate "$LINK_RATE" burst 256kb latency 50ms \
+    || die "tc could not limit the namespace's loopback to '$LINK_RATE'"
+  IN_NS=(ip netns exec "$NETNS")
+  RTRAIN_SET=(--set train.backend=tcp)
+  echo "== both frameworks in network namespace $NETNS, loopback limited to $LINK_RATE, all-reduce over TCP"
+fi
 
 # Rounds alternate rtrain and PyTorch, so load that comes and goes on a shared machine falls on
 # both; the report takes medians over rounds.
@@ -46,8 +71,8 @@ for round in $(seq 1 "$ROUNDS"); do
   RUN_DIR="$WORK/runs-$round"
   echo "== round $round/$ROUNDS rtrain: $RTRAIN launch $CONFIG (steps=$STEPS)"
   T0=$(date +%s.%N)
-  if ! "$RTRAIN" launch "$CONFIG" --set "train.steps=$STEPS" --set "job.run_dir=$RUN_DIR" \
-      >"$WORK/rtrain-$round.log" 2>&1; then
+  if ! "${IN_NS[@]}" "$RTRAIN" launch "$CONFIG" --set "train.steps=$STEPS" --set "job.run_dir=$RUN_DIR" \
+      "${RTRAIN_SET[@]}" >"$WORK/rtrain-$round.log" 2>&1; then
     tail -n 40 "$WORK/rtrain-$round.log" >&2
     die "rtrain launch failed (log tail above)"
   fi
@@ -57,7 +82,7 @@ for round in $(seq 1 "$ROUNDS"); do
 
   echo "== round $round/$ROUNDS pytorch: ${TORCHRUN[*]} --nproc-per-node 2 bench/pytorch_ddp.py --steps $STEPS"
   T0=$(date +%s.%N)
-  if ! "${TORCHRUN[@]}" --nproc-per-node 2 bench/pytorch_ddp.py --steps "$STEPS" \
+  if ! "${IN_NS[@]}" "${TORCHRUN[@]}" --nproc-per-node 2 bench/pytorch_ddp.py --steps "$STEPS" \
       >"$WORK/torch-$round.log" 2>&1; then
     grep -m 20 -E 'Error|error' "$WORK/torch-$round.log" >&2 || tail -n 40 "$WORK/torch-$round.log" >&2
     die "torchrun failed (log lines above)"
@@ -69,10 +94,10 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 # ---- report -----------------------------------------------------------------------------------
-python3 - "$WORK/rtrain.jsonl" "$WORK/torch.jsonl" "$STEPS" "$STRICT" <<'PY'
+python3 - "$WORK/rtrain.jsonl" "$WORK/torch.jsonl" "$STEPS" "$STRICT" "$LINK_RATE" <<'PY'
 import json, statistics, sys
 
-rt_path, pt_path, steps, strict = sys.argv[1:]
+rt_path, pt_path, steps, strict, link = sys.argv[1:]
 rts = [json.loads(l) for l in open(rt_path)]
 pts = [json.loads(l) for l in open(pt_path)]
 med = statistics.median
@@ -95,7 +120,8 @@ rows = [
     ("launch -> first step, abs", f"{med(first_r):.3f}", "", "", "<= 1.000 s", verdict(med(first_r) <= 1.0)),
 ]
 print()
-print(f"DDP GPT benchmark, 2 CPU workers, {steps} steps, medians of {len(rts)} alternating rounds "
+where = f", workers joined by a {link} link (all-reduce over TCP)" if link else ""
+print(f"DDP GPT benchmark, 2 CPU workers{where}, {steps} steps, medians of {len(rts)} alternating rounds "
       "(tokens/s over the steps after the first)")
 hdr = ("metric", "rtrain", "pytorch-ddp", "rtrain/pt", "target", "")
 widths = [max(len(str(r[i])) for r in rows + [hdr]) for i in range(len(hdr))]

@@ -138,6 +138,8 @@ def main():
                         help="cuda: one GPU per worker (LOCAL_RANK), DDP over nccl instead of gloo")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: forward and loss under torch.autocast(dtype=torch.bfloat16)")
+    parser.add_argument("--bucket-cap-mb", type=float, default=None,
+                        help="DDP's bucket_cap_mb (default: PyTorch's, 25 MB after a first bucket of 1 MB)")
     parser.add_argument("--tf32", choices=("on", "off"), default="on",
                         help="cuda: float32 matmuls on TF32 tensor cores (rtrain's train.tf32 default)")
     args = parser.parse_args()
@@ -158,7 +160,8 @@ def main():
     torch.set_num_threads(args.threads or default_threads(local_world))
 
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    model = DDP(Gpt().to(device), device_ids=[device.index] if cuda else None)
+    buckets = {} if args.bucket_cap_mb is None else {"bucket_cap_mb": args.bucket_cap_mb}
+    model = DDP(Gpt().to(device), device_ids=[device.index] if cuda else None, **buckets)
     optimizer = make_optimizer(model)
     data_gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # each rank its own shard
 

@@ -38,7 +38,8 @@ pub struct Ddp {
 impl Ddp {
     /// Flattens `vs` in rank 0's creation order and broadcasts rank 0's parameters, so all ranks
     /// start identical (sync point). The gradient buffer is the collective's shared memory where
-    /// it has some (no staging copies). Gradients are all-reduced in buckets of `bucket_bytes`.
+    /// it has some (no staging copies). Gradients are all-reduced in buckets of at most
+    /// `bucket_bytes` (see [`bucket_size`]).
     pub fn new(vs: &VarStore, collective: &mut dyn Collective, bucket_bytes: usize) -> Result<Self, CollectiveError> {
         let order = agree_on_creation_order(vs, collective)?;
         let mut params = FlatParams::with_creation_order(vs, &order);
@@ -50,7 +51,8 @@ impl Ddp {
             tch::no_grad(|| collective.broadcast(&mut flat, 0))?;
         }
         let elem = params.params().kind().elt_size_in_bytes() as i64;
-        let (buckets, bucket_of) = plan_buckets(params.entries(), params.decay_numel(), bucket_bytes as i64 / elem);
+        let bucket_elems = bucket_size(bucket_bytes as i64, params.numel() * elem) / elem;
+        let (buckets, bucket_of) = plan_buckets(params.entries(), params.decay_numel(), bucket_elems);
         let readiness = Arc::new(Readiness::new(bucket_of, buckets.len()));
         let mut ddp = Self { params, buckets, readiness, overlapped: 0 };
         if collective.world_size() > 1 {
@@ -121,7 +123,7 @@ impl Ddp {
         });
         let grads = self.params.grads().shallow_clone();
         let buckets = &self.buckets;
-        let (out, overlapped, synced) = std::thread::scope(|scope| {
+        let (out, overlapped, late, synced) = std::thread::scope(|scope| {
             let (launch, launched) = mpsc::channel::<usize>();
             let comm = scope.spawn(move || -> Result<(), CollectiveError> {
                 for bucket in launched {
@@ -132,11 +134,22 @@ impl Ddp {
             // Disarms on the way out even if `backward` panics, so the thread above ends.
             let armed = Armed::new(&self.readiness, launch, &reached);
             let out = backward();
-            let overlapped = armed.launch_the_rest();
+            let (overlapped, late) = armed.launch_the_rest();
             let synced = comm.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (out, overlapped, synced)
+            (out, overlapped, late, synced)
         });
         self.overlapped = overlapped;
+        let synced = synced.and_then(|()| match late {
+            None => Ok(()),
+            Some(entry) => Err(CollectiveError::Unsupported {
+                op: "all_reduce",
+                reason: format!(
+                    "the gradient of {} grew after its bucket was all-reduced (a second backward through it \
+                     in the step's last pass, which must be one backward); the ranks' gradients may now differ",
+                    self.params.entries()[entry].name
+                ),
+            }),
+        });
         (out, synced)
     }
 }
@@ -171,6 +184,13 @@ fn agree_on_creation_order(
         *slot = position as usize;
     }
     Ok(order)
+}
+
+/// The bytes of a bucket: at most `cap`, and at most a sixteenth of the model's `total` gradient
+/// bytes, though not under 1 MiB: a model smaller than a few buckets of `cap` would otherwise be
+/// one bucket, all-reduced only once backward is over.
+pub fn bucket_size(cap: i64, total: i64) -> i64 {
+    cap.min((total / 16).max(1 << 20)).max(1)
 }
 
 /// Cuts the layout into buckets of about `bucket_elems` elements (a larger variable is a bucket
@@ -233,6 +253,9 @@ struct ReadyState {
     waiting: Vec<usize>,
     /// The next bucket to launch.
     next: usize,
+    /// An entry whose gradient came again after its bucket was launched (its all-reduce may
+    /// have missed it).
+    late: Option<usize>,
 }
 
 impl Readiness {
@@ -249,6 +272,7 @@ impl Readiness {
             seen: vec![false; entries],
             waiting: vec![0; buckets],
             next: 0,
+            late: None,
         };
         Self { state: Mutex::new(state) }
     }
@@ -263,7 +287,13 @@ impl ReadyState {
     /// Backward has accumulated `entry`'s gradient: launch every bucket that is now next in line
     /// and complete.
     fn ready(&mut self, entry: usize) {
-        if self.launch.is_none() || self.seen.get(entry).is_none_or(|&seen| seen) {
+        if self.launch.is_none() || entry >= self.seen.len() {
+            return;
+        }
+        if self.seen[entry] {
+            if self.bucket_of[entry] < self.next {
+                self.late.get_or_insert(entry);
+            }
             return;
         }
         self.seen[entry] = true;
@@ -295,6 +325,7 @@ impl<'a> Armed<'a> {
         state.seen.fill(false);
         state.waiting.clone_from(&state.sizes);
         state.next = 0;
+        state.late = None;
         state.launch = Some(launch);
         for (entry, _) in reached.iter().enumerate().filter(|(_, reached)| !**reached) {
             state.ready(entry);
@@ -304,15 +335,16 @@ impl<'a> Armed<'a> {
     }
 
     /// Backward has returned: launches the buckets not launched yet, in order, and stops
-    /// listening. Returns how many were launched before.
-    fn launch_the_rest(self) -> usize {
+    /// listening. Returns how many were launched before, and the first entry whose gradient came
+    /// after its bucket had been launched, if any.
+    fn launch_the_rest(self) -> (usize, Option<usize>) {
         let mut state = self.readiness.lock();
         let early = state.next;
         for bucket in early..state.waiting.len() {
             state.send(bucket);
         }
         state.next = state.waiting.len();
-        early
+        (early, state.late)
         // `Drop` closes the channel.
     }
 }
@@ -331,4 +363,40 @@ unsafe extern "C" fn grad_ready(context: *const std::ffi::c_void, index: i64) {
     // SAFETY: as the function's contract says.
     let readiness = unsafe { &*context.cast::<Readiness>() };
     readiness.lock().ready(index as usize);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, offset: i64, numel: i64, created: usize) -> FlatEntry {
+        FlatEntry { name: name.into(), offset, shape: vec![numel], created }
+    }
+
+    #[test]
+    fn small_models_get_buckets_of_a_sixteenth_but_not_under_a_mebibyte() {
+        const MIB: i64 = 1 << 20;
+        assert_eq!(bucket_size(25 * MIB, 500 * MIB), 25 * MIB);
+        assert_eq!(bucket_size(25 * MIB, 64 * MIB), 4 * MIB);
+        assert_eq!(bucket_size(25 * MIB, 12 * MIB), MIB);
+        assert_eq!(bucket_size(4096, 12 * MIB), 4096);
+        assert_eq!(bucket_size(0, MIB), 1);
+    }
+
+    #[test]
+    fn buckets_follow_the_layout_and_go_in_the_order_backward_completes_them() {
+        // Layout: decay group (d2 d1 d0, latest created first), then the rest (b2 b1).
+        let entries = [
+            entry("d2", 0, 4, 5),
+            entry("d1", 4, 4, 3),
+            entry("d0", 8, 8, 0),
+            entry("b2", 16, 2, 4),
+            entry("b1", 18, 2, 2),
+        ];
+        let (buckets, bucket_of) = plan_buckets(&entries, 16, 6);
+        // d2+d1 fill a bucket; d0 is one of its own; the decay group's end cuts b2+b1 off.
+        // Ready order: d2+d1 when d1 (created 3) is done, b2+b1 at 2, d0 last (0).
+        assert_eq!(buckets, [0..8, 16..20, 8..16]);
+        assert_eq!(bucket_of, [0, 0, 2, 1, 1]);
+    }
 }

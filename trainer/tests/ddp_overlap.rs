@@ -155,3 +155,27 @@ fn dropping_an_older_ddp_leaves_the_newer_ones_hooks() {
         assert_eq!(overlapped, buckets, "the newer Ddp's buckets started during backward");
     }
 }
+
+#[test]
+fn a_gradient_that_comes_after_its_bucket_was_reduced_is_an_error() {
+    let results = within(Duration::from_secs(60), || {
+        on_backend(BACKENDS[0], 2, TIMEOUT, |_, comm: &mut dyn Collective| {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let a = vs.root().var("a", &[3], nn::Init::Const(1.0));
+            let b = vs.root().var("b", &[3], nn::Init::Const(1.0));
+            let mut ddp = Ddp::new(&vs, comm, 4).unwrap();
+            // The sync is told backward starts from `first`, which reaches only `a`; a second
+            // backward in the same pass then adds to `b`, whose bucket left at the start.
+            let first = a.sum(Kind::Float);
+            let second = (&b * 2.0).sum(Kind::Float);
+            let (_, synced) = ddp.sync_grads_during(comm, &first, || {
+                first.backward();
+                second.backward();
+            });
+            synced.unwrap_err().to_string()
+        })
+    });
+    for err in results {
+        assert!(err.contains("the gradient of b grew after its bucket was all-reduced"), "{err}");
+    }
+}
