@@ -9,8 +9,9 @@
 #   - bf16 autocast training on GPU against float32 (per-step loss difference);
 #   - GRPO with its rollout actor on the trainer's GPU (`rl.colocate`), and with 2 or more GPUs on
 #     a GPU of its own: the actor's and the trainer's log-probs of the same tokens must agree;
-#   - with 2 or more GPUs: DDP over NCCL against CPU, placement under a restricted
-#     CUDA_VISIBLE_DEVICES, and `rtrain bench allreduce --backend nccl`.
+#   - with 2 or more GPUs: DDP over NCCL against CPU (the gradient all-reduce overlapping backward,
+#     NCCL on a stream of its own: a wrong order of the two shows as a loss difference), placement
+#     under a restricted CUDA_VISIBLE_DEVICES, and `rtrain bench allreduce --backend nccl`.
 # It exits non-zero, naming each failed check, when any fails.
 #
 # No Rust toolchain is needed here: build on another machine with
