@@ -115,6 +115,9 @@ int rtrain_set_grad(at::Tensor* var, const at::Tensor* grad, char* err, size_t l
 int rtrain_set_ready_hook(at::Tensor* var, ReadyFn fn, const void* context, int64_t index, char* err, size_t len) {
   try {
     if (fn == nullptr) {
+      if (torch::autograd::impl::get_autograd_meta(*var) == nullptr) {
+        return 0;  // never hooked
+      }
       auto& current = torch::autograd::impl::post_acc_grad_hooks(*var);
       auto* ours = dynamic_cast<ReadyHook*>(current.get());
       if (ours != nullptr && ours->context == context) {

@@ -12,6 +12,7 @@
 //! variables, a bucket that finished early but waits its turn) follows once backward returns.
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::ops::Range;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -59,7 +60,8 @@ impl Ddp {
             let context = Arc::as_ptr(&ddp.readiness).cast();
             // SAFETY: `context` points into the `Arc` that `ddp` owns; `Drop` removes the hooks
             // before releasing it, and `grad_ready` only locks a mutex, so any thread may call it.
-            unsafe { ddp.params.set_ready_hooks(Some(grad_ready), context) };
+            unsafe { ddp.params.set_ready_hooks(Some(grad_ready), context) }
+                .map_err(|reason| CollectiveError::Unsupported { op: "ddp", reason })?;
         }
         Ok(ddp)
     }
@@ -158,13 +160,16 @@ impl Drop for Ddp {
     fn drop(&mut self) {
         let context = Arc::as_ptr(&self.readiness).cast();
         // SAFETY: removes only the hooks this Ddp set (a later Ddp on the same variables keeps its).
-        unsafe { self.params.set_ready_hooks(None, context) };
+        if let Err(e) = unsafe { self.params.set_ready_hooks(None, context) } {
+            tracing::warn!("removing the gradient hooks: {e}");
+        }
     }
 }
 
 /// Every rank takes rank 0's creation order of the variables (sync point): a model built by
 /// walking a map may create them in a different order on each rank, and the flat layouts must
-/// match element for element.
+/// match element for element. Ranks first compare their variables' names and shapes, so ranks that
+/// built different models all stop here with the same message.
 fn agree_on_creation_order(
     vs: &VarStore,
     collective: &mut dyn Collective,
@@ -173,7 +178,27 @@ fn agree_on_creation_order(
     if collective.world_size() == 1 {
         return Ok(order);
     }
-    // By name on every rank; ranks with different variables disagree on the element count.
+    let variables = vs.variables();
+    let mut hasher = std::hash::DefaultHasher::new();
+    for name in order.keys() {
+        (name, variables[name].size()).hash(&mut hasher);
+    }
+    let mine = Tensor::from_slice(&[order.len() as i64, hasher.finish() as i64]);
+    let all = collective.all_gather(&mine)?;
+    let read = |t: &Tensor| Vec::<i64>::try_from(t).unwrap_or_default();
+    let rank0 = read(&all[0]);
+    if let Some(rank) = all.iter().position(|t| read(t) != rank0) {
+        return Err(CollectiveError::Unsupported {
+            op: "ddp",
+            reason: format!(
+                "rank {rank} built another model than rank 0 ({} trainable variables against {}, or other names \
+                 or shapes); every rank must build the same model",
+                read(&all[rank]).first().copied().unwrap_or(-1),
+                rank0.first().copied().unwrap_or(-1)
+            ),
+        });
+    }
+    // By name, the same on every rank.
     let mut positions = Tensor::from_slice(&order.values().map(|&p| p as i64).collect::<Vec<_>>());
     collective.broadcast(&mut positions, 0)?;
     let positions = Vec::<i64>::try_from(&positions).map_err(|e| CollectiveError::Unsupported {

@@ -179,3 +179,23 @@ fn a_gradient_that_comes_after_its_bucket_was_reduced_is_an_error() {
         assert!(err.contains("the gradient of b grew after its bucket was all-reduced"), "{err}");
     }
 }
+
+#[test]
+fn ranks_that_built_different_models_all_stop_at_the_start_saying_so() {
+    for (rank1_vars, what) in [(&["a", "b", "c"][..], "a variable more"), (&["a", "z"][..], "another name")] {
+        let results = within(Duration::from_secs(60), move || {
+            on_backend(BACKENDS[1], 2, TIMEOUT, move |rank, comm: &mut dyn Collective| {
+                let vs = nn::VarStore::new(Device::Cpu);
+                let names: &[&str] = if rank == 0 { &["a", "b"] } else { rank1_vars };
+                for n in names {
+                    let _ = vs.root().var(n, &[3], nn::Init::Const(1.0));
+                }
+                Ddp::new(&vs, comm, 4096).err().map(|e| e.to_string())
+            })
+        });
+        for (rank, err) in results.iter().enumerate() {
+            let err = err.as_deref().unwrap_or_else(|| panic!("{what}: rank {rank} went on"));
+            assert!(err.contains("rank 1 built another model than rank 0"), "{what}: {err}");
+        }
+    }
+}

@@ -4,7 +4,8 @@
 //! stream (the one libtorch uses unless told otherwise): an event recorded there orders them after
 //! the kernels that wrote their tensors, while kernels enqueued later (the rest of backward, when
 //! DDP all-reduces a bucket from another thread) run beside them. Each call returns once its own
-//! stream is done, so work enqueued after it sees the result. The communicator is
+//! stream is done, so work enqueued after it sees the result. CPU tensors go through a copy on
+//! the device (they are small: counts, metric sums, a batch's bytes). The communicator is
 //! non-blocking: init and every call return at once and are polled (NCCL's asynchronous error,
 //! then the stream) until done, an error, or the timeout, which aborts the communicator: a hung
 //! peer becomes a [`CollectiveError::Timeout`] instead of a stuck worker, at init too.
@@ -169,6 +170,21 @@ impl NcclCollective {
         Ok((tensor.data_ptr(), tensor.numel() * kind.elt_size_in_bytes()))
     }
 
+    /// Runs `call` on a copy of the CPU `tensor` on this communicator's device, then copies the
+    /// result back: the small CPU tensors of bookkeeping (counts, sums of metrics, a rollout
+    /// batch's bytes) go through NCCL as they go through the CPU backends.
+    fn through_device(
+        &mut self,
+        op: &'static str,
+        tensor: &mut Tensor,
+        call: impl FnOnce(&mut Self, &mut Tensor) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
+        let torch_err = |e: tch::TchError| CollectiveError::Unsupported { op, reason: e.to_string() };
+        let mut on_device = tensor.f_to_device(Device::Cuda(self.device_index)).map_err(torch_err)?;
+        call(self, &mut on_device)?;
+        tch::no_grad(|| tensor.f_copy_(&on_device)).map(|_| ()).map_err(torch_err)
+    }
+
     /// Runs one NCCL call on the communicator's stream, after the work enqueued so far on the
     /// default stream, and waits for it within the timeout.
     fn run(
@@ -297,6 +313,9 @@ impl Collective for NcclCollective {
     }
 
     fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<(), CollectiveError> {
+        if tensor.device() == Device::Cpu {
+            return self.through_device("all_reduce", tensor, |this, t| this.all_reduce(t, op));
+        }
         let (ptr, _) = self.device_buffer("all_reduce", tensor)?;
         let dtype = nccl_dtype(tensor.kind()).ok_or_else(|| CollectiveError::Unsupported {
             op: "all_reduce",
@@ -321,6 +340,9 @@ impl Collective for NcclCollective {
                 reason: format!("root {root} is outside a world of {}", self.world),
             });
         }
+        if tensor.device() == Device::Cpu {
+            return self.through_device("broadcast", tensor, |this, t| this.broadcast(t, root));
+        }
         let (ptr, bytes) = self.device_buffer("broadcast", tensor)?;
         self.run("broadcast", |lib, comm, stream| {
             // SAFETY: `ptr` addresses `bytes` bytes on this communicator's device.
@@ -330,6 +352,11 @@ impl Collective for NcclCollective {
 
     fn all_gather(&mut self, input: &Tensor) -> Result<Vec<Tensor>, CollectiveError> {
         let torch_err = |e: tch::TchError| CollectiveError::Unsupported { op: "all_gather", reason: e.to_string() };
+        if input.device() == Device::Cpu {
+            let on_device = input.f_to_device(Device::Cuda(self.device_index)).map_err(torch_err)?;
+            let gathered = self.all_gather(&on_device)?;
+            return gathered.iter().map(|t| t.f_to_device(Device::Cpu).map_err(torch_err)).collect();
+        }
         let input = input.f_contiguous().map_err(torch_err)?;
         let (send, bytes) = self.device_buffer("all_gather", &input)?;
         let options = (input.f_kind().map_err(torch_err)?, Device::Cuda(self.device_index));

@@ -153,9 +153,11 @@ impl Engine {
     ) -> Result<f64, TrainError> {
         let scaled = self.scaled(&micro, units)?;
         let (backward, synced) = self.ddp.sync_grads_during(collective, &scaled, || scaled.f_backward());
+        // Every bucket was all-reduced (or failed to be), even when backward failed: the step's
+        // sync is spent either way.
+        self.synced = true;
         backward?;
         synced?;
-        self.synced = true;
         self.account(&micro, units)
     }
 

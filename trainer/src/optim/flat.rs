@@ -156,13 +156,13 @@ impl FlatParams {
         &mut self,
         hook: Option<crate::torch_extras::ReadyFn>,
         context: *const std::ffi::c_void,
-    ) {
+    ) -> Result<(), String> {
         for (i, (var, entry)) in self.vars.iter_mut().zip(&self.entries).enumerate() {
             // SAFETY: passed on from the caller.
-            if let Err(e) = unsafe { crate::torch_extras::set_ready_hook(var, hook, context, i as i64) } {
-                panic!("cannot hook the gradient of {}: {e}", entry.name);
-            }
+            unsafe { crate::torch_extras::set_ready_hook(var, hook, context, i as i64) }
+                .map_err(|e| format!("hooking the gradient of {}: {e}", entry.name))?;
         }
+        Ok(())
     }
 
     /// For each entry, whether backward from `root` would give it a gradient.
