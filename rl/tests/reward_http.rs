@@ -13,6 +13,7 @@ use rtrain_core::config::RewardSpec;
 use rtrain_rl::reward::{EndpointFailure, HttpReward, RewardError};
 use rtrain_rl::{RewardFn, RewardInput, Scored, build_reward};
 use serde_json::{Map, Value, json};
+use tch::Device;
 
 /// What the server does with one connection.
 enum Reply {
@@ -141,7 +142,7 @@ fn scores_come_back_in_order_from_the_documented_request() {
         // Built from the config's spec; `correct` may be left out; no items, no request.
         let server = serve(vec![Reply::Answer(200, r#"{"rewards": [0.25, 2e0]}"#)]);
         let spec = RewardSpec::Http { url: server.url.clone(), timeout: Duration::from_secs(10), retries: 0 };
-        let mut reward = build_reward(&spec).unwrap();
+        let mut reward = build_reward(&spec, Device::Cpu).unwrap();
         assert!(reward.score(&[]).unwrap().is_empty());
         let records = records();
         let inputs: Vec<RewardInput<'_>> =

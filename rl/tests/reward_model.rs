@@ -41,7 +41,7 @@ fn scores_match_transformers_in_batches() {
         }
         // Batches of 4 then 2 (right-padded to different lengths), and one at a time.
         for batch in [4, 1] {
-            let mut reward = build_reward(&RewardSpec::Model { path: dir.clone(), batch }).unwrap();
+            let mut reward = build_reward(&RewardSpec::Model { path: dir.clone(), batch }, Device::Cpu).unwrap();
             let scores = reward.score(&inputs).unwrap();
             assert_eq!(scores.len(), cases.len());
             for (i, (got, case)) in scores.iter().zip(cases).enumerate() {
@@ -74,7 +74,7 @@ fn an_ended_response_is_closed_as_training_closes_it() {
     let model = rtrain_trainer::hf::RewardModel::load(&dir, Device::Cpu).unwrap();
     let record = Map::new();
     let input = |ended| RewardInput { prompt: "12+30=", response: "42", record: &record, ended };
-    let mut reward = build_reward(&RewardSpec::Model { path: dir.clone(), batch: 2 }).unwrap();
+    let mut reward = build_reward(&RewardSpec::Model { path: dir.clone(), batch: 2 }, Device::Cpu).unwrap();
     let scores = reward.score(&[input(true), input(false)]).unwrap();
     let open = model.score(&[tokenizer.encode("12+30=42", true).unwrap()]).unwrap()[0];
     let closed = model.score(&[tokenizer.encode(&format!("12+30=42{end}"), true).unwrap()]).unwrap()[0];

@@ -6,6 +6,7 @@ use rtrain_core::config::RewardSpec;
 use rtrain_rl::reward::{ExactMatch, NumericAnswer, RegexFormat, RewardError, last_number};
 use rtrain_rl::{RewardFn, RewardInput, Scored, build_reward};
 use serde_json::{Map, Value, json};
+use tch::Device;
 
 fn record(v: Value) -> Map<String, Value> {
     v.as_object().unwrap().clone()
@@ -140,13 +141,14 @@ fn regex_format_is_a_reward_without_a_verdict() {
 #[test]
 fn rewards_are_built_from_their_spec() {
     let r = record(json!({"answer": "5", "label": "yes"}));
-    let mut numeric = build_reward(&RewardSpec::Numeric { field: "answer".into(), tolerance: 0.0 }).unwrap();
+    let mut numeric =
+        build_reward(&RewardSpec::Numeric { field: "answer".into(), tolerance: 0.0 }, Device::Cpu).unwrap();
     assert_eq!(score(numeric.as_mut(), &[("= 5", &r)]).unwrap()[0].correct, Some(true));
-    let mut exact = build_reward(&RewardSpec::Exact { field: "label".into() }).unwrap();
+    let mut exact = build_reward(&RewardSpec::Exact { field: "label".into() }, Device::Cpu).unwrap();
     assert_eq!(score(exact.as_mut(), &[("yes", &r), ("no", &r)]).unwrap()[1].correct, Some(false));
-    let mut regex = build_reward(&RewardSpec::Regex { pattern: "^=".into() }).unwrap();
+    let mut regex = build_reward(&RewardSpec::Regex { pattern: "^=".into() }, Device::Cpu).unwrap();
     assert_eq!(score(regex.as_mut(), &[("= 5", &r)]).unwrap()[0].reward, 1.0);
     assert!(score(regex.as_mut(), &[]).unwrap().is_empty());
-    let e = build_reward(&RewardSpec::Regex { pattern: "[".into() }).err().unwrap();
+    let e = build_reward(&RewardSpec::Regex { pattern: "[".into() }, Device::Cpu).err().unwrap();
     assert!(matches!(e, RewardError::Pattern { .. }));
 }

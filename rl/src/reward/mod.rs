@@ -44,14 +44,14 @@ pub trait RewardFn: Send {
     fn score(&mut self, inputs: &[RewardInput<'_>]) -> Result<Vec<Scored>, RewardError>;
 }
 
-/// The reward `spec` describes. A reward model runs on the CPU here; [`ModelReward::load`] takes
-/// a device.
-pub fn build_reward(spec: &RewardSpec) -> Result<Box<dyn RewardFn>, RewardError> {
+/// The reward `spec` describes; a reward model runs on `device` (the policy's, so a GPU actor
+/// scores on its GPU).
+pub fn build_reward(spec: &RewardSpec, device: Device) -> Result<Box<dyn RewardFn>, RewardError> {
     Ok(match spec {
         RewardSpec::Exact { field } => Box::new(ExactMatch::new(field)),
         RewardSpec::Numeric { field, tolerance } => Box::new(NumericAnswer::new(field, *tolerance)),
         RewardSpec::Regex { pattern } => Box::new(RegexFormat::new(pattern)?),
         RewardSpec::Http { url, timeout, retries } => Box::new(HttpReward::new(url, *timeout, *retries)),
-        RewardSpec::Model { path, batch } => Box::new(ModelReward::load(path, *batch, Device::Cpu)?),
+        RewardSpec::Model { path, batch } => Box::new(ModelReward::load(path, *batch, device)?),
     })
 }

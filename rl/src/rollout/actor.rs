@@ -102,7 +102,7 @@ fn run() -> Result<(), ActorError> {
         )),
         WeightSyncChoice::Tcp => WeightSource::Tcp { client: None, held: None, token: env.token.clone() },
     };
-    let reward = build_reward(&setup.rl.reward).map_err(|e| ActorError::Setup(e.to_string()))?;
+    let reward = build_reward(&setup.rl.reward, device).map_err(|e| ActorError::Setup(e.to_string()))?;
     let job = JobClient::from_env().map_err(|e| ActorError::Setup(e.to_string()))?;
     let mut actor = Actor {
         rl: setup.rl,

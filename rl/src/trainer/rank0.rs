@@ -90,7 +90,8 @@ impl Coordinator {
                 Publisher::Tcp(server)
             }
         };
-        let reward = build_reward(&setup.rl.reward).map_err(|e| TrainError::setting("rl.reward", e.to_string()))?;
+        let reward =
+            build_reward(&setup.rl.reward, ctx.device).map_err(|e| TrainError::setting("rl.reward", e.to_string()))?;
         Ok(Self { controller, publisher, job, reward, published: None, sync_seconds: 0.0, sync_bytes: 0.0 })
     }
 

@@ -63,7 +63,8 @@ impl std::fmt::Debug for HfModel {
 /// left padding, for ids `[B, T]` whose real tokens `present` marks.
 fn padded_attention(ids: &Tensor, present: &Tensor) -> (Tensor, Tensor) {
     let (t, device) = (ids.size()[1], ids.device());
-    let present = present.to_kind(Kind::Bool);
+    // The mask may come from the host (a caller's CPU batch) while the ids are on a GPU.
+    let present = present.to_device(device).to_kind(Kind::Bool);
     let positions = (present.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
     let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
     // A padded query may see itself, so no attention row is empty (its output is unused).
