@@ -7,9 +7,10 @@
 //! the order backward finishes them (see [`FlatParams`]). They are all-reduced in one fixed
 //! order, the same on every rank, the order backward is expected to complete them in. During the
 //! last backward of a step ([`Ddp::sync_grads_during`]) a hook on every variable counts the
-//! gradients each bucket still waits for; as soon as the next bucket in that order is complete, a
-//! second thread all-reduces it while backward goes on. Whatever backward left incomplete (unused
-//! variables, a bucket that finished early but waits its turn) follows once backward returns.
+//! gradients each bucket still waits for (variables the graph below the loss does not reach count
+//! as done from the start); as soon as the next bucket in that order is complete, a second thread
+//! all-reduces it while backward goes on. What is still waiting when backward returns follows
+//! then.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
