@@ -161,8 +161,13 @@ impl Engine {
         self.account(&micro, units)
     }
 
-    /// The micro-batch's loss × its share of the step (× W: the gradient all-reduce averages over
-    /// the W ranks, and the step's loss is a sum).
+    /// The micro-batch's share of the step (× W: the gradient all-reduce averages over the W
+    /// ranks, and the step's loss is a sum).
+    fn scale(&self, micro: &MicroLoss, units: f64) -> f64 {
+        micro.weight * self.world_size as f64 / units
+    }
+
+    /// The loss to back-propagate, refused once the step's gradients are synced.
     fn scaled(&self, micro: &MicroLoss, units: f64) -> Result<Tensor, TrainError> {
         if self.synced {
             return Err(TrainError::other(
@@ -170,11 +175,11 @@ impl Engine {
                  other ranks; call backward_and_sync for the step's last micro-batch only",
             ));
         }
-        Ok(&micro.loss * (micro.weight * self.world_size as f64 / units))
+        Ok(&micro.loss * self.scale(micro, units))
     }
 
     fn account(&mut self, micro: &MicroLoss, units: f64) -> Result<f64, TrainError> {
-        let scale = micro.weight * self.world_size as f64 / units;
+        let scale = self.scale(micro, units);
         let loss = micro.loss.f_double_value(&[])?;
         self.pending_loss += loss * scale;
         self.pending_tokens += micro.tokens;
@@ -182,9 +187,10 @@ impl Engine {
     }
 
     /// Ends optimizer step `step` (sync point: every rank calls it once per step): averages the
-    /// accumulated gradients across ranks (unless [`Engine::backward_and_sync`] did), clips them, updates the parameters with AdamW at the
-    /// schedule's learning rate, clears the gradients and bumps the [`WeightVersion`]. Returns the
-    /// step's loss over the global batch and its tokens, the same on every rank.
+    /// accumulated gradients across ranks (unless [`Engine::backward_and_sync`] did), clips them,
+    /// updates the parameters with AdamW at the schedule's learning rate, clears the gradients and
+    /// bumps the [`WeightVersion`]. Returns the step's loss over the global batch and its tokens,
+    /// the same on every rank.
     pub fn optimizer_step(&mut self, collective: &mut dyn Collective, step: u64) -> Result<StepOutput, TrainError> {
         let lr = self.schedule.lr_at(step);
         if !std::mem::take(&mut self.synced) {
