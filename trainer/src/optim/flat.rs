@@ -87,14 +87,15 @@ impl FlatParams {
     }
 
     /// As [`FlatParams::new`], with the creation order given (one [`creation_order`] returned,
-    /// possibly another rank's); it must name every trainable variable of `vs`.
+    /// possibly another rank's), which should name every trainable variable of `vs`.
     pub fn with_creation_order(vs: &nn::VarStore, order: &BTreeMap<String, usize>) -> Self {
         let mut named: Vec<(String, Tensor, usize)> = vs
             .variables()
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .map(|(name, t)| {
-                let created = order.get(&name).copied().unwrap_or_else(|| panic!("no creation order for {name}"));
+                // One the order does not name counts as created last, as `creation_order` does.
+                let created = order.get(&name).copied().unwrap_or(usize::MAX);
                 (name, t, created)
             })
             .collect();
