@@ -199,3 +199,32 @@ fn ranks_that_built_different_models_all_stop_at_the_start_saying_so() {
         }
     }
 }
+
+#[test]
+fn a_panic_in_backward_ends_the_pass_and_the_peer_gets_an_error_not_a_hang() {
+    let results = within(Duration::from_secs(60), || {
+        on_backend(BACKENDS[0], 2, TIMEOUT, |rank, comm: &mut dyn Collective| {
+            tch::manual_seed(5);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = TINY.init(&vs.root());
+            let mut ddp = Ddp::new(&vs, comm, 4096).unwrap();
+            let x = tokens(rank);
+            let loss = model.loss(&x, &x);
+            let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ddp.sync_grads_during(comm, &loss, || {
+                    // Rank 0's code fails before backward: no bucket of it ever completes.
+                    assert!(rank != 0, "rank 0's training code fails");
+                    loss.backward();
+                })
+                .1
+            }));
+            match pass {
+                Err(_) => "panicked".to_string(),
+                Ok(synced) => synced.map_or_else(|e| e.to_string(), |()| "synced".to_string()),
+            }
+        })
+    });
+    assert_eq!(results[0], "panicked");
+    // Rank 0's thread ends and its connections close: rank 1's all-reduce fails at once.
+    assert_ne!(results[1], "synced", "rank 1 cannot have every bucket from a rank that stopped");
+}
